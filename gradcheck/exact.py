@@ -1,0 +1,319 @@
+"""Certified truth: the loss and gradient correctly rounded to any supported dtype.
+
+Method (docs/exact.md): every input is a binary float, hence rational, and so are the smoothed
+targets, the weights and the divisor. An element whose exact value is rational is computed with
+exact rational arithmetic and rounded exactly. Every other element is irrational (Lindemann-Weierstrass,
+docs/exact.md), so it is neither a representable number nor a midpoint between two, and Ziv's loop
+terminates: enclose it with mpmath interval arithmetic at precision P, and if both ends of the
+enclosure round to the same number that number is the correctly rounded value; otherwise double P.
+
+Before any of that, the float64 oracle's rigorous running error bound (docs/oracle.md) is tried
+as the first enclosure: for float32 and narrower it nearly always decides the rounding, and mpmath
+is only used for the elements it does not decide.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Any
+
+import mpmath
+import numpy as np
+
+from gradcheck.dtypes import FloatFormat, float_format, round_to_format
+from gradcheck.errors import CertificationError
+from gradcheck.oracle import grad_bounded, loss_bounded
+from gradcheck.problem import Problem, make_problem
+
+MAX_PRECISION = 1 << 16  # bits; Ziv's loop is proven to end (docs/exact.md), this only makes a bug loud
+
+_IV = type(mpmath.iv)()  # a private interval context: the caller's mpmath.iv precision is untouched
+
+
+def exact_grad(
+    logits: Any,
+    targets: Any,
+    *,
+    weight: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    dtype: Any = None,
+    prefilter: bool = True,
+) -> np.ndarray:
+    """The gradient of :func:`gradcheck.cross_entropy`, correctly rounded to ``dtype``.
+
+    Round to nearest, ties to even, subnormals and overflow as IEEE 754 defines them; an exact
+    zero is +0.
+
+    Args:
+        logits, targets, weight, ignore_index, reduction, label_smoothing: as for
+            :func:`gradcheck.cross_entropy_grad`.
+        dtype: the format to round to; the logits' dtype when None.
+        prefilter: use the float64 oracle's error bound where it decides the rounding (results
+            are identical either way; False forces mpmath for every irrational element).
+
+    Returns:
+        An array of ``dtype`` with the logits' shape.
+
+    Raises:
+        InvalidArgument: bad input (see :func:`gradcheck.problem.make_problem`).
+        CertificationError: never expected; the precision cap was reached.
+    """
+    problem = make_problem(
+        logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    fmt = float_format(problem.logits.dtype if dtype is None else dtype)
+    return problem.restore_shape(certified_grad(problem, fmt, prefilter=prefilter))
+
+
+def exact_loss(
+    logits: Any,
+    targets: Any,
+    *,
+    weight: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    dtype: Any = None,
+) -> np.ndarray:
+    """The loss of :func:`gradcheck.cross_entropy`, correctly rounded to ``dtype`` (see :func:`exact_grad`)."""
+    problem = make_problem(
+        logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    fmt = float_format(problem.logits.dtype if dtype is None else dtype)
+    return certified_loss(problem, fmt)
+
+
+def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True) -> np.ndarray:
+    """``(N, K)`` correctly rounded gradient of a validated problem."""
+    rows = _RowFacts(problem)
+    out = np.zeros(problem.logits.shape)
+    todo = np.ones(problem.logits.shape, dtype=bool)
+    todo[rows.zero_rows] = False  # S_n = 0: the whole row is exactly 0
+    if prefilter:
+        decided = _decided(*grad_bounded(problem), fmt)
+        use = todo & ~np.isnan(decided)
+        out[use] = decided[use]
+        todo &= ~use
+    for n in np.flatnonzero(todo.any(axis=1)):
+        cols = np.flatnonzero(todo[n])
+        out[n, cols] = _grad_row(problem, rows, int(n), cols, fmt)
+    return round_to_format(out, fmt)
+
+
+def certified_loss(problem: Problem, fmt: FloatFormat) -> np.ndarray:
+    """Correctly rounded loss: 0-d for mean/sum, ``(N,)`` for none (``()`` for a vector)."""
+    rows = _RowFacts(problem)
+    value, bound = loss_bounded(problem)
+    decided = _decided(np.atleast_1d(value), np.atleast_1d(bound), fmt)
+    if problem.reduction == "none":
+        values = []
+        for n in range(problem.n):
+            kind = rows.loss_kind(n)
+            if kind == "irrational" and not np.isnan(decided[n]):
+                values.append(decided[n])
+            else:
+                values.append(_round_interval(lambda prec, n=n: _row_loss(problem, rows, n, prec), kind, fmt))
+        return problem.restore_shape(round_to_format(np.array(values), fmt))
+    kinds = {rows.loss_kind(n) for n in range(problem.n)}
+    kind = "inf" if "inf" in kinds else ("irrational" if "irrational" in kinds else "zero")
+    if kind == "irrational" and not np.isnan(decided[0]):
+        return round_to_format(np.array(decided[0]), fmt)
+
+    def total(prec: int) -> Any:
+        acc = _IV.mpf(0)
+        for n in range(problem.n):
+            if rows.loss_kind(n) == "irrational":
+                acc += _row_loss(problem, rows, n, prec)
+        return acc / _interval(rows.divisor)
+
+    return round_to_format(np.array(_round_interval(total, kind, fmt)), fmt)
+
+
+class _RowFacts:
+    """Exact rational facts of each row: weighted targets w_c t_c, their sum S, the divisor D."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        z = problem.logits.astype(np.float64)
+        self.finite = np.isfinite(z)
+        zmax = z.max(axis=1, keepdims=True)
+        # every finite logit equal to the max: p is 1/m on them, rational (docs/exact.md, case R2)
+        self.tie = np.all(~self.finite | (z == zmax), axis=1)
+        self.nfinite = self.finite.sum(axis=1)
+        self.divisor = problem.exact_divisor()
+        self._wt: dict[int, list[Fraction]] = {}
+        self._s: dict[int, Fraction] = {}
+        base_zero = problem.dense_targets() == 0 if not problem.label_smoothing else None
+        wt_zero = np.zeros(problem.logits.shape, dtype=bool) if base_zero is None else base_zero
+        wt_zero |= (problem.weights() == 0)[None, :]
+        wt_zero[~problem.active_rows()] = True
+        self.wt_zero = wt_zero
+        self.zero_rows = np.all(wt_zero, axis=1)
+
+    def wt(self, n: int) -> list[Fraction]:
+        if n not in self._wt:
+            p = self.problem
+            self._wt[n] = [p.exact_weight(c) * p.exact_target(n, c) for c in range(p.k)]
+        return self._wt[n]
+
+    def s(self, n: int) -> Fraction:
+        if n not in self._s:
+            self._s[n] = sum(self.wt(n), Fraction(0))
+        return self._s[n]
+
+    def loss_kind(self, n: int) -> str:
+        """"zero", "inf" or "irrational" for row n's loss (docs/exact.md, section Loss)."""
+        if self.zero_rows[n]:
+            return "zero"
+        if np.any(~self.finite[n] & ~self.wt_zero[n]):
+            return "inf"  # weight on a masked class: -log 0
+        return "zero" if self.nfinite[n] == 1 else "irrational"
+
+
+def _grad_row(problem: Problem, rows: _RowFacts, n: int, cols: np.ndarray, fmt: FloatFormat) -> list[float]:
+    """Correctly rounded g_nc for the given columns of row n."""
+    wt = rows.wt(n)
+    s = rows.s(n)
+    d = rows.divisor
+    out = []
+    if rows.tie[n]:  # p_c = 1/m on the finite classes, 0 on the masked ones: all rational
+        m = int(rows.nfinite[n])
+        for c in cols:
+            p = Fraction(1, m) if rows.finite[n, c] else Fraction(0)
+            out.append(_round_fraction((p * s - wt[c]) / d, fmt))
+        return out
+    cache: dict[int, Any] = {}
+
+    def partition(prec: int) -> tuple[list[Any], Any]:
+        if prec not in cache:
+            _IV.prec = prec
+            z = problem.logits[n].astype(np.float64)
+            zmax = float(np.max(z))
+            e = [_IV.exp(_IV.mpf(float(v)) - zmax) if np.isfinite(v) else _IV.mpf(0) for v in z]
+            cache.clear()
+            cache[prec] = (e, sum(e, _IV.mpf(0)))
+        return cache[prec]
+
+    for c in cols:
+        if not rows.finite[n, c]:  # p_c = 0 exactly: g = -w_c t_c / D, rational
+            out.append(_round_fraction(-wt[c] / d, fmt))
+            continue
+
+        def element(prec: int, c: int = int(c)) -> Any:
+            e, total = partition(prec)
+            return (e[c] / total * _interval(s) - _interval(wt[c])) / _interval(d)
+
+        out.append(_round_interval(element, "irrational", fmt))
+    return out
+
+
+def _row_loss(problem: Problem, rows: _RowFacts, n: int, prec: int) -> Any:
+    """Enclosure of the unscaled row loss S log Z + sum_c w_c t_c (max z - z_c) at precision prec."""
+    _IV.prec = prec
+    z = problem.logits[n].astype(np.float64)
+    zmax = float(np.max(z))
+    wt = rows.wt(n)
+    total = _IV.mpf(0)
+    shifted = _IV.mpf(0)
+    for c, v in enumerate(z):
+        if np.isfinite(v):
+            total += _IV.exp(_IV.mpf(float(v)) - zmax)
+            if wt[c]:
+                shifted += _interval(wt[c]) * (zmax - _IV.mpf(float(v)))
+    return _interval(rows.s(n)) * _IV.log(total) + shifted
+
+
+def _round_interval(evaluate: Any, kind: str, fmt: FloatFormat) -> float:
+    """Ziv's loop: widen the precision until the enclosure's two ends round alike."""
+    if kind == "zero":
+        return 0.0
+    if kind == "inf":
+        return float("inf")
+    prec = 2 * fmt.precision + 20
+    while prec <= MAX_PRECISION:
+        x = evaluate(prec)
+        lo, hi = (_round_mpf(end, fmt) for end in x._mpi_)
+        if lo == hi or (lo == 0.0 and hi == 0.0):
+            return hi
+        prec *= 2
+    raise CertificationError(
+        f"could not decide the rounding to {fmt.name} within {MAX_PRECISION} bits; please report "
+        "this input, it contradicts docs/exact.md."
+    )
+
+
+def _interval(x: Fraction) -> Any:
+    return _IV.mpf(x.numerator) / _IV.mpf(x.denominator) if x.denominator != 1 else _IV.mpf(x.numerator)
+
+
+def _round_mpf(raw: tuple, fmt: FloatFormat) -> float:
+    """Round an mpmath raw value (sign, man, exp, bc) to ``fmt``; returns the float64 holding it."""
+    sign, man, exp, _ = raw
+    if not man:
+        if exp == 0:  # zero
+            return -0.0 if sign else 0.0
+        return float("-inf") if sign else float("inf")  # (nan cannot come out of these formulas)
+    return _round_dyadic(-man if sign else man, exp, fmt)
+
+
+def _round_fraction(x: Fraction, fmt: FloatFormat) -> float:
+    """Round a rational exactly to ``fmt`` (round to nearest, ties to even)."""
+    if x == 0:
+        return 0.0
+    num, den = x.numerator, x.denominator
+    sign = -1 if num < 0 else 1
+    num = abs(num)
+    # scale to an integer with at least p + 2 significant bits plus a sticky bit
+    shift = fmt.precision + 3 - (num.bit_length() - den.bit_length())
+    scaled_num = num << shift if shift >= 0 else num
+    scaled_den = den if shift >= 0 else den << -shift
+    quotient, remainder = divmod(scaled_num, scaled_den)
+    mantissa = 2 * quotient + (1 if remainder else 0)  # sticky bit below the kept bits
+    return _round_dyadic(sign * mantissa, -shift - 1, fmt)
+
+
+def _round_dyadic(man: int, exp: int, fmt: FloatFormat) -> float:
+    """Round ``man * 2**exp`` (man a nonzero integer) to ``fmt``, ties to even, with overflow to inf."""
+    sign = -1.0 if man < 0 else 1.0
+    man = abs(man)
+    top = exp + man.bit_length() - 1  # exponent of the leading bit
+    quantum = max(top - fmt.precision + 1, fmt.emin - fmt.precision + 1)
+    if exp < quantum:
+        drop = quantum - exp
+        kept, rest = man >> drop, man & ((1 << drop) - 1)
+        half = 1 << (drop - 1)
+        if rest > half or (rest == half and kept & 1):
+            kept += 1
+        man, exp = kept, quantum
+    if man == 0:
+        return sign * 0.0
+    if exp + man.bit_length() - 1 > fmt.emax:
+        return sign * float("inf")
+    value = math.ldexp(man, exp)  # exact: man has at most 53 bits and the exponent is in range
+    return sign * value if value <= fmt.max else sign * float("inf")
+
+
+def _decided(value: np.ndarray, bound: np.ndarray, fmt: FloatFormat) -> np.ndarray:
+    """Where ``[value - bound, value + bound]`` rounds to one number of ``fmt``, that number; else NaN.
+
+    The interval ends are pushed outward by one float64 ulp so that their own rounding cannot
+    shrink the enclosure.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        lo = np.nextafter(value - bound, -np.inf)
+        hi = np.nextafter(value + bound, np.inf)
+        lo_r, hi_r = round_to_format(lo, fmt), round_to_format(hi, fmt)
+        same = (_bits(lo_r) == _bits(hi_r)) & np.isfinite(lo) & np.isfinite(hi)
+    return np.where(same, hi_r.astype(np.float64), np.nan)
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    """Bit patterns with -0 folded onto +0, for comparing rounded results."""
+    fmt = float_format(x.dtype)
+    y = np.where(x == 0, np.zeros_like(x), x)
+    return y.view(fmt.int_dtype)

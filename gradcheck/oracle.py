@@ -1,0 +1,313 @@
+"""The fast numpy oracle: softmax, loss, gradient, Jacobian and Hessian, with running error bounds.
+
+Everything is computed in float64 (every supported input format embeds exactly in float64) and
+rounded once, correctly, to the requested dtype. The formulas avoid the avoidable cancellation:
+
+* per row, m = max z, s = z - m, e = exp(s); the argmax term is exactly 1, so
+  ``R = sum_{c != argmax} e_c`` is summed on its own, ``Z = 1 + R``, ``log Z = log1p(R)``;
+* ``q_i = 1 - p_i`` is ``R / Z`` for the argmax (where ``1 - p`` would cancel) and ``1 - p_i``
+  elsewhere (there ``p_i <= 1/2``, so no cancellation);
+* ``g_i = p_i S - w_i t_i`` is evaluated as ``p_i (S - w_i t_i) - w_i t_i q_i``: for a one-hot
+  target that is ``-q_t``, never ``p_t - 1`` (which is 0 in float64 once the gap exceeds ~37).
+
+The bounds returned by the ``*_bounded`` functions are rigorous first-order running error bounds,
+derived in docs/oracle.md, section "Running error bound".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from gradcheck.dtypes import FLOAT64, float_format, round_to_format
+from gradcheck.problem import Problem, make_problem, validate_logits
+
+U = FLOAT64.unit_roundoff  # 2**-53
+ETA = FLOAT64.smallest_subnormal / 2  # 2**-1075: the absolute error of a result that underflows
+EXP_ULPS = 2.0  # relative error of np.exp, in units of u (glibc: < 1 ulp; see docs/oracle.md)
+SECOND_ORDER = 1.01  # allowance for second-order terms (docs/oracle.md, valid while K*u < 1e-3)
+
+
+def gamma(n: np.ndarray | float) -> np.ndarray | float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of a sum of n + 1 nonnegative terms."""
+    return n * U / (1.0 - n * U)
+
+
+class Bounded(NamedTuple):
+    """A float64 result and a bound on its absolute error against the exact value, per element."""
+
+    value: np.ndarray
+    bound: np.ndarray
+
+
+@dataclass(frozen=True)
+class RowParts:
+    """Per-row softmax quantities in float64 (see the module docstring)."""
+
+    s: np.ndarray  # (N, K) z - max z
+    e: np.ndarray  # (N, K) exp(s)
+    argmax: np.ndarray  # (N,)
+    r: np.ndarray  # (N,) sum of e over the non-argmax classes
+    z: np.ndarray  # (N,) 1 + r
+    p: np.ndarray  # (N, K) softmax
+    q: np.ndarray  # (N, K) 1 - p, accurate
+    log_z: np.ndarray  # (N,) log1p(r)
+
+
+def row_parts(z: np.ndarray) -> RowParts:
+    """Compute the softmax quantities of validated ``(N, K)`` logits (any supported dtype)."""
+    z64 = np.asarray(z, dtype=np.float64)
+    n = z64.shape[0]
+    rows = np.arange(n)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        argmax = np.argmax(z64, axis=1)
+        s = z64 - z64[rows, argmax][:, None]  # may overflow to -inf: exp is then 0, within ETA
+        e = np.exp(s)
+        e_other = e.copy()
+        e_other[rows, argmax] = 0.0
+        r = e_other.sum(axis=1)
+        total = 1.0 + r
+        p = e / total[:, None]
+        q = 1.0 - p
+        q[rows, argmax] = r / total
+        log_z = np.log1p(r)
+    return RowParts(s, e, argmax, r, total, p, q, log_z)
+
+
+def _row_error(parts: RowParts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Relative error bounds of R (rho), p (eps_p) and q (eps_q); docs/oracle.md, steps 1-5."""
+    k = parts.s.shape[1]
+    rows = np.arange(parts.s.shape[0])
+    with np.errstate(invalid="ignore"):
+        a = np.where(parts.e > 0, (np.abs(parts.s) + EXP_ULPS) * U, 0.0)
+    a[rows, parts.argmax] = 0.0  # exp(0) = 1 exactly
+    rho = a.max(axis=1) + gamma(k)
+    eps_z = rho + U
+    eps_p = a + eps_z[:, None] + U
+    eps_q = eps_p + U
+    eps_q[rows, parts.argmax] = rho + eps_z + U
+    return rho, eps_p, eps_q
+
+
+def softmax(z: Any, axis: int = -1, *, dtype: Any = None) -> np.ndarray:
+    """Softmax along ``axis``, stable for every finite input and for ``-inf`` (masked) entries.
+
+    Args:
+        z: float logits of any shape; NaN and +inf are rejected, -inf means probability 0.
+        axis: the class axis.
+        dtype: the result's dtype; the input's when None.
+
+    Returns:
+        ``exp(z - max z) / sum exp(z - max z)``, correctly rounded from float64.
+
+    >>> softmax(np.array([0.0, np.log(3.0), -np.inf]))
+    array([0.25, 0.75, 0.  ])
+    """
+    arr, restore = _as_rows(z, axis)
+    return _round(restore(row_parts(arr).p), dtype, arr.dtype)
+
+
+def log_softmax(z: Any, axis: int = -1, *, dtype: Any = None) -> np.ndarray:
+    """``z - max z - log1p(sum of the other exp(z - max z))`` along ``axis``; -inf stays -inf."""
+    arr, restore = _as_rows(z, axis)
+    parts = row_parts(arr)
+    return _round(restore(parts.s - parts.log_z[:, None]), dtype, arr.dtype)
+
+
+def cross_entropy(
+    logits: Any,
+    targets: Any,
+    *,
+    weight: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    dtype: Any = None,
+) -> np.ndarray:
+    """The loss of ``torch.nn.functional.cross_entropy`` (see :mod:`gradcheck.problem`).
+
+    Returns:
+        A 0-d array (mean, sum) or the ``(N,)`` per-row losses (none), in ``dtype`` (default: the
+        logits' dtype). +inf when a target has weight on a masked (-inf) class.
+
+    >>> cross_entropy(np.array([[0.0, 0.0]]), np.array([1]))
+    array(0.69314718)
+    """
+    problem = make_problem(
+        logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    return _round(loss_bounded(problem).value, dtype, problem.logits.dtype)
+
+
+def cross_entropy_grad(
+    logits: Any,
+    targets: Any,
+    *,
+    weight: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    dtype: Any = None,
+) -> np.ndarray:
+    """The gradient of :func:`cross_entropy` with respect to the logits.
+
+    ``dL/dz_ni = (p_ni * sum_c w_c t_nc - w_i t_ni) / D``; for ``reduction="none"`` the gradient of
+    the sum of the row losses. Shape of the logits, ``dtype`` as for :func:`cross_entropy`.
+
+    >>> cross_entropy_grad(np.array([[0.0, np.log(3.0)]]), np.array([1]))
+    array([[ 0.25, -0.25]])
+    """
+    problem = make_problem(
+        logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    g = grad_rows(problem)
+    return _round(problem.restore_shape(g), dtype, problem.logits.dtype)
+
+
+def cross_entropy_grad_bounded(logits: Any, targets: Any, **options: Any) -> Bounded:
+    """The float64 gradient and a rigorous bound on its absolute error, per element.
+
+    Options as for :func:`cross_entropy_grad` (without ``dtype``). The bound is derived in
+    docs/oracle.md; the certified truth uses it to skip mpmath where it is conclusive.
+    """
+    problem = make_problem(logits, targets, **options)
+    value, bound = grad_bounded(problem)
+    return Bounded(problem.restore_shape(value), problem.restore_shape(bound))
+
+
+def cross_entropy_bounded(logits: Any, targets: Any, **options: Any) -> Bounded:
+    """The float64 loss and a rigorous bound on its absolute error (docs/oracle.md)."""
+    return loss_bounded(make_problem(logits, targets, **options))
+
+
+def softmax_jacobian(z: Any, *, dtype: Any = None) -> np.ndarray:
+    """``diag(p) - p p^T`` per row: shape ``(K, K)`` for a vector, ``(N, K, K)`` for a batch.
+
+    The diagonal is computed as ``p_i q_i`` with the accurate ``q_i = 1 - p_i``.
+    """
+    arr = validate_logits(z, ndims=(1, 2))
+    rows = arr[None, :] if arr.ndim == 1 else arr
+    parts = row_parts(rows)
+    jac = _jacobian(parts)
+    return _round(jac[0] if arr.ndim == 1 else jac, dtype, arr.dtype)
+
+
+def cross_entropy_hessian(
+    logits: Any,
+    targets: Any,
+    *,
+    weight: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    dtype: Any = None,
+) -> np.ndarray:
+    """Second derivatives of :func:`cross_entropy` in the logits.
+
+    The batch loss is a sum of row losses, so its Hessian is block diagonal across rows; this returns
+    the blocks, ``(S_n / D) (diag(p_n) - p_n p_n^T)``, shape ``(N, K, K)`` (``(K, K)`` for a vector).
+    """
+    problem = make_problem(
+        logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    parts = row_parts(problem.logits)
+    s = (problem.dense_targets() * problem.weights()).sum(axis=1) / problem.divisor()
+    hess = _jacobian(parts) * s[:, None, None]
+    return _round(problem.restore_shape(hess), dtype, problem.logits.dtype)
+
+
+def grad_rows(problem: Problem, parts: RowParts | None = None) -> np.ndarray:
+    """The float64 ``(N, K)`` gradient of a validated problem."""
+    parts = row_parts(problem.logits) if parts is None else parts
+    d = problem.divisor()
+    with np.errstate(under="ignore"):
+        if problem.index_targets and not problem.label_smoothing:
+            # one-hot: g_i = w_t p_i (i != t), g_t = -w_t q_t; ignored rows are 0
+            active = problem.active_rows()
+            rows = np.flatnonzero(active)
+            cls = problem.targets[rows]
+            wt = np.zeros(problem.n)
+            wt[rows] = problem.weights()[cls]
+            g = parts.p * (wt / d)[:, None]
+            g[rows, cls] = -(wt[rows] * parts.q[rows, cls]) / d
+            return g
+        wt = problem.dense_targets() * problem.weights()
+        s = wt.sum(axis=1)
+        g = parts.p * (s[:, None] - wt) - wt * parts.q
+        return g / d
+
+
+def grad_bounded(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 ``(N, K)`` gradient and its running error bound (docs/oracle.md, steps 1-9)."""
+    parts = row_parts(problem.logits)
+    g = grad_rows(problem, parts)
+    n, k = problem.logits.shape
+    _, eps_p, eps_q = _row_error(parts)
+    eps_wt = (4 * U if problem.label_smoothing else 0.0) + U
+    wt = problem.dense_targets() * problem.weights()
+    s = wt.sum(axis=1)[:, None]
+    s_minus = np.maximum(s - wt, 0.0)
+    d = problem.divisor()
+    with np.errstate(under="ignore"):
+        d_s_minus = (gamma(k) + eps_wt) * s + eps_wt * wt + U * s_minus
+        d_t1 = parts.p * d_s_minus + s_minus * parts.p * eps_p + U * parts.p * s_minus
+        d_t2 = (eps_wt + eps_q + U) * wt * parts.q
+        t_sum = parts.p * s_minus + wt * parts.q
+        d_g0 = d_t1 + d_t2 + U * t_sum
+        bound = d_g0 / d + np.abs(g) * (gamma(n) + 2 * U)
+        floor = (k + 8) * ETA * np.maximum(1.0, s) * max(1.0, 1.0 / d)
+    return g, SECOND_ORDER * bound + floor
+
+
+def loss_bounded(problem: Problem) -> Bounded:
+    """Float64 loss (0-d for mean/sum, ``(N,)`` for none) and its running error bound."""
+    parts = row_parts(problem.logits)
+    n, k = problem.logits.shape
+    rho, _, _ = _row_error(parts)
+    wt = problem.dense_targets() * problem.weights()
+    s = wt.sum(axis=1)
+    with np.errstate(invalid="ignore", under="ignore", over="ignore"):
+        # wt_c * (-s_c), with 0 where wt_c = 0 (also on masked classes, where -s_c = +inf)
+        shifted = np.where(wt > 0, wt * -parts.s, 0.0)
+        row_loss = s * parts.log_z + shifted.sum(axis=1)
+        eps_wt = (4 * U if problem.label_smoothing else 0.0) + U
+        eps_row = np.maximum(eps_wt + rho + 4 * U, eps_wt + 2 * U + gamma(k)) + U
+        row_bound = eps_row * row_loss + (k + 4) * ETA * np.maximum(s, 1.0)
+    if problem.reduction == "none":
+        return Bounded(problem.restore_shape(row_loss), problem.restore_shape(SECOND_ORDER * row_bound))
+    d = problem.divisor()
+    with np.errstate(invalid="ignore", under="ignore"):
+        total = np.sum(row_loss) / d
+        bound = (np.sum(row_bound) + gamma(n) * np.sum(row_loss)) / d + 2 * U * abs(total)
+    return Bounded(np.array(total), np.array(SECOND_ORDER * bound + ETA))
+
+
+def _jacobian(parts: RowParts) -> np.ndarray:
+    p = parts.p
+    with np.errstate(under="ignore"):
+        jac = -p[:, :, None] * p[:, None, :]
+        idx = np.arange(p.shape[1])
+        jac[:, idx, idx] = p * parts.q
+    return jac
+
+
+def _as_rows(z: Any, axis: int) -> tuple[np.ndarray, Any]:
+    """Validate logits of any shape and move ``axis`` last, flattened to rows; returns the undo."""
+    arr = np.atleast_1d(validate_logits(z, ndims=None, axis=axis))
+    moved = np.moveaxis(arr, axis, -1)
+    shape = moved.shape
+
+    def restore(x: np.ndarray) -> np.ndarray:
+        return np.moveaxis(x.reshape(shape), -1, axis)
+
+    return moved.reshape(-1, shape[-1]), restore
+
+
+def _round(x: np.ndarray, dtype: Any, default: np.dtype) -> np.ndarray:
+    fmt = float_format(default if dtype is None else dtype)
+    return round_to_format(np.asarray(x, dtype=np.float64), fmt)

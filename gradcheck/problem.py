@@ -1,0 +1,337 @@
+"""A validated cross-entropy case: logits, targets and options, checked once for every entry point.
+
+Semantics are those of ``torch.nn.functional.cross_entropy``:
+
+* targets are class indices of shape ``(N,)`` (integers; ``ignore_index`` marks rows to skip) or
+  class probabilities of shape ``(N, K)`` (any nonnegative finite values, not necessarily summing
+  to one);
+* label smoothing replaces the targets by ``(1 - eps) * t + eps / K`` (for index targets ``t`` is
+  one-hot);
+* row n contributes ``l_n = -sum_c w_c t_nc log p_nc`` (``w = 1`` without weights);
+* ``reduction="mean"`` divides the sum by ``sum_n w_{y_n}`` over non-ignored rows for index
+  targets, and by N for probability targets; ``"sum"`` does not divide; ``"none"`` keeps the
+  per-row losses (and its gradient is the gradient of their sum).
+
+So the gradient is ``dL/dz_ni = r_n (p_ni S_n - w_i t_ni) / D`` with ``S_n = sum_c w_c t_nc``,
+``r_n`` zero for ignored rows, and ``D`` the divisor above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from gradcheck.dtypes import DTYPE_NAMES, FloatFormat, float_format, is_supported_float
+from gradcheck.errors import InvalidArgument
+
+REDUCTIONS = ("mean", "sum", "none")
+DEFAULT_IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    """A validated cross-entropy case. Build it with :func:`make_problem`.
+
+    Attributes:
+        logits: ``(N, K)`` read-only array in the checked dtype (a copy of the caller's).
+        targets: ``(N,)`` int64 class indices, or ``(N, K)`` float64 probabilities (read-only).
+        weight: ``(K,)`` float64 class weights, or None.
+        ignore_index: rows whose index target equals it are skipped.
+        reduction: "mean", "sum" or "none".
+        label_smoothing: eps in [0, 1].
+        vector: the logits were given as one row of shape ``(K,)``.
+    """
+
+    logits: np.ndarray
+    targets: np.ndarray
+    weight: np.ndarray | None
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    vector: bool = False
+
+    @property
+    def n(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def format(self) -> FloatFormat:
+        return float_format(self.logits.dtype)
+
+    @property
+    def index_targets(self) -> bool:
+        return self.targets.ndim == 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The caller's logits shape (``(K,)`` for a single vector)."""
+        return (self.k,) if self.vector else self.logits.shape
+
+    def weights(self) -> np.ndarray:
+        """Class weights as float64, ones when none were given."""
+        return np.ones(self.k) if self.weight is None else self.weight
+
+    def active_rows(self) -> np.ndarray:
+        """Boolean ``(N,)``: rows that count (not ignored)."""
+        if self.index_targets:
+            return self.targets != self.ignore_index
+        return np.ones(self.n, dtype=bool)
+
+    def dense_targets(self) -> np.ndarray:
+        """Float64 ``(N, K)`` targets after one-hot expansion and label smoothing.
+
+        Ignored rows are all zero. Smoothing is rounded here (two operations, see docs/oracle.md);
+        the certified truth uses :meth:`exact_target` instead.
+        """
+        if self.index_targets:
+            t = np.zeros((self.n, self.k))
+            rows = np.flatnonzero(self.active_rows())
+            t[rows, self.targets[rows]] = 1.0
+        else:
+            t = np.array(self.targets, dtype=np.float64)
+        eps = self.label_smoothing
+        if eps:
+            t = (1.0 - eps) * t + eps / self.k
+            t[~self.active_rows()] = 0.0
+        return t
+
+    def exact_target(self, n: int, c: int) -> Fraction:
+        """The smoothed target t_nc as an exact rational."""
+        if self.index_targets:
+            if self.targets[n] == self.ignore_index:
+                return Fraction(0)
+            base = Fraction(1 if self.targets[n] == c else 0)
+        else:
+            base = Fraction(float(self.targets[n, c]))
+        eps = Fraction(self.label_smoothing)
+        return (1 - eps) * base + eps / self.k if eps else base
+
+    def exact_weight(self, c: int) -> Fraction:
+        return Fraction(1) if self.weight is None else Fraction(float(self.weight[c]))
+
+    def exact_divisor(self) -> Fraction:
+        """D as an exact rational: sum of target weights (mean, index), N (mean, probs), or 1."""
+        if self.reduction != "mean":
+            return Fraction(1)
+        if not self.index_targets:
+            return Fraction(self.n)
+        rows = np.flatnonzero(self.active_rows())
+        return sum((self.exact_weight(int(self.targets[r])) for r in rows), Fraction(0))
+
+    def divisor(self) -> float:
+        """D in float64 (see :meth:`exact_divisor`); at most N - 1 roundings."""
+        if self.reduction != "mean":
+            return 1.0
+        if not self.index_targets:
+            return float(self.n)
+        active = self.targets[self.active_rows()]
+        return float(np.sum(self.weights()[active]))
+
+    def options(self) -> dict[str, Any]:
+        """The options that differ from their defaults, as passed to a ``grad_fn``."""
+        out: dict[str, Any] = {}
+        if self.weight is not None:
+            out["weight"] = self.weight.astype(self.logits.dtype)
+        if self.index_targets and self.ignore_index != DEFAULT_IGNORE_INDEX:
+            out["ignore_index"] = self.ignore_index
+        if self.label_smoothing:
+            out["label_smoothing"] = self.label_smoothing
+        if self.reduction != "mean":
+            out["reduction"] = self.reduction
+        return out
+
+    def restore_shape(self, rows: np.ndarray) -> np.ndarray:
+        """Drop the row axis of an ``(N, ...)`` result when the logits were one vector."""
+        return rows[0, ...] if self.vector else rows
+
+
+def make_problem(
+    logits: Any,
+    targets: Any,
+    *,
+    weight: Any = None,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Problem:
+    """Validate a case once; every public entry point calls this.
+
+    Raises:
+        InvalidArgument: naming the argument, the expected and the given value.
+    """
+    z = validate_logits(logits)
+    vector = z.ndim == 1
+    if vector:
+        z = z[None, :]
+    n, k = z.shape
+    reduction = _check_reduction(reduction)
+    label_smoothing = _check_smoothing(label_smoothing)
+    ignore_index = _check_ignore_index(ignore_index)
+    t = _check_targets(targets, n, k, vector, ignore_index)
+    w = _check_weight(weight, k)
+    z.setflags(write=False)
+    t.setflags(write=False)
+    if w is not None:
+        w.setflags(write=False)
+    problem = Problem(z, t, w, ignore_index, reduction, label_smoothing, vector)
+    if problem.index_targets:
+        _check_active(problem)
+    return problem
+
+
+def _describe(x: np.ndarray) -> str:
+    return f"array of shape {x.shape} and dtype {x.dtype}"
+
+
+def validate_logits(logits: Any, *, ndims: tuple[int, ...] | None = (1, 2), axis: int = -1) -> np.ndarray:
+    """Check float logits and return a private copy.
+
+    Args:
+        logits: array-like of float64, float32, float16 or bfloat16.
+        ndims: accepted numbers of dimensions (None: any).
+        axis: the class axis; every slice along it needs a finite entry.
+
+    Raises:
+        InvalidArgument: non-float dtype, wrong rank, empty, NaN or +inf, or a slice of all -inf.
+    """
+    try:
+        z = np.array(logits, copy=True)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"logits must be an array of floats, got {type(logits).__name__} ({exc}).") from None
+    if not is_supported_float(z.dtype):
+        kind = "complex" if z.dtype.kind == "c" else str(z.dtype)
+        raise InvalidArgument(
+            f"logits must be a floating-point array ({', '.join(DTYPE_NAMES)}), got {kind} "
+            f"({_describe(z)}). Convert first, e.g. logits.astype(np.float64)."
+        )
+    if ndims is not None and z.ndim not in ndims:
+        shapes = " or ".join({1: "(K,)", 2: "(N, K)"}.get(d, f"{d}-D") for d in ndims)
+        raise InvalidArgument(f"logits must have shape {shapes}, got shape {z.shape}.")
+    if z.size == 0:
+        raise InvalidArgument(f"logits must have at least one row and one class, got shape {z.shape}.")
+    z64 = z.astype(np.float64)
+    bad = np.isnan(z64) | (z64 == np.inf)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InvalidArgument(
+            f"logits must be finite or -inf (a masked class), got {z64[where]!r} at index {where}."
+        )
+    if z.ndim:
+        if not -z.ndim <= axis < z.ndim:
+            raise InvalidArgument(f"axis must be in [-{z.ndim}, {z.ndim}), got {axis}.")
+        dead = np.all(np.isneginf(z64), axis=axis)
+        if dead.any():
+            where = tuple(int(i) for i in np.argwhere(np.atleast_1d(dead))[0])
+            raise InvalidArgument(
+                f"logits must have at least one finite entry per row, got all -inf at row {where}."
+            )
+    return z
+
+
+def _check_reduction(reduction: Any) -> str:
+    if reduction not in REDUCTIONS:
+        raise InvalidArgument(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    return str(reduction)
+
+
+def _check_smoothing(eps: Any) -> float:
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"label_smoothing must be a number in [0, 1], got {eps!r}.") from None
+    if not 0.0 <= value <= 1.0:
+        raise InvalidArgument(f"label_smoothing must be in [0, 1], got {eps!r}.")
+    return value
+
+
+def _check_ignore_index(ignore_index: Any) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise InvalidArgument(f"ignore_index must be an integer, got {ignore_index!r}.")
+    return int(ignore_index)
+
+
+def _check_targets(targets: Any, n: int, k: int, vector: bool, ignore_index: int) -> np.ndarray:
+    try:
+        t = np.array(targets, copy=True)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"targets must be an array, got {type(targets).__name__} ({exc}).") from None
+    index_shape, prob_shape = ((), (k,)) if vector else ((n,), (n, k))
+    if t.shape == index_shape and t.dtype.kind in "iu":
+        t = t.astype(np.int64).reshape(n)
+        bad = (t != ignore_index) & ((t < 0) | (t >= k))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise InvalidArgument(
+                f"targets must be class indices in [0, {k}) or ignore_index={ignore_index}, "
+                f"got {int(t[row])} at row {row}."
+            )
+        return t
+    if t.shape == prob_shape and (is_supported_float(t.dtype)):
+        if ignore_index != DEFAULT_IGNORE_INDEX:
+            raise InvalidArgument(
+                f"ignore_index applies to class-index targets only, got ignore_index={ignore_index} "
+                f"with probability targets of shape {t.shape}. Drop ignore_index, or zero the rows."
+            )
+        t = t.astype(np.float64).reshape(n, k)
+        bad = ~np.isfinite(t) | (t < 0)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InvalidArgument(
+                f"probability targets must be finite and nonnegative, got {t[where]!r} at index {where}."
+            )
+        return t
+    if t.shape == index_shape:
+        raise InvalidArgument(
+            f"class-index targets must be integers, got {_describe(t)}. Use targets.astype(np.int64)."
+        )
+    if t.shape == prob_shape:
+        raise InvalidArgument(
+            f"probability targets must be floating point ({', '.join(DTYPE_NAMES)}), got {_describe(t)}."
+        )
+    raise InvalidArgument(
+        f"targets must be class indices of shape {index_shape} or probabilities of shape "
+        f"{prob_shape} to match logits, got {_describe(t)}."
+    )
+
+
+def _check_weight(weight: Any, k: int) -> np.ndarray | None:
+    if weight is None:
+        return None
+    try:
+        w = np.array(weight, copy=True)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"weight must be an array of {k} floats, got {type(weight).__name__}.") from None
+    if w.shape != (k,):
+        raise InvalidArgument(f"weight must have shape ({k},), one per class, got shape {w.shape}.")
+    if w.dtype.kind not in "iuf" or (w.dtype.kind == "f" and not is_supported_float(w.dtype)):
+        raise InvalidArgument(f"weight must be real numbers, got dtype {w.dtype}.")
+    w = w.astype(np.float64)
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        c = int(np.flatnonzero(bad)[0])
+        raise InvalidArgument(f"weight must be finite and nonnegative, got {w[c]!r} for class {c}.")
+    return w
+
+
+def _check_active(problem: Problem) -> None:
+    if problem.reduction != "mean":
+        return
+    if not problem.active_rows().any():
+        raise InvalidArgument(
+            f"reduction='mean' needs at least one row whose target is not ignore_index="
+            f"{problem.ignore_index}, got {problem.n} ignored rows (the mean would be 0/0). "
+            "Use reduction='sum', or keep a row."
+        )
+    if problem.divisor() == 0.0 and problem.exact_divisor() == 0:
+        raise InvalidArgument(
+            "reduction='mean' divides by the sum of the target classes' weights, got 0 "
+            "(every counted row's class has weight 0)."
+        )
+
