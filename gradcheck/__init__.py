@@ -25,7 +25,37 @@ from gradcheck.problem import Problem, make_problem
 
 __version__ = "0.1.0"
 
+# Heavy parts (Hypothesis, JAX, SymPy) load on first use: name -> (module, attribute or None).
+_LAZY = {
+    "methods": ("gradcheck.estimators", "methods"),
+    "gradient": ("gradcheck.estimators", "gradient"),
+    "MethodResult": ("gradcheck.estimators", "MethodResult"),
+    "Status": ("gradcheck.estimators", "Status"),
+    "finite_difference_gradient": ("gradcheck.estimators.finite_difference", "finite_difference_gradient"),
+    "verify": ("gradcheck.verify", "verify"),
+    "assert_gradient": ("gradcheck.verify", "assert_gradient"),
+    "Verification": ("gradcheck.verify", "Verification"),
+    "strategies": ("gradcheck.strategies", None),
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'gradcheck' has no attribute {name!r}")
+    import importlib
+
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 __all__ = [
+    *_LAZY,
     "Bounded",
     "CertificationError",
     "Comparison",

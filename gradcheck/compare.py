@@ -45,7 +45,8 @@ def ulp_distance(a: Any, b: Any, *, dtype: Any = None) -> np.ndarray:
     oa, ob = _ordered(np.array(a_arr, order="C"), fmt), _ordered(np.array(b_arr, order="C"), fmt)
     # |oa - ob| < 2**64 always; the wrapped uint64 difference is exact
     hi, lo = np.maximum(oa, ob), np.minimum(oa, ob)
-    dist = (hi.astype(np.uint64) - lo.astype(np.uint64)).astype(np.float64)
+    with np.errstate(over="ignore"):
+        dist = (hi.astype(np.uint64) - lo.astype(np.uint64)).astype(np.float64)
     nan = np.isnan(a_arr.astype(np.float64)) | np.isnan(b_arr.astype(np.float64))
     return np.where(nan, np.inf, dist)
 

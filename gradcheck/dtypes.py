@@ -68,6 +68,7 @@ class FloatFormat:
         a = np.abs(np.asarray(x, dtype=np.float64))
         with np.errstate(divide="ignore", invalid="ignore"):
             _, e = np.frexp(a)  # a = m * 2**e with m in [0.5, 1): leading bit exponent is e - 1
+        e = np.where(a == 0, self.emin + 1, e)  # zero sits in the subnormal range
         exponent = np.maximum(e - 1, self.emin) - self.precision + 1
         out = np.ldexp(1.0, exponent.astype(np.int32))
         return np.where(np.isfinite(a), out, np.inf)
@@ -92,15 +93,16 @@ def float_format(dtype: object, *, argument: str = "dtype") -> FloatFormat:
         return dtype
     if isinstance(dtype, str) and dtype in FORMATS:
         return FORMATS[dtype]
+    candidate = dtype if isinstance(dtype, type) else getattr(dtype, "dtype", dtype)
     try:
-        np_dtype = np.dtype(getattr(dtype, "dtype", dtype))
+        np_dtype = np.dtype(candidate)
     except TypeError:
         np_dtype = None
     if np_dtype is not None:
         for fmt in FORMATS.values():
             if fmt.dtype == np_dtype:
                 return fmt
-    shown = getattr(dtype, "dtype", dtype)
+    shown = candidate
     raise InvalidArgument(
         f"{argument} must be one of {', '.join(DTYPE_NAMES)}, got {shown!r}."
     )

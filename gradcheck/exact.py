@@ -28,6 +28,7 @@ from gradcheck.problem import Problem, make_problem
 
 MAX_PRECISION = 1 << 16  # bits; Ziv's loop is proven to end (docs/exact.md), this only makes a bug loud
 
+CUTOFF = 65536  # see _exp_shifted
 _IV = type(mpmath.iv)()  # a private interval context: the caller's mpmath.iv precision is untouched
 
 
@@ -194,7 +195,7 @@ def _grad_row(problem: Problem, rows: _RowFacts, n: int, cols: np.ndarray, fmt: 
             _IV.prec = prec
             z = problem.logits[n].astype(np.float64)
             zmax = float(np.max(z))
-            e = [_IV.exp(_IV.mpf(float(v)) - zmax) if np.isfinite(v) else _IV.mpf(0) for v in z]
+            e = [_exp_shifted(float(v), zmax) if np.isfinite(v) else _IV.mpf(0) for v in z]
             cache.clear()
             cache[prec] = (e, sum(e, _IV.mpf(0)))
         return cache[prec]
@@ -222,10 +223,24 @@ def _row_loss(problem: Problem, rows: _RowFacts, n: int, prec: int) -> Any:
     shifted = _IV.mpf(0)
     for c, v in enumerate(z):
         if np.isfinite(v):
-            total += _IV.exp(_IV.mpf(float(v)) - zmax)
+            total += _exp_shifted(float(v), zmax)
             if wt[c]:
                 shifted += _interval(wt[c]) * (zmax - _IV.mpf(float(v)))
     return _interval(rows.s(n)) * _IV.log(total) + shifted
+
+
+def _exp_shifted(v: float, zmax: float) -> Any:
+    """Enclosure of ``exp(v - zmax)`` at the current precision.
+
+    Below ``-CUTOFF`` the enclosure ``[0, exp(-CUTOFF)]`` is used (exp is increasing): ``exp(-65536)``
+    is about ``2**-94548``, far below half the smallest float64 subnormal even after multiplying by
+    any ``S / D`` that finite float64 inputs can produce (at most about ``2**2100``), so it never
+    changes a rounding, and it spares mpmath the argument reduction of ``exp(-1e300)``.
+    """
+    shift = _IV.mpf(v) - zmax
+    if shift.b < -CUTOFF:
+        return _IV.mpf([0, _IV.exp(-CUTOFF).b])
+    return _IV.exp(shift)
 
 
 def _round_interval(evaluate: Any, kind: str, fmt: FloatFormat) -> float:
@@ -282,6 +297,8 @@ def _round_dyadic(man: int, exp: int, fmt: FloatFormat) -> float:
     sign = -1.0 if man < 0 else 1.0
     man = abs(man)
     top = exp + man.bit_length() - 1  # exponent of the leading bit
+    if top < fmt.emin - fmt.precision - 1:  # below half the smallest subnormal: rounds to zero
+        return sign * 0.0
     quantum = max(top - fmt.precision + 1, fmt.emin - fmt.precision + 1)
     if exp < quantum:
         drop = quantum - exp

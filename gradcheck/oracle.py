@@ -46,8 +46,9 @@ class Bounded(NamedTuple):
 class RowParts:
     """Per-row softmax quantities in float64 (see the module docstring)."""
 
-    s: np.ndarray  # (N, K) z - max z
-    e: np.ndarray  # (N, K) exp(s)
+    s: np.ndarray  # (N, K) z - max z, rounded (s_hi)
+    s_lo: np.ndarray  # (N, K) its rounding error: s + s_lo == z - max z exactly
+    e: np.ndarray  # (N, K) exp(z - max z)
     argmax: np.ndarray  # (N,)
     r: np.ndarray  # (N,) sum of e over the non-argmax classes
     z: np.ndarray  # (N,) 1 + r
@@ -56,15 +57,33 @@ class RowParts:
     log_z: np.ndarray  # (N,) log1p(r)
 
 
+def shifted_exp(z64: np.ndarray, argmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``s = z - max z`` split exactly as ``s_hi + s_lo`` (TwoSum), and ``e = exp(s_hi) (1 + s_lo)``.
+
+    Rounding ``z - max z`` costs a relative error ``|s| u`` in ``exp(s)`` (up to ~700 u at large
+    gaps); the compensation brings it down to ``EXP_ULPS + 2`` u (docs/oracle.md, step 2). Masked and
+    overflowed entries (``s_hi = -inf``) get ``s_lo = 0`` and ``e = 0``.
+    """
+    rows = np.arange(z64.shape[0])
+    m = z64[rows, argmax][:, None]
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        s_hi = z64 - m
+        a = s_hi + m  # TwoSum(z, -m) (Knuth): s_hi + s_lo == z - m exactly
+        s_lo = (z64 - a) + (-m - (s_hi - a))
+        s_lo[~np.isfinite(s_hi)] = 0.0
+        e = np.exp(s_hi)
+        e *= 1.0 + s_lo
+    return s_hi, s_lo, e
+
+
 def row_parts(z: np.ndarray) -> RowParts:
     """Compute the softmax quantities of validated ``(N, K)`` logits (any supported dtype)."""
     z64 = np.asarray(z, dtype=np.float64)
     n = z64.shape[0]
     rows = np.arange(n)
+    argmax = np.argmax(z64, axis=1)
+    s_hi, s_lo, e = shifted_exp(z64, argmax)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        argmax = np.argmax(z64, axis=1)
-        s = z64 - z64[rows, argmax][:, None]  # may overflow to -inf: exp is then 0, within ETA
-        e = np.exp(s)
         e_other = e.copy()
         e_other[rows, argmax] = 0.0
         r = e_other.sum(axis=1)
@@ -73,15 +92,14 @@ def row_parts(z: np.ndarray) -> RowParts:
         q = 1.0 - p
         q[rows, argmax] = r / total
         log_z = np.log1p(r)
-    return RowParts(s, e, argmax, r, total, p, q, log_z)
+    return RowParts(s_hi, s_lo, e, argmax, r, total, p, q, log_z)
 
 
 def _row_error(parts: RowParts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Relative error bounds of R (rho), p (eps_p) and q (eps_q); docs/oracle.md, steps 1-5."""
     k = parts.s.shape[1]
     rows = np.arange(parts.s.shape[0])
-    with np.errstate(invalid="ignore"):
-        a = np.where(parts.e > 0, (np.abs(parts.s) + EXP_ULPS) * U, 0.0)
+    a = np.where(parts.e > 0, (EXP_ULPS + 2) * U, 0.0)  # exp, 1 + s_lo, product (docs/oracle.md step 2)
     a[rows, parts.argmax] = 0.0  # exp(0) = 1 exactly
     rho = a.max(axis=1) + gamma(k)
     eps_z = rho + U
@@ -113,7 +131,9 @@ def log_softmax(z: Any, axis: int = -1, *, dtype: Any = None) -> np.ndarray:
     """``z - max z - log1p(sum of the other exp(z - max z))`` along ``axis``; -inf stays -inf."""
     arr, restore = _as_rows(z, axis)
     parts = row_parts(arr)
-    return _round(restore(parts.s - parts.log_z[:, None]), dtype, arr.dtype)
+    with np.errstate(invalid="ignore"):
+        out = (parts.s - parts.log_z[:, None]) + parts.s_lo
+    return _round(restore(out), dtype, arr.dtype)
 
 
 def cross_entropy(
@@ -221,31 +241,52 @@ def cross_entropy_hessian(
     return _round(problem.restore_shape(hess), dtype, problem.logits.dtype)
 
 
-def grad_rows(problem: Problem, parts: RowParts | None = None) -> np.ndarray:
+def grad_rows(problem: Problem) -> np.ndarray:
     """The float64 ``(N, K)`` gradient of a validated problem."""
-    parts = row_parts(problem.logits) if parts is None else parts
-    d = problem.divisor()
+    if problem.index_targets and not problem.label_smoothing:
+        return _one_hot_grad(problem)
+    parts = row_parts(problem.logits)
+    wt = problem.dense_targets() * problem.weights()
+    s = wt.sum(axis=1)
     with np.errstate(under="ignore"):
-        if problem.index_targets and not problem.label_smoothing:
-            # one-hot: g_i = w_t p_i (i != t), g_t = -w_t q_t; ignored rows are 0
-            active = problem.active_rows()
-            rows = np.flatnonzero(active)
-            cls = problem.targets[rows]
-            wt = np.zeros(problem.n)
-            wt[rows] = problem.weights()[cls]
-            g = parts.p * (wt / d)[:, None]
-            g[rows, cls] = -(wt[rows] * parts.q[rows, cls]) / d
-            return g
-        wt = problem.dense_targets() * problem.weights()
-        s = wt.sum(axis=1)
         g = parts.p * (s[:, None] - wt) - wt * parts.q
-        return g / d
+        return g / problem.divisor()
+
+
+def _one_hot_grad(problem: Problem) -> np.ndarray:
+    """Index targets without smoothing, in place in one float64 buffer.
+
+    ``g_i = e_i * (w_t / (D Z))`` for ``i != t`` and ``g_t = -w_t q_t / D``: the same formulas as
+    :func:`row_parts` followed by the general path, with fewer passes over memory. Each element sees
+    at most 3 roundings after exp (docs/oracle.md, "One-hot path"), fewer than the general path the
+    bound of :func:`grad_bounded` is derived for.
+    """
+    n = problem.n
+    rows = np.arange(n)
+    z64 = np.asarray(problem.logits, dtype=np.float64)
+    argmax = np.argmax(z64, axis=1)
+    _, _, g = shifted_exp(z64, argmax)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        g[rows, argmax] = 0.0
+        r = g.sum(axis=1)
+        g[rows, argmax] = 1.0
+        total = 1.0 + r
+        active = np.flatnonzero(problem.active_rows())
+        cls = problem.targets[active]
+        wt = np.zeros(n)
+        wt[active] = problem.weights()[cls]
+        d = problem.divisor()
+        e_t = g[active, cls]
+        q_t = np.where(cls == argmax[active], r[active] / total[active], 1.0 - e_t / total[active])
+        g *= ((wt / d) / total)[:, None]
+        g[active, cls] = -(wt[active] * q_t) / d
+    return g
 
 
 def grad_bounded(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     """Float64 ``(N, K)`` gradient and its running error bound (docs/oracle.md, steps 1-9)."""
     parts = row_parts(problem.logits)
-    g = grad_rows(problem, parts)
+    g = grad_rows(problem)
     n, k = problem.logits.shape
     _, eps_p, eps_q = _row_error(parts)
     eps_wt = (4 * U if problem.label_smoothing else 0.0) + U
@@ -273,7 +314,7 @@ def loss_bounded(problem: Problem) -> Bounded:
     s = wt.sum(axis=1)
     with np.errstate(invalid="ignore", under="ignore", over="ignore"):
         # wt_c * (-s_c), with 0 where wt_c = 0 (also on masked classes, where -s_c = +inf)
-        shifted = np.where(wt > 0, wt * -parts.s, 0.0)
+        shifted = np.where(wt > 0, wt * -(parts.s + parts.s_lo), 0.0)
         row_loss = s * parts.log_z + shifted.sum(axis=1)
         eps_wt = (4 * U if problem.label_smoothing else 0.0) + U
         eps_row = np.maximum(eps_wt + rho + 4 * U, eps_wt + 2 * U + gamma(k)) + U

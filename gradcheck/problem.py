@@ -216,16 +216,18 @@ def validate_logits(logits: Any, *, ndims: tuple[int, ...] | None = (1, 2), axis
         raise InvalidArgument(f"logits must have shape {shapes}, got shape {z.shape}.")
     if z.size == 0:
         raise InvalidArgument(f"logits must have at least one row and one class, got shape {z.shape}.")
+    if z.ndim and not -z.ndim <= axis < z.ndim:
+        raise InvalidArgument(f"axis must be in [-{z.ndim}, {z.ndim}), got {axis}.")
+    if np.isfinite(z).all():
+        return z
     z64 = z.astype(np.float64)
     bad = np.isnan(z64) | (z64 == np.inf)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise InvalidArgument(
-            f"logits must be finite or -inf (a masked class), got {z64[where]!r} at index {where}."
+            f"logits must be finite or -inf (a masked class), got {float(z64[where])!r} at index {where}."
         )
     if z.ndim:
-        if not -z.ndim <= axis < z.ndim:
-            raise InvalidArgument(f"axis must be in [-{z.ndim}, {z.ndim}), got {axis}.")
         dead = np.all(np.isneginf(z64), axis=axis)
         if dead.any():
             where = tuple(int(i) for i in np.argwhere(np.atleast_1d(dead))[0])
@@ -284,7 +286,7 @@ def _check_targets(targets: Any, n: int, k: int, vector: bool, ignore_index: int
         if bad.any():
             where = tuple(int(i) for i in np.argwhere(bad)[0])
             raise InvalidArgument(
-                f"probability targets must be finite and nonnegative, got {t[where]!r} at index {where}."
+                f"probability targets must be finite and nonnegative, got {float(t[where])!r} at index {where}."
             )
         return t
     if t.shape == index_shape:
@@ -316,7 +318,7 @@ def _check_weight(weight: Any, k: int) -> np.ndarray | None:
     bad = ~np.isfinite(w) | (w < 0)
     if bad.any():
         c = int(np.flatnonzero(bad)[0])
-        raise InvalidArgument(f"weight must be finite and nonnegative, got {w[c]!r} for class {c}.")
+        raise InvalidArgument(f"weight must be finite and nonnegative, got {float(w[c])!r} for class {c}.")
     return w
 
 

@@ -1,0 +1,7 @@
+"""`python -m gradcheck`: the command line."""
+
+import sys
+
+from gradcheck.cli import main
+
+sys.exit(main())

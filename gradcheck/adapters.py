@@ -1,0 +1,155 @@
+"""Adapters between numpy ``grad_fn`` calls and torch or JAX: tensors of the checked dtype in, numpy out.
+
+``verify`` calls ``grad_fn(logits, targets, **options)`` with numpy arrays. These wrappers let it check
+
+* a torch or JAX *gradient* function, called with tensors of the same dtype
+  (:func:`torch_grad_fn`, :func:`jax_grad_fn`);
+* a torch or JAX *loss* function, differentiated by the framework's own autodiff
+  (:func:`torch_loss_grad`, :func:`jax_loss_grad`); ``reduction="none"`` losses are summed first,
+  which is the gradient ``verify`` expects.
+
+torch and jax are imported when a wrapper is called, never at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import numpy as np
+
+from gradcheck.dtypes import float_format
+
+GradFn = Callable[..., Any]
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """Convert a numpy, torch or JAX array (or an array-like) to numpy, keeping its dtype.
+
+    A torch bfloat16 tensor becomes an ml_dtypes bfloat16 array (exactly, through float32).
+    """
+    module = type(value).__module__
+    if module.startswith("torch"):
+        import torch
+
+        tensor = value.detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            return tensor.float().numpy().astype(float_format("bfloat16").dtype)
+        return tensor.resolve_conj().resolve_neg().numpy()
+    if module.startswith(("jax", "jaxlib")):
+        return np.asarray(value)
+    return np.asarray(value)
+
+
+def _torch_dtype(dtype: np.dtype) -> Any:
+    import torch
+
+    return {
+        "float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+    }[float_format(dtype).name]
+
+
+def to_torch(array: np.ndarray, *, requires_grad: bool = False) -> Any:
+    """A torch tensor holding ``array`` exactly: floats keep their dtype (bfloat16 included), ints are int64."""
+    import torch
+
+    if array.dtype.kind in "iu":
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+    fmt = float_format(array.dtype)
+    source = array.astype(np.float32) if fmt.name == "bfloat16" else np.array(array, copy=True)
+    tensor = torch.from_numpy(np.ascontiguousarray(source)).to(_torch_dtype(fmt.dtype))
+    return tensor.requires_grad_(requires_grad)
+
+
+def _torch_options(options: dict[str, Any]) -> dict[str, Any]:
+    out = dict(options)
+    if out.get("weight") is not None:
+        out["weight"] = to_torch(np.asarray(out["weight"]))
+    return out
+
+
+def torch_grad_fn(fn: GradFn) -> GradFn:
+    """Wrap a torch gradient function ``fn(logits, targets, **options) -> tensor`` for ``verify``.
+
+    Logits, probability targets and ``weight`` become tensors of the checked dtype, class indices int64.
+    """
+
+    @functools.wraps(fn)
+    def grad_fn(logits: np.ndarray, targets: np.ndarray, **options: Any) -> np.ndarray:
+        return to_numpy(fn(to_torch(logits), to_torch(targets), **_torch_options(options)))
+
+    return grad_fn
+
+
+def torch_loss_grad(loss_fn: GradFn | None = None) -> GradFn:
+    """The gradient of a torch loss through ``torch.autograd``; default ``F.cross_entropy``.
+
+    ``loss_fn(logits, targets, **options)`` returns a scalar, or per-row losses for
+    ``reduction="none"`` (they are summed before differentiating).
+    """
+
+    def grad_fn(logits: np.ndarray, targets: np.ndarray, **options: Any) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        fn = F.cross_entropy if loss_fn is None else loss_fn
+        z = to_torch(logits, requires_grad=True)
+        loss = fn(z, to_torch(targets), **_torch_options(options))
+        (grad,) = torch.autograd.grad(loss.sum(), z)
+        return to_numpy(grad)
+
+    grad_fn.__name__ = grad_fn.__qualname__ = f"torch_loss_grad({getattr(loss_fn, '__name__', 'cross_entropy')})"
+    return grad_fn
+
+
+def _jax_options(options: dict[str, Any]) -> dict[str, Any]:
+    import jax.numpy as jnp
+
+    out = dict(options)
+    if out.get("weight") is not None:
+        out["weight"] = jnp.asarray(out["weight"])
+    return out
+
+
+def jax_grad_fn(fn: GradFn) -> GradFn:
+    """Wrap a JAX gradient function for ``verify``: jnp arrays of the checked dtype (x64 enabled for float64)."""
+
+    @functools.wraps(fn)
+    def grad_fn(logits: np.ndarray, targets: np.ndarray, **options: Any) -> np.ndarray:
+        import jax
+        import jax.numpy as jnp
+
+        with jax.enable_x64(True):
+            return to_numpy(fn(jnp.asarray(logits), jnp.asarray(targets), **_jax_options(options)))
+
+    return grad_fn
+
+
+def jax_loss_grad(loss_fn: GradFn) -> GradFn:
+    """The gradient of a JAX loss ``loss_fn(logits, targets, **options)`` through ``jax.grad``.
+
+    The gradient is jit-compiled once per shape, dtype and set of static options (integers, strings,
+    floats); ``weight`` is traced. Per-row losses (``reduction="none"``) are summed first. x64 is
+    enabled inside the call only.
+    """
+    compiled: dict[tuple, Any] = {}
+
+    def grad_fn(logits: np.ndarray, targets: np.ndarray, **options: Any) -> np.ndarray:
+        import jax
+        import jax.numpy as jnp
+
+        weight = options.pop("weight", None)
+        static = tuple(sorted(options.items()))
+        if static not in compiled:
+            def total(z: Any, t: Any, w: Any) -> Any:
+                extra = {} if w is None else {"weight": w}
+                return jnp.sum(loss_fn(z, t, **extra, **dict(static)))
+
+            compiled[static] = jax.jit(jax.grad(total))
+        with jax.enable_x64(True):
+            w = None if weight is None else jnp.asarray(weight)
+            return to_numpy(compiled[static](jnp.asarray(logits), jnp.asarray(targets), w))
+
+    grad_fn.__name__ = grad_fn.__qualname__ = f"jax_loss_grad({getattr(loss_fn, '__name__', 'loss')})"
+    return grad_fn

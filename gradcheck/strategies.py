@@ -1,0 +1,320 @@
+"""Hypothesis strategies for cross-entropy cases: logits by regime, targets, options, exact in every dtype.
+
+Hypothesis draws the structure of a case (regime, shape, option flags and a seed); numpy builds the
+arrays from the seed. That keeps an example cheap at any shape while Hypothesis still shrinks what
+matters: the regime towards ``"moderate"``, the shape towards ``(1, 1)``, the seed towards 0.
+:func:`gradcheck.verify` then simplifies the values of a failing case.
+
+Regimes (``REGIMES``):
+
+* ``moderate``: N(0, 1) logits;
+* ``large_gap``: one logit per row far above the rest (up to ``GAP[dtype]``), probabilities underflow;
+* ``huge``: magnitudes up to ``HUGE[dtype]`` (1e4 half, 1e30 float32, 1e300 float64);
+* ``ties``: small integers, so maxima and other values repeat exactly;
+* ``near_one_hot``: one class holds almost all the probability, usually the target;
+* ``many_classes``: K up to 32831, often not a multiple of 64, with the row maximum in a late tile;
+* ``single``: a single row, a single class, or both;
+* ``masked``: some logits are -inf (at least one finite per row).
+
+Every value is exactly representable in the dtype (float64, float32, float16, bfloat16).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import hypothesis.strategies as st
+import numpy as np
+
+from gradcheck.dtypes import FloatFormat, float_format, round_to_format
+from gradcheck.errors import InvalidArgument
+from gradcheck.problem import DEFAULT_IGNORE_INDEX, Problem, make_problem
+
+REGIMES = ("moderate", "large_gap", "huge", "ties", "near_one_hot", "many_classes", "single", "masked")
+GAP = {"float64": 700.0, "float32": 90.0, "bfloat16": 90.0, "float16": 20.0}
+HUGE = {"float64": 1e300, "float32": 1e30, "bfloat16": 1e30, "float16": 1e4}
+MAX_SHAPE = (64, 4096)
+MANY_CLASSES_TILE = 64  # tiled kernels use tiles of 64, 128 or 256 classes: all multiples of 64
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    """One generated input for a ``grad_fn``.
+
+    Attributes:
+        logits: ``(N, K)`` array of the dtype.
+        targets: ``(N,)`` int64 class indices or ``(N, K)`` probabilities of the dtype.
+        weight: ``(K,)`` class weights of the dtype, or None.
+        ignore_index: the ignored target value (-100 when not set).
+        reduction: "mean", "sum" or "none".
+        label_smoothing: the smoothing epsilon.
+        regime: the logits regime the case came from (see ``REGIMES``).
+        tags: further features of the case (``"soft"``, ``"unnormalized"``, ``"ignored rows"``, ...).
+    """
+
+    logits: np.ndarray
+    targets: np.ndarray
+    weight: np.ndarray | None = None
+    ignore_index: int = DEFAULT_IGNORE_INDEX
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    regime: str = "moderate"
+    tags: tuple[str, ...] = field(default=())
+
+    @property
+    def dtype(self) -> str:
+        return float_format(self.logits.dtype).name
+
+    def options(self) -> dict[str, Any]:
+        """The non-default options, as passed to a ``grad_fn``."""
+        return self.problem().options()
+
+    def problem(self) -> Problem:
+        """The validated case (weights pass as float64, exactly: make_problem rejects bfloat16 weights)."""
+        weight = None if self.weight is None else self.weight.astype(np.float64)
+        return make_problem(
+            self.logits, self.targets, weight=weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing,
+        )
+
+    def replace(self, **changes: Any) -> Case:
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        values.update(changes)
+        return Case(**values)
+
+    def __repr__(self) -> str:
+        return (
+            f"Case(regime={self.regime!r}, shape={self.logits.shape}, dtype={self.dtype}, "
+            f"targets={'index' if self.targets.ndim == 1 else 'probs'}, tags={self.tags})"
+        )
+
+
+def dtype_floats(
+    dtype: Any = "float64",
+    *,
+    min_value: float | None = None,
+    max_value: float | None = None,
+    allow_subnormal: bool = True,
+    allow_infinity: bool = False,
+) -> st.SearchStrategy[float]:
+    """Python floats exactly representable in ``dtype`` (bfloat16 included), never NaN.
+
+    Bit patterns are drawn as integers, so shrinking moves towards 0 and small exponents.
+
+    Raises:
+        InvalidArgument: unsupported dtype, or min_value > max_value.
+    """
+    fmt = float_format(dtype)
+    lo = -math.inf if min_value is None else float(min_value)
+    hi = math.inf if max_value is None else float(max_value)
+    if lo > hi:
+        raise InvalidArgument(f"min_value must be <= max_value, got {lo!r} > {hi!r}.")
+    top = (1 << (fmt.bits - 1)) - 1  # all magnitude bit patterns (inf and NaN included)
+
+    def build(bits: int, negative: bool) -> float:
+        raw = np.array([bits], dtype=np.uint64).astype(fmt.int_dtype).view(fmt.dtype)
+        value = float(raw.astype(np.float64)[0])
+        return -value if negative else value
+
+    def keep(x: float) -> bool:
+        if math.isnan(x) or (math.isinf(x) and not allow_infinity):
+            return False
+        if not allow_subnormal and x != 0 and abs(x) < fmt.tiny:
+            return False
+        return lo <= x <= hi
+
+    return st.builds(build, st.integers(0, top), st.booleans()).filter(keep)
+
+
+@st.composite
+def logits(
+    draw: Any,
+    dtype: Any = "float64",
+    *,
+    regime: str | None = None,
+    max_shape: tuple[int, int] = MAX_SHAPE,
+) -> np.ndarray:
+    """``(N, K)`` logits of one regime (drawn from ``REGIMES`` when None), exact in ``dtype``."""
+    return draw(cases(dtype, regimes=REGIMES if regime is None else (regime,), max_shape=max_shape)).logits
+
+
+@st.composite
+def cases(
+    draw: Any,
+    dtype: Any = "float64",
+    *,
+    targets: str = "index",
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    weighted: bool = False,
+    ignore_index: int | None = None,
+    regimes: tuple[str, ...] = REGIMES,
+    max_shape: tuple[int, int] = MAX_SHAPE,
+) -> Case:
+    """Whole cases: logits of a regime, targets, weights and ignored rows, exact in ``dtype``.
+
+    Args:
+        dtype: float64, float32, float16 or bfloat16.
+        targets: "index" (class indices) or "probs" (probabilities, some rows not summing to one).
+        reduction, label_smoothing: passed through to the case.
+        weighted: draw class weights (nonnegative, some zero).
+        ignore_index: when given, some index-target rows take this value (never all for "mean").
+        regimes: the logits regimes to draw from; shrinking moves towards the first.
+        max_shape: the largest ``(N, K)``; "many_classes" needs K > 64 and is skipped below that.
+
+    Raises:
+        InvalidArgument: an unknown regime or target kind, or ignore_index with probability targets.
+    """
+    fmt = float_format(dtype)
+    _check_case_args(targets, regimes, ignore_index, max_shape)
+    usable = tuple(r for r in regimes if r != "many_classes" or max_shape[1] > MANY_CLASSES_TILE) or ("moderate",)
+    regime = draw(st.sampled_from(usable))
+    n, k = draw(_shapes(regime, max_shape))
+    if ignore_index == 0 and k == 1 and reduction == "mean":
+        k = 2  # with one class every row would be ignored: the mean would be 0/0
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    z, favourite = _build_logits(regime, rng, n, k, fmt)
+    tags: list[str] = []
+    if targets == "index":
+        t = _index_targets(rng, z, favourite, regime)
+        if ignore_index is not None:
+            t = _ignore_rows(rng, t, k, ignore_index, reduction, tags)
+    else:
+        t = _probability_targets(rng, z, fmt, tags)
+    weight = _weights(rng, k, fmt, t, ignore_index, reduction) if weighted else None
+    return Case(
+        logits=z, targets=t, weight=weight,
+        ignore_index=DEFAULT_IGNORE_INDEX if ignore_index is None else int(ignore_index),
+        reduction=reduction, label_smoothing=float(label_smoothing), regime=regime, tags=tuple(tags),
+    )
+
+
+def _check_case_args(targets: str, regimes: tuple[str, ...], ignore_index: Any, max_shape: Any) -> None:
+    if targets not in ("index", "probs"):
+        raise InvalidArgument(f"targets must be 'index' or 'probs', got {targets!r}.")
+    unknown = [r for r in regimes if r not in REGIMES]
+    if unknown or not regimes:
+        raise InvalidArgument(f"regimes must be a non-empty subset of {REGIMES}, got {tuple(regimes)!r}.")
+    if ignore_index is not None and targets != "index":
+        raise InvalidArgument(f"ignore_index applies to targets='index' only, got targets={targets!r}.")
+    if len(max_shape) != 2 or min(max_shape) < 1:
+        raise InvalidArgument(f"max_shape must be (N, K) with N, K >= 1, got {max_shape!r}.")
+
+
+@st.composite
+def _shapes(draw: Any, regime: str, max_shape: tuple[int, int]) -> tuple[int, int]:
+    """Mostly small shapes, sometimes medium, rarely the largest (keeps examples cheap)."""
+    max_n, max_k = max_shape
+    if regime == "single":
+        kind = draw(st.sampled_from(("one", "row", "column")))
+        if kind == "one":
+            return 1, 1
+        if kind == "row":
+            return 1, draw(st.integers(1, min(max_k, 64)))
+        return draw(st.integers(1, min(max_n, 64))), 1
+    if regime == "many_classes":
+        tiles = draw(st.integers(1, 512).map(lambda j: j if j <= 8 or j % 8 == 0 else j % 8 + 1))
+        k = min(MANY_CLASSES_TILE * tiles + draw(st.integers(0, MANY_CLASSES_TILE - 1)), max_k)
+        return draw(st.integers(1, min(max_n, 4))), max(k, MANY_CLASSES_TILE + 1)
+    bucket = draw(st.integers(0, 9))
+    limit_n, limit_k = (8, 32) if bucket < 6 else ((32, 512) if bucket < 9 else MAX_SHAPE)
+    n = draw(st.integers(1, max(1, min(max_n, limit_n))))
+    k = draw(st.integers(1, max(1, min(max_k, limit_k))))
+    return n, k
+
+
+def _build_logits(regime: str, rng: np.random.Generator, n: int, k: int, fmt: FloatFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of a regime (rounded to ``fmt``) and each row's favoured class (its argmax)."""
+    name = fmt.name
+    z = rng.standard_normal((n, k))
+    rows = np.arange(n)
+    if regime == "large_gap":
+        gaps = rng.uniform(0.0, GAP[name], (n, k)) * (rng.random((n, k)) < 0.5)
+        z = z - gaps
+        top = rng.integers(0, k, n)
+        z[rows, top] = z.max(axis=1) + rng.uniform(0.5, 1.0, n) * GAP[name] * (rng.random(n) < 0.7)
+    elif regime == "huge":
+        exponent = rng.uniform(0.0, math.log10(HUGE[name]), (n, k))
+        z = np.where(rng.random((n, k)) < 0.5, -1.0, 1.0) * 10.0**exponent
+        if k > 1:  # repeat a row's maximum somewhere: ties at huge magnitude
+            z[rows, rng.integers(0, k, n)] = np.where(rng.random(n) < 0.3, z.max(axis=1), z[rows, 0])
+    elif regime == "ties":
+        z = rng.integers(-2, 3, (n, k)).astype(np.float64)
+        z[rng.random(n) < 0.25] = rng.integers(-2, 3)
+    elif regime == "near_one_hot":
+        small = name in ("float16", "bfloat16")
+        top = rng.integers(0, k, n)
+        z = 0.5 * z
+        z[rows, top] += rng.uniform(3.0, 15.0, n) if small else rng.uniform(5.0, 40.0, n)
+    elif regime == "many_classes":
+        tile = MANY_CLASSES_TILE
+        late = max(0, (k - 1) // tile * tile - tile)  # the last full tile or the partial one
+        top = rng.integers(late, k, n)
+        z[rows, top] = z.max(axis=1) + rng.uniform(0.0, 3.0, n)
+    elif regime == "masked":
+        mask = rng.random((n, k)) < 0.3
+        mask[rows, np.argmax(z, axis=1)] = False
+        z = np.where(mask, -np.inf, z)
+    z = round_to_format(z, fmt)
+    favourite = np.argmax(z.astype(np.float64), axis=1)
+    return z, favourite
+
+
+def _index_targets(rng: np.random.Generator, z: np.ndarray, favourite: np.ndarray, regime: str) -> np.ndarray:
+    n, k = z.shape
+    t = rng.integers(0, k, n)
+    finite = np.isfinite(z.astype(np.float64))
+    bad = ~finite[np.arange(n), t]
+    t[bad] = favourite[bad]  # never a masked class: its loss would be infinite
+    if regime in ("near_one_hot", "large_gap"):
+        pick = rng.random(n) < 0.6
+        t[pick] = favourite[pick]
+    return t.astype(np.int64)
+
+
+def _ignore_rows(rng: np.random.Generator, t: np.ndarray, k: int, ignore_index: int, reduction: str,
+                 tags: list[str]) -> np.ndarray:
+    t = t.copy()
+    t[rng.random(t.shape[0]) < 0.3] = ignore_index
+    active = t != ignore_index
+    if reduction == "mean" and not active.any():
+        choices = [c for c in range(k) if c != ignore_index]
+        if choices:
+            t[0] = choices[0]
+        # else K == 1 and ignore_index == 0: every row is ignored whatever we do; leave it to "sum"
+    if (t == ignore_index).any():
+        tags.append("ignored rows")
+    return t
+
+
+def _probability_targets(rng: np.random.Generator, z: np.ndarray, fmt: FloatFormat, tags: list[str]) -> np.ndarray:
+    n, k = z.shape
+    t = rng.dirichlet(np.full(k, 0.5), n) if k > 1 else np.ones((n, 1))
+    kind = rng.integers(0, 4, n)  # 0, 1: a distribution; 2: scaled; 3: one-hot or zero row
+    scale = rng.uniform(0.0, 3.0, n)
+    t[kind == 2] *= scale[kind == 2, None]
+    for row in np.flatnonzero(kind == 3):
+        t[row] = 0.0
+        if rng.random() < 0.7:
+            t[row, rng.integers(0, k)] = 1.0
+    t[~np.isfinite(z.astype(np.float64))] = 0.0  # no target mass on masked classes
+    t = round_to_format(t, fmt)
+    tags.append("soft")
+    sums = t.astype(np.float64).sum(axis=1)
+    if np.any(np.abs(sums - 1.0) > 1e-3):
+        tags.append("unnormalized")
+    return t
+
+
+def _weights(rng: np.random.Generator, k: int, fmt: FloatFormat, t: np.ndarray, ignore_index: int | None,
+             reduction: str) -> np.ndarray:
+    w = rng.uniform(0.0, 2.0, k) * (rng.random(k) >= 0.1)
+    w = round_to_format(w, fmt)
+    if reduction == "mean" and t.ndim == 1:  # the divisor sum_n w_{t_n} must not be 0
+        active = t[t != (DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index)]
+        if active.size and float(np.sum(w.astype(np.float64)[active])) == 0.0:
+            w[active[0]] = 1.0
+    return w

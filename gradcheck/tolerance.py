@@ -1,0 +1,234 @@
+"""The error model: how far a correct implementation's gradient may be from the truth, per element.
+
+Every constant and term here is derived in docs/tolerance.md; the section is named next to each.
+The bound covers any implementation built from these schemes (docs/tolerance.md, "Implementations
+covered"):
+
+* the direct formula ``p = exp(z - m) / sum exp(z - m)``, ``g = (p S - w t) / D``;
+* the log-space formula ``p = exp(z - m - log sum exp(z - m))`` (torch and JAX autodiff);
+* blocked online softmax (a running max and sum carried across tiles of at least ``TILE`` classes);
+
+computed in the checked dtype with tree (pairwise) reductions, or in float32 (half precisions) or in
+the dtype itself with tiles, and rounded once to the dtype at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradcheck.dtypes import FLOAT32, FloatFormat
+from gradcheck.oracle import RowParts, grad_rows, row_parts
+from gradcheck.problem import Problem
+
+# docs/tolerance.md, "Elementary functions": relative error of exp and log in units of u.
+# numpy's SIMD float32 exp and log are documented within 2.52 and 3.83 ULP; one ULP is at most 2u.
+# glibc, Sleef (torch) and XLA are more accurate (measured <= 1.4u); ml_dtypes and numpy's float16
+# round a float32 result once (<= 1u + float32 error).
+EXP_U = 6.0
+LOG_U = 8.0
+# docs/tolerance.md, "Blocked online softmax": the smallest tile the model accepts.
+TILE = 64
+# docs/tolerance.md, "Underflow floor": roundings of element i whose result can underflow.
+UNDERFLOW_ROUNDINGS = 8
+
+
+@dataclass(frozen=True)
+class Working:
+    """One implementation class: the precision it computes in and the depth of its row sums.
+
+    Attributes:
+        name: label used in docs and diagnostics.
+        fmt: the working format (its unit roundoff u is the per-operation error).
+        depth: the number of additions a term of a row sum passes through, plus the carries of a
+            blocked kernel, in units of u (docs/tolerance.md, "Row sums").
+        floor_unit: absolute error of one rounding that underflows (tiny when the platform may
+            flush subnormals to zero, half the smallest subnormal otherwise).
+    """
+
+    name: str
+    fmt: FloatFormat
+    depth: float
+    floor_unit: float
+
+
+def tree_depth(k: int) -> int:
+    """Depth of a pairwise (tree) sum of k terms: ceil(log2 k)."""
+    return max(0, math.ceil(math.log2(k))) if k > 1 else 0
+
+
+def tiled_depth(k: int) -> float:
+    """Depth of a blocked online sum: a tree inside a tile, then one carry per further tile.
+
+    Each carry rescales the running sum by ``exp(m_old - m_new)`` and adds the tile's sum:
+    EXP_U for the exp, one rounding each for the product and the addition (docs/tolerance.md,
+    "Blocked online softmax"); the ``|m_old - m_new|`` part of the rescale is charged per term.
+    """
+    tiles = -(-k // TILE)
+    return tree_depth(min(k, TILE)) + (EXP_U + 2.0) * (tiles - 1)
+
+
+def workings(fmt: FloatFormat, k: int) -> tuple[Working, ...]:
+    """The implementation classes accepted for a dtype and a number of classes (docs/tolerance.md)."""
+    if fmt.precision >= FLOAT32.precision:
+        # in the dtype itself; the tiled depth is never below the tree depth, so it covers both
+        return (Working("in-dtype", fmt, max(tiled_depth(k), tree_depth(k)), fmt.tiny),)
+    return (
+        Working("in-dtype, tree sums", fmt, tree_depth(k), fmt.smallest_subnormal / 2),
+        Working("float32, tiled", FLOAT32, max(tiled_depth(k), tree_depth(k)), FLOAT32.tiny),
+    )
+
+
+def grad_tolerance(problem: Problem, parts: RowParts | None = None, grad: np.ndarray | None = None) -> np.ndarray:
+    """The absolute tolerance of every gradient element, float64 ``(N, K)``.
+
+    The largest error a correct implementation in any accepted class can make
+    (:func:`element_bound`), plus half an ULP of the dtype for the final rounding of an
+    implementation that computes in a wider format (docs/tolerance.md, "Final rounding").
+
+    Args:
+        problem: the validated case; its dtype is the one checked.
+        parts: the float64 softmax quantities of ``problem.logits`` when already computed.
+        grad: the float64 gradient (e.g. from :func:`gradcheck.oracle.grad_bounded`) when known.
+
+    Returns:
+        Nonnegative float64 ``(N, K)``; rows with nothing to check (ignored rows) get the floor.
+    """
+    parts = row_parts(problem.logits) if parts is None else parts
+    fmt = problem.format
+    bound = np.zeros(problem.logits.shape)
+    for working in workings(fmt, problem.k):
+        bound = np.maximum(bound, element_bound(problem, parts, working))
+    g = np.abs(grad_rows(problem) if grad is None else grad)
+    return bound + 0.5 * fmt.ulp(g + bound)
+
+
+def element_bound(problem: Problem, parts: RowParts, working: Working) -> np.ndarray:
+    """Forward error bound of one implementation class, per element (docs/tolerance.md, "Derivation").
+
+    With ``a_i = |z_i - max z|``, ``L = log Z``, u the working unit roundoff:
+
+    * ``r_i = 2 u a_i + (1 + LOG_U) u L + (2 EXP_U + 3) u`` bounds the relative perturbation of p_i
+      before the division by Z (step 3);
+    * ``eps_Z = (1 + sum_c p_c expm1(2 u a_c + (EXP_U + 1) u)) (1 + gamma_depth) - 1`` (step 4);
+    * ``rel_i = exp(r_i) (1 + eps_S)(1 + u) / (1 - eps_Z) - 1`` bounds the relative error of the
+      computed p_i S (steps 5-6);
+    * ``E_i = S p_i rel_i + w_i t_i eps_wt + expm1(2u) M_i`` (step 7),
+      then scaled by 1/D with its own error ``eta`` (step 8), plus the underflow floor (step 9).
+    """
+    u = working.fmt.unit_roundoff
+    k = problem.k
+    s = parts.s
+    finite = np.isfinite(s)
+    a = np.where(finite, -s, 0.0)
+    log_z = parts.log_z[:, None]
+    depth = working.depth
+    p = np.where(finite, parts.p, 0.0)
+    with np.errstate(under="ignore", over="ignore", invalid="ignore"):
+        # step 4: the row sum Z. p_c expm1(rate) with the rate capped: a rate above 700 means
+        # 2 u a > 700, so a (1 - 2u) > 746 and both p_c and its perturbed value are 0 in float64
+        rate_e = np.minimum(2 * u * a + (EXP_U + 1) * u, 700.0)
+        sum_err = (p * np.expm1(rate_e)).sum(axis=1, keepdims=True)
+        eps_z = (1.0 + sum_err) * (1.0 + _gamma(depth, u)) - 1.0
+        # step 6: targets and weights
+        wt = problem.dense_targets() * problem.weights()
+        smooth = bool(problem.label_smoothing)
+        weighted = problem.weight is not None
+        eps_wt = math.expm1(((4 if smooth else 0) + (1 if weighted else 0)) * u)
+        plain = problem.index_targets and not smooth
+        eps_s = 0.0 if plain else (1 + eps_wt) * (1 + _gamma(depth, u)) - 1.0
+        s_row = wt.sum(axis=1, keepdims=True)
+        # steps 3, 5 and the product p S: the relative error of the computed p_i S, as one expm1
+        rate_p = 2 * u * a + (1 + LOG_U) * u * log_z + (2 * EXP_U + 3) * u
+        rel_p = np.expm1(np.minimum(rate_p - np.log1p(-eps_z) + math.log1p(eps_s) + math.log1p(u), 700.0))
+        # step 7: the two subtracted terms, their combination and the subtraction
+        err_p = s_row * p * rel_p
+        magnitude = s_row * p * (1 + rel_p) + wt * (1 + eps_wt)
+        unscaled = err_p + wt * eps_wt + math.expm1(2 * u) * magnitude
+        # step 8: the reduction's scale 1/D
+        d, eta = _scale_error(problem, u)
+        bound = (unscaled * (1 + eta) + magnitude * eta) / d
+        # step 9: underflow floor
+        w_row = problem.weights()[None, :]
+        floor = UNDERFLOW_ROUNDINGS * working.floor_unit * (1 + s_row + w_row) * max(1.0, 1.0 / d)
+    if not np.all(eps_z < 1):
+        raise ArithmeticError(f"the error model is vacuous for K={k} in {working.fmt.name} (eps_Z >= 1)")
+    return bound + floor
+
+
+def reference_grad(problem: Problem, parts: RowParts | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A reference gradient and a bound on its distance to the truth, per element (docs/tolerance.md,
+    "The reference").
+
+    For float32 and narrower: the float64 oracle and its rigorous running error bound. For float64:
+    the direct formula evaluated in x87 extended precision (``np.longdouble``, u = 2**-64) and bounded
+    by :func:`element_bound` with that u, so that the reference's uncertainty is about 2**-11 of the
+    float64 tolerance. On platforms without extended precision the float64 oracle is used.
+
+    Returns:
+        (reference, bound): reference in float64 or longdouble, bound in float64, both ``(N, K)``.
+    """
+    from gradcheck.oracle import grad_bounded
+
+    if problem.format.precision < 53 or LONGDOUBLE is None:
+        return grad_bounded(problem)
+    parts = row_parts(problem.logits) if parts is None else parts
+    ld = np.longdouble
+    z = problem.logits.astype(ld)
+    n, k = z.shape
+    with np.errstate(under="ignore", invalid="ignore"):
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        p = e / e.sum(axis=1, keepdims=True)
+        if problem.index_targets:
+            t = np.zeros((n, k), dtype=ld)
+            rows = np.flatnonzero(problem.active_rows())
+            t[rows, problem.targets[rows]] = 1
+        else:
+            t = problem.targets.astype(ld)
+        eps = problem.label_smoothing
+        if eps:
+            t = (ld(1) - ld(eps)) * t + ld(eps) / ld(k)
+            t[~problem.active_rows()] = 0
+        wt = t * problem.weights().astype(ld)
+        g = p * wt.sum(axis=1, keepdims=True) - wt
+        if problem.reduction == "mean":
+            if problem.index_targets:
+                g = g / problem.weights().astype(ld)[problem.targets[problem.active_rows()]].sum()
+            else:
+                g = g / ld(n)
+    working = Working("longdouble reference", LONGDOUBLE, tree_depth(k), LONGDOUBLE.tiny)
+    return g, element_bound(problem, parts, working)
+
+
+def _longdouble() -> FloatFormat | None:
+    info = np.finfo(np.longdouble)
+    if info.nmant < 63:
+        return None
+    return FloatFormat("longdouble", np.dtype(np.longdouble), info.nmant + 1, info.minexp, info.maxexp - 1,
+                       np.dtype(np.uint64))
+
+
+LONGDOUBLE = _longdouble()
+
+
+def _gamma(n: float, u: float) -> float:
+    """Higham's gamma_n = n u / (1 - n u), the relative error of a sum of depth n (docs/tolerance.md)."""
+    return n * u / (1.0 - n * u)
+
+
+def _scale_error(problem: Problem, u: float) -> tuple[float, float]:
+    """The divisor D and the relative error eta of scaling by it (docs/tolerance.md, step 8).
+
+    D is an exact small integer without weights (a row count), or a sum of N_active weights in
+    any order (depth N_active - 1) with them; the scaling costs two roundings (1/D and a product).
+    """
+    d = problem.divisor()
+    if problem.reduction != "mean":
+        return d, 0.0
+    depth = 0
+    if problem.index_targets and problem.weight is not None:
+        depth = max(0, int(problem.active_rows().sum()) - 1)
+    eps_d = _gamma(depth, u)
+    return d, (1 + eps_d) / (1 - eps_d) * math.exp(2 * u) - 1.0

@@ -1,0 +1,155 @@
+"""The certified truth: correctly rounded, checked against an independent evaluation at 3000 bits."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import mpmath
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from gradcheck.regimes import REGIMES, make_case
+
+import gradcheck as gc
+from gradcheck.exact import _round_fraction
+
+DTYPES = ["float64", "float32", "float16", "bfloat16"]
+
+
+def _to_fraction(x: mpmath.mpf) -> Fraction:
+    sign, man, exp, _ = x._mpf_
+    if not man:
+        return Fraction(0)
+    man = -man if sign else man
+    return Fraction(man * 2**exp) if exp >= 0 else Fraction(man, 2**-exp)
+
+
+def _mp(fr: Fraction) -> mpmath.mpf:
+    return mpmath.mpf(fr.numerator) / fr.denominator
+
+
+def independent(z, t, opts, what="grad", prec=3000):
+    """Plain (non-interval) mpmath at ``prec`` bits, rounded to float64 by CPython's int/int division.
+
+    3000 bits cover the cancellation in p_t - 1 at gaps up to ~730 (~1060 bits).
+    """
+    problem = gc.make_problem(z, t, **opts)
+    out = []
+    with mpmath.workprec(prec):
+        d = _mp(problem.exact_divisor())
+        for n in range(problem.n):
+            zn = problem.logits[n].astype(np.float64)
+            zmax = mpmath.mpf(float(zn.max()))
+            # exp(-65536) ~ 2**-94548 changes no rounding; skipping mpmath's exp(-1e300) keeps this fast
+            e = [mpmath.exp(mpmath.mpf(float(v)) - zmax) if np.isfinite(v) and float(v) - float(zmax) > -65536
+                 else mpmath.mpf(0) for v in zn]
+            total = mpmath.fsum(e)
+            wt = [_mp(problem.exact_weight(c) * problem.exact_target(n, c)) for c in range(problem.k)]
+            s = mpmath.fsum(wt)
+            if what == "grad":
+                out.append([(e[c] / total * s - wt[c]) / d for c in range(problem.k)])
+            else:
+                terms = [wt[c] * (mpmath.log(total) - (mpmath.mpf(float(zn[c])) - zmax)) for c in range(problem.k) if wt[c]]
+                if any(np.isneginf(zn[c]) for c in range(problem.k) if wt[c]):
+                    out.append(mpmath.inf)
+                else:
+                    out.append(mpmath.fsum(terms))
+        if what == "grad":
+            return problem.restore_shape(np.array([[float(_to_fraction(v)) for v in row] for row in out]))
+        if problem.reduction == "none":
+            return problem.restore_shape(np.array([float(_to_fraction(v)) if v != mpmath.inf else np.inf for v in out]))
+        total = mpmath.fsum(out) / (d if problem.reduction == "mean" else 1)
+        return np.array(np.inf if total == mpmath.inf else float(_to_fraction(total)))
+
+
+def _same(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.array_equal(a, b) or bool(np.all((a == b) | (np.isnan(a) & np.isnan(b))))
+
+
+def _midpoint(x, dtype):
+    """True where float64 x lies exactly halfway between two numbers of ``dtype`` (double rounding risk)."""
+    fmt = gc.float_format(dtype)
+    r = gc.round_to_format(x, fmt).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.abs(x - r) == fmt.ulp(r) / 2
+
+
+@settings(max_examples=120)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(REGIMES), st.sampled_from(DTYPES))
+def test_correctly_rounded_against_independent_evaluation(seed, regime, dtype):
+    z, t, opts = make_case(seed, regime, dtype)
+    truth64 = gc.exact_grad(z, t, dtype="float64", **opts)
+    assert _same(truth64, independent(z, t, opts))
+    got = gc.exact_grad(z, t, **opts)
+    assert got.dtype == gc.float_format(dtype).dtype
+    safe = ~_midpoint(truth64, dtype)
+    assert _same(got.astype(np.float64)[safe], gc.round_to_format(truth64, dtype).astype(np.float64)[safe])
+    assert _same(got, gc.exact_grad(z, t, prefilter=False, **opts))
+
+
+@settings(max_examples=60)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(REGIMES))
+def test_loss_correctly_rounded(seed, regime):
+    z, t, opts = make_case(seed, regime)
+    assert _same(gc.exact_loss(z, t, **opts), independent(z, t, opts, what="loss"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_subnormal_gradients(dtype):
+    """Gaps chosen so that the non-target gradients are subnormal in the checked format."""
+    fmt = gc.float_format(dtype)
+    gap = -np.log(fmt.tiny) + 0.5  # p ~ tiny * e**-0.5 .. tiny * e**-3: inside even bfloat16's subnormals
+    z = np.array([[0.0, -gap, -gap - 1.0, -gap - 2.5]]).astype(fmt.dtype)
+    t = np.array([0])
+    got = gc.exact_grad(z, t)
+    assert np.all(np.abs(got[0, 1:].astype(np.float64)) < fmt.tiny)
+    assert np.all(got[0, 1:].astype(np.float64) > 0)
+    expected = independent(z, t, {})
+    safe = ~_midpoint(expected, dtype)
+    assert _same(got.astype(np.float64)[safe], gc.round_to_format(expected, dtype).astype(np.float64)[safe])
+
+
+def test_rational_cases_are_exact():
+    # a tie: p = 1/3 each, g = (1/3 - 1, 1/3, 1/3)
+    g = gc.exact_grad(np.zeros((1, 3)), np.array([0]))
+    assert g[0, 0] == float(Fraction(-2, 3)) and g[0, 1] == float(Fraction(1, 3))
+    # one class: p = 1, g = 0; masked classes: p = 0, g = -w t / D
+    assert gc.exact_grad(np.array([[2.5]]), np.array([0]))[0, 0] == 0.0
+    z = np.array([[1.0, -np.inf, -np.inf]])
+    np.testing.assert_array_equal(gc.exact_grad(z, np.array([[0.5, 0.25, 0.0]]), reduction="sum"), [[0.25, -0.25, 0.0]])
+    assert gc.exact_loss(z, np.array([[0.5, 0.25, 0.0]])) == np.inf
+    assert gc.exact_loss(z, np.array([0])) == 0.0
+    # ignored rows are exactly zero
+    g = gc.exact_grad(np.ones((2, 3)) * np.array([[1.0], [2.0]]) + np.arange(3), np.array([1, -100]))
+    assert not g[1].any()
+
+
+def test_midpoint_rounds_to_even():
+    fmt = gc.float_format("float16")
+    assert _round_fraction(Fraction(2049, 2048), fmt) == 1.0  # halfway between 1 and 1 + 2**-10: even is 1
+    assert _round_fraction(Fraction(2051, 2048), fmt) == 1 + 2**-9
+    assert _round_fraction(Fraction(-1, 2**25), fmt) == 0.0  # half the smallest subnormal: ties to even 0
+    assert _round_fraction(Fraction(65520), fmt) == np.inf  # max + half ulp rounds to infinity
+
+
+def test_does_not_touch_mpmath_global_precision():
+    before = (mpmath.mp.prec, mpmath.iv.prec)
+    gc.exact_grad(np.array([[0.0, 1.0, -3.0]]), np.array([1]))
+    assert (mpmath.mp.prec, mpmath.iv.prec) == before
+
+
+@pytest.mark.slow
+def test_many_classes_float64():
+    """K = 100 000: the fast path stays within its bound, and the truth agrees with the independent sum."""
+    rng = np.random.default_rng(99)
+    k = 100_000
+    z = rng.standard_normal((1, k)) * 3
+    z[0, 77_777] = 25.0  # the maximum late in the row
+    t = np.array([77_777])
+    truth = gc.exact_grad(z, t)
+    g, bound = gc.cross_entropy_grad_bounded(z, t)
+    assert np.all(np.abs(g - truth) <= bound + gc.float_format("float64").ulp(truth) / 2)
+    assert gc.compare(g, truth).max_ulp <= 8
+    np.testing.assert_array_equal(truth[0, [0, 77_777, k - 1]], independent(z, t, {}, prec=300)[0, [0, 77_777, k - 1]])  # gaps < 60 here

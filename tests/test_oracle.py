@@ -1,0 +1,200 @@
+"""The fast numpy oracle: torch agreement, algebraic properties, and its error bound against the truth."""
+
+from __future__ import annotations
+
+import itertools
+
+import mpmath
+import numpy as np
+import pytest
+from conftest import require_torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from gradcheck.regimes import REGIMES, make_case
+
+import gradcheck as gc
+from gradcheck.oracle import U, grad_bounded, loss_bounded
+
+# Two float64 evaluations of the same formula in different orders each sit within O((K + |s|) u) of
+# the truth relative to the terms (docs/oracle.md); with K <= 8 and |s| <= 20 here, 1e-13 relative
+# to the largest term is above 100 * (K + |s| + 10) * u = 4e-12 / 40 ... i.e. a safe, derived margin.
+AGREE = 100 * (8 + 20 + 10) * U
+
+
+def _torch_case(torch, z, t, weight, **opts):
+    zt = torch.tensor(z, requires_grad=True)
+    tt = torch.tensor(t)
+    w = None if weight is None else torch.tensor(weight)
+    loss = torch.nn.functional.cross_entropy(zt, tt, weight=w, **opts)
+    loss.sum().backward()
+    return loss.detach().numpy(), zt.grad.numpy()
+
+
+@pytest.mark.parametrize(
+    ("kind", "weighted", "reduction", "smoothing", "ignore"),
+    [c for c in itertools.product(["index", "probs"], [False, True], ["mean", "sum", "none"], [0.0, 0.25], [False, True])
+     if not (c[0] == "probs" and c[4])],  # ignore_index with probabilities is an error (test_problem)
+)
+def test_matches_torch_for_every_option(kind, weighted, reduction, smoothing, ignore):
+    torch = require_torch()
+    rng = np.random.default_rng(hash((kind, weighted, reduction, smoothing, ignore)) % 2**32)
+    n, k = 6, 5
+    z = rng.standard_normal((n, k)) * 3
+    t = rng.integers(0, k, n) if kind == "index" else rng.dirichlet(np.ones(k), n) * rng.uniform(0.5, 1.5, (n, 1))
+    opts = {"reduction": reduction, "label_smoothing": smoothing}
+    if ignore:
+        t[[1, 4]] = 2
+        opts["ignore_index"] = 2
+    weight = rng.uniform(0.2, 2.0, k) if weighted else None
+    loss, grad = _torch_case(torch, z, t, weight, **opts)
+    ours_loss = gc.cross_entropy(z, t, weight=weight, **opts)
+    ours_grad = gc.cross_entropy_grad(z, t, weight=weight, **opts)
+    assert ours_grad.shape == grad.shape and ours_loss.shape == loss.shape
+    np.testing.assert_allclose(ours_loss, loss, rtol=AGREE, atol=0)
+    np.testing.assert_allclose(ours_grad, grad, rtol=0, atol=AGREE * max(1.0, np.abs(grad).max()))
+
+
+def test_hessian_matches_torch():
+    torch = require_torch()
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((3, 4))
+    t = rng.dirichlet(np.ones(4), 3)
+    w = rng.uniform(0.5, 2, 4)
+    f = lambda x: torch.nn.functional.cross_entropy(x, torch.tensor(t), weight=torch.tensor(w), label_smoothing=0.1)  # noqa: E731
+    full = torch.autograd.functional.hessian(f, torch.tensor(z)).numpy()  # (3, 4, 3, 4), block diagonal
+    blocks = gc.cross_entropy_hessian(z, t, weight=w, label_smoothing=0.1)
+    for n in range(3):
+        np.testing.assert_allclose(blocks[n], full[n, :, n, :], atol=AGREE)
+        for m in set(range(3)) - {n}:
+            assert not full[n, :, m, :].any()
+
+
+@st.composite
+def shifted(draw):
+    """Logits on a grid of 1/8 and an integer shift: z + c is exact, so the shift must be invisible."""
+    n, k = draw(st.integers(1, 4)), draw(st.integers(1, 7))
+    z = np.array(draw(st.lists(st.integers(-400, 400), min_size=n * k, max_size=n * k)), float).reshape(n, k) / 8
+    c = np.array(draw(st.lists(st.integers(-10**6, 10**6), min_size=n, max_size=n)), float)[:, None]
+    t = np.array(draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n)))
+    return z, c, t
+
+
+@given(shifted())
+def test_rows_are_shift_invariant_bit_for_bit(case):
+    z, c, t = case
+    np.testing.assert_array_equal(gc.cross_entropy_grad(z + c, t), gc.cross_entropy_grad(z, t))
+    np.testing.assert_array_equal(gc.softmax(z + c), gc.softmax(z))
+
+
+@settings(max_examples=150)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(REGIMES))
+def test_gradient_properties(seed, regime):
+    z, t, opts = make_case(seed, regime)
+    problem = gc.make_problem(z, t, **opts)
+    g, bound = grad_bounded(problem)
+    wt = problem.dense_targets() * problem.weights()
+    s = wt.sum(axis=1)
+    # each row sums to zero: sum_i (p_i S - w_i t_i) = S - S
+    row_sums = np.abs(g.sum(axis=1))
+    assert np.all(row_sums <= bound.sum(axis=1) + gc.oracle.gamma(problem.k) * np.abs(g).sum(axis=1))
+    # |g_i| <= max(p_i S, w_i t_i) / D <= S / D
+    assert np.all(np.abs(g) <= (s / problem.divisor())[:, None] * (1 + 4 * U) + bound)
+
+
+@settings(max_examples=60)
+@given(st.integers(0, 2**32 - 1))
+def test_jacobian_cases_and_chain_rule(seed):
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 7))
+    z = rng.standard_normal(k) * 2
+    p = gc.softmax(z)
+    jac = gc.softmax_jacobian(z)
+    for i, o in itertools.product(range(k), repeat=2):
+        expected = p[o] * (1 - p[o]) if i == o else -p[o] * p[i]
+        assert jac[o, i] == pytest.approx(expected, rel=64 * U, abs=64 * U)
+    # complex step on the softmax itself: an independent derivative, exact to rounding
+    h = 1e-30
+    for i in range(k):
+        zc = z.astype(complex)
+        zc[i] += 1j * h
+        e = np.exp(zc - z.max())
+        col = (e / e.sum()).imag / h
+        np.testing.assert_allclose(jac[:, i], col, rtol=0, atol=64 * U)
+    # chain rule: dL/dz = J^T dL/dp with dL/dp_o = -t_o / p_o (one row, sum reduction)
+    t = rng.dirichlet(np.ones(k))
+    chain = jac.T @ (-t / p)
+    np.testing.assert_allclose(gc.cross_entropy_grad(z, t, reduction="sum"), chain, rtol=0, atol=1e3 * k * U / p.min())
+
+
+def test_masked_classes_have_zero_probability_and_gradient():
+    z = np.array([[1.0, -np.inf, 0.5], [-np.inf, -np.inf, 3.0]])
+    t = np.array([0, 2])
+    assert not np.isnan(gc.softmax(z)).any()
+    assert gc.softmax(z)[0, 1] == 0 and gc.softmax(z)[1, 2] == 1
+    g = gc.cross_entropy_grad(z, t)
+    assert g[0, 1] == 0 and np.all(g[1] == 0)
+    assert np.isneginf(gc.log_softmax(z)[0, 1])
+    assert np.isfinite(gc.cross_entropy(z, t))
+    assert gc.cross_entropy(z, np.array([1, 2])) == np.inf  # a target on a masked class
+
+
+def test_extreme_finite_logits_are_stable():
+    big = np.finfo(np.float64).max
+    z = np.array([[big, -big, 0.0], [big, big, big]])
+    p = gc.softmax(z)
+    np.testing.assert_array_equal(p, [[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+    assert np.isfinite(gc.cross_entropy(z, np.array([0, 1])))
+    assert np.all(np.isfinite(gc.cross_entropy_grad(z.astype(np.float32) / 1e300 if False else z, np.array([0, 1]))))
+
+
+@pytest.mark.parametrize("gap", [30.0, 37.5, 40.0, 300.0, 700.0])
+def test_target_gradient_is_not_lost_to_cancellation(gap):
+    """g_t = -(1 - p_t) = -sum_{c != t} p_c; computing p_t - 1 would give 0 past a gap of ~37."""
+    z = np.array([[0.0, -gap, -gap - 1.0]])
+    g = gc.cross_entropy_grad(z, np.array([0]))
+    with mpmath.workdps(60):
+        e1, e2 = mpmath.exp(-gap), mpmath.exp(-gap - 1)
+        truth = -(e1 + e2) / (1 + e1 + e2)
+    assert g[0, 0] < 0
+    assert float(gc.ulp_distance(g[0, 0], np.float64(float(truth)))) <= 4
+
+
+@settings(max_examples=120)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(REGIMES), st.sampled_from(["float64", "float32", "float16", "bfloat16"]))
+def test_running_error_bound_holds_against_the_truth(seed, regime, dtype):
+    """|fast - exact| <= bound: compared with the truth rounded to float64, allow its half ulp."""
+    z, t, opts = make_case(seed, regime, dtype)
+    problem = gc.make_problem(z, t, **opts)
+    g, bound = grad_bounded(problem)
+    truth = gc.exact_grad(z, t, dtype="float64", **opts).reshape(g.shape)
+    half_ulp = gc.float_format("float64").ulp(truth) / 2
+    assert np.all(np.abs(g - truth) <= bound + half_ulp)
+    loss, lbound = loss_bounded(problem)
+    exact = gc.exact_loss(z, t, dtype="float64", **opts)
+    finite = np.isfinite(exact)
+    assert np.array_equal(np.isfinite(loss), finite)
+    assert np.all(np.abs(loss - exact)[finite] <= (lbound + gc.float_format("float64").ulp(exact) / 2)[finite])
+
+
+def test_bound_is_conclusive_for_float32_on_ordinary_input():
+    """The bound is meant to decide float32 rounding almost everywhere (docs/oracle.md)."""
+    rng = np.random.default_rng(11)
+    z = rng.standard_normal((64, 100))
+    g, bound = grad_bounded(gc.make_problem(z, rng.integers(0, 100, 64)))
+    ulp32 = gc.float_format("float32").ulp(g)
+    assert np.median(bound / ulp32) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_returns_the_input_dtype_correctly_rounded(dtype):
+    z, t, _ = make_case(5, "moderate", dtype, n=4, k=6)
+    g = gc.cross_entropy_grad(z, t)
+    assert g.dtype == gc.float_format(dtype).dtype
+    np.testing.assert_array_equal(g, gc.round_to_format(gc.cross_entropy_grad(z, t, dtype="float64"), dtype))
+    assert gc.cross_entropy(z, t).dtype == g.dtype and gc.softmax(z).dtype == g.dtype
+
+
+def test_softmax_along_another_axis():
+    z = np.random.default_rng(0).standard_normal((3, 4, 5))
+    np.testing.assert_array_equal(gc.softmax(z, axis=1), np.moveaxis(gc.softmax(np.moveaxis(z, 1, -1)), -1, 1))
+    np.testing.assert_allclose(gc.softmax(z, axis=0).sum(axis=0), 1.0, rtol=8 * U)

@@ -1,0 +1,102 @@
+"""Input validation: every bad input gets an InvalidArgument naming argument, expected and got."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradcheck as gc
+from gradcheck.errors import InvalidArgument
+
+Z = np.arange(12, dtype=np.float64).reshape(4, 3) / 7
+T = np.array([0, 2, 1, 0])
+P = np.full((4, 3), 0.25)
+
+
+@pytest.mark.parametrize(
+    ("logits", "targets", "options", "message"),
+    [
+        (Z, np.array([0, 1, 2]), {}, r"targets must be class indices of shape \(4,\) or probabilities of shape \(4, 3\).*got array of shape \(3,\)"),
+        (Z, np.full((4, 4), 0.25), {}, r"probabilities of shape \(4, 3\).*got array of shape \(4, 4\)"),
+        (Z, np.array([0, 3, 1, 0]), {}, r"targets must be class indices in \[0, 3\) or ignore_index=-100, got 3 at row 1"),
+        (Z, np.array([0, -1, 1, 0]), {}, r"got -1 at row 1"),
+        (Z, np.array([0.0, 1.0, 1.0, 0.0]), {}, r"class-index targets must be integers, got array of shape \(4,\) and dtype float64"),
+        (Z, np.full((4, 3), 1, dtype=np.int64), {}, r"probability targets must be floating point.*dtype int64"),
+        (Z, np.where(np.eye(4, 3) > 0, -0.5, 0.5), {}, r"probability targets must be finite and nonnegative, got -0.5 at index \(0, 0\)"),
+        (Z, np.where(np.eye(4, 3) > 0, np.nan, 0.5), {}, r"finite and nonnegative, got nan"),
+        (Z, np.where(np.eye(4, 3) > 0, np.inf, 0.5), {}, r"finite and nonnegative, got inf"),
+        (np.where(np.eye(4, 3) > 0, np.nan, Z), T, {}, r"logits must be finite or -inf \(a masked class\), got nan at index \(0, 0\)"),
+        (np.where(np.eye(4, 3) > 0, np.inf, Z), T, {}, r"logits must be finite or -inf.*got inf at index \(0, 0\)"),
+        (np.arange(12).reshape(4, 3), T, {}, r"logits must be a floating-point array .*got int64"),
+        (Z + 0j, T, {}, r"logits must be a floating-point array .*got complex"),
+        (Z > 0, T, {}, r"logits must be a floating-point array .*got bool"),
+        (Z.reshape(2, 2, 3), T, {}, r"logits must have shape \(K,\) or \(N, K\), got shape \(2, 2, 3\)"),
+        (np.zeros((0, 3)), np.zeros(0, dtype=int), {}, r"at least one row and one class, got shape \(0, 3\)"),
+        (np.where(np.arange(12).reshape(4, 3) < 3, -np.inf, Z), T, {}, r"at least one finite entry per row, got all -inf at row \(0,\)"),
+        (Z, T, {"reduction": "avg"}, r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"),
+        (Z, T, {"label_smoothing": 1.5}, r"label_smoothing must be in \[0, 1\], got 1.5"),
+        (Z, T, {"label_smoothing": -0.1}, r"label_smoothing must be in \[0, 1\], got -0.1"),
+        (Z, T, {"label_smoothing": "a"}, r"label_smoothing must be a number in \[0, 1\], got 'a'"),
+        (Z, T, {"weight": np.ones(4)}, r"weight must have shape \(3,\), one per class, got shape \(4,\)"),
+        (Z, T, {"weight": np.array([1.0, -2.0, 1.0])}, r"weight must be finite and nonnegative, got -2.0 for class 1"),
+        (Z, T, {"weight": np.array([1.0, np.nan, 1.0])}, r"weight must be finite and nonnegative, got nan for class 1"),
+        (Z, P, {"ignore_index": 1}, r"ignore_index applies to class-index targets only, got ignore_index=1 with probability targets"),
+        (Z, np.full(4, -100), {}, r"reduction='mean' needs at least one row whose target is not ignore_index=-100, got 4 ignored rows"),
+        (Z, np.array([0, 0, 0, 0]), {"weight": np.array([0.0, 1.0, 1.0])}, r"divides by the sum of the target classes' weights, got 0"),
+        (Z, T, {"ignore_index": 1.5}, r"ignore_index must be an integer, got 1.5"),
+    ],
+)
+@pytest.mark.parametrize("entry", [gc.cross_entropy, gc.cross_entropy_grad, gc.exact_grad, gc.cross_entropy_hessian])
+def test_bad_input_is_named(entry, logits, targets, options, message):
+    with pytest.raises(InvalidArgument, match=message):
+        entry(logits, targets, **options)
+
+
+def test_invalid_argument_is_a_value_error():
+    assert issubclass(InvalidArgument, ValueError)
+
+
+@pytest.mark.parametrize("bad", [np.array([1.0, np.nan]), np.array([np.inf, 0.0]), np.array([-np.inf, -np.inf]), np.array([1, 2])])
+def test_softmax_rejects_bad_logits(bad):
+    with pytest.raises(InvalidArgument, match="logits"):
+        gc.softmax(bad)
+
+
+def test_softmax_rejects_bad_axis():
+    with pytest.raises(InvalidArgument, match=r"axis must be in \[-2, 2\), got 2"):
+        gc.softmax(Z, axis=2)
+
+
+def test_callers_arrays_are_untouched_and_problem_is_private():
+    z, t, w = Z.copy(), T.copy(), np.array([1.0, 2.0, 0.5])
+    before = (z.copy(), t.copy(), w.copy())
+    problem = gc.make_problem(z, t, weight=w)
+    gc.cross_entropy_grad(z, t, weight=w, label_smoothing=0.1)
+    gc.exact_grad(z, t, weight=w)
+    for mine, theirs in zip((z, t, w), before):
+        np.testing.assert_array_equal(mine, theirs)
+    z[0, 0] = 99.0
+    assert problem.logits[0, 0] == Z[0, 0]
+    assert not problem.logits.flags.writeable and not problem.targets.flags.writeable
+
+
+def test_options_hold_exactly_the_non_defaults():
+    assert gc.make_problem(Z, T).options() == {}
+    opts = gc.make_problem(Z.astype(np.float32), T, weight=[1, 2, 3], ignore_index=0, reduction="sum", label_smoothing=0.1).options()
+    assert set(opts) == {"weight", "ignore_index", "reduction", "label_smoothing"}
+    assert opts["weight"].dtype == np.float32 and opts["ignore_index"] == 0
+
+
+def test_vector_logits_are_one_row():
+    z = np.array([0.5, -1.0, 2.0])
+    assert gc.cross_entropy_grad(z, np.int64(1)).shape == (3,)
+    assert gc.cross_entropy(z, np.int64(1), reduction="none").shape == ()
+    np.testing.assert_array_equal(gc.cross_entropy_grad(z, np.int64(1)), gc.cross_entropy_grad(z[None], np.array([1]))[0])
+
+
+def test_divisor_semantics():
+    w = np.array([1.0, 2.0, 4.0])
+    assert gc.make_problem(Z, T, weight=w).divisor() == 1 + 4 + 2 + 1
+    assert gc.make_problem(Z, np.array([0, 2, -100, 0]), weight=w).divisor() == 1 + 4 + 1
+    assert gc.make_problem(Z, P, weight=w).divisor() == 4  # probability targets: N
+    assert gc.make_problem(Z, T, reduction="sum").divisor() == 1

@@ -1,0 +1,54 @@
+"""The bug zoo through verify at default settings: every bug caught, every correct implementation passes."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradcheck import verify
+from zoo import ZOO_BUGGY, ZOO_CORRECT, runs
+
+SEED = 20240601
+
+# jax compiles once per shape, so its full matrix (benchmarks/verify_zoo.py) is too slow for the suite:
+# here it runs every dtype under the configuration that exercises the most options.
+SUITE_ONLY = {"jax_autodiff": 1, "torch_autograd": 2, "torch_manual": 2}
+
+
+def _correct_runs() -> list[tuple[str, str, dict]]:
+    out = []
+    for name, dtype, config in runs(ZOO_CORRECT):
+        limit = SUITE_ONLY.get(name)
+        if limit is None or ZOO_CORRECT[name].configs.index(config) < limit:
+            out.append((name, dtype, config))
+    return out
+
+
+def _id(run: tuple[str, str, dict]) -> str:
+    name, dtype, config = run
+    return f"{name}-{dtype}-" + ",".join(f"{k}={v}" for k, v in config.items())
+
+
+@pytest.mark.parametrize("run", runs(ZOO_BUGGY), ids=_id)
+def test_every_bug_is_caught(run):
+    name, dtype, config = run
+    entry = ZOO_BUGGY[name]
+    result = verify(entry.fn, dtype=dtype, seed=SEED, **config)
+    assert not result.passed, f"{name} ({entry.description}) passed verify in {dtype} with {config}"
+    if entry.kind is not None:
+        assert result.failure.kind == entry.kind, str(result)
+
+
+@pytest.mark.parametrize("run", _correct_runs(), ids=_id)
+def test_every_correct_implementation_passes(run):
+    name, dtype, config = run
+    result = verify(ZOO_CORRECT[name].fn, dtype=dtype, seed=SEED, **config)
+    assert result.passed, str(result)
+    assert result.examples == 100
+    assert 0.0 < result.worst_ratio <= 1.0
+
+
+def test_zoo_is_large_enough():
+    assert len(ZOO_BUGGY) >= 15
+    assert {d for e in ZOO_CORRECT.values() for d in e.dtypes} == {"float64", "float32", "float16", "bfloat16"}
+    kinds = {e.kind for e in ZOO_BUGGY.values()}
+    assert {"mutation", "nondeterminism", "dtype", "shape"} <= kinds
