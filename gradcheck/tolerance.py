@@ -214,8 +214,11 @@ LONGDOUBLE = _longdouble()
 
 
 def _gamma(n: float, u: float) -> float:
-    """Higham's gamma_n = n u / (1 - n u), the relative error of a sum of depth n (docs/tolerance.md)."""
-    return n * u / (1.0 - n * u)
+    """Higham's gamma_n = n u / (1 - n u), the relative error of a sum of depth n (docs/tolerance.md).
+
+    Infinite once n u >= 1: the model then bounds nothing and :func:`element_bound` says so.
+    """
+    return n * u / (1.0 - n * u) if n * u < 1 else math.inf
 
 
 def _scale_error(problem: Problem, u: float) -> tuple[float, float]:

@@ -68,16 +68,16 @@ def test_correct_implementations_within_tolerance_of_certified_truth(dtype, impl
             assert np.all(np.abs(got - truth) <= tol), (dtype, impl.__name__, np.max(np.abs(got - truth) / tol))
 
 
-@pytest.mark.parametrize("dtype, limit", [("float64", 60), ("float32", 60), ("float16", 60), ("bfloat16", 60)])
-def test_tolerance_is_tight_on_moderate_logits(dtype, limit):
-    """For N(0, 1) logits and K = 37 the tolerance stays within a few dozen u of the subtracted terms."""
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_tolerance_is_tight_on_moderate_logits(dtype):
+    """For N(0, 1) logits and K = 37 the tolerance stays below 100 u of the subtracted terms."""
     fmt = float_format(dtype)
     rng = np.random.default_rng(3)
     problem = make_problem(rng.standard_normal((8, 37)).astype(np.float32).astype(fmt.dtype), rng.integers(0, 37, 8))
     parts = row_parts(problem.logits)
     tol = grad_tolerance(problem, parts)
     magnitude = (parts.p + problem.dense_targets()) / problem.divisor()
-    assert np.max(tol / magnitude) < limit * fmt.unit_roundoff
+    assert np.max(tol / magnitude) < 100 * fmt.unit_roundoff
     assert np.max(tol / magnitude) > fmt.unit_roundoff  # not below one rounding either
 
 
