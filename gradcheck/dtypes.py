@@ -128,6 +128,12 @@ def round_to_format(x: np.ndarray, fmt: FloatFormat | str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if fmt.precision == 53:
         return x.copy()
+    if fmt.name in ("float32", "float16"):
+        # numpy's float64 -> float32 (IEEE conversion) and float64 -> float16 (npy_double_to_half)
+        # casts round once to nearest, ties to even; tests/test_dtypes.py checks both against the
+        # integer rounding of exact._round_dyadic.
+        with np.errstate(over="ignore"):
+            return x.astype(fmt.dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         _, e = np.frexp(x)
         quantum = np.maximum(e - fmt.precision, fmt.emin - fmt.precision + 1).astype(np.int32)

@@ -160,13 +160,17 @@ def make_problem(
     ignore_index: int = DEFAULT_IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    copy: bool = True,
 ) -> Problem:
     """Validate a case once; every public entry point calls this.
+
+    ``copy=False`` keeps a read-only view of the logits instead of a copy, for callers that do not
+    keep the Problem beyond the call (the oracle functions).
 
     Raises:
         InvalidArgument: naming the argument, the expected and the given value.
     """
-    z = validate_logits(logits)
+    z = validate_logits(logits, copy=copy)
     vector = z.ndim == 1
     if vector:
         z = z[None, :]
@@ -176,7 +180,6 @@ def make_problem(
     ignore_index = _check_ignore_index(ignore_index)
     t = _check_targets(targets, n, k, vector, ignore_index)
     w = _check_weight(weight, k)
-    z.setflags(write=False)
     t.setflags(write=False)
     if w is not None:
         w.setflags(write=False)
@@ -190,19 +193,23 @@ def _describe(x: np.ndarray) -> str:
     return f"array of shape {x.shape} and dtype {x.dtype}"
 
 
-def validate_logits(logits: Any, *, ndims: tuple[int, ...] | None = (1, 2), axis: int = -1) -> np.ndarray:
-    """Check float logits and return a private copy.
+def validate_logits(
+    logits: Any, *, ndims: tuple[int, ...] | None = (1, 2), axis: int = -1, copy: bool = True
+) -> np.ndarray:
+    """Check float logits and return a read-only private copy (or, ``copy=False``, a read-only view).
 
     Args:
         logits: array-like of float64, float32, float16 or bfloat16.
         ndims: accepted numbers of dimensions (None: any).
         axis: the class axis; every slice along it needs a finite entry.
+        copy: False for callers that drop the result before returning (the oracle functions); the
+            view is read-only, so nothing can write through it to the caller's array.
 
     Raises:
         InvalidArgument: non-float dtype, wrong rank, empty, NaN or +inf, or a slice of all -inf.
     """
     try:
-        z = np.array(logits, copy=True)
+        z = np.array(logits, copy=True) if copy else np.asarray(logits).view()
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"logits must be an array of floats, got {type(logits).__name__} ({exc}).") from None
     if not is_supported_float(z.dtype):
@@ -218,6 +225,7 @@ def validate_logits(logits: Any, *, ndims: tuple[int, ...] | None = (1, 2), axis
         raise InvalidArgument(f"logits must have at least one row and one class, got shape {z.shape}.")
     if z.ndim and not -z.ndim <= axis < z.ndim:
         raise InvalidArgument(f"axis must be in [-{z.ndim}, {z.ndim}), got {axis}.")
+    z.setflags(write=False)
     if np.isfinite(z).all():
         return z
     z64 = z.astype(np.float64)
