@@ -69,12 +69,16 @@ def shifted_exp(z64: np.ndarray, argmax: np.ndarray) -> tuple[np.ndarray, np.nda
     rows = np.arange(z64.shape[0])
     m = z64[rows, argmax][:, None]
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        s_hi = z64 - m
-        a = s_hi + m  # TwoSum(z, -m) (Knuth): s_hi + s_lo == z - m exactly
-        s_lo = (z64 - a) + (-m - (s_hi - a))
-        s_lo[~np.isfinite(s_hi)] = 0.0
-        e = np.exp(s_hi)
-        e *= 1.0 + s_lo
+        s_hi = np.subtract(z64, m)
+        a = np.add(s_hi, m)  # TwoSum(z, -m) (Knuth): s_hi + s_lo == z - m exactly
+        s_lo = np.subtract(z64, a)
+        np.subtract(s_hi, a, out=a)
+        np.subtract(-m, a, out=a)
+        s_lo += a
+        if not np.isfinite(np.subtract(z64.min(axis=1), m[:, 0])).all():
+            s_lo[~np.isfinite(s_hi)] = 0.0  # masked (-inf) or overflowed shifts: e = 0 below
+        e = np.exp(s_hi, out=a)
+        e += np.multiply(e, s_lo)  # e (1 + s_lo): the product is tiny, so one rounding (the sum)
     return s_hi, s_lo, e
 
 
