@@ -23,7 +23,7 @@ import numpy as np
 
 from gradcheck.dtypes import FloatFormat, float_format, round_to_format
 from gradcheck.errors import CertificationError
-from gradcheck.oracle import grad_bounded, loss_bounded
+from gradcheck.oracle import EXTENDED_WORK, FLOAT64_WORK, grad_bounded, loss_bounded
 from gradcheck.problem import Problem, make_problem
 
 MAX_PRECISION = 1 << 16  # bits; Ziv's loop is proven to end (docs/exact.md), this only makes a bug loud
@@ -96,7 +96,10 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
     todo = np.ones(problem.logits.shape, dtype=bool)
     todo[rows.zero_rows] = False  # S_n = 0: the whole row is exactly 0
     if prefilter:
-        decided = _decided(*grad_bounded(problem), fmt)
+        # float64 enclosures are a few float64 ulps wide: for a float64 result use x87 extended
+        # precision (2**-11 ulp wide); docs/exact.md, "The prefilter"
+        work = EXTENDED_WORK if fmt.precision == 53 and EXTENDED_WORK is not None else FLOAT64_WORK
+        decided = _decided(*grad_bounded(problem, work), fmt)
         use = todo & ~np.isnan(decided)
         out[use] = decided[use]
         todo &= ~use
@@ -318,12 +321,13 @@ def _round_dyadic(man: int, exp: int, fmt: FloatFormat) -> float:
 def _decided(value: np.ndarray, bound: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     """Where ``[value - bound, value + bound]`` rounds to one number of ``fmt``, that number; else NaN.
 
-    The interval ends are pushed outward by one float64 ulp so that their own rounding cannot
-    shrink the enclosure.
+    The interval ends are pushed outward by one ulp of the working precision so that their own
+    rounding cannot shrink the enclosure. A longdouble enclosure is only used for a float64 result:
+    the cast to float64 is then the one rounding (round to nearest, monotone).
     """
     with np.errstate(invalid="ignore", over="ignore"):
-        lo = np.nextafter(value - bound, -np.inf)
-        hi = np.nextafter(value + bound, np.inf)
+        lo = np.nextafter(value - bound, value.dtype.type(-np.inf))
+        hi = np.nextafter(value + bound, value.dtype.type(np.inf))
         lo_r, hi_r = round_to_format(lo, fmt), round_to_format(hi, fmt)
         same = (_bits(lo_r) == _bits(hi_r)) & np.isfinite(lo) & np.isfinite(hi)
     return np.where(same, hi_r.astype(np.float64), np.nan)

@@ -27,14 +27,44 @@ from gradcheck.dtypes import FLOAT64, float_format, round_to_format
 from gradcheck.problem import Problem, make_problem, validate_logits
 
 U = FLOAT64.unit_roundoff  # 2**-53
-ETA = FLOAT64.smallest_subnormal / 2  # 2**-1075: the absolute error of a result that underflows
+# The absolute error of a result that underflows is at most half the smallest subnormal, 2**-1075;
+# that is not representable (it rounds to 0), so the floor uses the smallest subnormal, 2**-1074.
+ETA = FLOAT64.smallest_subnormal
 EXP_ULPS = 2.0  # relative error of np.exp, in units of u (glibc: < 1 ulp; see docs/oracle.md)
 SECOND_ORDER = 1.01  # allowance for second-order terms (docs/oracle.md, valid while K*u < 1e-3)
 
 
-def gamma(n: np.ndarray | float) -> np.ndarray | float:
+def gamma(n: np.ndarray | float, u: float = U) -> np.ndarray | float:
     """Higham's gamma_n = n u / (1 - n u): the relative error bound of a sum of n + 1 nonnegative terms."""
-    return n * U / (1.0 - n * U)
+    return n * u / (1.0 - n * u)
+
+
+@dataclass(frozen=True)
+class Working:
+    """A working precision for the bounded evaluation (docs/oracle.md, "Working precision").
+
+    Attributes:
+        dtype: float64, or np.longdouble where it is x87 extended (64-bit significand).
+        u: unit roundoff.
+        eta: the smallest subnormal (twice the absolute error of an underflowing result).
+        exp_ulps: the relative error of np.exp, in units of u.
+    """
+
+    dtype: np.dtype
+    u: Any
+    eta: Any
+    exp_ulps: float
+
+
+def _extended() -> Working | None:
+    info = np.finfo(np.longdouble)
+    if info.nmant != 63:  # only x87 extended is analysed (docs/oracle.md)
+        return None
+    return Working(np.dtype(np.longdouble), np.longdouble(2) ** -64, np.longdouble(info.smallest_subnormal), 16.0)
+
+
+FLOAT64_WORK = Working(np.dtype(np.float64), U, ETA, EXP_ULPS)
+EXTENDED_WORK = _extended()
 
 
 class Bounded(NamedTuple):
@@ -82,9 +112,9 @@ def shifted_exp(z64: np.ndarray, argmax: np.ndarray) -> tuple[np.ndarray, np.nda
     return s_hi, s_lo, e
 
 
-def row_parts(z: np.ndarray) -> RowParts:
-    """Compute the softmax quantities of validated ``(N, K)`` logits (any supported dtype)."""
-    z64 = np.asarray(z, dtype=np.float64)
+def row_parts(z: np.ndarray, work: Working = FLOAT64_WORK) -> RowParts:
+    """Compute the softmax quantities of validated ``(N, K)`` logits (any supported dtype) in ``work``."""
+    z64 = np.asarray(z, dtype=work.dtype)
     n = z64.shape[0]
     rows = np.arange(n)
     argmax = np.argmax(z64, axis=1)
@@ -101,17 +131,19 @@ def row_parts(z: np.ndarray) -> RowParts:
     return RowParts(s_hi, s_lo, e, argmax, r, total, p, q, log_z)
 
 
-def _row_error(parts: RowParts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _row_error(parts: RowParts, work: Working = FLOAT64_WORK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Relative error bounds of R (rho), p (eps_p) and q (eps_q); docs/oracle.md, steps 1-5."""
     k = parts.s.shape[1]
     rows = np.arange(parts.s.shape[0])
-    a = np.where(parts.e > 0, (EXP_ULPS + 2) * U, 0.0)  # exp, 1 + s_lo, product (docs/oracle.md step 2)
-    a[rows, parts.argmax] = 0.0  # exp(0) = 1 exactly
-    rho = a.max(axis=1) + gamma(k)
-    eps_z = rho + U
-    eps_p = a + eps_z[:, None] + U
-    eps_q = eps_p + U
-    eps_q[rows, parts.argmax] = rho + eps_z + U
+    u = work.u
+    zero = work.dtype.type(0)
+    a = np.where(parts.e > 0, (work.exp_ulps + 2) * u, zero)  # exp and e + e s_lo (docs/oracle.md step 2)
+    a[rows, parts.argmax] = 0  # exp(0) = 1 exactly
+    rho = a.max(axis=1) + gamma(k, u)
+    eps_z = rho + u
+    eps_p = a + eps_z[:, None] + u
+    eps_q = eps_p + u
+    eps_q[rows, parts.argmax] = rho + eps_z + u
     return rho, eps_p, eps_q
 
 
@@ -324,25 +356,41 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL[0]
 
 
-def grad_bounded(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
-    """Float64 ``(N, K)`` gradient and its running error bound (docs/oracle.md, steps 1-9)."""
-    parts = row_parts(problem.logits)
-    g = grad_rows(problem)
+def divisor_terms(problem: Problem) -> int:
+    """Roundings in D: none when it is a count (no weights, or probability targets), else N - 1."""
+    if problem.reduction != "mean" or problem.weight is None or not problem.index_targets:
+        return 0
+    return max(0, int(problem.active_rows().sum()) - 1)
+
+
+def grad_bounded(problem: Problem, work: Working = FLOAT64_WORK) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, K)`` gradient in ``work`` precision and its running error bound (docs/oracle.md, steps 1-9).
+
+    With the default float64 the value is :func:`grad_rows`'s; with :data:`EXTENDED_WORK` it is the
+    general formula evaluated in x87 extended precision, and both arrays are ``np.longdouble``.
+    """
+    parts = row_parts(problem.logits, work)
     n, k = problem.logits.shape
-    _, eps_p, eps_q = _row_error(parts)
-    eps_wt = (4 * U if problem.label_smoothing else 0.0) + U
-    wt = problem.dense_targets() * problem.weights()
+    u = work.u
+    _, eps_p, eps_q = _row_error(parts, work)
+    eps_wt = (4 * u if problem.label_smoothing else 0 * u) + u
+    wt = problem.dense_targets(work.dtype) * problem.weights().astype(work.dtype)
     s = wt.sum(axis=1)[:, None]
-    s_minus = np.maximum(s - wt, 0.0)
-    d = problem.divisor()
+    s_minus = np.maximum(s - wt, 0)
+    d = problem.divisor(work.dtype)
     with np.errstate(under="ignore"):
-        d_s_minus = (gamma(k) + eps_wt) * s + eps_wt * wt + U * s_minus
-        d_t1 = parts.p * d_s_minus + s_minus * parts.p * eps_p + U * parts.p * s_minus
-        d_t2 = (eps_wt + eps_q + U) * wt * parts.q
+        if work is FLOAT64_WORK:
+            g = grad_rows(problem)
+        else:
+            g = (parts.p * s_minus - wt * parts.q) / d
+        d_s_minus = (gamma(k, u) + eps_wt) * s + eps_wt * wt + u * s_minus
+        d_t1 = parts.p * d_s_minus + s_minus * parts.p * eps_p + u * parts.p * s_minus
+        d_t2 = (eps_wt + eps_q + u) * wt * parts.q
         t_sum = parts.p * s_minus + wt * parts.q
-        d_g0 = d_t1 + d_t2 + U * t_sum
-        bound = d_g0 / d + np.abs(g) * (gamma(n) + 2 * U)
-        floor = (k + 8) * ETA * np.maximum(1.0, s) * max(1.0, 1.0 / d)
+        d_g0 = d_t1 + d_t2 + u * t_sum
+        bound = d_g0 / d + np.abs(g) * (gamma(divisor_terms(problem), u) + 2 * u)
+        one = work.dtype.type(1)
+        floor = (k + 8) * work.eta * np.maximum(one, s) * max(one, one / d)
     return g, SECOND_ORDER * bound + floor
 
 
@@ -365,7 +413,7 @@ def loss_bounded(problem: Problem) -> Bounded:
     d = problem.divisor()
     with np.errstate(invalid="ignore", under="ignore"):
         total = np.sum(row_loss) / d
-        bound = (np.sum(row_bound) + gamma(n) * np.sum(row_loss)) / d + 2 * U * abs(total)
+        bound = (np.sum(row_bound) + gamma(n) * np.sum(row_loss)) / d + (gamma(divisor_terms(problem)) + 2 * U) * abs(total)
     return Bounded(np.array(total), np.array(SECOND_ORDER * bound + ETA))
 
 

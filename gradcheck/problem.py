@@ -84,21 +84,21 @@ class Problem:
             return self.targets != self.ignore_index
         return np.ones(self.n, dtype=bool)
 
-    def dense_targets(self) -> np.ndarray:
-        """Float64 ``(N, K)`` targets after one-hot expansion and label smoothing.
+    def dense_targets(self, dtype: Any = np.float64) -> np.ndarray:
+        """``(N, K)`` targets after one-hot expansion and label smoothing, in ``dtype``.
 
-        Ignored rows are all zero. Smoothing is rounded here (two operations, see docs/oracle.md);
+        Ignored rows are all zero. Smoothing is rounded here (four roundings, see docs/oracle.md);
         the certified truth uses :meth:`exact_target` instead.
         """
         if self.index_targets:
-            t = np.zeros((self.n, self.k))
+            t = np.zeros((self.n, self.k), dtype=dtype)
             rows = np.flatnonzero(self.active_rows())
-            t[rows, self.targets[rows]] = 1.0
+            t[rows, self.targets[rows]] = 1
         else:
-            t = np.array(self.targets, dtype=np.float64)
-        eps = self.label_smoothing
-        if eps:
-            t = (1.0 - eps) * t + eps / self.k
+            t = np.array(self.targets, dtype=dtype)
+        if self.label_smoothing:
+            one, eps = np.dtype(dtype).type(1), np.dtype(dtype).type(self.label_smoothing)
+            t = (one - eps) * t + eps / self.k
             t[~self.active_rows()] = 0.0
         return t
 
@@ -125,14 +125,15 @@ class Problem:
         rows = np.flatnonzero(self.active_rows())
         return sum((self.exact_weight(int(self.targets[r])) for r in rows), Fraction(0))
 
-    def divisor(self) -> float:
-        """D in float64 (see :meth:`exact_divisor`); at most N - 1 roundings."""
+    def divisor(self, dtype: Any = np.float64) -> Any:
+        """D (see :meth:`exact_divisor`) summed in ``dtype``: at most N - 1 roundings."""
+        kind = np.dtype(dtype).type
         if self.reduction != "mean":
-            return 1.0
+            return kind(1)
         if not self.index_targets:
-            return float(self.n)
+            return kind(self.n)
         active = self.targets[self.active_rows()]
-        return float(np.sum(self.weights()[active]))
+        return kind(np.sum(self.weights()[active].astype(dtype)))
 
     def options(self) -> dict[str, Any]:
         """The options that differ from their defaults, as passed to a ``grad_fn``."""

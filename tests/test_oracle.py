@@ -217,3 +217,34 @@ def test_blocked_threads_are_bit_identical(shape, monkeypatch):
     # and the general path (same formulas, unblocked) agrees within the derived bound
     g, bound = grad_bounded(gc.make_problem(z, t, weight=w))
     assert np.all(np.abs(g - reference) <= 2 * bound)
+
+
+@settings(max_examples=80)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(REGIMES))
+def test_extended_precision_bound_holds(seed, regime):
+    """The x87-extended evaluation the truth uses as its float64 prefilter stays within its bound.
+
+    Checked in mpmath at 3000 bits (the float64-rounded truth would be far too coarse for a bound
+    of ~2**-11 float64 ulps).
+    """
+    from gradcheck.oracle import EXTENDED_WORK
+
+    if EXTENDED_WORK is None:
+        pytest.skip("np.longdouble is not x87 extended precision on this platform")
+    z, t, opts = make_case(seed, regime, "float64")
+    problem = gc.make_problem(z, t, **opts)
+    g, bound = grad_bounded(problem, EXTENDED_WORK)
+    with mpmath.workprec(3000):
+        d = mpmath.mpf(problem.exact_divisor().numerator) / problem.exact_divisor().denominator
+        for n in range(problem.n):
+            zn = problem.logits[n]
+            zmax = mpmath.mpf(float(zn.max()))
+            e = [mpmath.exp(mpmath.mpf(float(v)) - zmax) if np.isfinite(v) and v - zn.max() > -65536 else 0 for v in zn]
+            total = mpmath.fsum(e)
+            wt = [problem.exact_weight(c) * problem.exact_target(n, c) for c in range(problem.k)]
+            s = mpmath.fsum(mpmath.mpf(x.numerator) / x.denominator for x in wt)
+            for c in range(problem.k):
+                exact = (e[c] / total * s - mpmath.mpf(wt[c].numerator) / wt[c].denominator) / d
+                num, den = g[n, c].as_integer_ratio()
+                bnum, bden = bound[n, c].as_integer_ratio()
+                assert abs(mpmath.mpf(num) / den - exact) <= mpmath.mpf(bnum) / bden, (n, c)
