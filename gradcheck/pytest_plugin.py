@@ -1,0 +1,332 @@
+"""The pytest plugin: the ``gradcheck`` fixture and marker, ``--gradcheck-*`` options, seed header, session report.
+
+Registered under the ``pytest11`` entry point as ``gradcheck`` (``pytest -p no:gradcheck`` turns it
+off). Loading it imports pytest, the standard library and ``gradcheck``'s cheap core (numpy,
+ml_dtypes, mpmath); ``gradcheck.verify`` and with it Hypothesis load when a test first runs a check.
+
+    def test_my_gradient(gradcheck):
+        gradcheck.assert_gradient(my_grad, reduction="sum")
+
+Every test that uses the fixture or the marker runs once per dtype, a separate item each
+(``test_my_gradient[float32]``): the marker's ``dtypes=``, else ``--gradcheck-dtypes``, else float64.
+Each check's Hypothesis seed is derived from the session seed (printed in the header) and the test id,
+so ``pytest --gradcheck-seed N path::test[float32]`` repeats one check exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from gradcheck import session_report
+from gradcheck.dtypes import DTYPE_NAMES
+from gradcheck.errors import GradientMismatch
+
+DEFAULT_DTYPES = ("float64",)
+CHECK_OPTIONS = (  # the keywords of gradcheck.verify after grad_fn
+    "dtype", "targets", "reduction", "label_smoothing", "weighted", "ignore_index", "max_examples", "seed",
+    "max_shape", "regimes",
+)
+MARKER = (
+    "gradcheck(dtypes=None, **options): run the test once per dtype (default: --gradcheck-dtypes, "
+    "else float64); the options (targets=, reduction=, max_examples=, ...) become the defaults of "
+    "the gradcheck fixture's checks in this test."
+)
+
+
+@dataclass
+class Settings:
+    """The session's gradcheck settings, shared by every test (and every xdist worker)."""
+
+    seed: int
+    dtypes: tuple[str, ...]
+    max_examples: int | None
+    report: str | None
+    records: list[dict] = field(default_factory=list)
+
+
+_SETTINGS = pytest.StashKey[Settings]()
+_WRITTEN = pytest.StashKey[tuple]()  # the report's (json, md) paths, once written
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("gradcheck", "gradcheck: cross-entropy gradient checks")
+    group.addoption(
+        "--gradcheck-max-examples", metavar="N", default=None,
+        help="examples per check, unless a test says otherwise (default: ini gradcheck_max_examples, else 100).",
+    )
+    group.addoption(
+        "--gradcheck-seed", metavar="N", default=None,
+        help="session seed from which every check's seed is derived (default: ini gradcheck_seed, else random; "
+        "printed in the header).",
+    )
+    group.addoption(
+        "--gradcheck-dtypes", metavar="LIST", default=None,
+        help="comma-separated dtypes that tests using the gradcheck fixture run over, unless their marker names "
+        f"dtypes (default: ini gradcheck_dtypes, else float64). Known: {', '.join(DTYPE_NAMES)}.",
+    )
+    group.addoption(
+        "--gradcheck-report", metavar="PATH", default=None,
+        help="write a report of every check of the session to PATH.json and PATH.md.",
+    )
+    parser.addini("gradcheck_max_examples", "default of --gradcheck-max-examples", default=None)
+    parser.addini("gradcheck_seed", "default of --gradcheck-seed", default=None)
+    parser.addini("gradcheck_dtypes", "default of --gradcheck-dtypes (comma- or space-separated)", default=None)
+
+
+def _setting(config: pytest.Config, name: str) -> tuple[str, str | None]:
+    """(where it came from, raw value): the command line wins over the ini file."""
+    value = config.getoption(name)
+    if value is not None:
+        return f"--{name.replace('_', '-')}", str(value)
+    value = config.getini(name)
+    return f"ini {name}", (str(value).strip() or None) if value is not None else None
+
+
+def _integer(config: pytest.Config, name: str, minimum: int) -> int | None:
+    where, raw = _setting(config, name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise pytest.UsageError(f"{where} must be an integer >= {minimum}, got {raw!r}.")
+    return value
+
+
+def _dtypes(where: str, raw: Any) -> tuple[str, ...]:
+    names = re.split(r"[,\s]+", raw.strip()) if isinstance(raw, str) else list(raw)
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in DTYPE_NAMES]
+    if unknown or not names:
+        raise ValueError(
+            f"{where} must name dtypes among {', '.join(DTYPE_NAMES)}, got {raw!r}; "
+            "for example dtypes=['float32', 'bfloat16']."
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER)
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "gradcheck_seed" in workerinput:
+        seed = workerinput["gradcheck_seed"]  # an xdist worker uses the controller's seed
+    else:
+        seed = _integer(config, "gradcheck_seed", 0)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "big")
+    where, raw = _setting(config, "gradcheck_dtypes")
+    try:
+        dtypes = DEFAULT_DTYPES if raw is None else _dtypes(where, raw)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[_SETTINGS] = Settings(
+        seed=seed, dtypes=dtypes, max_examples=_integer(config, "gradcheck_max_examples", 1),
+        report=config.getoption("gradcheck_report"),
+    )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist controller: every worker checks with the session seed chosen here."""
+    node.workerinput["gradcheck_seed"] = node.config.stash[_SETTINGS].seed
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    seed = config.stash[_SETTINGS].seed
+    return f"gradcheck: seed {seed} (repeat with --gradcheck-seed {seed})"
+
+
+def _marker_options(node: pytest.Item) -> tuple[tuple[str, ...] | None, dict[str, Any]]:
+    """The marker's (dtypes, other options), validated; (None, {}) without a marker."""
+    marker = node.get_closest_marker("gradcheck")
+    if marker is None:
+        return None, {}
+    if marker.args:
+        raise ValueError(f"@pytest.mark.gradcheck takes keywords only, got {marker.args!r}; "
+                         "for example @pytest.mark.gradcheck(dtypes=['float32', 'bfloat16']).")
+    options = dict(marker.kwargs)
+    dtypes = options.pop("dtypes", None)
+    unknown = sorted(set(options) - set(CHECK_OPTIONS) - {"dtype"})
+    if unknown or "dtype" in options:
+        bad = unknown or ["dtype"]
+        raise ValueError(f"@pytest.mark.gradcheck got unknown options {bad}; it takes dtypes= and the keywords "
+                         f"of gradcheck.verify except dtype: {', '.join(o for o in CHECK_OPTIONS if o != 'dtype')}.")
+    return (None if dtypes is None else _dtypes("@pytest.mark.gradcheck(dtypes=...)", dtypes)), options
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each test that uses the fixture or the marker once per dtype, with the dtype as its id."""
+    marked = metafunc.definition.get_closest_marker("gradcheck") is not None
+    if not marked and "gradcheck_dtype" not in metafunc.fixturenames:
+        return
+    try:
+        dtypes, _ = _marker_options(metafunc.definition)
+    except ValueError as exc:
+        pytest.fail(f"{metafunc.definition.nodeid}: {exc}", pytrace=False)
+    if dtypes is None:
+        dtypes = metafunc.config.stash[_SETTINGS].dtypes
+    if "gradcheck_dtype" not in metafunc.fixturenames:
+        metafunc.fixturenames.append("gradcheck_dtype")  # a marked test that does not use the fixture
+    metafunc.parametrize("gradcheck_dtype", dtypes, ids=list(dtypes), scope="function")
+
+
+def check_seed(session_seed: int, nodeid: str, call: int) -> int:
+    """The seed of a test's ``call``-th check: fixed by the session seed and the test id."""
+    digest = hashlib.blake2b(f"{session_seed}\0{nodeid}\0{call}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big")
+
+
+class GradientChecker:
+    """What the ``gradcheck`` fixture yields: ``verify`` and ``assert_gradient`` with this test's defaults.
+
+    Attributes:
+        dtype: the dtype this test item checks (its id, e.g. ``test_grad[float32]``).
+        seed: the session seed (each check's own seed is derived from it and the test id).
+        defaults: the keyword defaults of every check in this test (from the options, ini and marker).
+        results: the :class:`gradcheck.Verification` of each check run so far in this test.
+    """
+
+    def __init__(self, nodeid: str, settings: Settings, dtype: str, defaults: dict[str, Any]) -> None:
+        self.dtype = dtype
+        self.seed = settings.seed
+        self.defaults = {"dtype": dtype, **defaults}
+        self.results: list[Any] = []
+        self._nodeid = nodeid
+        self._settings = settings
+
+    def verify(self, grad_fn: Callable[..., Any], /, **options: Any) -> Any:
+        """:func:`gradcheck.verify` with this test's defaults; the result is recorded for the report.
+
+        Returns:
+            A :class:`gradcheck.Verification`; it never raises because the gradient is wrong.
+
+        Raises:
+            InvalidArgument: a bad argument.
+        """
+        __tracebackhide__ = True
+        options = {**self.defaults, **options}
+        call = len(self.results)
+        options.setdefault("seed", check_seed(self._settings.seed, self._nodeid, call))
+        verify = importlib.import_module("gradcheck.verify").verify
+        result = verify(grad_fn, **options)
+        self.results.append(result)
+        self._settings.records.append(_record(self._nodeid, call, result, options))
+        return result
+
+    def assert_gradient(self, grad_fn: Callable[..., Any], /, **options: Any) -> None:
+        """:func:`gradcheck.assert_gradient` with this test's defaults.
+
+        Raises:
+            GradientMismatch: the gradient is wrong; the message is the full account (worst element,
+                expected and got, ULPs, tolerance, minimal input, seed, reproduction).
+            InvalidArgument: a bad argument.
+        """
+        __tracebackhide__ = True
+        result = self.verify(grad_fn, **options)
+        if not result.passed:
+            describe = getattr(importlib.import_module("gradcheck.verify"), "describe", str)
+            raise GradientMismatch(describe(result))
+
+    def __repr__(self) -> str:
+        return f"<gradcheck fixture: dtype {self.dtype}, session seed {self.seed}, checks run {len(self.results)}>"
+
+
+def _record(nodeid: str, call: int, result: Any, options: dict[str, Any]) -> dict:
+    failure = result.failure
+    worst_ulps, worst_ratio = result.worst_ulps, result.worst_ratio
+    if failure is not None:  # the failing element is the worst seen (worst_* cover the passing examples)
+        worst_ulps = max(worst_ulps, getattr(failure, "ulps", None) or 0.0)
+        worst_ratio = max(worst_ratio, getattr(failure, "ratio", None) or 0.0)
+    arguments = dict(result.arguments)
+    for name in ("dtype", "max_examples", "seed"):
+        arguments.pop(name, None)
+    return session_report.jsonable({
+        "test": nodeid,
+        "call": call,
+        "function": result.function,
+        "dtype": result.dtype,
+        "options": arguments,
+        "max_examples": options.get("max_examples", 100),
+        "examples": result.examples,
+        "worst_ulps": worst_ulps,
+        "worst_ratio": worst_ratio,
+        "seed": result.seed,
+        "verdict": "passed" if result.passed else "failed",
+        "failure": None if failure is None else {
+            "kind": getattr(failure, "kind", None),
+            "message": getattr(importlib.import_module("gradcheck.verify"), "describe", str)(result),
+            "ulps": getattr(failure, "ulps", None),
+            "ratio": getattr(failure, "ratio", None),
+        },
+        "reproduction": result.reproduction,
+        "elapsed": round(result.elapsed, 4),
+    })
+
+
+@pytest.fixture
+def gradcheck_dtype(request: pytest.FixtureRequest) -> str:
+    """The dtype this test item checks (the test runs once per dtype, this is its id)."""
+    return getattr(request, "param", None) or request.config.stash[_SETTINGS].dtypes[0]
+
+
+@pytest.fixture
+def gradcheck(request: pytest.FixtureRequest, gradcheck_dtype: str) -> Iterator[GradientChecker]:
+    """An object with ``verify(grad_fn, **options)`` and ``assert_gradient(grad_fn, **options)``.
+
+    They take the arguments of :func:`gradcheck.verify`; the defaults come from this item's dtype,
+    ``--gradcheck-max-examples`` (or ini ``gradcheck_max_examples``), the marker's options, and a seed
+    derived from the session seed and the test id.
+    """
+    settings = request.config.stash[_SETTINGS]
+    defaults: dict[str, Any] = {}
+    if settings.max_examples is not None:
+        defaults["max_examples"] = settings.max_examples
+    _, marker_options = _marker_options(request.node)
+    defaults.update(marker_options)
+    yield GradientChecker(request.node.nodeid, settings, gradcheck_dtype, defaults)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    settings = config.stash[_SETTINGS]
+    if hasattr(config, "workeroutput"):  # an xdist worker: the controller merges and writes
+        config.workeroutput["gradcheck_records"] = json.dumps(settings.records)
+        return
+    if settings.report:
+        from gradcheck import __version__
+
+        paths = session_report.write(settings.report, settings.records, settings.seed, __version__)
+        config.stash[_WRITTEN] = paths
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist controller: collect a finished worker's records."""
+    records = getattr(node, "workeroutput", {}).get("gradcheck_records")
+    if records:
+        node.config.stash[_SETTINGS].records.extend(json.loads(records))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    settings = config.stash[_SETTINGS]
+    written = config.stash.get(_WRITTEN, None)
+    if not settings.records and not written:
+        return
+    terminalreporter.section("gradcheck")
+    for summary in session_report.summarize(settings.records):
+        terminalreporter.line(session_report.summary_line(summary))
+    tail = f"seed {settings.seed} (repeat with --gradcheck-seed {settings.seed})"
+    if written:
+        tail += f"; report: {written[0]}, {written[1]}"
+    terminalreporter.line(tail)

@@ -1,0 +1,168 @@
+"""The pytest plugin's session report: records of every check, merged, summarized, written as JSON and Markdown.
+
+A record is a plain dict (JSON-ready, so that pytest-xdist workers can send it to the controller):
+
+    {"test": nodeid, "call": n, "function": name, "dtype": name, "options": {non-default options},
+     "max_examples": n, "examples": n, "worst_ulps": x, "worst_ratio": x, "seed": n,
+     "verdict": "passed" | "failed", "failure": None | {"kind", "message", "ulps", "ratio"},
+     "reproduction": "gradcheck.verify(...)", "elapsed": seconds}
+
+This module renders records; it computes no numerics and imports the standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA = "gradcheck-session-report/1"
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-ready copy: tuples become lists, numpy scalars Python numbers, non-finite floats None."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item"):  # numpy scalar
+        return jsonable(value.item())
+    return str(value)
+
+
+def sort_records(records: Iterable[dict]) -> list[dict]:
+    """Records in a fixed order (test id, then call number) whichever worker ran them."""
+    return sorted(records, key=lambda r: (r["test"], r["call"]))
+
+
+def summarize(records: Iterable[dict]) -> list[dict]:
+    """One summary per checked function, in order of the function's name."""
+    by_function: dict[str, list[dict]] = {}
+    for record in records:
+        by_function.setdefault(record["function"], []).append(record)
+    out = []
+    for function in sorted(by_function):
+        group = by_function[function]
+        failed = sum(r["verdict"] == "failed" for r in group)
+        out.append({
+            "function": function,
+            "verdict": "failed" if failed else "passed",
+            "checks": len(group),
+            "failed": failed,
+            "dtypes": sorted({r["dtype"] for r in group}),
+            "examples": sum(r["examples"] for r in group),
+            "worst_ulps": max((r["worst_ulps"] or 0.0) for r in group),
+            "worst_ratio": max((r["worst_ratio"] or 0.0) for r in group),
+        })
+    return out
+
+
+def build(records: Iterable[dict], seed: int, version: str) -> dict:
+    """The JSON document of a session."""
+    checks = sort_records(records)
+    failed = sum(r["verdict"] == "failed" for r in checks)
+    return {
+        "schema": SCHEMA,
+        "gradcheck_version": version,
+        "seed": seed,
+        "checks_run": len(checks),
+        "passed": len(checks) - failed,
+        "failed": failed,
+        "functions": summarize(checks),
+        "checks": checks,
+    }
+
+
+def summary_line(summary: dict) -> str:
+    """One terminal line for a checked function."""
+    verdict = "passed" if summary["verdict"] == "passed" else f"FAILED {summary['failed']} of"
+    checks = summary["checks"]
+    return (
+        f"{summary['function']}: {verdict} {checks} check{'s' if checks != 1 else ''} "
+        f"({', '.join(summary['dtypes'])}), {summary['examples']} examples, "
+        f"worst {summary['worst_ulps']:g} ULP = {summary['worst_ratio']:.3g} x tolerance"
+    )
+
+
+def _options(record: dict) -> str:
+    options = record["options"]
+    return ", ".join(f"{k}={v!r}" for k, v in options.items()) if options else "defaults"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def markdown(document: dict) -> str:
+    """The Markdown rendering of :func:`build`'s document."""
+    seed = document["seed"]
+    lines = [
+        "# gradcheck report",
+        "",
+        f"{document['checks_run']} checks of {len(document['functions'])} functions: "
+        f"{document['passed']} passed, {document['failed']} failed. "
+        f"Session seed {seed}: repeat with `pytest --gradcheck-seed {seed}`.",
+        "",
+        "## Functions",
+        "",
+    ]
+    lines += _table(
+        ["function", "verdict", "checks", "dtypes", "examples", "worst ULP", "worst / tolerance"],
+        [[f"`{s['function']}`", s["verdict"], s["checks"], ", ".join(s["dtypes"]), s["examples"],
+          f"{s['worst_ulps']:g}", f"{s['worst_ratio']:.3g}"] for s in document["functions"]],
+    )
+    lines += ["", "## Checks", ""]
+    lines += _table(
+        ["test", "function", "dtype", "options", "examples", "worst ULP", "worst / tolerance", "verdict"],
+        [[f"`{r['test']}`", f"`{r['function']}`", r["dtype"], _options(r), r["examples"],
+          f"{r['worst_ulps']:g}", f"{r['worst_ratio']:.3g}", r["verdict"]] for r in document["checks"]],
+    )
+    failures = [r for r in document["checks"] if r["failure"] is not None]
+    if failures:
+        lines += ["", "## Failures"]
+        for r in failures:
+            lines += ["", f"### `{r['test']}`", "", "```", r["failure"]["message"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def report_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``PATH`` -> (PATH.json, PATH.md); a ``.json`` or ``.md`` suffix on PATH is replaced."""
+    path = Path(path)
+    if path.suffix.lower() in (".json", ".md"):
+        path = path.with_suffix("")
+    return path.with_name(path.name + ".json"), path.with_name(path.name + ".md")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write(path: str | os.PathLike, records: Iterable[dict], seed: int, version: str) -> tuple[Path, Path]:
+    """Write the session's JSON and Markdown reports; return their paths."""
+    document = build(records, seed, version)
+    json_path, md_path = report_paths(path)
+    write_atomic(json_path, json.dumps(document, indent=2) + "\n")
+    write_atomic(md_path, markdown(document))
+    return json_path, md_path

@@ -1,0 +1,436 @@
+"""The pytest plugin, tested the way another project uses it: small projects run with pytester."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+
+from gradcheck.pytest_plugin import check_seed
+
+pytest_plugins = ["pytester"]
+
+# The checked functions of every example project: a correct gradient and one that forgot the 1/N.
+GRADS = '''
+import numpy as np
+import pytest
+from gradcheck import GradientMismatch
+
+
+def _softmax_minus_onehot(logits, targets):
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(targets)), targets] -= 1.0
+    return p
+
+
+def good_grad(logits, targets, **options):
+    assert not options, options
+    return (_softmax_minus_onehot(logits, targets) / len(targets)).astype(logits.dtype)
+
+
+def sum_grad(logits, targets, reduction="mean"):
+    assert reduction == "sum", reduction
+    return _softmax_minus_onehot(logits, targets).astype(logits.dtype)
+
+
+def forgot_mean(logits, targets, **options):
+    return _softmax_minus_onehot(logits, targets).astype(logits.dtype)  # no 1/N for reduction="mean"
+
+
+BAD = dict(max_examples=20)  # enough to meet a case with N > 1 rows (N = 1 hides a missing 1/N)
+'''
+
+PASSING = GRADS + '''
+
+def test_good(gradcheck):
+    gradcheck.assert_gradient(good_grad)
+'''
+
+FAILING = GRADS + '''
+
+def test_bad(gradcheck):
+    gradcheck.assert_gradient(forgot_mean, **BAD)
+'''
+
+# A project with passing and failing checks over several dtypes, for the report and for xdist.
+MIXED = GRADS + '''
+
+@pytest.mark.gradcheck(dtypes=["float64", "float32", "float16", "bfloat16"])
+def test_good(gradcheck):
+    gradcheck.assert_gradient(good_grad)
+
+
+@pytest.mark.gradcheck(reduction="sum")
+def test_sum(gradcheck):
+    gradcheck.assert_gradient(sum_grad)
+
+
+def test_bad(gradcheck):
+    gradcheck.assert_gradient(forgot_mean, **BAD)
+
+
+def test_two_checks(gradcheck):
+    assert gradcheck.verify(good_grad).passed
+    assert not gradcheck.verify(forgot_mean, **BAD).passed
+'''
+
+
+def header_seed(result: pytest.RunResult) -> int:
+    match = re.search(r"^gradcheck: seed (\d+) \(repeat with --gradcheck-seed \1\)$", result.stdout.str(), re.M)
+    assert match, result.stdout.str()
+    return int(match.group(1))
+
+
+def usage_error(result: pytest.RunResult, message: str) -> None:
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.ret
+    assert message in result.stderr.str(), result.stderr.str()
+
+
+# ---- a passing and a failing project -------------------------------------------------------------
+
+
+def test_passing_project(pytester):
+    pytester.makepyfile(PASSING)
+    result = pytester.runpytest("--gradcheck-max-examples=5", "--gradcheck-seed=1", "-v")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*::test_good[[]float64[]] PASSED*"])
+    header_seed(result)
+
+
+def test_failing_check_is_an_ordinary_failure_with_the_mismatch_text(pytester):
+    pytester.makepyfile(FAILING)
+    result = pytester.runpytest("--gradcheck-seed=1")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*_ test_bad[[]float64[]] _*",
+        ">       gradcheck.assert_gradient(forgot_mean, **BAD)",
+        "E       gradcheck.errors.GradientMismatch: *forgot_mean is wrong (mismatch): *",
+        "E         worst element (*): expected *, got *; error * ULP = * x the tolerance *",
+        "E           logits = np.array(*",
+        "E         seed *; reproduce with:",
+        "E           gradcheck.verify(*forgot_mean, max_examples=20, seed=*)",
+        "test_failing_check_is_an_ordinary_failure_with_the_mismatch_text.py:*: GradientMismatch",
+    ])
+    output = result.stdout.str()
+    assert "pytest_plugin.py" not in output and "verify.py" not in output, output  # no harness frames
+
+
+def test_fixture_message_is_the_api_message_and_verify_never_raises(pytester):
+    pytester.makepyfile(GRADS + '''
+import gradcheck as api
+
+
+def test_same_text(gradcheck):
+    with pytest.raises(GradientMismatch) as from_fixture:
+        gradcheck.assert_gradient(forgot_mean, **BAD)
+    seed = gradcheck.results[0].seed
+    with pytest.raises(GradientMismatch) as from_api:
+        api.assert_gradient(forgot_mean, **BAD, seed=seed)
+    assert str(from_fixture.value) == str(from_api.value)
+
+
+def test_verify(gradcheck, gradcheck_dtype):
+    result = gradcheck.verify(forgot_mean, **BAD)
+    assert not result.passed and result.failure.kind == "mismatch"
+    assert result.dtype == gradcheck.dtype == gradcheck_dtype == "float64"
+    assert gradcheck.results == [result]
+    assert gradcheck.verify(good_grad, max_examples=5).seed != result.seed  # each check its own seed
+''')
+    pytester.runpytest("--gradcheck-seed=2").assert_outcomes(passed=2)
+
+
+# ---- options and ini settings --------------------------------------------------------------------
+
+EXAMPLES = GRADS + '''
+
+def test_examples(gradcheck):
+    assert gradcheck.verify(good_grad).examples == {expected}
+'''
+
+
+@pytest.mark.parametrize(
+    ("args", "ini", "expected"),
+    [
+        (["--gradcheck-max-examples=3"], None, 3),
+        ([], "gradcheck_max_examples = 4", 4),
+        (["--gradcheck-max-examples", "2"], "gradcheck_max_examples = 4", 2),  # the command line wins
+    ],
+)
+def test_max_examples_option_and_ini(pytester, args, ini, expected):
+    pytester.makepyfile(EXAMPLES.format(expected=expected))
+    if ini:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.runpytest(*args, "--gradcheck-seed=3").assert_outcomes(passed=1)
+
+
+def test_max_examples_from_pyproject_and_explicit_arguments_win(pytester):
+    pytester.makepyprojecttoml('[tool.pytest.ini_options]\ngradcheck_max_examples = "4"\n')
+    pytester.makepyfile(GRADS + '''
+
+def test_examples(gradcheck):
+    assert gradcheck.verify(good_grad).examples == 4
+    assert gradcheck.verify(good_grad, max_examples=2).examples == 2
+''')
+    pytester.runpytest("--gradcheck-seed=3").assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize(
+    ("args", "ini", "message"),
+    [
+        (["--gradcheck-max-examples=0"], None, "--gradcheck-max-examples must be an integer >= 1, got '0'."),
+        ([], "gradcheck_seed = abc", "ini gradcheck_seed must be an integer >= 0, got 'abc'."),
+        (["--gradcheck-dtypes=float32,float8"], None,
+         "--gradcheck-dtypes must name dtypes among float64, float32, float16, bfloat16, got 'float32,float8'"),
+        ([], "gradcheck_dtypes = half", "ini gradcheck_dtypes must name dtypes among"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(pytester, args, ini, message):
+    pytester.makepyfile(PASSING)
+    if ini:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    usage_error(pytester.runpytest(*args), message)
+
+
+def test_seed_option_ini_and_header(pytester):
+    pytester.makepyfile(PASSING)
+    assert header_seed(pytester.runpytest("--gradcheck-seed=42", "--collect-only")) == 42
+    pytester.makeini("[pytest]\ngradcheck_seed = 7\n")
+    assert header_seed(pytester.runpytest("--collect-only")) == 7
+    assert header_seed(pytester.runpytest("--collect-only", "--gradcheck-seed", "9")) == 9
+
+
+def test_random_seed_without_option(pytester):
+    pytester.makepyfile(PASSING)
+    seeds = {header_seed(pytester.runpytest("--collect-only")) for _ in range(3)}
+    assert len(seeds) == 3
+
+
+def report_of(pytester: pytest.Pytester, *args: str, name: str = "report") -> dict:
+    """Run with --gradcheck-report and return the JSON document."""
+    pytester.runpytest(*args, f"--gradcheck-report={name}")
+    return json.loads((pytester.path / f"{name}.json").read_text())
+
+
+def test_session_seed_fixes_every_check_and_one_test_rerun_reproduces(pytester):
+    pytester.makepyfile(test_mixed=MIXED)
+    args = ("--gradcheck-max-examples=3", "--gradcheck-seed=42")
+    first = report_of(pytester, *args)
+    again = report_of(pytester, *args)
+    other = report_of(pytester, "--gradcheck-max-examples=3", "--gradcheck-seed=43")
+    one = report_of(pytester, *args, "test_mixed.py::test_two_checks")
+
+    def seeds(doc):
+        return {(c["test"], c["call"]): c["seed"] for c in doc["checks"]}
+
+    assert first["seed"] == 42 and len(first["checks"]) == 8
+    assert len(set(seeds(first).values())) == 8  # every check its own seed
+    assert seeds(again) == seeds(first)
+    assert [c["examples"] for c in again["checks"]] == [c["examples"] for c in first["checks"]]
+    assert set(seeds(other).values()).isdisjoint(seeds(first).values())
+    assert seeds(one).items() <= seeds(first).items() and len(seeds(one)) == 2
+    assert all(seed == check_seed(42, test, call) for (test, call), seed in seeds(first).items())
+
+
+def test_dtypes_option_and_ini_parametrize_the_fixture(pytester):
+    pytester.makepyfile(GRADS + '''
+
+def test_good(gradcheck, gradcheck_dtype):
+    result = gradcheck.verify(good_grad, max_examples=2)
+    assert result.passed and result.dtype == gradcheck_dtype
+''')
+    result = pytester.runpytest("--gradcheck-dtypes=float32,bfloat16", "--gradcheck-seed=3", "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*::test_good[[]float32[]] PASSED*", "*::test_good[[]bfloat16[]] PASSED*"])
+    pytester.makeini("[pytest]\ngradcheck_dtypes = float16 float64\n")
+    result = pytester.runpytest("--gradcheck-seed=3", "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*::test_good[[]float16[]] PASSED*", "*::test_good[[]float64[]] PASSED*"])
+
+
+# ---- the marker ----------------------------------------------------------------------------------
+
+
+def test_marker_runs_once_per_dtype_with_readable_ids(pytester):
+    pytester.makepyfile(GRADS + '''
+
+@pytest.mark.gradcheck(dtypes=["float32", "bfloat16"])
+def test_grad(gradcheck):
+    assert gradcheck.verify(good_grad, max_examples=2).dtype == gradcheck.dtype
+
+
+@pytest.mark.gradcheck(dtypes="float16")
+def test_without_fixture(gradcheck_dtype):
+    assert gradcheck_dtype == "float16"
+
+
+@pytest.mark.gradcheck(reduction="sum", max_examples=3)
+class TestSum:
+    def test_sum(self, gradcheck):
+        result = gradcheck.verify(sum_grad)
+        assert result.passed and result.examples == 3 and result.arguments["reduction"] == "sum"
+''')
+    # --strict-markers: the marker is registered; --gradcheck-dtypes applies to tests whose marker names none
+    result = pytester.runpytest("--strict-markers", "-W", "error", "--gradcheck-dtypes=float64,float32", "--gradcheck-seed=3", "-v")
+    result.assert_outcomes(passed=5)
+    result.stdout.fnmatch_lines([
+        "*::test_grad[[]float32[]] PASSED*",
+        "*::test_grad[[]bfloat16[]] PASSED*",
+        "*::test_without_fixture[[]float16[]] PASSED*",
+        "*::TestSum::test_sum[[]float64[]] PASSED*",
+        "*::TestSum::test_sum[[]float32[]] PASSED*",
+    ])
+    pytester.runpytest("--markers").stdout.fnmatch_lines(["@pytest.mark.gradcheck(dtypes=None, **options): *"])
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        ('dtype="float32"', "@pytest.mark.gradcheck got unknown options ['dtype']"),
+        ("max_exmples=3", "@pytest.mark.gradcheck got unknown options ['max_exmples']"),
+        ('"float32"', "@pytest.mark.gradcheck takes keywords only, got ('float32',)"),
+        ('dtypes=["float8"]', "@pytest.mark.gradcheck(dtypes=...) must name dtypes among"),
+    ],
+)
+def test_bad_marker_is_a_collection_error(pytester, marker, message):
+    pytester.makepyfile(GRADS + f'''
+
+@pytest.mark.gradcheck({marker})
+def test_grad(gradcheck):
+    gradcheck.assert_gradient(good_grad)
+''')
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    assert message in result.stdout.str(), result.stdout.str()
+
+
+def test_disabled_with_p_no_gradcheck(pytester):
+    pytester.makepyfile(PASSING)
+    result = pytester.runpytest("-p", "no:gradcheck")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'gradcheck' not found*"])
+    assert "gradcheck: seed" not in result.stdout.str()
+    usage_error(pytester.runpytest("-p", "no:gradcheck", "--gradcheck-seed=1"), "unrecognized arguments: --gradcheck-seed=1")
+
+
+# ---- terminal summary and report -----------------------------------------------------------------
+
+
+def test_terminal_summary_and_report_files(pytester):
+    pytester.makepyfile(test_mixed=MIXED)
+    result = pytester.runpytest("--gradcheck-max-examples=3", "--gradcheck-seed=5", "--gradcheck-report=out/gc.json")
+    result.assert_outcomes(passed=6, failed=1)
+    result.stdout.fnmatch_lines([
+        "*= gradcheck =*",
+        "test_mixed.forgot_mean: FAILED 2 of 2 checks (float64), * examples, worst * ULP = * x tolerance",
+        "test_mixed.good_grad: passed 5 checks (bfloat16, float16, float32, float64), 15 examples, worst *",
+        "test_mixed.sum_grad: passed 1 check (float64), 3 examples, worst *",
+        "seed 5 (repeat with --gradcheck-seed 5); report: out/gc.json, out/gc.md",
+    ])
+    doc = json.loads((pytester.path / "out" / "gc.json").read_text())
+    assert (doc["seed"], doc["checks_run"], doc["passed"], doc["failed"]) == (5, 8, 6, 2)
+    assert [(f["function"], f["verdict"], f["checks"]) for f in doc["functions"]] == [
+        ("test_mixed.forgot_mean", "failed", 2), ("test_mixed.good_grad", "passed", 5),
+        ("test_mixed.sum_grad", "passed", 1),
+    ]
+    checks = {(c["test"], c["call"]): c for c in doc["checks"]}
+    assert list(checks) == sorted(checks)  # a fixed order, whichever process ran which check
+    good = checks["test_mixed.py::test_good[bfloat16]", 0]
+    assert (good["function"], good["dtype"], good["options"], good["max_examples"], good["examples"],
+            good["verdict"], good["failure"]) == ("test_mixed.good_grad", "bfloat16", {}, 3, 3, "passed", None)
+    assert 0 <= good["worst_ratio"] <= 1 and good["worst_ulps"] >= 0
+    assert checks["test_mixed.py::test_sum[float64]", 0]["options"] == {"reduction": "sum"}
+    bad = checks["test_mixed.py::test_bad[float64]", 0]
+    assert bad["verdict"] == "failed" and bad["failure"]["kind"] == "mismatch" and bad["worst_ratio"] > 1
+    assert bad["failure"]["message"] in result.stdout.str().replace("\nE         ", "\n  ").replace("\nE           ", "\n    ")
+    assert bad["reproduction"] == f"gradcheck.verify(test_mixed.forgot_mean, max_examples=20, seed={bad['seed']})"
+    assert checks["test_mixed.py::test_two_checks[float64]", 1]["verdict"] == "failed"
+
+    md = (pytester.path / "out" / "gc.md").read_text()
+    assert "8 checks of 3 functions: 6 passed, 2 failed. Session seed 5: repeat with `pytest --gradcheck-seed 5`." in md
+    assert "| `test_mixed.good_grad` | passed | 5 | bfloat16, float16, float32, float64 | 15 |" in md
+    assert re.search(r"^\| `test_mixed.py::test_sum\[float64\]` \| `test_mixed.sum_grad` \| float64 \| "
+                     r"reduction='sum' \| 3 \| \S+ \| \S+ \| passed \|$", md, re.M), md
+    assert "### `test_mixed.py::test_bad[float64]`" in md and bad["failure"]["message"] in md
+
+
+def test_no_summary_without_checks(pytester):
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1)
+    assert "= gradcheck =" not in result.stdout.str()
+
+
+# ---- pytest-xdist (subprocesses) -----------------------------------------------------------------
+
+
+def test_xdist_report_is_the_same_as_a_single_process_one(pytester):
+    pytester.makepyfile(test_mixed=MIXED)
+    base = ("--gradcheck-max-examples=3", "--gradcheck-seed=11")
+    single = pytester.runpytest_subprocess(*base, "-p", "no:xdist", "--gradcheck-report=single")
+    single.assert_outcomes(passed=6, failed=1)
+    parallel = pytester.runpytest_subprocess(*base, "-n", "2", "--gradcheck-report=parallel")
+    parallel.assert_outcomes(passed=6, failed=1)
+    assert "2 workers [7 items]" in parallel.stdout.str()
+    parallel.stdout.fnmatch_lines(["*= gradcheck =*", "test_mixed.good_grad: passed 5 checks *"])
+
+    def without_time(name):
+        doc = json.loads((pytester.path / f"{name}.json").read_text())
+        for check in doc["checks"]:
+            del check["elapsed"]
+        return doc
+
+    assert without_time("parallel") == without_time("single")
+    assert (pytester.path / "parallel.md").read_text() == (pytester.path / "single.md").read_text()
+
+
+def test_xdist_workers_use_the_controllers_random_seed(pytester):
+    pytester.makepyfile(test_mixed=MIXED)
+    result = pytester.runpytest_subprocess("--gradcheck-max-examples=2", "-n", "2", "--gradcheck-report=r")
+    seed = header_seed(result)
+    doc = json.loads((pytester.path / "r.json").read_text())
+    assert doc["seed"] == seed and doc["checks_run"] == 8
+    assert all(c["seed"] == check_seed(seed, c["test"], c["call"]) for c in doc["checks"])
+
+
+# ---- import cost ---------------------------------------------------------------------------------
+
+HEAVY = ("jax", "sympy", "hypothesis", "torch", "gradcheck.verify", "gradcheck.strategies")
+CHEAP = {"gradcheck", "numpy", "ml_dtypes", "mpmath"}  # `import gradcheck` itself (tests/test_package.py)
+
+
+def test_loading_the_plugin_imports_nothing_heavy(pytester):
+    pytester.makepyfile('''
+import json
+import sys
+
+
+def _dump(name):
+    with open(name, "w") as handle:
+        json.dump(sorted(sys.modules), handle)
+
+
+def test_1_before_any_check():
+    _dump("before.json")
+
+
+def test_2_after_a_check(gradcheck):
+    import gradcheck as api
+
+    gradcheck.verify(api.cross_entropy_grad, max_examples=2)
+    _dump("after.json")
+''')
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+    before = set(json.loads((pytester.path / "before.json").read_text()))
+    after = set(json.loads((pytester.path / "after.json").read_text()))
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:gradcheck", "-k", "before")
+    without_plugin = set(json.loads((pytester.path / "before.json").read_text()))
+
+    assert "gradcheck.pytest_plugin" in before and "gradcheck.pytest_plugin" not in without_plugin
+    added = {m.split(".")[0] for m in before - without_plugin} - set(sys.stdlib_module_names)
+    assert added <= CHEAP, added - CHEAP
+    assert [m for m in HEAVY if m in before] == []
+    assert {"hypothesis", "gradcheck.verify"} <= after  # the same probe sees a check's imports
