@@ -68,11 +68,18 @@ class Case:
         return float_format(self.logits.dtype).name
 
     def options(self) -> dict[str, Any]:
-        """The non-default options, as passed to a ``grad_fn``."""
+        """The non-default options, as passed to a ``grad_fn`` (a fresh dict and weight array each call)."""
         return self.problem().options()
 
     def problem(self) -> Problem:
-        """The validated case (weights pass as float64, exactly: make_problem rejects bfloat16 weights)."""
+        """The validated case, built once (weights pass as float64, exactly: make_problem rejects bfloat16)."""
+        cached = self.__dict__.get("_problem")
+        if cached is None:
+            cached = self._validate()
+            object.__setattr__(self, "_problem", cached)
+        return cached
+
+    def _validate(self) -> Problem:
         weight = None if self.weight is None else self.weight.astype(np.float64)
         return make_problem(
             self.logits, self.targets, weight=weight, ignore_index=self.ignore_index,
@@ -111,7 +118,12 @@ def dtype_floats(
     hi = math.inf if max_value is None else float(max_value)
     if lo > hi:
         raise InvalidArgument(f"min_value must be <= max_value, got {lo!r} > {hi!r}.")
-    top = (1 << (fmt.bits - 1)) - 1  # all magnitude bit patterns (inf and NaN included)
+    # magnitudes are bit patterns 0 (zero) ... bits(max) (largest finite), bits(max) + 1 (inf): monotone,
+    # so drawing the pattern below the range's largest magnitude never produces NaN
+    largest = min(max(abs(lo), abs(hi)), fmt.max)
+    top = int(round_to_format(np.array(largest), fmt).view(fmt.int_dtype)) + 1
+    if not allow_infinity or math.isfinite(largest) and largest < fmt.max:
+        top = min(top, int(round_to_format(np.array(fmt.max), fmt).view(fmt.int_dtype)))
 
     def build(bits: int, negative: bool) -> float:
         raw = np.array([bits], dtype=np.uint64).astype(fmt.int_dtype).view(fmt.dtype)
@@ -119,7 +131,7 @@ def dtype_floats(
         return -value if negative else value
 
     def keep(x: float) -> bool:
-        if math.isnan(x) or (math.isinf(x) and not allow_infinity):
+        if math.isinf(x) and not allow_infinity:
             return False
         if not allow_subnormal and x != 0 and abs(x) < fmt.tiny:
             return False
@@ -128,21 +140,36 @@ def dtype_floats(
     return st.builds(build, st.integers(0, top), st.booleans()).filter(keep)
 
 
-@st.composite
 def logits(
-    draw: Any,
     dtype: Any = "float64",
     *,
     regime: str | None = None,
     max_shape: tuple[int, int] = MAX_SHAPE,
-) -> np.ndarray:
+) -> st.SearchStrategy[np.ndarray]:
     """``(N, K)`` logits of one regime (drawn from ``REGIMES`` when None), exact in ``dtype``."""
-    return draw(cases(dtype, regimes=REGIMES if regime is None else (regime,), max_shape=max_shape)).logits
+    return cases(dtype, regimes=REGIMES if regime is None else (regime,), max_shape=max_shape).map(lambda c: c.logits)
 
 
-@st.composite
+def targets_for(
+    logits: np.ndarray, *, targets: str = "index", ignore_index: int | None = None, reduction: str = "mean",
+) -> st.SearchStrategy[np.ndarray]:
+    """Targets for given logits: class indices (never a masked class) or probabilities in their dtype."""
+    fmt = float_format(logits.dtype)
+    _check_case_args(targets, REGIMES, ignore_index, logits.shape)
+
+    def build(seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        z = np.asarray(logits)
+        favourite = np.argmax(z.astype(np.float64), axis=1)
+        if targets == "probs":
+            return _probability_targets(rng, z, fmt, [])
+        t = _index_targets(rng, z, favourite, "moderate")
+        return t if ignore_index is None else _ignore_rows(rng, t, z.shape[1], ignore_index, reduction, [])
+
+    return st.integers(0, 2**32 - 1).map(build)
+
+
 def cases(
-    draw: Any,
     dtype: Any = "float64",
     *,
     targets: str = "index",
@@ -152,7 +179,7 @@ def cases(
     ignore_index: int | None = None,
     regimes: tuple[str, ...] = REGIMES,
     max_shape: tuple[int, int] = MAX_SHAPE,
-) -> Case:
+) -> st.SearchStrategy[Case]:
     """Whole cases: logits of a regime, targets, weights and ignored rows, exact in ``dtype``.
 
     Args:
@@ -165,13 +192,21 @@ def cases(
         max_shape: the largest ``(N, K)``; "many_classes" needs K > 64 and is skipped below that.
 
     Raises:
-        InvalidArgument: an unknown regime or target kind, or ignore_index with probability targets.
+        InvalidArgument: an unknown regime or target kind, or ignore_index with probability targets
+            (checked eagerly, when the strategy is built).
     """
     fmt = float_format(dtype)
     _check_case_args(targets, regimes, ignore_index, max_shape)
+    return _cases(fmt, targets, reduction, float(label_smoothing), weighted, ignore_index, tuple(regimes),
+                  tuple(max_shape))
+
+
+@st.composite
+def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoothing: float, weighted: bool,
+           ignore_index: int | None, regimes: tuple[str, ...], max_shape: tuple[int, int]) -> Case:
     usable = tuple(r for r in regimes if r != "many_classes" or max_shape[1] > MANY_CLASSES_TILE) or ("moderate",)
     regime = draw(st.sampled_from(usable))
-    n, k = draw(_shapes(regime, max_shape))
+    n, k = _shapes(draw, regime, max_shape)
     if ignore_index == 0 and k == 1 and reduction == "mean":
         k = 2  # with one class every row would be ignored: the mean would be 0/0
     seed = draw(st.integers(0, 2**32 - 1))
@@ -204,7 +239,6 @@ def _check_case_args(targets: str, regimes: tuple[str, ...], ignore_index: Any, 
         raise InvalidArgument(f"max_shape must be (N, K) with N, K >= 1, got {max_shape!r}.")
 
 
-@st.composite
 def _shapes(draw: Any, regime: str, max_shape: tuple[int, int]) -> tuple[int, int]:
     """Mostly small shapes, sometimes medium, rarely the largest (keeps examples cheap)."""
     max_n, max_k = max_shape
@@ -216,7 +250,8 @@ def _shapes(draw: Any, regime: str, max_shape: tuple[int, int]) -> tuple[int, in
             return 1, draw(st.integers(1, min(max_k, 64)))
         return draw(st.integers(1, min(max_n, 64))), 1
     if regime == "many_classes":
-        tiles = draw(st.integers(1, 512).map(lambda j: j if j <= 8 or j % 8 == 0 else j % 8 + 1))
+        tiles = draw(st.integers(1, 512))
+        tiles = tiles if tiles <= 8 or tiles % 8 == 0 else tiles % 8 + 1  # mostly few tiles, some many
         k = min(MANY_CLASSES_TILE * tiles + draw(st.integers(0, MANY_CLASSES_TILE - 1)), max_k)
         return draw(st.integers(1, min(max_n, 4))), max(k, MANY_CLASSES_TILE + 1)
     bucket = draw(st.integers(0, 9))

@@ -14,6 +14,8 @@ classes dropped, numbers rounded) while it keeps failing the same way.
 from __future__ import annotations
 
 import secrets
+import sys
+import types
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -541,3 +543,18 @@ def _check_arguments(
         "ignore_index": None, "max_examples": 100, "max_shape": MAX_SHAPE, "regimes": REGIMES,
     }
     return {k: v for k, v in given.items() if v != defaults[k]}
+
+
+class _CallableModule(types.ModuleType):
+    """``gradcheck.verify`` names both this module and the function.
+
+    Importing the submodule (``from gradcheck.verify import ...``) rebinds the package attribute
+    ``gradcheck.verify`` to the module, whatever the package's lazy ``__getattr__`` did before; making
+    the module callable keeps ``gradcheck.verify(grad_fn, ...)`` working in every import order.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Verification:
+        return verify(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

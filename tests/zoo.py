@@ -152,10 +152,15 @@ def numpy_online(logits, targets, *, weight=None, ignore_index=-100, reduction="
 
 
 def oracle(logits, targets, **options):
-    """gradcheck's own float64 oracle, rounded to the dtype."""
+    """gradcheck's own float64 oracle, rounded to the dtype.
+
+    The weight goes in as float64 (exact): make_problem rejects bfloat16 weights (dtype kind "V").
+    """
     from gradcheck import cross_entropy_grad
 
-    return cross_entropy_grad(logits, targets, **options)
+    if options.get("weight") is not None:
+        options["weight"] = np.asarray(options["weight"]).astype(np.float64)
+    return cross_entropy_grad(logits, targets, dtype=logits.dtype, **options)
 
 
 def _torch_manual(logits, targets, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):

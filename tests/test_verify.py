@@ -1,0 +1,209 @@
+"""verify / assert_gradient: verdicts, messages, shrinking, reproducibility, adapters, argument checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gradcheck
+from gradcheck import GradientMismatch, InvalidArgument, assert_gradient
+from gradcheck.verify import verify
+from gradcheck.adapters import jax_grad_fn, jax_loss_grad, to_numpy, torch_grad_fn, torch_loss_grad
+from gradcheck.tolerance import grad_tolerance
+from zoo import _jax_cross_entropy, numpy_stable, sign_flipped
+
+
+def test_correct_implementation_passes_and_reports_its_figures():
+    result = verify(numpy_stable, dtype="float32", seed=5, max_examples=40)
+    assert result.passed and result.failure is None
+    assert result.examples == 40 and result.seed == 5 and result.dtype == "float32"
+    assert 0 < result.worst_ratio <= 1 and result.worst_ulps >= 0
+    assert result.reproduction == "gradcheck.verify(zoo.numpy_stable, dtype='float32', max_examples=40, seed=5)"
+    assert "passed after 40 examples" in str(result)
+
+
+def test_seed_is_chosen_recorded_and_replays():
+    first = verify(numpy_stable, max_examples=15)
+    again = verify(numpy_stable, max_examples=15, seed=first.seed)
+    assert isinstance(first.seed, int) and f"seed={first.seed}" in first.reproduction
+    assert (again.worst_ulps, again.worst_ratio) == (first.worst_ulps, first.worst_ratio)
+
+
+def _oracle_plus(multiple):
+    """The truth plus ``multiple`` tolerances on element (0, 0): the verdict must flip between 0.5 and 2."""
+
+    def grad_fn(logits, targets, **options):
+        problem = gradcheck.make_problem(logits, targets, **options)
+        g = gradcheck.cross_entropy_grad(logits, targets, dtype="float64", **options)
+        g[0, 0] += multiple * grad_tolerance(problem)[0, 0]
+        return gradcheck.round_to_format(g, problem.format) if multiple < 1 else g.astype(logits.dtype)
+
+    return grad_fn
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_verdict_flips_at_the_tolerance(dtype):
+    assert verify(_oracle_plus(0.5), dtype=dtype, seed=1, max_examples=30, regimes=("moderate",)).passed
+    failed = verify(_oracle_plus(3.0), dtype=dtype, seed=1, max_examples=30, regimes=("moderate",))
+    assert not failed.passed and failed.failure.kind == "mismatch" and failed.failure.ratio > 2
+
+
+def test_mismatch_message_and_shrinking():
+    with pytest.raises(GradientMismatch) as info:
+        assert_gradient(sign_flipped, dtype="float32", seed=3)
+    message = str(info.value)
+    for part in ("sign_flipped is wrong (mismatch)", "worst element", "expected", "got", "ULP", "x the tolerance",
+                 "logits = np.array(", "targets = np.array(", "options = {}", "seed 3",
+                 "gradcheck.verify(zoo.sign_flipped, dtype='float32', seed=3)"):
+        assert part in message, part
+    assert isinstance(info.value, AssertionError)
+    result = verify(sign_flipped, dtype="float32", seed=3)
+    case = result.failure.case
+    assert case.logits.size <= 2  # shrunk to one row of at most two classes
+    assert all(float(v) == round(float(v), 3) for v in case.logits.ravel())  # readable numbers
+    f = result.failure
+    truth = gradcheck.exact_grad(case.logits, case.targets)
+    assert f.expected == float(truth[f.index]) and f.got == -f.expected
+
+
+def _kind(fn, **kwargs):
+    result = verify(fn, seed=0, max_examples=50, **kwargs)
+    assert not result.passed
+    return result.failure
+
+
+def test_exception_is_reported_with_its_input():
+    def crashes_on_single_class(logits, targets, **options):
+        if logits.shape[1] == 1:
+            raise ZeroDivisionError("one class")
+        return numpy_stable(logits, targets, **options)
+
+    failure = _kind(crashes_on_single_class)
+    assert failure.kind == "exception" and "ZeroDivisionError: one class" in failure.message
+    assert failure.case.logits.shape[1] == 1
+
+
+def test_nonfinite_mutation_shape_dtype_nondeterminism_and_type():
+    def nan_at_first(logits, targets, **options):
+        g = numpy_stable(logits, targets, **options)
+        g[0, 0] = np.nan
+        return g
+
+    def mutates_targets(logits, targets, **options):
+        g = numpy_stable(logits, targets, **options)
+        targets[:] = 0
+        return g
+
+    counter = iter(range(10**6))
+
+    def flaky(logits, targets, **options):
+        g = numpy_stable(logits, targets, **options)
+        g[0, 0] += next(counter) * 2.0**-60
+        return g
+
+    assert _kind(nan_at_first).kind == "nonfinite"
+    mutation = _kind(mutates_targets)
+    assert mutation.kind == "mutation" and "targets argument in place" in mutation.message
+    assert _kind(lambda z, t, **o: numpy_stable(z, t, **o).T).kind == "shape"
+    assert _kind(lambda z, t, **o: numpy_stable(z, t, **o).astype(np.float32)).kind == "dtype"
+    assert _kind(flaky).kind == "nondeterminism"
+    assert _kind(lambda z, t, **o: object()).kind in ("type", "shape")
+
+
+def test_lists_are_accepted_when_exact():
+    assert verify(lambda z, t, **o: numpy_stable(z, t, **o).tolist(), seed=0, max_examples=20).passed
+
+
+def test_options_passed_are_exactly_the_non_default_ones():
+    seen = []
+
+    def spy(logits, targets, **options):
+        seen.append(sorted(options))
+        return numpy_stable(logits, targets, **options)
+
+    verify(spy, dtype="float16", seed=0, max_examples=5, weighted=True, label_smoothing=0.1, reduction="sum",
+           ignore_index=3)
+    assert seen and all(s == ["ignore_index", "label_smoothing", "reduction", "weight"] for s in seen)
+    seen.clear()
+    verify(spy, seed=0, max_examples=5)
+    assert all(s == [] for s in seen)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_adapters(dtype):
+    torch = pytest.importorskip("torch")
+    assert verify(torch_loss_grad(), dtype=dtype, seed=0, max_examples=25, weighted=True).passed
+
+    def grad(z, t, **options):
+        assert isinstance(z, torch.Tensor) and str(z.dtype) == f"torch.{dtype}"
+        return torch.softmax(z, dim=1) - torch.nn.functional.one_hot(t, z.shape[1]).to(z.dtype)
+
+    result = verify(torch_grad_fn(grad), dtype=dtype, seed=0, max_examples=25, reduction="sum")
+    assert result.passed, str(result)
+    caught = verify(torch_grad_fn(grad), dtype=dtype, seed=0, max_examples=25)  # forgot the mean
+    assert not caught.passed
+
+
+def test_jax_adapters():
+    import jax.numpy as jnp
+
+    assert verify(jax_loss_grad(_jax_cross_entropy), dtype="float64", seed=0, max_examples=10,
+                  max_shape=(4, 8)).passed
+
+    def grad(z, t, **options):
+        assert z.dtype == jnp.float64  # x64 is on inside the adapter
+        return (jnp.exp(z - z.max(axis=1, keepdims=True)) / jnp.exp(z - z.max(axis=1, keepdims=True)).sum(
+            axis=1, keepdims=True) - (jnp.arange(z.shape[1]) == t[:, None])) / z.shape[0]
+
+    assert verify(jax_grad_fn(grad), seed=0, max_examples=10, max_shape=(4, 8), regimes=("moderate",)).passed
+
+
+def test_to_numpy_keeps_bfloat16():
+    torch = pytest.importorskip("torch")
+    x = to_numpy(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
+    assert str(x.dtype) == "bfloat16" and x.astype(np.float64).tolist() == [1.5, -2.0]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dtype": "int8"}, "dtype must be one of"),
+    ({"targets": "soft"}, "targets must be 'index' or 'probs', got 'soft'"),
+    ({"reduction": "avg"}, "reduction must be one of"),
+    ({"label_smoothing": 1.5}, r"label_smoothing must be a number in \[0, 1\], got 1.5"),
+    ({"weighted": 1}, "weighted must be True or False"),
+    ({"ignore_index": 1.0}, "ignore_index must be an integer or None"),
+    ({"ignore_index": 3, "targets": "probs"}, "ignore_index applies to targets='index' only"),
+    ({"max_examples": 0}, "max_examples must be a positive integer"),
+    ({"seed": -1}, "seed must be a nonnegative integer or None"),
+    ({"max_shape": (0, 3)}, r"max_shape must be \(N, K\)"),
+    ({"regimes": ("calm",)}, "regimes must be a non-empty subset"),
+])
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(InvalidArgument, match=match):
+        verify(numpy_stable, **kwargs)
+    with pytest.raises(InvalidArgument, match="grad_fn must be callable"):
+        verify("numpy_stable")
+
+
+def test_verify_module_does_not_import_torch_or_jax():
+    code = ("import sys, gradcheck; gradcheck.verify; import gradcheck.verify; "
+            "print(any(m in sys.modules for m in ('torch', 'jax')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_speed_at_small_shapes():
+    """The performance target is 100 examples/s at shapes up to (8, 32); the bound here leaves headroom
+    for a loaded 2-core machine."""
+    result = verify(numpy_stable, seed=0, max_examples=100, max_shape=(8, 32))
+    assert result.passed and result.elapsed < 3.0
+
+
+def test_gradcheck_verify_is_callable_in_every_import_order():
+    code = ("import gradcheck; gradcheck.assert_gradient; import gradcheck.verify; import sys; sys.path.insert(0, 'tests'); "
+            "from zoo import numpy_stable; r = gradcheck.verify(numpy_stable, seed=0, max_examples=3); "
+            "print(r.passed, type(r).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True Verification"
