@@ -321,7 +321,7 @@ def _check_weight(weight: Any, k: int) -> np.ndarray | None:
         raise InvalidArgument(f"weight must be an array of {k} floats, got {type(weight).__name__}.") from None
     if w.shape != (k,):
         raise InvalidArgument(f"weight must have shape ({k},), one per class, got shape {w.shape}.")
-    if w.dtype.kind not in "iuf" or (w.dtype.kind == "f" and not is_supported_float(w.dtype)):
+    if not (w.dtype.kind in "iu" or is_supported_float(w.dtype)):  # bfloat16's kind is "V"
         raise InvalidArgument(f"weight must be real numbers, got dtype {w.dtype}.")
     w = w.astype(np.float64)
     bad = ~np.isfinite(w) | (w < 0)

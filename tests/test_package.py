@@ -34,3 +34,15 @@ def test_selfcheck_command(capsys):
 def test_python_dash_m_help():
     out = subprocess.run([sys.executable, "-m", "gradcheck", "selfcheck", "--help"], capture_output=True, text=True, check=True).stdout
     assert "example: gradcheck selfcheck" in out
+
+
+def test_lazy_names_survive_any_import_order():
+    code = (
+        "import gradcheck, gradcheck.verify\n"
+        "from gradcheck.verify import Verification\n"
+        "import numpy as np\n"
+        "r = gradcheck.verify(gradcheck.cross_entropy_grad, max_examples=3, seed=1)\n"
+        "assert isinstance(r, Verification) and r.passed and callable(gradcheck.assert_gradient)\n"
+        "assert gradcheck.strategies.__name__ == 'gradcheck.strategies'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

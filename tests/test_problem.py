@@ -100,3 +100,11 @@ def test_divisor_semantics():
     assert gc.make_problem(Z, np.array([0, 2, -100, 0]), weight=w).divisor() == 1 + 4 + 1
     assert gc.make_problem(Z, P, weight=w).divisor() == 4  # probability targets: N
     assert gc.make_problem(Z, T, reduction="sum").divisor() == 1
+
+
+def test_bfloat16_weights_and_targets_are_accepted():
+    import ml_dtypes
+
+    bf = ml_dtypes.bfloat16
+    g = gc.cross_entropy_grad(Z.astype(bf), P.astype(bf), weight=np.array([1.0, 2.0, 0.5]).astype(bf))
+    assert g.dtype == bf and np.all(np.isfinite(g.astype(np.float64)))
