@@ -16,6 +16,7 @@ derived in docs/oracle.md, section "Running error bound".
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,9 +35,17 @@ EXP_ULPS = 2.0  # relative error of np.exp, in units of u (glibc: < 1 ulp; see d
 SECOND_ORDER = 1.01  # allowance for second-order terms (docs/oracle.md, valid while K*u < 1e-3)
 
 
-def gamma(n: np.ndarray | float, u: float = U) -> np.ndarray | float:
-    """Higham's gamma_n = n u / (1 - n u): the relative error bound of a sum of n + 1 nonnegative terms."""
-    return n * u / (1.0 - n * u)
+def gamma(n: np.ndarray | float, u: Any = U) -> Any:
+    """Higham's gamma_n = n u / (1 - n u) for unit roundoff u; infinite once n u >= 1.
+
+    The relative error bound of n roundings in a row, e.g. of a sum of n + 1 nonnegative terms in any
+    order (Higham, Accuracy and Stability of Numerical Algorithms, Lemma 3.1). The one definition used
+    by the oracle, the tolerance model and the estimators.
+    """
+    nu = n * u
+    if np.ndim(nu) == 0:
+        return nu / (1 - nu) if nu < 1 else math.inf
+    return np.where(nu < 1, nu / (1 - np.minimum(nu, 0.5)), np.inf)
 
 
 @dataclass(frozen=True)

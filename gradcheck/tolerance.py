@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradcheck.dtypes import FLOAT32, FloatFormat
-from gradcheck.oracle import RowParts, grad_rows, row_parts
+from gradcheck.oracle import RowParts, gamma, grad_rows, row_parts
 from gradcheck.problem import Problem
 
 # docs/tolerance.md, "Elementary functions": relative error of exp and log in units of u.
@@ -131,14 +131,14 @@ def element_bound(problem: Problem, parts: RowParts, working: Working) -> np.nda
         # 2 u a > 700, so a (1 - 2u) > 746 and both p_c and its perturbed value are 0 in float64
         rate_e = np.minimum(2 * u * a + (EXP_U + 1) * u, 700.0)
         sum_err = (p * np.expm1(rate_e)).sum(axis=1, keepdims=True)
-        eps_z = (1.0 + sum_err) * (1.0 + _gamma(depth, u)) - 1.0
+        eps_z = (1.0 + sum_err) * (1.0 + gamma(depth, u)) - 1.0
         # step 6: targets and weights
         wt = problem.dense_targets() * problem.weights()
         smooth = bool(problem.label_smoothing)
         weighted = problem.weight is not None
         eps_wt = math.expm1(((4 if smooth else 0) + (1 if weighted else 0)) * u)
         plain = problem.index_targets and not smooth
-        eps_s = 0.0 if plain else (1 + eps_wt) * (1 + _gamma(depth, u)) - 1.0
+        eps_s = 0.0 if plain else (1 + eps_wt) * (1 + gamma(depth, u)) - 1.0
         s_row = wt.sum(axis=1, keepdims=True)
         # steps 3, 5 and the product p S: the relative error of the computed p_i S, as one expm1
         rate_p = 2 * u * a + (1 + LOG_U) * u * log_z + (2 * EXP_U + 3) * u
@@ -213,14 +213,6 @@ def _longdouble() -> FloatFormat | None:
 LONGDOUBLE = _longdouble()
 
 
-def _gamma(n: float, u: float) -> float:
-    """Higham's gamma_n = n u / (1 - n u), the relative error of a sum of depth n (docs/tolerance.md).
-
-    Infinite once n u >= 1: the model then bounds nothing and :func:`element_bound` says so.
-    """
-    return n * u / (1.0 - n * u) if n * u < 1 else math.inf
-
-
 def _scale_error(problem: Problem, u: float) -> tuple[float, float]:
     """The divisor D and the relative error eta of scaling by it (docs/tolerance.md, step 8).
 
@@ -233,5 +225,5 @@ def _scale_error(problem: Problem, u: float) -> tuple[float, float]:
     depth = 0
     if problem.index_targets and problem.weight is not None:
         depth = max(0, int(problem.active_rows().sum()) - 1)
-    eps_d = _gamma(depth, u)
+    eps_d = gamma(depth, u)
     return d, (1 + eps_d) / (1 - eps_d) * math.exp(2 * u) - 1.0

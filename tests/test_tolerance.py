@@ -40,7 +40,6 @@ def test_workings_per_dtype():
 
 def _hard_cases(dtype):
     rng = np.random.default_rng(7)
-    fmt = float_format(dtype)
     gap = {"float64": 700.0, "float32": 90.0, "bfloat16": 90.0, "float16": 20.0}[dtype]
     huge = {"float64": 1e300, "float32": 1e30, "bfloat16": 1e30, "float16": 1e4}[dtype]
     yield rng.standard_normal((6, 37)), rng.integers(0, 37, 6)

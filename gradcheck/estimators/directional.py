@@ -13,7 +13,8 @@ import numpy as np
 
 from gradcheck.dtypes import FLOAT64, float_format
 from gradcheck.estimators.finite_difference import C3, _pow2_at_least
-from gradcheck.estimators.result import gamma, rounding_error
+from gradcheck.estimators.result import rounding_error
+from gradcheck.oracle import gamma
 from gradcheck.estimators.row_loss import RealRows
 from gradcheck.problem import Problem
 

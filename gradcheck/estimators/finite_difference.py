@@ -18,7 +18,8 @@ import numpy as np
 
 from gradcheck.dtypes import FLOAT64, FloatFormat, float_format
 from gradcheck.errors import InvalidArgument
-from gradcheck.estimators.result import MethodResult, Status, finish, gamma, rounding_error, unsupported
+from gradcheck.estimators.result import MethodResult, Status, finish, rounding_error, unsupported
+from gradcheck.oracle import gamma
 from gradcheck.estimators.row_loss import ComplexRows, RealRows
 from gradcheck.problem import Problem
 

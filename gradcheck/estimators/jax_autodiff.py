@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradcheck.dtypes import FLOAT64, FloatFormat, float_format
-from gradcheck.estimators.result import MethodResult, finish, gamma
+from gradcheck.estimators.result import MethodResult, finish
+from gradcheck.oracle import gamma
 from gradcheck.problem import Problem
 
 # Relative error of XLA's CPU exp and log in units of u, for every format (float16 and bfloat16 are

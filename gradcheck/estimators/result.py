@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -130,8 +129,3 @@ def rounding_error(rounded: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     if fmt.precision == FLOAT64.precision:
         return np.zeros(rounded.shape)
     return 0.5 * fmt.ulp(np.asarray(rounded, dtype=np.float64))
-
-
-def gamma(n: float, u: float) -> float:
-    """Higham's gamma_n = n u / (1 - n u) for unit roundoff u (inf once n u >= 1)."""
-    return n * u / (1.0 - n * u) if n * u < 1.0 else math.inf

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradcheck.dtypes import FloatFormat
-from gradcheck.estimators.result import gamma
+from gradcheck.oracle import gamma
 
 # Relative error of numpy's exp and log/log1p in units of u, per format. float64: glibc and the
 # SIMD paths are below 1 ulp (as in docs/oracle.md); float32: numpy's SIMD exp/log are documented
