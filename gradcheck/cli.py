@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
+
+DTYPES = ["float64", "float32", "float16", "bfloat16"]
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the examples' line breaks."""
+
+
+def _err(message: str) -> None:
+    print(f"gradcheck: error: {message}", file=sys.stderr)
+
+
+# --- selfcheck ----------------------------------------------------------------------------------
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
@@ -26,24 +42,411 @@ def _selfcheck(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+# --- progress -----------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A rich progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, console: Any, description: str, total: int) -> None:
+        self._bar = None
+        if console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=True)
+            self._task = self._bar.add_task(description, total=total)
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024:.0f} KiB" if n >= 10240 else f"{n} B"
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def _report(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from rich.console import Console
+
+    from gradcheck.errors import InvalidArgument
+    from gradcheck.report import write_report
+    from gradcheck.study import StudyConfig, run_study, task_count
+    from gradcheck.vectors import build_suite
+
+    console = Console(soft_wrap=True)
+    started = dt.datetime.now(dt.timezone.utc)
+    start = time.perf_counter()
+    config = StudyConfig(seed=args.seed, examples=args.examples, dtypes=tuple(args.dtypes),
+                         regimes=tuple(args.regimes) if args.regimes else StudyConfig().regimes,
+                         methods=tuple(args.methods or ()), proof_classes=args.max_classes)
+    extra = [] if args.no_vectors else [(build_suite, args.seed)]
+    try:
+        with _Progress(console, "study", task_count(config) + len(extra)) as bar:
+            study, extras = run_study(config, jobs=args.jobs, scheduler=args.scheduler, progress=bar.advance,
+                                      extra=extra)
+    except InvalidArgument as exc:
+        _err(str(exc))
+        return 2
+    suite = extras[0] if extras else None
+    written = write_report(args.out, study, suite, started=started,
+                           timing={"totalSeconds": round(time.perf_counter() - start, 3)})
+    seconds = time.perf_counter() - start
+    console.print(f"gradcheck report: {len(study.cases)} cases x {len(study.methods)} methods, seed {args.seed}, "
+                  f"{study.workers}, {seconds:.1f} s")
+    for w in written:
+        console.print(f"  wrote {w.path} ({_size(w.size)})")
+    closed = [c for c in study.totals if c.method == "closed_form" and c.usable]
+    held = all(c.within_share == 1 for c in closed)
+    proofs_ok = all(p.status == "proved" for p in study.proofs)
+    for c in closed:
+        console.print(f"  closed form, {c.dtype}: max {c.max_ulp:g} ULP, median {c.median_ulp:g} ULP, "
+                      f"bound held in {100 * c.within_share:.0f}% of {c.usable} cases")
+    if study.proofs:
+        console.print(f"  SymPy: {sum(p.status == 'proved' for p in study.proofs)} of {len(study.proofs)} identities proved")
+    if suite is not None:
+        valid = sum(t.result == "valid" for g in suite.groups for t in g.tests)
+        console.print(f"  vectors: {suite.number_of_tests} tests ({valid} valid, {suite.number_of_tests - valid} invalid) "
+                      f"in {len(suite.groups)} groups")
+    if not held:
+        _err("the closed form's rigorous error bound failed on some case (see report.md)")
+    if not proofs_ok:
+        _err("a SymPy proof did not succeed (see report.md)")
+    return 0 if held and proofs_ok else 1
+
+
+# --- vectors ------------------------------------------------------------------------------------
+
+
+def _vectors(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gradcheck.report import write_vectors
+    from gradcheck.report.vector_file import render_vectors
+    from gradcheck.vectors import build_suite
+
+    start = time.perf_counter()
+    suite = build_suite(args.seed)
+    if args.check:
+        text = render_vectors(suite)
+        try:
+            current = Path(args.out).read_text(encoding="utf-8")
+        except OSError as exc:
+            _err(f"cannot read {args.out}: {exc.strerror}")
+            return 2
+        if current != text:
+            _err(f"{args.out} differs from the vectors generated with seed {args.seed}; regenerate it with "
+                 f"`gradcheck vectors --out {args.out}`")
+            return 1
+        print(f"{args.out} is up to date ({suite.number_of_tests} tests, seed {args.seed})")
+        return 0
+    written = write_vectors(args.out, suite)
+    print(f"wrote {written.path} ({_size(written.size)}): {suite.number_of_tests} tests in {len(suite.groups)} groups, "
+          f"seed {args.seed}, {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+# --- verify -------------------------------------------------------------------------------------
+
+
+def load_function(spec: str) -> Any:
+    """Import ``MODULE:FUNC`` (FUNC may be dotted) from the current directory, like ``python -m`` would.
+
+    Raises:
+        ValueError: a malformed spec, an import error or a missing attribute (the message says which).
+    """
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected MODULE:FUNC (e.g. mykernels.ce:grad), got {spec!r}")
+    cwd = os.getcwd()
+    if sys.path[:1] != [cwd]:
+        sys.path.insert(0, cwd)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a usage error
+        raise ValueError(f"cannot import module {module_name!r} from {cwd}: {type(exc).__name__}: {exc}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise ValueError(f"{spec} is not callable (got {type(obj).__name__})")
+    return obj
+
+
+def _finite(x: float | None) -> float | None:
+    import math
+
+    return x if x is None or math.isfinite(x) else None
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        fn = load_function(args.function)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    if args.vectors:
+        return _verify_vectors(args, fn)
+    from gradcheck.errors import InvalidArgument
+    from gradcheck.verify import describe, verify
+
+    dtypes = args.dtype or ["float64"]
+    runs, cases = [], []
+    for dtype in dtypes:
+        for targets in args.targets or ["index"]:
+            try:
+                result = verify(fn, dtype=dtype, targets=targets, reduction=args.reduction,
+                                label_smoothing=args.label_smoothing, weighted=args.weighted,
+                                ignore_index=args.ignore_index, max_examples=args.max_examples, seed=args.seed)
+            except InvalidArgument as exc:
+                _err(str(exc))
+                return 2
+            print(str(result).splitlines()[0])
+            if not result.passed:
+                print(describe(result), file=sys.stderr)
+            runs.append({
+                "dtype": dtype, "targets": targets, "passed": result.passed, "examples": result.examples,
+                "worstUlps": _finite(result.worst_ulps), "worstRatio": _finite(result.worst_ratio), "seed": result.seed,
+                "reproduction": result.reproduction, "failure": None if result.passed else describe(result),
+            })
+            cases.append((f"{dtype}-{targets}", result.elapsed, None if result.passed else describe(result)))
+    passed = all(r["passed"] for r in runs)
+    _outputs(args, {"mode": "property", "function": args.function, "passed": passed, "runs": runs}, cases)
+    return 0 if passed else 1
+
+
+def _verify_vectors(args: argparse.Namespace, fn: Any) -> int:
+    from rich.console import Console
+
+    from gradcheck.errors import InvalidArgument
+    from gradcheck.report.vector_file import load_vectors
+    from gradcheck.vectors import check_vectors
+
+    try:
+        suite = load_vectors(args.vectors)
+    except InvalidArgument as exc:
+        _err(str(exc))
+        return 2
+    dtypes = tuple(args.dtype) if args.dtype else None
+    targets = tuple(args.targets) if args.targets else None
+    total = sum(len(g.tests) for g in suite.groups
+                if (not dtypes or g.dtype in dtypes) and (not targets or g.targets in targets))
+    start = time.perf_counter()
+    with _Progress(Console(stderr=True), "vectors", total) as bar:
+        result = check_vectors(fn, suite, dtypes=dtypes, targets=targets, progress=bar.advance)
+    elapsed = time.perf_counter() - start
+    failures = result.implementation_failures
+    ran = sum(o.implementation_ok is not None for o in result.outcomes)
+    for o in failures:
+        hint = f" (looks like: {', '.join(o.resembles)})" if o.resembles else ""
+        print(f"FAIL {o.message}{hint}", file=sys.stderr)
+    for o in result.misclassified:
+        print(f"CHECKER {o.message}", file=sys.stderr)
+    print(f"verify({result.function}) against {args.vectors}: {'passed' if result.passed else 'FAILED'}; "
+          f"{len(result.outcomes)} tests, {ran} distinct inputs run, {len(failures)} failed, "
+          f"{len(result.misclassified)} misclassified by the checker; {elapsed:.1f} s")
+    document = {
+        "mode": "vectors", "function": args.function, "file": str(args.vectors), "passed": result.passed,
+        "tests": len(result.outcomes), "inputsRun": ran,
+        "failures": [{"tcId": o.tc_id, "message": o.message, "resembles": list(o.resembles)} for o in failures],
+        "misclassified": [{"tcId": o.tc_id, "result": o.expected, "message": o.message} for o in result.misclassified],
+    }
+    cases = [(f"tcId {o.tc_id}", 0.0, o.message or None) for o in result.outcomes
+             if o.implementation_ok is not None or not o.classified]
+    _outputs(args, document, cases)
+    return 0 if result.passed else 1
+
+
+def _outputs(args: argparse.Namespace, document: dict[str, Any], cases: list[tuple[str, float, str | None]]) -> None:
+    from gradcheck.report.jsonio import dumps, write_atomic
+
+    if args.json:
+        write_atomic(args.json, dumps({"schema": "gradcheck-verify", "schemaVersion": "1.0.0", **document}))
+    if args.junit_xml:
+        write_atomic(args.junit_xml, junit_xml(f"gradcheck.verify[{args.function}]", cases))
+
+
+def junit_xml(suite_name: str, cases: list[tuple[str, float, str | None]]) -> str:
+    """A JUnit XML document: one testcase per (name, seconds, failure message or None)."""
+    import xml.etree.ElementTree as ET
+
+    failures = sum(1 for _, _, f in cases if f)
+    root = ET.Element("testsuites")
+    suite = ET.SubElement(root, "testsuite", name=suite_name, tests=str(len(cases)), failures=str(failures),
+                          errors="0", time=f"{sum(s for _, s, _ in cases):.3f}")
+    for name, seconds, failure in cases:
+        case = ET.SubElement(suite, "testcase", classname=suite_name, name=name, time=f"{seconds:.3f}")
+        if failure:
+            node = ET.SubElement(case, "failure", message=failure.splitlines()[0][:500])
+            node.text = failure
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+# --- prove --------------------------------------------------------------------------------------
+
+
+def _prove(args: argparse.Namespace) -> int:
+    from gradcheck.estimators.sympy_symbolic import KINDS, prove
+
+    kinds = tuple(args.kinds or KINDS)
+    print(f"SymPy proofs for K = 1 .. {args.max_classes}: after differentiation the difference with the closed "
+          "form is rational in E_j = exp(z_j), and cancel() reduces it to 0 (a decision procedure).")
+    ok = True
+    for k in range(1, args.max_classes + 1):
+        for kind in kinds:
+            p = prove(kind, k, timeout=args.timeout, use_cache=not args.no_cache)
+            ok &= p.proved
+            note = "cached" if p.cached else f"{p.seconds:.2f} s"
+            print(f"  [{p.status:>7}] {p.statement} ({note})")
+    print("all identities proved" if ok else "some identities were NOT proved")
+    return 0 if ok else 1
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a nonnegative integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from gradcheck.regimes import REGIMES
+
     parser = argparse.ArgumentParser(
         prog="gradcheck",
         description="Reference oracle and verification harness for the softmax cross-entropy gradient.",
+        epilog="examples:\n  gradcheck report --out reports/\n  gradcheck verify mykernel:ce_grad --dtype float32\n"
+               "  gradcheck verify mykernel:ce_grad --vectors reports/vectors.json\n  gradcheck prove --max-classes 4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     p = sub.add_parser(
-        "selfcheck",
+        "selfcheck", formatter_class=_Formatter,
         help="compare the fast oracle with the certified truth in every regime",
         description="Compare the fast float64 oracle with the certified (mpmath) truth on seeded cases in "
         "every regime, print the ULP errors, and check the oracle's running error bound.",
         epilog="example: gradcheck selfcheck --cases 50 --seed 1",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (default 0)")
-    p.add_argument("--cases", type=int, default=20, help="cases per regime and dtype (default 20)")
-    p.add_argument("--dtypes", nargs="+", default=["float64", "float32"],
-                   choices=["float64", "float32", "float16", "bfloat16"], help="formats to check")
+    p.add_argument("--seed", type=_nonnegative, default=0, help="seed of the generated cases (default 0)")
+    p.add_argument("--cases", type=_positive, default=20, help="cases per regime and dtype (default 20)")
+    p.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=DTYPES, metavar="DTYPE",
+                   help="formats to check: float64 float32 float16 bfloat16 (default float64 float32)")
     p.set_defaults(run=_selfcheck)
+
+    from gradcheck.study import DEFAULT_EXAMPLES, PROOF_CLASSES
+
+    p = sub.add_parser(
+        "report", formatter_class=_Formatter,
+        help="run the study and write report.json, report.md, report.html and vectors.json",
+        description="Run every registered gradient method (closed form, finite differences, JAX, SymPy) on "
+        "seeded cases in every regime and dtype, compare each with the certified truth, and write "
+        "report.json (versioned schema), report.md, report.html (self-contained, with plots) and "
+        "vectors.json (the golden vectors) into OUT, each atomically. Cases run on JOBS local processes, or "
+        "on a Dask distributed cluster with --scheduler; the results are the same either way. Exit 1 when "
+        "the closed form's rigorous bound or a SymPy proof failed.",
+        epilog="examples:\n  gradcheck report --out reports/\n  gradcheck report --examples 50 --jobs 8 --dtypes float32 bfloat16\n"
+               "  gradcheck report --scheduler tcp://10.0.0.5:8786 --examples 1000",
+    )
+    p.add_argument("--out", default="reports", help="output directory (default reports)")
+    p.add_argument("--examples", type=_positive, default=DEFAULT_EXAMPLES, help=f"cases per regime and dtype (default {DEFAULT_EXAMPLES})")
+    p.add_argument("--seed", type=_nonnegative, default=0, help="seed of the cases and the vectors (default 0)")
+    p.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES, metavar="DTYPE",
+                   help="formats to study (default: all four)")
+    p.add_argument("--regimes", nargs="+", choices=REGIMES, metavar="REGIME",
+                   help=f"regimes to study, of {', '.join(REGIMES)} (default: all)")
+    p.add_argument("--methods", nargs="+", metavar="METHOD", help="registered methods to run (default: all)")
+    p.add_argument("--jobs", type=_positive, default=None, help="local worker processes (default: CPU count)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run on this Dask distributed scheduler instead")
+    p.add_argument("--max-classes", type=_nonnegative, default=PROOF_CLASSES,
+                   help=f"SymPy proofs for K = 1 .. this, 0 for none (default {PROOF_CLASSES})")
+    p.add_argument("--no-vectors", action="store_true", help="do not generate vectors.json")
+    p.set_defaults(run=_report)
+
+    p = sub.add_parser(
+        "vectors", formatter_class=_Formatter,
+        help="write the golden vectors (Wycheproof-like JSON)",
+        description="Write the golden vectors: test groups by dtype and options, each test with logits, "
+        "targets, the correctly rounded loss and gradient, flags, and result valid, or invalid for the "
+        "gradient of a modeled bug. The file is the same byte for byte on every machine for a seed. "
+        "Format and float encoding: docs/vectors.md.",
+        epilog="examples:\n  gradcheck vectors --out reports/vectors.json\n"
+               "  gradcheck vectors --out reports/vectors.json --check   # exit 1 if the file is stale",
+    )
+    p.add_argument("--out", default=os.path.join("reports", "vectors.json"), help="the file to write (default reports/vectors.json)")
+    p.add_argument("--seed", type=_nonnegative, default=0, help="seed of the vectors (default 0)")
+    p.add_argument("--check", action="store_true", help="compare with OUT byte for byte instead of writing")
+    p.set_defaults(run=_vectors)
+
+    p = sub.add_parser(
+        "verify", formatter_class=_Formatter,
+        help="check an implementation MODULE:FUNC against the truth or a vectors file",
+        description="Import FUNC from MODULE (found from the current directory, like python -m) and check "
+        "FUNC(logits, targets, **options) on Hypothesis-generated cases, or on every test of a vectors "
+        "file with --vectors (which also checks that the file's valid gradients are accepted and its "
+        "invalid ones rejected). Exit 0 when it passes, 1 when it does not, 2 for a usage or import error.",
+        epilog="examples:\n  gradcheck verify mykernel:ce_grad --dtype float32 bfloat16 --max-examples 200\n"
+               "  gradcheck verify mykernel:ce_grad --targets probs --label-smoothing 0.1 --junit-xml out.xml\n"
+               "  gradcheck verify mykernel:ce_grad --vectors reports/vectors.json --json result.json",
+    )
+    p.add_argument("function", metavar="MODULE:FUNC", help="the gradient function, e.g. mykernel:ce_grad")
+    p.add_argument("--vectors", metavar="FILE", help="check against this vectors file instead")
+    p.add_argument("--dtype", nargs="+", choices=DTYPES, metavar="DTYPE",
+                   help="dtypes to check, of float64 float32 float16 bfloat16 (default float64; with --vectors: all)")
+    p.add_argument("--targets", nargs="+", choices=["index", "probs"],
+                   help="target kinds (default index; with --vectors: all)")
+    p.add_argument("--reduction", default="mean", choices=["mean", "sum", "none"], help="reduction checked (default mean)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing checked (default 0)")
+    p.add_argument("--weighted", action="store_true", help="pass class weights")
+    p.add_argument("--ignore-index", type=int, default=None, help="pass ignore_index and ignore some rows")
+    p.add_argument("--max-examples", type=_positive, default=100, help="Hypothesis examples per dtype and target kind (default 100)")
+    p.add_argument("--seed", type=_nonnegative, default=None, help="Hypothesis seed (random when omitted)")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON")
+    p.add_argument("--junit-xml", metavar="PATH", help="write the result as JUnit XML")
+    p.set_defaults(run=_verify)
+
+    p = sub.add_parser(
+        "prove", formatter_class=_Formatter,
+        help="print the SymPy proofs of the gradient and softmax-Jacobian closed forms",
+        description="Prove with SymPy, for K = 1 .. MAX_CLASSES, that the derivative of the textbook and of "
+        "the log-sum-exp cross-entropy (with weights, soft targets and smoothing) equals p_i S - w_i y_i, "
+        "and that the softmax Jacobian is delta_ij p_i - p_i p_j. Results are cached on disk. Exit 1 "
+        "when an identity is not proved.",
+        epilog="example: gradcheck prove --max-classes 6",
+    )
+    p.add_argument("--max-classes", type=_positive, default=4, help="largest K (default 4)")
+    p.add_argument("--kinds", nargs="+", choices=["gradient", "jacobian", "lse_gradient"], help="identities (default: all)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per proof (default 120)")
+    p.add_argument("--no-cache", action="store_true", help="redo the proofs instead of reading the cache")
+    p.set_defaults(run=_prove)
     return parser
 
 

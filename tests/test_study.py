@@ -1,0 +1,100 @@
+"""The study: every method against the truth, the same results for any executor and worker count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradcheck.errors import InvalidArgument
+from gradcheck.study import StudyConfig, run_case, run_study, task_count
+
+TINY = StudyConfig(seed=3, examples=2, dtypes=("float32", "bfloat16"), regimes=("moderate", "large_gap"),
+                   methods=("closed_form", "fd_central", "sympy_mpmath"), shapes=((2, 3),), proof_classes=1)
+
+
+def _fingerprint(study):
+    """Everything except timing and the executor, as plain data."""
+    cells = [(c.method, c.regime, c.dtype, c.cases, c.usable, c.unsupported, c.non_finite, c.max_ulp, c.median_ulp,
+              c.within_share, None if c.worst is None else (c.worst.seed, c.worst.index, c.worst.got)) for c in study.cells]
+    cases = [(c.dtype, c.regime, c.index, c.seed, c.gap, [(o.method, o.status, o.ulps.tolist(), o.within)
+                                                          for o in c.outcomes]) for c in study.cases]
+    return cells, cases, [(p.kind, p.k, p.status) for p in study.proofs]
+
+
+@pytest.fixture(scope="module")
+def serial():
+    study, _ = run_study(TINY, jobs=1)
+    return study
+
+
+def test_grid_order_and_counts(serial):
+    assert [(c.dtype, c.regime, c.index) for c in serial.cases] == [
+        (d, r, i) for d in TINY.dtypes for r in TINY.regimes for i in range(TINY.examples)]
+    assert len(serial.cells) == 3 * 2 * 2 and len(serial.totals) == 3 * 2
+    assert [p.status for p in serial.proofs] == ["proved"] * 3
+
+
+def test_truth_methods_are_exact_and_bounds_hold(serial):
+    for c in serial.cells:
+        if c.method in ("closed_form", "sympy_mpmath"):
+            assert c.max_ulp == 0, c  # rounded once from float64/adaptive precision: correctly rounded here
+            assert c.within_share == 1.0, c
+        if c.method == "fd_central" and c.dtype == "bfloat16":
+            assert c.unsupported == c.cases and c.usable == 0 and c.max_ulp is None
+
+
+def test_worst_case_reproduces(serial):
+    from gradcheck.estimators import gradient
+    from gradcheck.regimes import make_case
+
+    cell = next(c for c in serial.cells if c.method == "fd_central" and c.dtype == "float32" and c.regime == "moderate")
+    w = cell.worst
+    z, t, opts = make_case(w.seed, w.regime, w.dtype, n=2, k=3)
+    assert np.array_equal(z, w.logits)
+    assert float(gradient(z, t, method="fd_central", **opts).grad[w.index]) == w.got
+
+
+def test_same_results_on_processes(serial):
+    parallel, _ = run_study(TINY, jobs=2)
+    assert parallel.workers == "processes:2"
+    assert _fingerprint(parallel) == _fingerprint(serial)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_same_results_on_dask(serial):
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster:
+        ticks = []
+        study, extra = run_study(TINY, scheduler=cluster.scheduler_address, progress=ticks.append,
+                                 extra=[(sum, [1, 2])])
+    assert study.workers.startswith("dask:")
+    assert extra == [3]
+    assert sum(ticks) == task_count(TINY) + 1
+    assert _fingerprint(study) == _fingerprint(serial)
+
+
+def test_run_case_records_every_method():
+    case = run_case(TINY, ("closed_form", "fd_central"), "float32", "moderate", 0)
+    assert case.shape == (2, 3) and [o.method for o in case.outcomes] == ["closed_form", "fd_central"]
+    assert case.outcomes[0].ulps.shape == (6,) and case.outcomes[0].within is True
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"examples": 0}, "examples must be a positive integer"),
+    ({"dtypes": ("float8",)}, "dtypes must be a non-empty subset"),
+    ({"regimes": ()}, "regimes must be a non-empty subset"),
+    ({"methods": ("nope",)}, "method must be one of"),
+])
+def test_bad_configuration(changes, match):
+    from dataclasses import replace
+
+    with pytest.raises(InvalidArgument, match=match):
+        run_study(replace(TINY, **changes), jobs=1)
+
+
+def test_bad_jobs():
+    with pytest.raises(InvalidArgument, match="jobs must be a positive integer"):
+        run_study(TINY, jobs=0)
