@@ -21,7 +21,7 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.core
 
 report: $(VENV)/.core
-	$(BIN)/gradcheck selfcheck
+	$(BIN)/gradcheck report --out reports/
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

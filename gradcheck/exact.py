@@ -28,7 +28,7 @@ from gradcheck.problem import Problem, make_problem
 
 MAX_PRECISION = 1 << 16  # bits; Ziv's loop is proven to end (docs/exact.md), this only makes a bug loud
 
-CUTOFF = 65536  # see _exp_shifted
+CUTOFF = 16384  # see _exp_shifted and docs/exact.md, "Cutoff"
 _IV = type(mpmath.iv)()  # a private interval context: the caller's mpmath.iv precision is untouched
 
 
@@ -120,18 +120,25 @@ def certified_loss(problem: Problem, fmt: FloatFormat) -> np.ndarray:
             kind = rows.loss_kind(n)
             if kind == "irrational" and not np.isnan(decided[n]):
                 values.append(decided[n])
+            elif kind == "rational":
+                values.append(_round_fraction(rows.shifted(n), fmt, 1 if rows.has_cut[n] else 0))
             else:
                 values.append(_round_interval(lambda prec, n=n: _row_loss(problem, rows, n, prec), kind, fmt))
         return problem.restore_shape(round_to_format(np.array(values), fmt))
     kinds = {rows.loss_kind(n) for n in range(problem.n)}
-    kind = "inf" if "inf" in kinds else ("irrational" if "irrational" in kinds else "zero")
+    kind = "inf" if "inf" in kinds else ("irrational" if "irrational" in kinds else "rational")
     if kind == "irrational" and not np.isnan(decided[0]):
         return round_to_format(np.array(decided[0]), fmt)
+    if kind == "rational":
+        live = [n for n in range(problem.n) if rows.loss_kind(n) == "rational"]
+        exact = sum((rows.shifted(n) for n in live), Fraction(0)) / rows.divisor
+        sign = 1 if any(rows.has_cut[n] for n in live) else 0
+        return round_to_format(np.array(_round_fraction(exact, fmt, sign)), fmt)
 
     def total(prec: int) -> Any:
         acc = _IV.mpf(0)
         for n in range(problem.n):
-            if rows.loss_kind(n) == "irrational":
+            if rows.loss_kind(n) in ("irrational", "rational"):
                 acc += _row_loss(problem, rows, n, prec)
         return acc / _interval(rows.divisor)
 
@@ -146,9 +153,15 @@ class _RowFacts:
         z = problem.logits.astype(np.float64)
         self.finite = np.isfinite(z)
         zmax = z.max(axis=1, keepdims=True)
-        # every finite logit equal to the max: p is 1/m on them, rational (docs/exact.md, case R2)
-        self.tie = np.all(~self.finite | (z == zmax), axis=1)
-        self.nfinite = self.finite.sum(axis=1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            # exp(z - max z) < exp(-CUTOFF): enclosed by [0, exp(-CUTOFF)] (docs/exact.md, "Cutoff");
+            # the margin covers the rounding of z - max z in float64
+            self.cut = self.finite & ((z - zmax) < -CUTOFF * (1 + 2.0**-40))
+        self.main = self.finite & ~self.cut
+        self.has_cut = self.cut.any(axis=1)
+        # every main logit equal to the max: with the cut terms at 0, p is 1/m on them (case R2)
+        self.tie = np.all(~self.main | (z == zmax), axis=1)
+        self.nmain = self.main.sum(axis=1)
         self.divisor = problem.exact_divisor()
         self._wt: dict[int, list[Fraction]] = {}
         self._s: dict[int, Fraction] = {}
@@ -171,12 +184,24 @@ class _RowFacts:
         return self._s[n]
 
     def loss_kind(self, n: int) -> str:
-        """"zero", "inf" or "irrational" for row n's loss (docs/exact.md, section Loss)."""
+        """"zero", "inf", "rational" or "irrational" for row n's loss (docs/exact.md, section Loss).
+
+        "rational": one main logit, so with the cut terms at 0 the row loss is the rational
+        ``sum_c w_c t_c (max z - z_c)``; the cut terms add ``S log(1 + tiny) > 0``.
+        """
         if self.zero_rows[n]:
             return "zero"
         if np.any(~self.finite[n] & ~self.wt_zero[n]):
             return "inf"  # weight on a masked class: -log 0
-        return "zero" if self.nfinite[n] == 1 else "irrational"
+        return "rational" if self.nmain[n] == 1 else "irrational"
+
+    def shifted(self, n: int) -> Fraction:
+        """``sum_c w_c t_c (max z - z_c)`` over the finite classes, exactly."""
+        z = self.problem.logits[n].astype(np.float64)
+        zmax = Fraction(float(z[self.finite[n]].max()))
+        wt = self.wt(n)
+        return sum((wt[c] * (zmax - Fraction(float(z[c]))) for c in range(len(z)) if self.finite[n, c] and wt[c]),
+                   Fraction(0))
 
 
 def _grad_row(problem: Problem, rows: _RowFacts, n: int, cols: np.ndarray, fmt: FloatFormat) -> list[float]:
@@ -185,11 +210,18 @@ def _grad_row(problem: Problem, rows: _RowFacts, n: int, cols: np.ndarray, fmt: 
     s = rows.s(n)
     d = rows.divisor
     out = []
-    if rows.tie[n]:  # p_c = 1/m on the finite classes, 0 on the masked ones: all rational
-        m = int(rows.nfinite[n])
+    positive = s > 0
+    if rows.tie[n]:
+        # With the cut terms at 0, p_c is 1/m on the main classes and 0 elsewhere: rational. The cut
+        # terms make p_c a little smaller on the main classes and a little larger than 0 on their
+        # own; that sign decides a value that sits exactly on a midpoint (docs/exact.md, "Cutoff").
+        m = int(rows.nmain[n])
         for c in cols:
-            p = Fraction(1, m) if rows.finite[n, c] else Fraction(0)
-            out.append(_round_fraction((p * s - wt[c]) / d, fmt))
+            if rows.main[n, c]:
+                p, sign = Fraction(1, m), -1 if positive and rows.has_cut[n] else 0
+            else:
+                p, sign = Fraction(0), 1 if positive and rows.cut[n, c] else 0
+            out.append(_round_fraction((p * s - wt[c]) / d, fmt, sign))
         return out
     cache: dict[int, Any] = {}
 
@@ -198,14 +230,15 @@ def _grad_row(problem: Problem, rows: _RowFacts, n: int, cols: np.ndarray, fmt: 
             _IV.prec = prec
             z = problem.logits[n].astype(np.float64)
             zmax = float(np.max(z))
-            e = [_exp_shifted(float(v), zmax) if np.isfinite(v) else _IV.mpf(0) for v in z]
+            e = [_exp_shifted(float(v), zmax, rows.cut[n, c]) if rows.finite[n, c] else _IV.mpf(0)
+                 for c, v in enumerate(z)]
             cache.clear()
             cache[prec] = (e, sum(e, _IV.mpf(0)))
         return cache[prec]
 
     for c in cols:
-        if not rows.finite[n, c]:  # p_c = 0 exactly: g = -w_c t_c / D, rational
-            out.append(_round_fraction(-wt[c] / d, fmt))
+        if not rows.main[n, c]:  # masked (p = 0: exact) or cut (p tiny and positive: the sign decides)
+            out.append(_round_fraction(-wt[c] / d, fmt, 1 if positive and rows.cut[n, c] else 0))
             continue
 
         def element(prec: int, c: int = int(c)) -> Any:
@@ -225,25 +258,26 @@ def _row_loss(problem: Problem, rows: _RowFacts, n: int, prec: int) -> Any:
     total = _IV.mpf(0)
     shifted = _IV.mpf(0)
     for c, v in enumerate(z):
-        if np.isfinite(v):
-            total += _exp_shifted(float(v), zmax)
+        if rows.finite[n, c]:
+            total += _exp_shifted(float(v), zmax, rows.cut[n, c])
             if wt[c]:
                 shifted += _interval(wt[c]) * (zmax - _IV.mpf(float(v)))
     return _interval(rows.s(n)) * _IV.log(total) + shifted
 
 
-def _exp_shifted(v: float, zmax: float) -> Any:
+def _exp_shifted(v: float, zmax: float, cut: bool) -> Any:
     """Enclosure of ``exp(v - zmax)`` at the current precision.
 
-    Below ``-CUTOFF`` the enclosure ``[0, exp(-CUTOFF)]`` is used (exp is increasing): ``exp(-65536)``
-    is about ``2**-94548``, far below half the smallest float64 subnormal even after multiplying by
-    any ``S / D`` that finite float64 inputs can produce (at most about ``2**2100``), so it never
-    changes a rounding, and it spares mpmath the argument reduction of ``exp(-1e300)``.
+    A cut term (``v - zmax < -CUTOFF``) is enclosed by ``[0, exp(-CUTOFF)]`` (exp is increasing):
+    ``exp(-16384)`` is about ``2**-23637``, so these terms move no value by more than ``2**-21000``,
+    far less than the ``2**-5445`` that separates any rational these inputs produce from a rounding
+    boundary it is not on; and mpmath is spared arguments like ``-1e300``, whose enclosure needs
+    ``log2|v|`` extra bits. Where it matters (a value exactly on a midpoint once the cut terms are 0)
+    the callers decide by the known sign of the cut terms (docs/exact.md, "Cutoff").
     """
-    shift = _IV.mpf(v) - zmax
-    if shift.b < -CUTOFF:
+    if cut:
         return _IV.mpf([0, _IV.exp(-CUTOFF).b])
-    return _IV.exp(shift)
+    return _IV.exp(_IV.mpf(v) - zmax)
 
 
 def _round_interval(evaluate: Any, kind: str, fmt: FloatFormat) -> float:
@@ -256,7 +290,7 @@ def _round_interval(evaluate: Any, kind: str, fmt: FloatFormat) -> float:
     while prec <= MAX_PRECISION:
         x = evaluate(prec)
         lo, hi = (_round_mpf(end, fmt) for end in x._mpi_)
-        if lo == hi or (lo == 0.0 and hi == 0.0):
+        if lo == hi and math.copysign(1.0, lo) == math.copysign(1.0, hi):  # -0.0 and +0.0 differ here
             return hi
         prec *= 2
     raise CertificationError(
@@ -279,8 +313,18 @@ def _round_mpf(raw: tuple, fmt: FloatFormat) -> float:
     return _round_dyadic(-man if sign else man, exp, fmt)
 
 
-def _round_fraction(x: Fraction, fmt: FloatFormat) -> float:
-    """Round a rational exactly to ``fmt`` (round to nearest, ties to even)."""
+INFINITESIMAL = Fraction(1, 1 << 12000)  # stands in for the cut terms' sign (docs/exact.md, "Cutoff")
+
+
+def _round_fraction(x: Fraction, fmt: FloatFormat, sign: int = 0) -> float:
+    """Round ``x + sign * 0+`` exactly to ``fmt`` (round to nearest, ties to even).
+
+    ``sign`` is the sign of a perturbation smaller than ``2**-21000`` (the cut terms): it only decides
+    when ``x`` is exactly a midpoint. No rational these inputs produce lies closer than ``2**-5445`` to
+    a boundary it is not on (docs/exact.md), so ``INFINITESIMAL = 2**-12000`` rounds the same way.
+    """
+    if sign:
+        x = x + sign * INFINITESIMAL
     if x == 0:
         return 0.0
     num, den = x.numerator, x.denominator
@@ -329,12 +373,10 @@ def _decided(value: np.ndarray, bound: np.ndarray, fmt: FloatFormat) -> np.ndarr
         lo = np.nextafter(value - bound, value.dtype.type(-np.inf))
         hi = np.nextafter(value + bound, value.dtype.type(np.inf))
         lo_r, hi_r = round_to_format(lo, fmt), round_to_format(hi, fmt)
-        same = (_bits(lo_r) == _bits(hi_r)) & np.isfinite(lo) & np.isfinite(hi)
+        same = (_bits(lo_r) == _bits(hi_r)) & np.isfinite(lo) & np.isfinite(hi)  # signed zeros count
     return np.where(same, hi_r.astype(np.float64), np.nan)
 
 
 def _bits(x: np.ndarray) -> np.ndarray:
-    """Bit patterns with -0 folded onto +0, for comparing rounded results."""
-    fmt = float_format(x.dtype)
-    y = np.where(x == 0, np.zeros_like(x), x)
-    return y.view(fmt.int_dtype)
+    """Bit patterns: two rounded ends decide the result only if they are the same number, sign included."""
+    return x.view(float_format(x.dtype).int_dtype)

@@ -153,3 +153,37 @@ def test_many_classes_float64():
     assert np.all(np.abs(g - truth) <= bound + gc.float_format("float64").ulp(truth) / 2)
     assert gc.compare(g, truth).max_ulp <= 8
     np.testing.assert_array_equal(truth[0, [0, 77_777, k - 1]], independent(z, t, {}, prec=300)[0, [0, 77_777, k - 1]])  # gaps < 60 here
+
+
+def test_cut_terms_decide_a_midpoint_by_their_sign():
+    """With exp(-1e5) treated as a cut term the values sit exactly on float16 midpoints; the tiny
+    positive probability decides, against ties-to-even (docs/exact.md, "Cutoff")."""
+    w0 = 1 + 3 * 2.0**-11  # the midpoint between 1 + 2**-10 and 1 + 2**-9 (even: 1 + 2**-9)
+    z = np.array([[-1e5, 0.0]])
+    g = gc.exact_grad(z, np.array([[1.0, 0.0]]), weight=np.array([w0, 1.0]), reduction="sum", dtype="float16")
+    # g_0 = -w0 + p_0 S: just above -w0, so toward zero; g_1 = S (1 - p_0): just below S
+    np.testing.assert_array_equal(g.astype(np.float64), [[-(1 + 2.0**-10), 1 + 2.0**-10]])
+    # the case that used to raise CertificationError: huge logits, smoothing and weights
+    g = gc.exact_grad(np.array([[0.0, 1e5, -500.0]]), np.array([1]), label_smoothing=0.2, weight=np.array([3.5, 1, 1]))
+    eps = Fraction(0.2)  # the double nearest 0.2: smoothing uses it exactly
+    t_other, t_hit = eps / 3, 1 - eps + eps / 3
+    s = Fraction(3.5) * t_other + t_hit + t_other  # sum_c w_c t_c; p = (tiny, 1 - tiny, tiny); D = w_1 = 1
+    # the tiny p's only matter at a midpoint: s - t_hit = 1.5 * double(0.2) is exactly one, and p_1 < 1
+    # rounds it down (ties-to-even would round it up)
+    below = Fraction(1, 2**2000)
+    expected = [-Fraction(3.5) * t_other, s - t_hit - below, -t_other]
+    np.testing.assert_array_equal(g, [[float(x) for x in expected]])
+    assert float(s - t_hit) != float(s - t_hit - below)  # it really is a midpoint
+    assert gc.exact_loss(np.array([[0.0, -1e300]]), np.array([[0.5, 0.0]])) == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_negative_underflow_is_negative_zero(dtype):
+    """-(p_1 + p_2) underflows: the correctly rounded result is -0.0, with +0.0 where the truth is positive."""
+    fmt = gc.float_format(dtype)
+    z = np.array([[fmt.max, -fmt.max, fmt.max * 0.85]]).astype(fmt.dtype)
+    g = gc.exact_grad(z, np.array([0])).astype(np.float64)
+    assert g[0, 0] == 0 and np.signbit(g[0, 0])
+    assert g[0, 1] == 0 and not np.signbit(g[0, 1])
+    g = gc.exact_grad(np.array([[0.0, -800.0]]).astype(fmt.dtype), np.array([0]))
+    assert np.signbit(g.astype(np.float64)[0, 0]) and g.astype(np.float64)[0, 0] <= 0
