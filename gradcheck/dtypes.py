@@ -113,6 +113,15 @@ def is_supported_float(dtype: np.dtype) -> bool:
     return any(fmt.dtype == dtype for fmt in FORMATS.values())
 
 
+def bit_pattern(x: np.ndarray) -> np.ndarray:
+    """The raw bits of a float array, as its format's unsigned integers.
+
+    -0.0 and +0.0 differ, NaN payloads are kept: the comparison for "the same number, bit for bit".
+    """
+    x = np.asarray(x, order="C")
+    return x.view(float_format(x.dtype).int_dtype)
+
+
 def round_to_format(x: np.ndarray, fmt: FloatFormat | str) -> np.ndarray:
     """Round float64 values to ``fmt``, round to nearest, ties to even, subnormals and overflow included.
 

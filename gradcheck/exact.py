@@ -21,7 +21,7 @@ from typing import Any
 import mpmath
 import numpy as np
 
-from gradcheck.dtypes import FloatFormat, float_format, round_to_format
+from gradcheck.dtypes import FloatFormat, bit_pattern, float_format, round_to_format
 from gradcheck.errors import CertificationError
 from gradcheck.oracle import EXTENDED_WORK, FLOAT64_WORK, grad_bounded, loss_bounded
 from gradcheck.problem import Problem, make_problem
@@ -373,10 +373,5 @@ def _decided(value: np.ndarray, bound: np.ndarray, fmt: FloatFormat) -> np.ndarr
         lo = np.nextafter(value - bound, value.dtype.type(-np.inf))
         hi = np.nextafter(value + bound, value.dtype.type(np.inf))
         lo_r, hi_r = round_to_format(lo, fmt), round_to_format(hi, fmt)
-        same = (_bits(lo_r) == _bits(hi_r)) & np.isfinite(lo) & np.isfinite(hi)  # signed zeros count
+        same = (bit_pattern(lo_r) == bit_pattern(hi_r)) & np.isfinite(lo) & np.isfinite(hi)  # signed zeros count
     return np.where(same, hi_r.astype(np.float64), np.nan)
-
-
-def _bits(x: np.ndarray) -> np.ndarray:
-    """Bit patterns: two rounded ends decide the result only if they are the same number, sign included."""
-    return x.view(float_format(x.dtype).int_dtype)

@@ -24,7 +24,7 @@ import numpy as np
 
 from gradcheck.adapters import to_numpy
 from gradcheck.compare import ulp_distance
-from gradcheck.dtypes import float_format, is_supported_float, round_to_format
+from gradcheck.dtypes import bit_pattern, float_format, is_supported_float, round_to_format
 from gradcheck.errors import GradientMismatch, InvalidArgument
 from gradcheck.exact import certified_grad
 from gradcheck.oracle import row_parts
@@ -320,8 +320,7 @@ def _call(grad_fn: Callable[..., Any], case: Case) -> Failure | np.ndarray:
 
 def _bits(x: np.ndarray) -> np.ndarray:
     """Bit patterns of a float array (so that NaN equals NaN and -0 differs from 0); ints unchanged."""
-    x = np.ascontiguousarray(x)
-    return x.view(float_format(x.dtype).int_dtype) if is_supported_float(x.dtype) else x
+    return bit_pattern(x) if is_supported_float(x.dtype) else np.asarray(x)
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from gradcheck.dtypes import float_format, round_to_format
+from gradcheck.dtypes import bit_pattern, float_format, round_to_format
 
 WIDTH = {"float64": 16, "float32": 8, "float16": 4, "bfloat16": 4}
 CANONICAL_NAN = {"float64": 0x7FF8000000000000, "float32": 0x7FC00000, "float16": 0x7E00, "bfloat16": 0x7FC0}
@@ -23,7 +23,7 @@ CANONICAL_NAN = {"float64": 0x7FF8000000000000, "float32": 0x7FC00000, "float16"
 
 def _bits(x: np.ndarray) -> np.ndarray:
     fmt = float_format(x.dtype)
-    bits = np.ascontiguousarray(x).view(fmt.int_dtype).astype(np.uint64)
+    bits = bit_pattern(x).astype(np.uint64)
     return np.where(np.isnan(x.astype(np.float64)), np.uint64(CANONICAL_NAN[fmt.name]), bits)
 
 
