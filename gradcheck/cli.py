@@ -25,14 +25,15 @@ def _err(message: str) -> None:
 
 def _selfcheck(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from gradcheck.selfcheck import self_check
 
     console = Console()
     console.print(f"gradcheck self-check: seed {args.seed}, {args.cases} cases per regime and dtype")
     rows = self_check(seed=args.seed, cases=args.cases, dtypes=tuple(args.dtypes))
-    table = Table("regime", "dtype", "cases", "max ULP", "median ULP", "bound held", "seconds")
+    table = Table("dtype", "cases", "max ULP", "median ULP", "bound held", "seconds")
+    table.columns.insert(0, Column("regime", no_wrap=True, min_width=len("smoothed_weighted")))
     for r in rows:
         table.add_row(r.regime, r.dtype, str(r.cases), f"{r.max_ulp:g}", f"{r.median_ulp:g}",
                       "yes" if r.bound_held else "NO", f"{r.seconds:.2f}")
