@@ -1,0 +1,122 @@
+"""Smoke test of benchmarks/run.py: every code path on tiny sizes, one repeat; never a wall-clock assertion."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    """A benchmarks/ module: bench_* under its own name (as run.py imports them), run.py as _bench_run."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    if name != "run":
+        return importlib.import_module(name)
+    if "_bench_run" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_bench_run", BENCHMARKS / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_bench_run"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["_bench_run"]
+
+
+def _tables(text: str) -> list[list[list[str]]]:
+    """The markdown tables of ``text``: lists of rows of cells (header and separator dropped)."""
+    tables, current = [], None
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if current is None:
+                current = {"header": cells, "rows": []}
+            elif not all(set(c) <= {"-"} for c in cells):
+                current["rows"].append(cells)
+        elif current is not None:
+            tables.append(current)
+            current = None
+    if current is not None:
+        tables.append(current)
+    return tables
+
+
+@pytest.mark.slow
+def test_quick_run_writes_results_with_every_row_filled_or_skipped(tmp_path):
+    run = _load("run")
+    out = tmp_path / "RESULTS.md"
+    assert run.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "QUICK RUN" in text  # a quick run can never pass for real results
+    for heading in ("## Targets", "## 1. Full-gradient verification cost", "## 2. Oracle throughput",
+                    "## 3. Truth throughput", "## 4. verify throughput", "## 5. Detection on the bug zoo"):
+        assert heading in text, heading
+    for fact in ("CPU", "cores", "versions", "date", "machine state"):
+        assert re.search(rf"^\| {fact} \| \S", text, re.MULTILINE), fact
+    tables = _tables(text)
+    assert len(tables) >= 8
+    for table in tables:
+        assert table["rows"], table["header"]
+        for row in table["rows"]:
+            assert len(row) == len(table["header"]), row
+            assert all(row), row  # every cell filled
+            # a row is a measurement or says why it was skipped
+            assert not any(c.lower().startswith("skip") for c in row) or any("skipped" in c for c in row), row
+    full = next(t for t in tables if t["header"][:2] == ["shape", "tool"])
+    tools = {row[1] for row in full["rows"]}
+    assert any("torch.autograd.gradcheck slow" in name for name in tools)
+    assert any("fd_central" in name for name in tools)
+    for row in full["rows"]:  # measured (a median of n runs) or skipped with a note
+        assert "median of" in row[2] or row[2].startswith("skipped") or "not installed" in row[2], row
+    detection = next(t for t in tables if t["header"] == ["dtype", "tool", "bugs caught", "false alarms"])
+    assert {row[1] for row in detection["rows"]} >= {"gradcheck.verify"}
+    for row in detection["rows"]:
+        assert re.fullmatch(r"\d+/\d+ \(\d+%\)", row[2]) or row[3] == "—", row
+
+
+def test_a_missing_peer_is_skipped_with_a_note():
+    common = _load("bench_common")
+    with pytest.raises(common.Skip, match="no_such_peer_module is not installed"):
+        common.optional("no_such_peer_module")
+
+
+def test_tables_refuse_an_empty_cell():
+    common = _load("bench_common")
+    assert common.table(["a", "b"], [["1", "2"]]) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
+    with pytest.raises(AssertionError):
+        common.table(["a", "b"], [["1", ""]])
+
+
+def test_targets_without_measurements_say_so():
+    run = _load("run")
+    rows = run.targets({})
+    assert len(rows) == 7
+    assert all(row[1].startswith("not measured") for row in rows)
+
+
+def test_targets_report_a_miss_with_its_limit():
+    run = _load("run")
+    rows = run.targets({"full_central_vs_torch_slow_128x1000": 150.0, "oracle_vs_copyto_float64": 9.0,
+                        "oracle_vs_exp_float64": 2.0, "oracle_vs_jax_float64": 0.5,
+                        "verify_rate_small_float64": 50.0})
+    verdicts = {row[0]: (row[2], row[3]) for row in rows}
+    assert verdicts["structured full check (fd_central) ≥ 100× faster than torch slow gradcheck at (128, 1000)"] \
+        == ("met", "—")
+    copy = verdicts["cross_entropy_grad within 3× np.copyto (float64)"]
+    assert copy[0] == "MISSED" and "np.exp" in copy[1]
+    assert verdicts["cross_entropy_grad no slower than jax.jit(jax.grad) (float64)"] == ("met", "—")
+    verify = verdicts["verify ≥ 100 examples/s on shapes up to (8, 32) (float64)"]
+    assert verify[0] == "MISSED" and verify[1] != "—"
+
+
+def test_measure_takes_the_median_and_respects_the_repeat_cap():
+    common = _load("bench_common")
+    calls = []
+    timing = common.measure(lambda: calls.append(1) or len(calls), common.Settings(repeats=3, cell_seconds=60.0))
+    assert timing.runs == 3 and len(calls) == 3 and timing.value == 3
+    assert timing.median == sorted(timing.all)[1]
+    one = common.measure(lambda: None, common.QUICK)
+    assert one.runs == 1
