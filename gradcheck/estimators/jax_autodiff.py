@@ -75,22 +75,8 @@ def jax_gradient(problem: Problem, *, x64: bool = False) -> MethodResult:
     """
     fmt = FLOAT64 if x64 else problem.format
     name = "jax_autodiff_x64" if x64 else "jax_autodiff"
-    index = problem.index_targets
-    z = np.asarray(problem.logits).astype(fmt.dtype)
-    targets = problem.targets if index else problem.targets.astype(fmt.dtype)
-    weight = problem.weights().astype(fmt.dtype)
-    eps = np.asarray(problem.label_smoothing, dtype=fmt.dtype)
-    key = ("grad", z.shape, fmt.name, index, problem.ignore_index, problem.reduction)
-    with jax.enable_x64(fmt.precision == 53 or index):
-        args = tuple(jnp.asarray(a) for a in (z, targets, weight, eps))
-
-        def build() -> Callable:
-            def loss(z_, t_, w_, e_):
-                return cross_entropy(z_, t_, w_, e_, index=index, ignore_index=problem.ignore_index,
-                                     reduction=problem.reduction)
-            return jax.grad(loss)
-
-        compiled, compile_seconds = _compiled(key, build, args)
+    with jax.enable_x64(fmt.precision == 53 or problem.index_targets):
+        compiled, compile_seconds, args = _compile_loss_derivative(problem, fmt, "grad", jax.grad)
         start = time.perf_counter()
         out = compiled(*args)
         out.block_until_ready()
@@ -100,6 +86,28 @@ def jax_gradient(problem: Problem, *, x64: bool = False) -> MethodResult:
     return finish(problem, g, error, method=name, bound=False, evaluations=1,
                   details={"compile_seconds": compile_seconds, "call_seconds": call_seconds,
                            "dtype": fmt.name})
+
+
+def _compile_loss_derivative(problem: Problem, fmt: FloatFormat, kind: str, transform: Callable) -> tuple[Callable, float, tuple]:
+    """``transform`` (jax.grad or jax.hessian) of :func:`cross_entropy` for this problem, jitted and
+    cached per shape, dtype and options; returns it, its compile seconds (0 when cached) and its
+    arguments. Call inside the caller's ``jax.enable_x64`` block."""
+    index = problem.index_targets
+    z = np.asarray(problem.logits).astype(fmt.dtype)
+    targets = problem.targets if index else problem.targets.astype(fmt.dtype)
+    weight = problem.weights().astype(fmt.dtype)
+    eps = np.asarray(problem.label_smoothing, dtype=fmt.dtype)
+    key = (kind, z.shape, fmt.name, index, problem.ignore_index, problem.reduction)
+    args = tuple(jnp.asarray(a) for a in (z, targets, weight, eps))
+
+    def build() -> Callable:
+        def loss(z_, t_, w_, e_):
+            return cross_entropy(z_, t_, w_, e_, index=index, ignore_index=problem.ignore_index,
+                                 reduction=problem.reduction)
+        return transform(loss)
+
+    compiled, compile_seconds = _compiled(key, build, args)
+    return compiled, compile_seconds, args
 
 
 def _grad_error(problem: Problem, g: np.ndarray, fmt: FloatFormat) -> np.ndarray:
@@ -154,22 +162,8 @@ def cross_entropy_hessian(problem: Problem, *, x64: bool = True) -> np.ndarray:
     The full Hessian is ``(N, K, N, K)`` and block diagonal across rows; its blocks are returned.
     """
     fmt = FLOAT64 if x64 else problem.format
-    index = problem.index_targets
-    z = np.asarray(problem.logits).astype(fmt.dtype)
-    targets = problem.targets if index else problem.targets.astype(fmt.dtype)
-    weight = problem.weights().astype(fmt.dtype)
-    eps = np.asarray(problem.label_smoothing, dtype=fmt.dtype)
-    key = ("hessian", z.shape, fmt.name, index, problem.ignore_index, problem.reduction)
-    with jax.enable_x64(fmt.precision == 53 or index):
-        args = tuple(jnp.asarray(a) for a in (z, targets, weight, eps))
-
-        def build() -> Callable:
-            def loss(z_, t_, w_, e_):
-                return cross_entropy(z_, t_, w_, e_, index=index, ignore_index=problem.ignore_index,
-                                     reduction=problem.reduction)
-            return jax.hessian(loss)
-
-        compiled, _ = _compiled(key, build, args)
+    with jax.enable_x64(fmt.precision == 53 or problem.index_targets):
+        compiled, _, args = _compile_loss_derivative(problem, fmt, "hessian", jax.hessian)
         full = np.asarray(compiled(*args)).astype(np.float64)
     n = problem.n
     blocks = full[np.arange(n), :, np.arange(n), :]
