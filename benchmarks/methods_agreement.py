@@ -11,50 +11,24 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 import gradcheck
-from gradcheck.dtypes import FLOAT64, float_format
+from gradcheck.dtypes import FLOAT64
 from gradcheck.estimators import estimate, methods
 from gradcheck.exact import certified_grad
-from gradcheck.problem import make_problem
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
-REGIMES = ("moderate", "large_gap", "huge", "ties", "many_classes", "masked", "soft", "smoothing", "weights",
-           "ignored")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_estimators import REGIMES, agreement_case  # noqa: E402  (the cases the agreement tests draw)
 
 
 def draw(rng: np.random.Generator, dtype: str, regime: str):
-    fmt = float_format(dtype)
-    n = int(rng.integers(1, 5))
-    k = int(rng.integers(40, 70)) if regime == "many_classes" else int(rng.integers(2, 9))
-    z = rng.normal(scale=3.0, size=(n, k))
-    targets = rng.integers(0, k, size=n)
-    options: dict = {"reduction": str(rng.choice(["mean", "sum", "none"]))}
-    if regime == "large_gap":
-        z[np.arange(n), rng.integers(0, k, size=n)] += min(60.0, fmt.max ** 0.25) * rng.choice([-1, 1], size=n)
-    elif regime == "huge":
-        z *= min(10.0 ** rng.integers(2, 30), fmt.max / 64) / 3.0
-    elif regime == "ties":
-        z = np.round(z / 3.0)
-    elif regime == "masked":
-        mask = rng.random((n, k)) < 0.4
-        mask[np.arange(n), rng.integers(0, k, size=n)] = False
-        z[mask] = -np.inf
-        targets = np.where(mask[np.arange(n), targets], np.argmax(z, axis=1), targets)
-    elif regime == "soft":
-        targets = rng.uniform(0.0, 2.0, size=(n, k)) * (rng.random((n, k)) < 0.7)
-    elif regime == "smoothing":
-        options["label_smoothing"] = float(rng.choice([0.05, 0.1, 0.5, 1.0]))
-    elif regime == "weights":
-        options["weight"] = rng.uniform(0.0, 3.0, size=k)
-    elif regime == "ignored":
-        targets = np.where(rng.random(n) < 0.5, -100, targets)
-        if np.all(targets == -100):
-            options["reduction"] = "sum"
-    return make_problem(z.astype(fmt.dtype), targets, **options)
+    return agreement_case(rng, dtype, regime)
 
 
 def main() -> None:

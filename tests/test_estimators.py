@@ -76,6 +76,11 @@ def cases(draw, dtypes=DTYPES):
     dtype = draw(st.sampled_from(dtypes))
     regime = draw(st.sampled_from(REGIMES))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return agreement_case(rng, dtype, regime), regime
+
+
+def agreement_case(rng, dtype, regime):
+    """A validated case of ``regime`` in ``dtype`` from ``rng`` (also used by benchmarks/methods_agreement.py)."""
     fmt = float_format(dtype)
     n = int(rng.integers(1, 5))
     k = int(rng.integers(40, 70)) if regime == "many_classes" else int(rng.integers(1, 9))
@@ -104,7 +109,7 @@ def cases(draw, dtypes=DTYPES):
         if np.all(targets == -100):
             options["reduction"] = "sum"
         options["label_smoothing"] = float(rng.choice([0.0, 0.2]))
-    return make_problem(z.astype(fmt.dtype), targets, **options), regime
+    return make_problem(z.astype(fmt.dtype), targets, **options)
 
 
 def truth64(problem):
