@@ -1,30 +1,52 @@
 # Two commands do all the set-up (see README.md):
-#   make report   build .venv and run the main job
-#   make test     build .venv with the test extras and run the whole test suite
+#   make report   build .venv from the lock and run the main job
+#   make test     build .venv with the test extras from the lock and run the whole test suite
+# `make lock` re-resolves the locks from pyproject.toml with today's registry (then commit them).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?= -n 2
+REPORT_OUT ?= reports/
+LOCKS := requirements
 
-.PHONY: report test clean
+# The floating-point environment the committed reports/ are made in. numpy's AVX-512 kernels of exp
+# and log and XLA's AVX-512 (FP16) code give other last bits than their AVX2 ones, which moves the
+# finite-difference and JAX figures; capping both at AVX2 (x86-64-v3) makes the report the same on
+# every x86-64 machine that has AVX2. The certified figures do not depend on it.
+REPORT_ENV := NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR" XLA_FLAGS="--xla_cpu_max_isa=AVX2"
+
+.PHONY: report test lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch is pinned to 2.13.0 (the CPU wheel); an unpinned torch would pull the CUDA build.
-$(VENV)/.core: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+# The locks pin every package (torch to 2.13.0, the CPU wheel on disk: an unpinned torch would pull
+# the CUDA build); gradcheck itself is installed on top without re-resolving.
+$(VENV)/.core: pyproject.toml $(LOCKS)/report.lock | $(BIN)/python
+	$(BIN)/pip install --quiet -r $(LOCKS)/report.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[torch,test]'
+$(VENV)/.test: pyproject.toml $(LOCKS)/test.lock | $(BIN)/python
+	$(BIN)/pip install --quiet -r $(LOCKS)/test.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@ $(VENV)/.core
 
 report: $(VENV)/.core
-	$(BIN)/gradcheck report --out reports/
+	$(REPORT_ENV) $(BIN)/gradcheck report --out $(REPORT_OUT)
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Resolve the test extras afresh, then the report's packages constrained to the same versions.
+lock:
+	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/pip install --quiet -e '.[torch,test]'
+	$(VENV)-lock/bin/pip freeze --exclude-editable | grep -v '^gradcheck' > $(LOCKS)/test.lock
+	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/pip install --quiet -c $(LOCKS)/test.lock -e .
+	$(VENV)-lock/bin/pip freeze --exclude-editable | grep -v '^gradcheck' > $(LOCKS)/report.lock
+	rm -rf $(VENV)-lock
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV)-lock .pytest_cache .hypothesis

@@ -33,8 +33,24 @@ def schema() -> dict[str, Any]:
     return json.loads(Path(__file__).with_name(SCHEMA_FILE).read_text())
 
 
+# The settings that pin the floating-point environment of `make report` (Makefile, README "Reproducing
+# the report"): numpy's SIMD dispatch and XLA's instruction set decide the last bits of exp and log.
+FLOAT_ENVIRONMENT = ("NPY_DISABLE_CPU_FEATURES", "XLA_FLAGS")
+
+
+def simd() -> dict[str, Any]:
+    """The SIMD extensions numpy dispatches to here, and the settings that restrict them."""
+    try:  # numpy's own record (np.show_runtime prints it); private, so absent names give None
+        from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+        used: list[str] | None = [name for name in __cpu_dispatch__ if __cpu_features__.get(name)]
+    except ImportError:
+        used = None
+    return {"numpyDispatch": used, "settings": {k: os.environ.get(k) for k in FLOAT_ENVIRONMENT}}
+
+
 def environment(workers: str) -> dict[str, Any]:
-    """Python, the platform and the versions of the numerical packages (read from metadata, not imported)."""
+    """Python, the platform, the SIMD in use and the numerical packages' versions (from metadata)."""
     versions = {}
     for name in PACKAGES:
         try:
@@ -48,6 +64,7 @@ def environment(workers: str) -> dict[str, Any]:
         "machine": platform.machine(),
         "cpuCount": os.cpu_count(),
         "executor": workers,
+        "simd": simd(),
         "packages": versions,
     }
 

@@ -103,6 +103,8 @@ def render_markdown(study: Study, document: dict[str, Any], files: dict[str, str
     lines += ["", "## Environment and timing (vary by machine and run)", "",
               f"Python {env['python']} on {env['platform']}, {env['cpuCount']} CPUs, executor {env['executor']}; "
               f"{packages}.", "",
+              f"SIMD numpy dispatched to: {', '.join(env['simd']['numpyDispatch'] or ['unknown'])}; "
+              + "; ".join(f"{k}={v}" for k, v in env["simd"]["settings"].items() if v) + ".", "",
               f"Started {timing['startedAt']}; study {timing['studySeconds']:.1f} s"
               + (f", total {timing['totalSeconds']:.1f} s" if "totalSeconds" in timing else "") + ".", ""]
     lines += _table(["method", "seconds (sum over cases)"],
