@@ -32,7 +32,7 @@ def numpy_loss(case: Any) -> Callable[[np.ndarray], np.ndarray]:
     ``sum_n sum_c wt_nc (logsumexp(z_n) - z_nc) / D`` with ``wt`` the weighted smoothed targets and ``D``
     the divisor of the reduction ("none": the sum of the row losses, whose gradient is checked).
     """
-    problem = case.problem()
+    problem = case.problem
     dtype = case.logits.dtype
     n, k = case.logits.shape
     wt = (problem.dense_targets() * problem.weights()).astype(dtype)[:, :, None]

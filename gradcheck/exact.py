@@ -36,12 +36,9 @@ def exact_grad(
     logits: Any,
     targets: Any,
     *,
-    weight: Any = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
     dtype: Any = None,
     prefilter: bool = True,
+    **options: Any,
 ) -> np.ndarray:
     """The gradient of :func:`gradcheck.cross_entropy`, correctly rounded to ``dtype``.
 
@@ -49,11 +46,12 @@ def exact_grad(
     zero is +0.
 
     Args:
-        logits, targets, weight, ignore_index, reduction, label_smoothing: as for
-            :func:`gradcheck.cross_entropy_grad`.
+        logits, targets: as for :func:`gradcheck.make_problem`.
         dtype: the format to round to; the logits' dtype when None.
         prefilter: use the float64 oracle's error bound where it decides the rounding (results
             are identical either way; False forces mpmath for every irrational element).
+        **options: the case options (``weight``, ``ignore_index``, ``reduction``,
+            ``label_smoothing``; :data:`gradcheck.options.CASE`).
 
     Returns:
         An array of ``dtype`` with the logits' shape.
@@ -62,10 +60,7 @@ def exact_grad(
         InvalidArgument: bad input (see :func:`gradcheck.problem.make_problem`).
         CertificationError: never expected; the precision cap was reached.
     """
-    problem = make_problem(
-        logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing,
-    )
+    problem = make_problem(logits, targets, **options)
     fmt = float_format(problem.logits.dtype if dtype is None else dtype)
     return problem.restore_shape(certified_grad(problem, fmt, prefilter=prefilter))
 
@@ -74,17 +69,11 @@ def exact_loss(
     logits: Any,
     targets: Any,
     *,
-    weight: Any = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
     dtype: Any = None,
+    **options: Any,
 ) -> np.ndarray:
     """The loss of :func:`gradcheck.cross_entropy`, correctly rounded to ``dtype`` (see :func:`exact_grad`)."""
-    problem = make_problem(
-        logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing,
-    )
+    problem = make_problem(logits, targets, **options)
     fmt = float_format(problem.logits.dtype if dtype is None else dtype)
     return certified_loss(problem, fmt)
 

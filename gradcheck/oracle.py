@@ -187,13 +187,16 @@ def cross_entropy(
     logits: Any,
     targets: Any,
     *,
-    weight: Any = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
     dtype: Any = None,
+    **options: Any,
 ) -> np.ndarray:
     """The loss of ``torch.nn.functional.cross_entropy`` (see :mod:`gradcheck.problem`).
+
+    Args:
+        logits, targets: as for :func:`gradcheck.make_problem`.
+        dtype: the result's format (default: the logits' dtype).
+        **options: the case options (``weight``, ``ignore_index``, ``reduction``,
+            ``label_smoothing``; :data:`gradcheck.options.CASE`).
 
     Returns:
         A 0-d array (mean, sum) or the ``(N,)`` per-row losses (none), in ``dtype`` (default: the
@@ -202,10 +205,7 @@ def cross_entropy(
     >>> cross_entropy(np.array([[0.0, 0.0]]), np.array([1]))
     array(0.69314718)
     """
-    problem = make_problem(
-        logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, copy=False,
-    )
+    problem = make_problem(logits, targets, copy=False, **options)
     return _round(loss_bounded(problem).value, dtype, problem.logits.dtype)
 
 
@@ -213,11 +213,8 @@ def cross_entropy_grad(
     logits: Any,
     targets: Any,
     *,
-    weight: Any = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
     dtype: Any = None,
+    **options: Any,
 ) -> np.ndarray:
     """The gradient of :func:`cross_entropy` with respect to the logits.
 
@@ -227,10 +224,7 @@ def cross_entropy_grad(
     >>> cross_entropy_grad(np.array([[0.0, np.log(3.0)]]), np.array([1]))
     array([[ 0.25, -0.25]])
     """
-    problem = make_problem(
-        logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, copy=False,
-    )
+    problem = make_problem(logits, targets, copy=False, **options)
     g = grad_rows(problem)
     return _round(problem.restore_shape(g), dtype, problem.logits.dtype)
 
@@ -267,21 +261,15 @@ def cross_entropy_hessian(
     logits: Any,
     targets: Any,
     *,
-    weight: Any = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
     dtype: Any = None,
+    **options: Any,
 ) -> np.ndarray:
     """Second derivatives of :func:`cross_entropy` in the logits.
 
     The batch loss is a sum of row losses, so its Hessian is block diagonal across rows; this returns
     the blocks, ``(S_n / D) (diag(p_n) - p_n p_n^T)``, shape ``(N, K, K)`` (``(K, K)`` for a vector).
     """
-    problem = make_problem(
-        logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, copy=False,
-    )
+    problem = make_problem(logits, targets, copy=False, **options)
     parts = row_parts(problem.logits)
     s = (problem.dense_targets() * problem.weights()).sum(axis=1) / problem.divisor()
     hess = _jacobian(parts) * s[:, None, None]

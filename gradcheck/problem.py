@@ -26,9 +26,9 @@ import numpy as np
 
 from gradcheck.dtypes import DTYPE_NAMES, FloatFormat, float_format, is_supported_float
 from gradcheck.errors import InvalidArgument
+from gradcheck.options import CASE, DEFAULT_IGNORE_INDEX, REDUCTIONS
 
-REDUCTIONS = ("mean", "sum", "none")
-DEFAULT_IGNORE_INDEX = -100
+__all__ = ["DEFAULT_IGNORE_INDEX", "REDUCTIONS", "Case", "Problem", "make_problem", "validate_logits"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,41 +153,123 @@ class Problem:
         return rows[0, ...] if self.vector else rows
 
 
-def make_problem(
-    logits: Any,
-    targets: Any,
-    *,
-    weight: Any = None,
-    ignore_index: int = DEFAULT_IGNORE_INDEX,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    copy: bool = True,
-) -> Problem:
+def make_problem(logits: Any, targets: Any, *, copy: bool = True, **options: Any) -> Problem:
     """Validate a case once; every public entry point calls this.
 
-    ``copy=False`` keeps a read-only view of the logits instead of a copy, for callers that do not
-    keep the Problem beyond the call (the oracle functions).
+    Args:
+        logits: ``(K,)`` or ``(N, K)`` floats (float64, float32, float16, bfloat16), ``-inf`` for a
+            masked class.
+        targets: ``(N,)`` class indices or ``(N, K)`` probabilities.
+        copy: False keeps a read-only view of the logits instead of a copy, for callers that do not
+            keep the Problem beyond the call (the oracle functions).
+        **options: the case options of :data:`gradcheck.options.CASE` (``weight``, ``ignore_index``,
+            ``reduction``, ``label_smoothing``), each checked by its one rule there.
 
     Raises:
         InvalidArgument: naming the argument, the expected and the given value.
     """
+    o = CASE.validate(options, where="make_problem()")
     z = validate_logits(logits, copy=copy)
     vector = z.ndim == 1
     if vector:
         z = z[None, :]
     n, k = z.shape
-    reduction = _check_reduction(reduction)
-    label_smoothing = _check_smoothing(label_smoothing)
-    ignore_index = _check_ignore_index(ignore_index)
-    t = _check_targets(targets, n, k, vector, ignore_index)
-    w = _check_weight(weight, k)
+    t = _check_targets(targets, n, k, vector, o["ignore_index"])
+    w = _check_weight(o["weight"], k)
     t.setflags(write=False)
     if w is not None:
         w.setflags(write=False)
-    problem = Problem(z, t, w, ignore_index, reduction, label_smoothing, vector)
+    problem = Problem(z, t, w, o["ignore_index"], o["reduction"], o["label_smoothing"], vector)
     if problem.index_targets:
         _check_active(problem)
     return problem
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    """One input for a ``grad_fn``: a validated :class:`Problem`, the regime it came from, its features.
+
+    Build it with :meth:`make` (which validates, so a Case is always valid). The arrays are the
+    problem's: the logits in their dtype, the weight in the logits' dtype as a ``grad_fn`` gets it.
+
+    Attributes:
+        problem: the validated case; it carries its float format (``problem.format``).
+        regime: the regime the case came from (see :mod:`gradcheck.regimes`).
+        tags: further features of the case (``"soft"``, ``"unnormalized"``, ``"ignored rows"``, ...).
+    """
+
+    problem: Problem
+    regime: str = "moderate"
+    tags: tuple[str, ...] = ()
+
+    @classmethod
+    def make(cls, logits: Any, targets: Any, *, regime: str = "moderate", tags: tuple[str, ...] = (),
+             **options: Any) -> Case:
+        """Validate and wrap; options as for :func:`make_problem`.
+
+        Raises:
+            InvalidArgument: as :func:`make_problem`.
+        """
+        return cls(make_problem(logits, targets, **options), regime, tuple(tags))
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.problem.logits
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Class indices (int64), or probabilities in the logits' dtype (exactly the values given)."""
+        t = self.problem.targets
+        return t if self.problem.index_targets else t.astype(self.problem.logits.dtype)
+
+    @property
+    def weight(self) -> np.ndarray | None:
+        w = self.problem.weight
+        return None if w is None else w.astype(self.problem.logits.dtype)
+
+    @property
+    def ignore_index(self) -> int:
+        return self.problem.ignore_index
+
+    @property
+    def reduction(self) -> str:
+        return self.problem.reduction
+
+    @property
+    def label_smoothing(self) -> float:
+        return self.problem.label_smoothing
+
+    @property
+    def format(self) -> FloatFormat:
+        return self.problem.format
+
+    @property
+    def dtype(self) -> str:
+        return self.problem.format.name
+
+    def options(self) -> dict[str, Any]:
+        """The non-default options, as passed to a ``grad_fn`` (a fresh dict and weight array each call)."""
+        return self.problem.options()
+
+    def replace(self, **changes: Any) -> Case:
+        """A validated copy with some of logits, targets and the case options changed.
+
+        Raises:
+            InvalidArgument: the changed case is not valid.
+        """
+        values: dict[str, Any] = {"logits": self.logits, "targets": self.targets, "weight": self.problem.weight,
+                                  "ignore_index": self.ignore_index, "reduction": self.reduction,
+                                  "label_smoothing": self.label_smoothing}
+        values.update(changes)
+        if values["weight"] is not None:  # exact in float64 (a bfloat16 array is converted the same way)
+            values["weight"] = np.asarray(values["weight"]).astype(np.float64)
+        return Case.make(values.pop("logits"), values.pop("targets"), regime=self.regime, tags=self.tags, **values)
+
+    def __repr__(self) -> str:
+        return (
+            f"Case(regime={self.regime!r}, shape={self.logits.shape}, dtype={self.dtype}, "
+            f"targets={'index' if self.targets.ndim == 1 else 'probs'}, tags={self.tags})"
+        )
 
 
 def _describe(x: np.ndarray) -> str:
@@ -244,28 +326,6 @@ def validate_logits(
                 f"logits must have at least one finite entry per row, got all -inf at row {where}."
             )
     return z
-
-
-def _check_reduction(reduction: Any) -> str:
-    if reduction not in REDUCTIONS:
-        raise InvalidArgument(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-    return str(reduction)
-
-
-def _check_smoothing(eps: Any) -> float:
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"label_smoothing must be a number in [0, 1], got {eps!r}.") from None
-    if not 0.0 <= value <= 1.0:
-        raise InvalidArgument(f"label_smoothing must be in [0, 1], got {eps!r}.")
-    return value
-
-
-def _check_ignore_index(ignore_index: Any) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise InvalidArgument(f"ignore_index must be an integer, got {ignore_index!r}.")
-    return int(ignore_index)
 
 
 def _check_targets(targets: Any, n: int, k: int, vector: bool, ignore_index: int) -> np.ndarray:

@@ -1,19 +1,99 @@
-"""Seeded numpy generators of hard cross-entropy cases, one per named regime.
+"""The one catalogue of regimes (what each exercises, which generators draw it, its parameters per
+dtype), and the seeded numpy generator of the study.
 
-Plain numpy and fast: used by the self-check, the foundation tests and the study. The Hypothesis
-strategies in :mod:`gradcheck.strategies` cover the same ground with shrinking, for ``verify``.
+Three generators draw from the catalogue, each the regimes it lists under ``drawn_by``:
+
+* ``"verify"``: the Hypothesis strategies behind ``verify`` (:mod:`gradcheck.strategies`), which shrink;
+* ``"study"``: :func:`make_case` below, plain numpy and fast: the study behind ``gradcheck report``,
+  the self-check, the foundation tests and the methods-agreement tests and benchmark;
+* ``"vectors"``: the golden vectors' input kinds (:mod:`gradcheck.vectors`), fixed shapes.
+
+Every number a generator uses to shape a regime is a named parameter here, per dtype.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from gradcheck.dtypes import float_format
 from gradcheck.errors import InvalidArgument
 
-REGIMES: tuple[str, ...] = ("moderate", "large_gap", "huge", "ties", "masked", "soft_unnormalized", "smoothed_weighted", "ignored")
-GAP = {"float64": 700.0, "float32": 90.0, "float16": 12.0, "bfloat16": 90.0}
-HUGE = {"float64": 1e300, "float32": 1e30, "float16": 1e4, "bfloat16": 1e30}
+PerDtype = Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One regime of the catalogue.
+
+    Attributes:
+        name: its name, the same in every generator that draws it.
+        exercises: what it exercises, in one line.
+        drawn_by: the generators that draw it ("verify", "study", "vectors").
+        params: named parameters, each a value per dtype (or a plain number).
+    """
+
+    name: str
+    exercises: str
+    drawn_by: frozenset[str]
+    params: Mapping[str, PerDtype | float] = field(default_factory=dict)
+
+
+def _by(*generators: str) -> frozenset[str]:
+    return frozenset(generators)
+
+
+CATALOGUE: tuple[Regime, ...] = (
+    Regime("moderate", "logits of order 1", _by("verify", "study", "vectors")),
+    Regime("large_gap", "one logit per row far above the rest: probabilities subnormal or zero",
+           _by("verify", "study", "vectors"), {
+               # largest gap drawn: exp(-gap) is near or below the smallest subnormal of the dtype
+               "gap": {"float64": 700.0, "float32": 90.0, "bfloat16": 90.0, "float16": 20.0},
+               # the vectors' fixed gap: probabilities in the subnormal range (or zero)
+               "vector_gap": {"float64": 740.0, "float32": 100.0, "float16": 17.0, "bfloat16": 100.0},
+           }),
+    Regime("huge", "magnitudes near the top of the dtype's range", _by("verify", "study", "vectors"), {
+        "huge": {"float64": 1e300, "float32": 1e30, "bfloat16": 1e30, "float16": 1e4},
+    }),
+    Regime("ties", "small integers: maxima and other values repeat exactly", _by("verify", "study", "vectors")),
+    Regime("near_one_hot", "one class holds almost all the probability, usually the target", _by("verify")),
+    Regime("many_classes", "K up to 32831, often not a multiple of the tile, the maximum in a late tile",
+           _by("verify", "vectors"), {
+               "tile": 64.0,  # tiled kernels use tiles of 64, 128 or 256 classes: all multiples of 64
+               # the vectors: exp(-level) is below half an ulp of 1, a sequential half sum stagnates
+               "level": {"float16": 8.0, "bfloat16": 6.0},
+               "vector_classes": 256.0,
+           }),
+    Regime("single", "a single row, a single class, or both", _by("verify")),
+    Regime("single_class", "one class: the gradient is exactly zero", _by("vectors")),
+    Regime("masked", "some logits are -inf (at least one finite per row)", _by("verify", "study", "vectors")),
+    Regime("signed_zero", "-0.0 and +0.0 logits; a target gradient that rounds to -0.0", _by("vectors"), {
+        # a gap whose exp is below half the smallest subnormal: p_t - 1 rounds to -0
+        "zero_gap": {"float64": 750.0, "float32": 110.0, "float16": 20.0, "bfloat16": 100.0},
+    }),
+    Regime("soft_unnormalized", "probability targets, some rows not summing to one", _by("study")),
+    Regime("smoothed_weighted", "label smoothing with class weights", _by("study")),
+    Regime("ignored", "rows whose target is ignore_index", _by("study")),
+)
+
+BY_NAME: dict[str, Regime] = {r.name: r for r in CATALOGUE}
+
+
+def drawn_by(generator: str) -> tuple[str, ...]:
+    """The names of the regimes a generator draws, in catalogue order."""
+    return tuple(r.name for r in CATALOGUE if generator in r.drawn_by)
+
+
+def param(regime: str, name: str) -> PerDtype | float:
+    """A named parameter of a regime (per dtype, or a plain number)."""
+    return BY_NAME[regime].params[name]
+
+
+REGIMES: tuple[str, ...] = drawn_by("study")  # what make_case draws
+GAP = param("large_gap", "gap")
+HUGE = param("huge", "huge")
 
 
 def make_case(

@@ -30,72 +30,15 @@ import numpy as np
 
 from gradcheck.dtypes import FloatFormat, float_format, round_to_format
 from gradcheck.errors import InvalidArgument
-from gradcheck.problem import DEFAULT_IGNORE_INDEX, Problem, make_problem
+from gradcheck.options import DEFAULT_IGNORE_INDEX, GENERATE
+from gradcheck.problem import Case
+from gradcheck.regimes import drawn_by, param
 
-REGIMES = ("moderate", "large_gap", "huge", "ties", "near_one_hot", "many_classes", "single", "masked")
-GAP = {"float64": 700.0, "float32": 90.0, "bfloat16": 90.0, "float16": 20.0}
-HUGE = {"float64": 1e300, "float32": 1e30, "bfloat16": 1e30, "float16": 1e4}
-MAX_SHAPE = (64, 4096)
-MANY_CLASSES_TILE = 64  # tiled kernels use tiles of 64, 128 or 256 classes: all multiples of 64
-
-
-@dataclass(frozen=True, eq=False)
-class Case:
-    """One generated input for a ``grad_fn``.
-
-    Attributes:
-        logits: ``(N, K)`` array of the dtype.
-        targets: ``(N,)`` int64 class indices or ``(N, K)`` probabilities of the dtype.
-        weight: ``(K,)`` class weights of the dtype, or None.
-        ignore_index: the ignored target value (-100 when not set).
-        reduction: "mean", "sum" or "none".
-        label_smoothing: the smoothing epsilon.
-        regime: the logits regime the case came from (see ``REGIMES``).
-        tags: further features of the case (``"soft"``, ``"unnormalized"``, ``"ignored rows"``, ...).
-    """
-
-    logits: np.ndarray
-    targets: np.ndarray
-    weight: np.ndarray | None = None
-    ignore_index: int = DEFAULT_IGNORE_INDEX
-    reduction: str = "mean"
-    label_smoothing: float = 0.0
-    regime: str = "moderate"
-    tags: tuple[str, ...] = field(default=())
-
-    @property
-    def dtype(self) -> str:
-        return float_format(self.logits.dtype).name
-
-    def options(self) -> dict[str, Any]:
-        """The non-default options, as passed to a ``grad_fn`` (a fresh dict and weight array each call)."""
-        return self.problem().options()
-
-    def problem(self) -> Problem:
-        """The validated case, built once (weights pass as float64, exactly: make_problem rejects bfloat16)."""
-        cached = self.__dict__.get("_problem")
-        if cached is None:
-            cached = self._validate()
-            object.__setattr__(self, "_problem", cached)
-        return cached
-
-    def _validate(self) -> Problem:
-        weight = None if self.weight is None else self.weight.astype(np.float64)
-        return make_problem(
-            self.logits, self.targets, weight=weight, ignore_index=self.ignore_index,
-            reduction=self.reduction, label_smoothing=self.label_smoothing,
-        )
-
-    def replace(self, **changes: Any) -> Case:
-        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        values.update(changes)
-        return Case(**values)
-
-    def __repr__(self) -> str:
-        return (
-            f"Case(regime={self.regime!r}, shape={self.logits.shape}, dtype={self.dtype}, "
-            f"targets={'index' if self.targets.ndim == 1 else 'probs'}, tags={self.tags})"
-        )
+REGIMES = drawn_by("verify")
+GAP = param("large_gap", "gap")
+HUGE = param("huge", "huge")
+MANY_CLASSES_TILE = int(param("many_classes", "tile"))
+MAX_SHAPE = GENERATE["max_shape"].default
 
 
 def dtype_floats(
@@ -150,55 +93,27 @@ def logits(
     return cases(dtype, regimes=REGIMES if regime is None else (regime,), max_shape=max_shape).map(lambda c: c.logits)
 
 
-def targets_for(
-    logits: np.ndarray, *, targets: str = "index", ignore_index: int | None = None, reduction: str = "mean",
-) -> st.SearchStrategy[np.ndarray]:
-    """Targets for given logits: class indices (never a masked class) or probabilities in their dtype."""
-    fmt = float_format(logits.dtype)
-    _check_case_args(targets, REGIMES, ignore_index, logits.shape)
-
-    def build(seed: int) -> np.ndarray:
-        rng = np.random.default_rng(seed)
-        z = np.asarray(logits)
-        favourite = np.argmax(z.astype(np.float64), axis=1)
-        if targets == "probs":
-            return _probability_targets(rng, z, fmt, [])
-        t = _index_targets(rng, z, favourite, "moderate")
-        return t if ignore_index is None else _ignore_rows(rng, t, z.shape[1], ignore_index, reduction, [])
-
-    return st.integers(0, 2**32 - 1).map(build)
-
-
-def cases(
-    dtype: Any = "float64",
-    *,
-    targets: str = "index",
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    weighted: bool = False,
-    ignore_index: int | None = None,
-    regimes: tuple[str, ...] = REGIMES,
-    max_shape: tuple[int, int] = MAX_SHAPE,
-) -> st.SearchStrategy[Case]:
+def cases(dtype: Any = "float64", **options: Any) -> st.SearchStrategy[Case]:
     """Whole cases: logits of a regime, targets, weights and ignored rows, exact in ``dtype``.
 
     Args:
         dtype: float64, float32, float16 or bfloat16.
-        targets: "index" (class indices) or "probs" (probabilities, some rows not summing to one).
-        reduction, label_smoothing: passed through to the case.
-        weighted: draw class weights (nonnegative, some zero).
-        ignore_index: when given, some index-target rows take this value (never all for "mean").
-        regimes: the logits regimes to draw from; shrinking moves towards the first.
-        max_shape: the largest ``(N, K)``; "many_classes" needs K > 64 and is skipped below that.
+        **options: the generation options of :data:`gradcheck.options.GENERATE` (``targets``:
+            "index" or "probs", some probability rows not summing to one; ``reduction`` and
+            ``label_smoothing`` passed through; ``weighted``: nonnegative class weights, some zero;
+            ``ignore_index``: some index-target rows take it, never all for "mean"; ``regimes``:
+            drawn from, shrinking towards the first; ``max_shape``: the largest ``(N, K)``,
+            "many_classes" needs K > 64 and is skipped below that).
 
     Raises:
-        InvalidArgument: an unknown regime or target kind, or ignore_index with probability targets
-            (checked eagerly, when the strategy is built).
+        InvalidArgument: a bad option, or ignore_index with probability targets (checked eagerly,
+            when the strategy is built).
     """
-    fmt = float_format(dtype)
-    _check_case_args(targets, regimes, ignore_index, max_shape)
-    return _cases(fmt, targets, reduction, float(label_smoothing), weighted, ignore_index, tuple(regimes),
-                  tuple(max_shape))
+    o = GENERATE.validate({"dtype": dtype, **options}, where="cases()")
+    if o["ignore_index"] is not None and o["targets"] != "index":
+        raise InvalidArgument(f"ignore_index applies to targets='index' only, got targets={o['targets']!r}.")
+    return _cases(float_format(o["dtype"]), o["targets"], o["reduction"], o["label_smoothing"], o["weighted"],
+                  o["ignore_index"], o["regimes"] or REGIMES, o["max_shape"])
 
 
 @st.composite
@@ -220,23 +135,10 @@ def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoo
     else:
         t = _probability_targets(rng, z, fmt, tags)
     weight = _weights(rng, k, fmt, t, ignore_index, reduction) if weighted else None
-    return Case(
-        logits=z, targets=t, weight=weight,
-        ignore_index=DEFAULT_IGNORE_INDEX if ignore_index is None else int(ignore_index),
-        reduction=reduction, label_smoothing=float(label_smoothing), regime=regime, tags=tuple(tags),
+    return Case.make(
+        z, t, weight=weight, ignore_index=DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index,
+        reduction=reduction, label_smoothing=label_smoothing, regime=regime, tags=tuple(tags),
     )
-
-
-def _check_case_args(targets: str, regimes: tuple[str, ...], ignore_index: Any, max_shape: Any) -> None:
-    if targets not in ("index", "probs"):
-        raise InvalidArgument(f"targets must be 'index' or 'probs', got {targets!r}.")
-    unknown = [r for r in regimes if r not in REGIMES]
-    if unknown or not regimes:
-        raise InvalidArgument(f"regimes must be a non-empty subset of {REGIMES}, got {tuple(regimes)!r}.")
-    if ignore_index is not None and targets != "index":
-        raise InvalidArgument(f"ignore_index applies to targets='index' only, got targets={targets!r}.")
-    if len(max_shape) != 2 or min(max_shape) < 1:
-        raise InvalidArgument(f"max_shape must be (N, K) with N, K >= 1, got {max_shape!r}.")
 
 
 def _shapes(draw: Any, regime: str, max_shape: tuple[int, int]) -> tuple[int, int]:

@@ -28,8 +28,9 @@ from gradcheck.dtypes import bit_pattern, float_format, is_supported_float, roun
 from gradcheck.errors import GradientMismatch, InvalidArgument
 from gradcheck.exact import certified_grad
 from gradcheck.oracle import row_parts
-from gradcheck.problem import REDUCTIONS
-from gradcheck.strategies import MAX_SHAPE, REGIMES, Case, cases
+from gradcheck.options import GENERATE, VERIFY
+from gradcheck.problem import Case
+from gradcheck.strategies import cases
 from gradcheck.tolerance import grad_tolerance, reference_grad
 
 KINDS = ("exception", "type", "mutation", "shape", "dtype", "nondeterminism", "nonfinite", "mismatch")
@@ -116,20 +117,7 @@ class _Failed(Exception):
         self.failure = failure
 
 
-def verify(
-    grad_fn: Callable[..., Any],
-    *,
-    dtype: Any = "float64",
-    targets: str = "index",
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    weighted: bool = False,
-    ignore_index: int | None = None,
-    max_examples: int = 100,
-    seed: int | None = None,
-    max_shape: tuple[int, int] = MAX_SHAPE,
-    regimes: tuple[str, ...] = REGIMES,
-) -> Verification:
+def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
     """Check ``grad_fn(logits, targets, **options)`` on Hypothesis-generated cases.
 
     Args:
@@ -137,6 +125,8 @@ def verify(
             logits (an array-like of the logits' shape and dtype: numpy, torch or jax). It receives
             numpy arrays of ``dtype`` and, as keywords, the options that differ from their defaults
             (``weight``, ``ignore_index``, ``label_smoothing``, ``reduction``).
+        **options: the check options of :data:`gradcheck.options.VERIFY`, each with its one rule:
+
         dtype: "float64", "float32", "float16" or "bfloat16".
         targets: "index" (class indices, int64) or "probs" (probabilities of ``dtype``).
         reduction, label_smoothing: the options checked.
@@ -154,16 +144,13 @@ def verify(
     Raises:
         InvalidArgument: a bad argument (named in the message).
     """
-    fmt = float_format(dtype)
-    arguments = _check_arguments(
-        grad_fn, fmt.name, targets, reduction, label_smoothing, weighted, ignore_index, max_examples, seed,
-        max_shape, regimes,
-    )
-    seed = secrets.randbits(32) if seed is None else int(seed)
-    strategy = cases(
-        fmt.name, targets=targets, reduction=reduction, label_smoothing=label_smoothing, weighted=weighted,
-        ignore_index=ignore_index, regimes=tuple(regimes), max_shape=tuple(max_shape),
-    )
+    if not callable(grad_fn):
+        raise InvalidArgument(f"grad_fn must be callable, got {type(grad_fn).__name__}.")
+    o = VERIFY.validate(options, where="verify()")
+    arguments = {k: v for k, v in VERIFY.non_defaults(o).items() if k != "seed"}  # the seed is printed apart
+    seed = secrets.randbits(32) if o["seed"] is None else o["seed"]
+    strategy = cases(**GENERATE.non_defaults(o))
+    max_examples = o["max_examples"]
     start = time.perf_counter()
     stats = {"examples": 0, "ulps": 0.0, "ratio": 0.0, "failed": False}
     failure = _search(grad_fn, strategy, seed, max_examples, stats)
@@ -171,7 +158,7 @@ def verify(
         failure = _finalize(grad_fn, simplify(grad_fn, failure))
     return Verification(
         passed=failure is None, examples=stats["examples"], worst_ulps=stats["ulps"], worst_ratio=stats["ratio"],
-        seed=seed, dtype=fmt.name, function=_name(grad_fn), arguments=arguments, failure=failure,
+        seed=seed, dtype=o["dtype"], function=_name(grad_fn), arguments=arguments, failure=failure,
         elapsed=time.perf_counter() - start,
     )
 
@@ -252,7 +239,7 @@ def compare_values(got: np.ndarray, case: Case) -> Failure | tuple[float, float]
     the tolerance for certain. The band below (at most ``bound`` wide, about 1e-3 of the tolerance)
     gets the benefit of the doubt.
     """
-    problem = case.problem()
+    problem = case.problem
     fmt = problem.format
     parts = row_parts(problem.logits)
     ref, bound = reference_grad(problem, parts)
@@ -337,10 +324,6 @@ def simplify(grad_fn: Callable[..., Any], failure: Failure) -> Failure:
         if budget[0] <= 0:
             return None
         budget[0] -= 1
-        try:
-            candidate.problem()
-        except InvalidArgument:
-            return None
         outcome = check(grad_fn, candidate)
         if isinstance(outcome, Failure) and outcome.kind == failure.kind and (outcome.ratio or 0.0) >= keep_ratio:
             return outcome
@@ -375,9 +358,17 @@ def _drop_chunks(failure: Failure, axis: int, attempt: Callable[[Case], Failure 
     return failure
 
 
+def _variant(case: Case, **changes: Any) -> Case | None:
+    """The case with some values changed, or None when that is not a valid case."""
+    try:
+        return case.replace(**changes)
+    except InvalidArgument:
+        return None
+
+
 def _subset(case: Case, keep: np.ndarray, axis: int) -> Case | None:
     if axis == 0:
-        return case.replace(logits=case.logits[keep], targets=case.targets[keep])
+        return _variant(case, logits=case.logits[keep], targets=case.targets[keep])
     if case.targets.ndim == 1:
         if 0 <= case.ignore_index < case.logits.shape[1]:
             return None  # shifting class numbers would change which rows are ignored
@@ -390,7 +381,7 @@ def _subset(case: Case, keep: np.ndarray, axis: int) -> Case | None:
     else:
         targets = case.targets[:, keep]
     weight = None if case.weight is None else case.weight[keep]
-    return case.replace(logits=case.logits[:, keep], targets=targets, weight=weight)
+    return _variant(case, logits=case.logits[:, keep], targets=targets, weight=weight)
 
 
 def _round_values(failure: Failure, attempt: Callable[[Case], Failure | None]) -> Failure:
@@ -408,7 +399,8 @@ def _round_values(failure: Failure, attempt: Callable[[Case], Failure | None]) -
                 trial.reshape(-1)[flat] = round_to_format(np.array(simple), fmt)
                 if _same_bits(trial, current):
                     continue
-                found = attempt(failure.case.replace(**{field_name: trial}))
+                candidate = _variant(failure.case, **{field_name: trial})
+                found = None if candidate is None else attempt(candidate)
                 if found is not None:
                     failure = found
                     break
@@ -430,7 +422,7 @@ def _finalize(grad_fn: Callable[..., Any], failure: Failure) -> Failure:
     """Report the expected value of the worst element correctly rounded to the dtype."""
     if failure.kind not in ("mismatch", "nonfinite") or failure.index is None:
         return failure
-    problem = failure.case.problem()
+    problem = failure.case.problem
     fmt = problem.format
     if fmt.name == "float64" and problem.logits.size > 4096:
         return failure  # the float64 oracle value (within its bound) is reported
@@ -497,51 +489,6 @@ def _name(fn: Any) -> str:
     module = getattr(fn, "__module__", None)
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
     return f"{module}.{name}" if module and module not in ("__main__", "builtins") else str(name)
-
-
-def _check_arguments(
-    grad_fn: Any, dtype: str, targets: str, reduction: str, label_smoothing: Any, weighted: Any,
-    ignore_index: Any, max_examples: Any, seed: Any, max_shape: Any, regimes: Any,
-) -> dict[str, Any]:
-    """Validate verify's arguments; return the non-default ones (for the reproduction line)."""
-    if not callable(grad_fn):
-        raise InvalidArgument(f"grad_fn must be callable, got {type(grad_fn).__name__}.")
-    if targets not in ("index", "probs"):
-        raise InvalidArgument(f"targets must be 'index' or 'probs', got {targets!r}.")
-    if reduction not in REDUCTIONS:
-        raise InvalidArgument(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing <= 1:
-        raise InvalidArgument(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}.")
-    if not isinstance(weighted, bool):
-        raise InvalidArgument(f"weighted must be True or False, got {weighted!r}.")
-    if ignore_index is not None:
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-            raise InvalidArgument(f"ignore_index must be an integer or None, got {ignore_index!r}.")
-        if targets != "index":
-            raise InvalidArgument(f"ignore_index applies to targets='index' only, got targets={targets!r}.")
-    if isinstance(max_examples, bool) or not isinstance(max_examples, (int, np.integer)) or max_examples < 1:
-        raise InvalidArgument(f"max_examples must be a positive integer, got {max_examples!r}.")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise InvalidArgument(f"seed must be a nonnegative integer or None, got {seed!r}.")
-    try:
-        n, k = (int(v) for v in max_shape)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"max_shape must be a pair (N, K), got {max_shape!r}.") from None
-    if n < 1 or k < 1:
-        raise InvalidArgument(f"max_shape must be (N, K) with N, K >= 1, got {max_shape!r}.")
-    unknown = [r for r in regimes if r not in REGIMES]
-    if unknown or not len(regimes):
-        raise InvalidArgument(f"regimes must be a non-empty subset of {REGIMES}, got {tuple(regimes)!r}.")
-    given = {
-        "dtype": dtype, "targets": targets, "reduction": reduction, "label_smoothing": label_smoothing,
-        "weighted": weighted, "ignore_index": ignore_index, "max_examples": max_examples,
-        "max_shape": tuple(max_shape), "regimes": tuple(regimes),
-    }
-    defaults = {
-        "dtype": "float64", "targets": "index", "reduction": "mean", "label_smoothing": 0.0, "weighted": False,
-        "ignore_index": None, "max_examples": 100, "max_shape": MAX_SHAPE, "regimes": REGIMES,
-    }
-    return {k: v for k, v in given.items() if v != defaults[k]}
 
 
 class _CallableModule(types.ModuleType):

@@ -33,7 +33,7 @@ def test_every_regime_gives_valid_exact_cases(dtype, regime, data):
     assert _exact(case.logits)
     n, k = case.logits.shape
     assert 1 <= n <= 64 and 1 <= k <= 32831
-    problem = case.problem()  # validates
+    problem = case.problem  # validates
     z = case.logits.astype(np.float64)
     finite = np.isfinite(z)
     assert np.all(finite.any(axis=1))
@@ -90,7 +90,7 @@ def test_options_targets_and_weights(dtype, data):
     reduction = data.draw(st.sampled_from(["mean", "sum", "none"]))
     case = data.draw(cases(dtype, targets=targets, reduction=reduction, label_smoothing=0.25, weighted=True,
                            ignore_index=ignore))
-    problem = case.problem()
+    problem = case.problem
     k = case.logits.shape[1]
     assert case.weight.shape == (k,) and _exact(case.weight) and np.all(case.weight.astype(np.float64) >= 0)
     options = case.options()

@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from gradcheck.errors import InvalidArgument
 from gradcheck.estimators.result import MethodResult, Status, finish, unsupported
-from gradcheck.problem import DEFAULT_IGNORE_INDEX, Problem, make_problem
+from gradcheck.options import CASE
+from gradcheck.problem import Problem, make_problem
 
 __all__ = ["MethodResult", "MethodSpec", "Status", "estimate", "finish", "gradient", "methods",
            "register", "spec", "unsupported"]
@@ -84,19 +85,16 @@ def gradient(
     targets: Any,
     *,
     method: str = "closed_form",
-    weight: Any = None,
-    ignore_index: int = DEFAULT_IGNORE_INDEX,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    **method_options: Any,
+    **options: Any,
 ) -> MethodResult:
     """The gradient of :func:`gradcheck.cross_entropy` by the named method, with its error estimate.
 
     Args:
-        logits, targets, weight, ignore_index, reduction, label_smoothing: as for
-            :func:`gradcheck.cross_entropy_grad`.
+        logits, targets: as for :func:`gradcheck.make_problem`.
         method: one of :func:`methods`.
-        **method_options: passed to the method (each method's docstring lists its own).
+        **options: the case options (:data:`gradcheck.options.CASE`: ``weight``, ``ignore_index``,
+            ``reduction``, ``label_smoothing``); every other keyword is passed to the method (each
+            method's docstring lists its own).
 
     Returns:
         A :class:`MethodResult`; ``.grad`` has the logits' shape and dtype, ``.error`` the
@@ -106,10 +104,9 @@ def gradient(
         InvalidArgument: bad input or an unknown method.
     """
     entry = spec(method)
-    problem = make_problem(
-        logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing,
-    )
+    case = {k: v for k, v in options.items() if k in CASE}
+    problem = make_problem(logits, targets, **case)
+    method_options = {k: v for k, v in options.items() if k not in CASE}
     return entry.load()(problem, **entry.fixed, **method_options)
 
 

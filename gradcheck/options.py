@@ -1,0 +1,270 @@
+"""Every option, defined once: its name, default, the one validation rule and its help text.
+
+Two tables use these definitions:
+
+* :data:`CASE` — the options of a case, taken by every numeric entry point (``cross_entropy_grad``,
+  ``exact_grad``, ``make_problem``, ``gradient``, ...) and passed to a ``grad_fn``;
+* :data:`VERIFY` — the options of a check, taken by ``verify``/``assert_gradient``, the pytest
+  marker and fixture, and ``gradcheck verify`` (whose flags are generated from this table).
+
+One rule for Python and numpy values, the same through every entry point (tests/test_options.py):
+
+* a **number** accepts ``int``, ``float`` and numpy integer or floating scalars (also 0-d arrays of
+  them) and keeps a Python ``float``; it refuses ``bool`` (``True`` is not 1.0), strings and non-finite
+  values;
+* an **integer** accepts ``int`` and numpy integers and keeps an ``int``; it refuses ``bool`` and
+  floats (even ``2.0``);
+* a **flag** accepts ``True``/``False`` and ``numpy.bool_``, nothing else;
+* a **choice** accepts one of its strings.
+
+Checks that need more than one option, or the data (``weight`` needs K, ``ignore_index`` needs index
+targets), live where that is known: :func:`gradcheck.problem.make_problem` for cases.
+
+Adding an option: one :class:`Option` here, placed in the table(s) it belongs to; its numerics; its
+tests (docs/ARCHITECTURE.md, "Adding an option").
+
+This module imports the standard library only, so the pytest plugin and the CLI can build their
+keywords and flags from it without loading numpy.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gradcheck.errors import InvalidArgument
+
+Check = Callable[[str, Any], Any]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option.
+
+    Attributes:
+        name: the keyword.
+        default: its value when not given (never passed to a ``grad_fn``).
+        check: ``check(name, value)`` returns the canonical value or raises InvalidArgument.
+        help: one line for docstrings, ``--help`` and the plugin's marker documentation.
+        parse: turns a command-line or ini string into a value before ``check`` (None: not a flag).
+        metavar: the flag's placeholder in ``--help``.
+        choices: the allowed values, when they are a fixed set (for ``--help`` and argparse).
+    """
+
+    name: str
+    default: Any
+    check: Check
+    help: str
+    parse: Callable[[str], Any] | None = None
+    metavar: str | None = None
+    choices: tuple[Any, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def validate(self, value: Any) -> Any:
+        return self.check(self.name, value)
+
+
+class OptionTable(Mapping[str, Option]):
+    """An ordered set of options, with one function that validates keyword arguments against it."""
+
+    def __init__(self, what: str, options: Iterable[Option]) -> None:
+        self.what = what
+        self._options = {o.name: o for o in options}
+
+    def __getitem__(self, name: str) -> Option:
+        return self._options[name]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._options)
+
+    def __len__(self) -> int:
+        return len(self._options)
+
+    def subset(self, what: str, names: Iterable[str]) -> OptionTable:
+        """The table of some of these options (same definitions, this table's order)."""
+        wanted = set(names)
+        return OptionTable(what, (o for name, o in self._options.items() if name in wanted))
+
+    def defaults(self) -> dict[str, Any]:
+        return {name: o.default for name, o in self._options.items()}
+
+    def validate(self, given: Mapping[str, Any], *, where: str) -> dict[str, Any]:
+        """Every option of the table, given ones checked and the others at their defaults.
+
+        Raises:
+            InvalidArgument: an unknown keyword (naming the known ones), or a value its rule refuses.
+        """
+        unknown = [k for k in given if k not in self._options]
+        if unknown:
+            raise InvalidArgument(
+                f"{where} got an unknown option {unknown[0]!r}; its {self.what} are {', '.join(self._options)}."
+            )
+        return {name: (o.validate(given[name]) if name in given else o.default) for name, o in self._options.items()}
+
+    def non_defaults(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The entries of validated ``values`` that differ from their defaults, in table order."""
+        return {k: v for k, v in values.items() if k in self._options and not _same(v, self._options[k].default)}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is b
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):  # arrays
+        return False
+
+
+# ---- the rules -----------------------------------------------------------------------------------
+
+
+def _is_real(value: Any) -> bool:
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return False
+    if isinstance(value, numbers.Real):  # int, float, numpy integer and floating scalars
+        return True
+    shape = getattr(value, "shape", None)  # a 0-d numpy array
+    return shape == () and getattr(getattr(value, "dtype", None), "kind", "") in "iuf"
+
+
+def number(low: float, high: float = math.inf, *, low_open: bool = False, allow_none: bool = False) -> Check:
+    """A finite real number in ``[low, high]`` (``(low, high]`` when ``low_open``), kept as float."""
+    left = "(" if low_open else "["
+    span = f"{left}{low:g}, {high:g}]" if math.isfinite(high) else (f"> {low:g}" if low_open else f">= {low:g}")
+    words = f"in {span}" if math.isfinite(high) else span
+
+    def check(name: str, value: Any) -> float | None:
+        if value is None and allow_none:
+            return None
+        if not _is_real(value):
+            none = " or None" if allow_none else ""
+            raise InvalidArgument(f"{name} must be a number {words}{none}, got {value!r}.")
+        x = float(value)
+        inside = (low < x if low_open else low <= x) and x <= high
+        if not (math.isfinite(x) and inside):
+            raise InvalidArgument(f"{name} must be a number {words}, got {value!r}.")
+        return x
+
+    return check
+
+
+def integer(minimum: int | None = None, *, allow_none: bool = False) -> Check:
+    """An integer (not a bool, not a float), at least ``minimum`` when given, kept as int."""
+
+    def check(name: str, value: Any) -> int | None:
+        if value is None and allow_none:
+            return None
+        what = {None: "an integer", 0: "a nonnegative integer", 1: "a positive integer"}.get(
+            minimum, f"an integer >= {minimum}")
+        what += " or None" if allow_none else ""
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise InvalidArgument(f"{name} must be {what}, got {value!r}.")
+        if minimum is not None and value < minimum:
+            raise InvalidArgument(f"{name} must be {what}, got {value!r}.")
+        return int(value)
+
+    return check
+
+
+def flag(name: str, value: Any) -> bool:
+    """True or False (numpy.bool_ too), kept as bool."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise InvalidArgument(f"{name} must be True or False, got {value!r}.")
+
+
+def choice(values: tuple[str, ...]) -> Check:
+    allowed = f"{values[0]!r} or {values[1]!r}" if len(values) == 2 else f"one of {values}"
+
+    def check(name: str, value: Any) -> str:
+        if not isinstance(value, str) or value not in values:
+            raise InvalidArgument(f"{name} must be {allowed}, got {value!r}.")
+        return value
+
+    return check
+
+
+def array_or_none(name: str, value: Any) -> Any:
+    """Passed through; the shape and values are checked where K is known (make_problem)."""
+    return value
+
+
+def dtype_name(name: str, value: Any) -> str:
+    """A float format given by name, numpy dtype or ml_dtypes type; kept as its name."""
+    from gradcheck.dtypes import float_format  # numpy; loaded when a check is actually validated
+
+    return float_format(value).name
+
+
+def shape_pair(name: str, value: Any) -> tuple[int, int]:
+    try:
+        n, k = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{name} must be a pair (N, K), got {value!r}.") from None
+    if n < 1 or k < 1:
+        raise InvalidArgument(f"{name} must be (N, K) with N, K >= 1, got {value!r}.")
+    return n, k
+
+
+def regime_names(name: str, value: Any) -> tuple[str, ...]:
+    from gradcheck.regimes import drawn_by
+
+    known = drawn_by("verify")
+    names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Iterable) else None
+    if not names or any(r not in known for r in names):
+        raise InvalidArgument(f"{name} must be a non-empty subset of {known}, got {value!r}.")
+    return names
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part for part in text.replace(",", " ").split() if part)
+
+
+def _pair(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.replace("x", ",").split(","))
+
+
+# ---- the options ---------------------------------------------------------------------------------
+
+REDUCTIONS = ("mean", "sum", "none")
+TARGET_KINDS = ("index", "probs")
+DEFAULT_IGNORE_INDEX = -100
+MAX_SHAPE = (64, 4096)
+
+REDUCTION = Option("reduction", "mean", choice(REDUCTIONS),
+                   "how row losses combine: 'mean' (torch's divisor), 'sum' or 'none' (per row)",
+                   parse=str, metavar="R", choices=REDUCTIONS)
+LABEL_SMOOTHING = Option("label_smoothing", 0.0, number(0.0, 1.0),
+                         "eps in [0, 1]: targets become (1 - eps) t + eps / K", parse=float, metavar="EPS")
+WEIGHT = Option("weight", None, array_or_none, "class weights, K nonnegative numbers, or None")
+IGNORE_INDEX = Option("ignore_index", DEFAULT_IGNORE_INDEX, integer(),
+                      "rows whose class-index target equals it are skipped")
+
+CASE = OptionTable("case options", (WEIGHT, IGNORE_INDEX, REDUCTION, LABEL_SMOOTHING))
+
+VERIFY = OptionTable("check options", (
+    Option("dtype", "float64", dtype_name, "the dtype of the arrays given to grad_fn",
+           parse=str, metavar="DTYPE", choices=("float64", "float32", "float16", "bfloat16")),
+    Option("targets", "index", choice(TARGET_KINDS), "'index' (class indices) or 'probs' (probabilities)",
+           parse=str, metavar="KIND", choices=TARGET_KINDS),
+    REDUCTION,
+    LABEL_SMOOTHING,
+    Option("weighted", False, flag, "pass class weights (weight=, K values of the dtype)"),
+    Option("ignore_index", None, integer(allow_none=True),
+           "when set, passed to grad_fn and some rows take that target", parse=int, metavar="I"),
+    Option("max_examples", 100, integer(1), "examples to generate", parse=int, metavar="N"),
+    Option("seed", None, integer(0, allow_none=True), "the Hypothesis seed (random and recorded when None)",
+           parse=int, metavar="S"),
+    Option("max_shape", MAX_SHAPE, shape_pair, "the largest (N, K) generated", parse=_pair, metavar="N,K"),
+    Option("regimes", None, regime_names, "the logits regimes drawn from (default: all of verify's)",
+           parse=_csv, metavar="R,..."),
+))
+
+# What a Hypothesis strategy draws (gradcheck.strategies.cases): the check options without the search's own.
+GENERATE = VERIFY.subset("generation options", (n for n in VERIFY if n not in ("max_examples", "seed")))
