@@ -27,7 +27,7 @@ def _selfcheck(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Column, Table
 
-    from gradcheck.selfcheck import self_check
+    from gradcheck.study.selfcheck import self_check
 
     console = Console()
     console.print(f"gradcheck self-check: seed {args.seed}, {args.cases} cases per regime and dtype")
