@@ -278,27 +278,12 @@ def _verify_vectors(args: argparse.Namespace, fn: Any) -> int:
 
 def _outputs(args: argparse.Namespace, document: dict[str, Any], cases: list[tuple[str, float, str | None]]) -> None:
     from gradcheck.report.jsonio import dumps, write_atomic
+    from gradcheck.report.junit import junit_xml
 
     if args.json:
         write_atomic(args.json, dumps({"schema": "gradcheck-verify", "schemaVersion": "1.0.0", **document}))
     if args.junit_xml:
         write_atomic(args.junit_xml, junit_xml(f"gradcheck.verify[{args.function}]", cases))
-
-
-def junit_xml(suite_name: str, cases: list[tuple[str, float, str | None]]) -> str:
-    """A JUnit XML document: one testcase per (name, seconds, failure message or None)."""
-    import xml.etree.ElementTree as ET
-
-    failures = sum(1 for _, _, f in cases if f)
-    root = ET.Element("testsuites")
-    suite = ET.SubElement(root, "testsuite", name=suite_name, tests=str(len(cases)), failures=str(failures),
-                          errors="0", time=f"{sum(s for _, s, _ in cases):.3f}")
-    for name, seconds, failure in cases:
-        case = ET.SubElement(suite, "testcase", classname=suite_name, name=name, time=f"{seconds:.3f}")
-        if failure:
-            node = ET.SubElement(case, "failure", message=failure.splitlines()[0][:500])
-            node.text = failure
-    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
 
 # --- prove --------------------------------------------------------------------------------------
