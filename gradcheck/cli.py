@@ -9,8 +9,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-DTYPES = ["float64", "float32", "float16", "bfloat16"]
-
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keep the examples' line breaks."""
@@ -27,7 +25,7 @@ def _selfcheck(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Column, Table
 
-    from gradcheck.selfcheck import self_check
+    from gradcheck.study.selfcheck import self_check
 
     console = Console()
     console.print(f"gradcheck self-check: seed {args.seed}, {args.cases} cases per regime and dtype")
@@ -278,27 +276,12 @@ def _verify_vectors(args: argparse.Namespace, fn: Any) -> int:
 
 def _outputs(args: argparse.Namespace, document: dict[str, Any], cases: list[tuple[str, float, str | None]]) -> None:
     from gradcheck.report.jsonio import dumps, write_atomic
+    from gradcheck.report.junit import junit_xml
 
     if args.json:
         write_atomic(args.json, dumps({"schema": "gradcheck-verify", "schemaVersion": "1.0.0", **document}))
     if args.junit_xml:
         write_atomic(args.junit_xml, junit_xml(f"gradcheck.verify[{args.function}]", cases))
-
-
-def junit_xml(suite_name: str, cases: list[tuple[str, float, str | None]]) -> str:
-    """A JUnit XML document: one testcase per (name, seconds, failure message or None)."""
-    import xml.etree.ElementTree as ET
-
-    failures = sum(1 for _, _, f in cases if f)
-    root = ET.Element("testsuites")
-    suite = ET.SubElement(root, "testsuite", name=suite_name, tests=str(len(cases)), failures=str(failures),
-                          errors="0", time=f"{sum(s for _, s, _ in cases):.3f}")
-    for name, seconds, failure in cases:
-        case = ET.SubElement(suite, "testcase", classname=suite_name, name=name, time=f"{seconds:.3f}")
-        if failure:
-            node = ET.SubElement(case, "failure", message=failure.splitlines()[0][:500])
-            node.text = failure
-    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
 
 # --- prove --------------------------------------------------------------------------------------
@@ -339,8 +322,7 @@ def _nonnegative(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gradcheck.regimes import REGIMES
-
+    """The ``gradcheck`` parser: one subcommand per builder below, each setting ``run`` to its handler."""
     parser = argparse.ArgumentParser(
         prog="gradcheck",
         description="Reference oracle and verification harness for the softmax cross-entropy gradient.",
@@ -349,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_selfcheck, _add_report, _add_vectors, _add_verify, _add_prove):
+        add(sub)
+    return parser
+
+
+def _add_selfcheck(sub: Any) -> None:
+    from gradcheck.dtypes import DTYPE_NAMES
 
     p = sub.add_parser(
         "selfcheck", formatter_class=_Formatter,
@@ -359,10 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=_nonnegative, default=0, help="seed of the generated cases (default 0)")
     p.add_argument("--cases", type=_positive, default=20, help="cases per regime and dtype (default 20)")
-    p.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=DTYPES, metavar="DTYPE",
+    p.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=DTYPE_NAMES, metavar="DTYPE",
                    help="formats to check: float64 float32 float16 bfloat16 (default float64 float32)")
     p.set_defaults(run=_selfcheck)
 
+
+def _add_report(sub: Any) -> None:
+    from gradcheck.dtypes import DTYPE_NAMES
+    from gradcheck.regimes import REGIMES
     from gradcheck.study import DEFAULT_EXAMPLES, PROOF_CLASSES
 
     p = sub.add_parser(
@@ -380,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports", help="output directory (default reports)")
     p.add_argument("--examples", type=_positive, default=DEFAULT_EXAMPLES, help=f"cases per regime and dtype (default {DEFAULT_EXAMPLES})")
     p.add_argument("--seed", type=_nonnegative, default=0, help="seed of the cases and the vectors (default 0)")
-    p.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES, metavar="DTYPE",
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPE_NAMES), choices=DTYPE_NAMES, metavar="DTYPE",
                    help="formats to study (default: all four)")
     p.add_argument("--regimes", nargs="+", choices=REGIMES, metavar="REGIME",
                    help=f"regimes to study, of {', '.join(REGIMES)} (default: all)")
@@ -392,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-vectors", action="store_true", help="do not generate vectors.json")
     p.set_defaults(run=_report)
 
+
+def _add_vectors(sub: Any) -> None:
     p = sub.add_parser(
         "vectors", formatter_class=_Formatter,
         help="write the golden vectors (Wycheproof-like JSON)",
@@ -407,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="compare with OUT byte for byte instead of writing")
     p.set_defaults(run=_vectors)
 
+
+def _add_verify(sub: Any) -> None:
     p = sub.add_parser(
         "verify", formatter_class=_Formatter,
         help="check an implementation MODULE:FUNC against the truth or a vectors file",
@@ -420,7 +417,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("function", metavar="MODULE:FUNC", help="the gradient function, e.g. mykernel:ce_grad")
     p.add_argument("--vectors", metavar="FILE", help="check against this vectors file instead")
-    p.add_argument("--dtype", nargs="+", choices=DTYPES, metavar="DTYPE",
+    _add_verify_options(p)
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON")
+    p.add_argument("--junit-xml", metavar="PATH", help="write the result as JUnit XML")
+    p.set_defaults(run=_verify)
+
+
+def _add_verify_options(p: argparse.ArgumentParser) -> None:
+    """The options of the checked case and of the search (``_verify`` passes them on to ``verify``)."""
+    from gradcheck.dtypes import DTYPE_NAMES
+
+    p.add_argument("--dtype", nargs="+", choices=DTYPE_NAMES, metavar="DTYPE",
                    help="dtypes to check, of float64 float32 float16 bfloat16 (default float64; with --vectors: all)")
     p.add_argument("--targets", nargs="+", choices=["index", "probs"],
                    help="target kinds (default index; with --vectors: all)")
@@ -430,10 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-index", type=int, default=None, help="pass ignore_index and ignore some rows")
     p.add_argument("--max-examples", type=_positive, default=100, help="Hypothesis examples per dtype and target kind (default 100)")
     p.add_argument("--seed", type=_nonnegative, default=None, help="Hypothesis seed (random when omitted)")
-    p.add_argument("--json", metavar="PATH", help="write the result as JSON")
-    p.add_argument("--junit-xml", metavar="PATH", help="write the result as JUnit XML")
-    p.set_defaults(run=_verify)
 
+
+def _add_prove(sub: Any) -> None:
     p = sub.add_parser(
         "prove", formatter_class=_Formatter,
         help="print the SymPy proofs of the gradient and softmax-Jacobian closed forms",
@@ -448,7 +454,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per proof (default 120)")
     p.add_argument("--no-cache", action="store_true", help="redo the proofs instead of reading the cache")
     p.set_defaults(run=_prove)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -144,3 +145,13 @@ def test_prove_prints_the_proofs(capsys):
     assert cli.main(["prove", "--max-classes", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("[ proved]") == 6 and "d softmax_i / dz_j equals delta_ij p_i - p_i p_j" in out
+
+
+def test_every_dtype_option_offers_the_formats_of_gradcheck_dtypes():
+    from gradcheck.dtypes import DTYPE_NAMES
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    found = {(name, o.dest): tuple(o.choices) for name, p in sub.choices.items() for o in p._actions
+             if o.dest in ("dtype", "dtypes")}
+    assert found == {(name, dest): DTYPE_NAMES for name, dest in [("selfcheck", "dtypes"), ("report", "dtypes"),
+                                                                   ("verify", "dtype")]}

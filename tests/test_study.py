@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from gradcheck.errors import InvalidArgument
-from gradcheck.study import StudyConfig, run_case, run_study, task_count
+from gradcheck.study import CHUNK, StudyConfig, run_case, run_study, task_count
+from gradcheck.study.executors import run_local
+from gradcheck.study.run import chunks
 
 TINY = StudyConfig(seed=3, examples=2, dtypes=("float32", "bfloat16"), regimes=("moderate", "large_gap"),
                    methods=("closed_form", "fd_central", "sympy_mpmath"), shapes=((2, 3),), proof_classes=1)
@@ -74,6 +76,30 @@ def test_same_results_on_dask(serial):
     assert extra == [3]
     assert sum(ticks) == task_count(TINY) + 1
     assert _fingerprint(study) == _fingerprint(serial)
+
+
+def test_totals_pool_the_regimes_of_each_method_and_dtype(serial):
+    for total in serial.totals:
+        cells = [c for c in serial.cells if c.method == total.method and c.dtype == total.dtype]
+        assert total.regime == "all" and [c.regime for c in cells] == list(TINY.regimes)
+        assert total.cases == sum(c.cases for c in cells) and total.usable == sum(c.usable for c in cells)
+        assert total.max_ulp == max((c.max_ulp for c in cells if c.max_ulp is not None), default=None)
+
+
+def test_chunks_cover_the_grid_once_in_tasks_of_one_dtype_and_one_shape():
+    config = StudyConfig(examples=40, dtypes=("float64", "float16"), regimes=("moderate", "ties", "huge"))
+    parts = chunks(config, ("closed_form",))
+    assert all(0 < len(c.items) <= CHUNK and c.methods == ("closed_form",) for c in parts)
+    assert all(len({config.shape(i) for _, i in c.items}) == 1 for c in parts)
+    covered = sorted((c.dtype, r, i) for c in parts for r, i in c.items)
+    assert covered == sorted((d, r, i) for d in config.dtypes for r in config.regimes for i in range(40))
+    assert task_count(config) == len(parts) + 1  # and one task for the proofs
+
+
+def test_in_process_executor_keeps_task_order_and_ticks_once_per_task():
+    ticks = []
+    results, workers = run_local([(abs, -3), (len, "ab"), (sorted, [3, 1])], 1, ticks.append)
+    assert results == [3, 2, [1, 3]] and workers == "in-process" and ticks == [1, 1, 1]
 
 
 def test_run_case_records_every_method():

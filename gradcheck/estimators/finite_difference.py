@@ -258,10 +258,8 @@ def finite_difference_gradient(
     _check_scheme(scheme)
     x = np.array(x)
     fmt = float_format(x.dtype, argument="x")
-    name = "finite_difference"
     if fmt.precision < 24:
-        return _array_result(np.full(x.shape, np.nan), np.full(x.shape, np.inf), fmt, name, 0,
-                             Status.UNSUPPORTED, f"finite differences need float32 or float64, got {fmt.name}")
+        return _generic_unsupported(x.shape, fmt, 0, f"finite differences need float32 or float64, got {fmt.name}")
     u = fmt.unit_roundoff
     flat = x.reshape(-1).astype(np.float64)
     f0 = float(np.real(f(x)))
@@ -270,44 +268,63 @@ def finite_difference_gradient(
     err = np.empty(flat.size)
     evals = 1
     status = Status.CONVERGED
-
-    def at(i: int, step: Any) -> Any:
-        y = flat.astype(np.result_type(fmt.dtype, np.asarray(step).dtype)).copy()
-        y[i] = y[i] + step
-        return f(y.reshape(x.shape).astype(np.result_type(fmt.dtype, y.dtype)))
-
+    at = _shifted(f, flat, x.shape, fmt)
     for i in range(flat.size):
-        scale = max(abs(flat[i]), 1.0)
         if scheme == "complex_step":
             value = at(i, 1j * u)
             evals += 1
             if not np.iscomplexobj(value):
-                return _array_result(np.full(x.shape, np.nan), np.full(x.shape, np.inf), fmt, name, evals,
-                                     Status.UNSUPPORTED,
-                                     "f returned a real value for complex input: it is not analytic as written")
+                return _generic_unsupported(x.shape, fmt, evals,
+                                            "f returned a real value for complex input: it is not analytic as written")
             grad[i] = np.imag(value) / u
             err[i] = 4 * u * abs(grad[i])
             continue
+        scale = max(abs(flat[i]), 1.0)
+        real_at = lambda s, i=i: float(np.real(at(i, s)))  # noqa: E731 - f along coordinate i
         if scheme == "richardson":
-            grad[i], err[i], used, st = _generic_richardson(lambda s, i=i: float(np.real(at(i, s))), scale, delta,
-                                                            max_levels)
-            evals += used
+            grad[i], err[i], used, st = _generic_richardson(real_at, scale, delta, max_levels)
             status = max(status, st)
-            continue
-        power = 0.5 if scheme == "forward" else 1.0 / 3.0
-        h = float(_pow2_at_least(u**power * scale))
-        if scheme == "central":
-            d1 = (float(np.real(at(i, h))) - float(np.real(at(i, -h)))) / (2 * h)
-            d2 = (float(np.real(at(i, 2 * h))) - float(np.real(at(i, -2 * h)))) / (4 * h)
-            evals += 4
-            grad[i], err[i] = d1, abs(d2 - d1) / 3 + delta / h  # error(2h) = 4 error(h) to first order
         else:
-            f1, f2 = float(np.real(at(i, h))), float(np.real(at(i, 2 * h)))
-            evals += 2
-            d1, d2 = (f1 - f0) / h, (f2 - f0) / (2 * h)
-            grad[i], err[i] = d1, abs(d2 - d1) + 2 * delta / h
+            grad[i], err[i], used = _generic_difference(real_at, scheme, scale, f0, delta, u)
+        evals += used
     st = Status.NON_FINITE if not np.all(np.isfinite(grad)) else status
-    return _array_result(grad.reshape(x.shape), err.reshape(x.shape), fmt, name, evals, st, "")
+    return _array_result(grad.reshape(x.shape), err.reshape(x.shape), fmt, _GENERIC, evals, st, "")
+
+
+_GENERIC = "finite_difference"  # the method name of finite_difference_gradient's results
+
+
+def _shifted(f: Callable[[np.ndarray], Any], flat: np.ndarray, shape: tuple[int, ...], fmt: FloatFormat) -> Callable:
+    """``at(i, step)``: f at the point ``flat`` with ``step`` (real or imaginary) added to coordinate i."""
+
+    def at(i: int, step: Any) -> Any:
+        y = flat.astype(np.result_type(fmt.dtype, np.asarray(step).dtype)).copy()
+        y[i] = y[i] + step
+        return f(y.reshape(shape).astype(np.result_type(fmt.dtype, y.dtype)))
+
+    return at
+
+
+def _generic_unsupported(shape: tuple[int, ...], fmt: FloatFormat, evals: int, reason: str) -> MethodResult:
+    return _array_result(np.full(shape, np.nan), np.full(shape, np.inf), fmt, _GENERIC, evals, Status.UNSUPPORTED,
+                         reason)
+
+
+def _generic_difference(f1: Callable[[float], float], scheme: str, scale: float, f0: float, delta: float,
+                        u: float) -> tuple[float, float, int]:
+    """Forward or central difference for one coordinate, truncation estimated from a second step 2h.
+
+    Returns the derivative, its error estimate and the evaluations of f used.
+    """
+    power = 0.5 if scheme == "forward" else 1.0 / 3.0
+    h = float(_pow2_at_least(u**power * scale))
+    if scheme == "central":
+        d1 = (f1(h) - f1(-h)) / (2 * h)
+        d2 = (f1(2 * h) - f1(-2 * h)) / (4 * h)
+        return d1, abs(d2 - d1) / 3 + delta / h, 4  # error(2h) = 4 error(h) to first order
+    fp, f2 = f1(h), f1(2 * h)
+    d1, d2 = (fp - f0) / h, (f2 - f0) / (2 * h)
+    return d1, abs(d2 - d1) + 2 * delta / h, 2
 
 
 def _generic_richardson(f1: Callable[[float], float], scale: float, delta: float, max_levels: int) -> tuple:

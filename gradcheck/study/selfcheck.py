@@ -1,4 +1,4 @@
-"""The oracle's self-check: the fast path against the certified truth, per regime and dtype."""
+"""The oracle's self-check (`gradcheck selfcheck`): the fast path against the certified truth, per regime and dtype."""
 
 from __future__ import annotations
 
