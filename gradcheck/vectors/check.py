@@ -71,7 +71,7 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
 
     Args:
         grad_fn: as for :func:`gradcheck.verify`.
-        suite: e.g. from :func:`gradcheck.report.vector_file.load_vectors`.
+        suite: e.g. from :func:`gradcheck.vectors.file.load_vectors`.
         dtypes, targets: run only the groups of these dtypes / target kinds (all when None).
         progress: called with 1 after each test.
     """
