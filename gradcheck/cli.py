@@ -135,8 +135,7 @@ def _vectors(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gradcheck.report import write_vectors
-    from gradcheck.report.vector_file import render_vectors
-    from gradcheck.vectors import build_suite
+    from gradcheck.vectors import build_suite, render_vectors
 
     start = time.perf_counter()
     suite = build_suite(args.seed)
@@ -236,8 +235,7 @@ def _verify_vectors(args: argparse.Namespace, fn: Any) -> int:
     from rich.console import Console
 
     from gradcheck.errors import InvalidArgument
-    from gradcheck.report.vector_file import load_vectors
-    from gradcheck.vectors import check_vectors
+    from gradcheck.vectors import check_vectors, load_vectors
 
     try:
         suite = load_vectors(args.vectors)

@@ -37,7 +37,7 @@ def render_all(study: Any, suite: Any, *, started: _dt.datetime | None = None,
     from gradcheck.report.html import render_html
     from gradcheck.report.json_report import render_report_json, report_document, vector_summary
     from gradcheck.report.markdown import render_markdown
-    from gradcheck.report.vector_file import render_vectors
+    from gradcheck.vectors import render_vectors
 
     texts: dict[str, str] = {}
     vectors = None
@@ -68,7 +68,7 @@ def write_report(out_dir: str | Path, study: Any, suite: Any, *, started: _dt.da
 
 def write_vectors(path: str | Path, suite: Any) -> Written:
     """Write a vectors file atomically."""
-    from gradcheck.report.vector_file import render_vectors
+    from gradcheck.vectors import render_vectors
 
     p = write_atomic(path, render_vectors(suite))
     return Written(p, p.stat().st_size)

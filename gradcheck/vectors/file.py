@@ -1,4 +1,4 @@
-"""The golden vectors file: render a :class:`gradcheck.vectors.VectorSuite` as JSON and load it back."""
+"""The vectors file format: its schema, writing a :class:`~gradcheck.vectors.suite.VectorSuite` as JSON and reading it back."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import numpy as np
 from gradcheck.errors import InvalidArgument
 from gradcheck.report.floats import decode_floats, encode_floats
 from gradcheck.report.jsonio import dumps
-from gradcheck.vectors import SCHEMA_NAME, SCHEMA_VERSION, Vector, VectorGroup, VectorSuite
+from gradcheck.vectors.suite import Vector, VectorGroup, VectorSuite
 
+SCHEMA_NAME = "gradcheck-vectors"
+SCHEMA_VERSION = "1.0.0"
 SCHEMA_FILE = "vectors.schema.json"
 HEADER = (
     "Golden vectors for the gradient of softmax cross-entropy with respect to the logits,",

@@ -1,0 +1,133 @@
+"""Checking an implementation against a suite: its gradient on every input, and the file's own labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from gradcheck.vectors.suite import Vector, VectorSuite
+
+
+@dataclass(frozen=True)
+class VectorOutcome:
+    """One test against the checker and (for its inputs) the implementation.
+
+    Attributes:
+        tc_id: the test.
+        expected: "valid" or "invalid".
+        classified: the checker classified the test's own gradient as labelled (valid accepted,
+            invalid rejected).
+        implementation_ok: the implementation's gradient on these inputs passed ``verify``'s checks
+            (None when the inputs were already run for an earlier test).
+        message: what went wrong, empty when nothing did.
+        resembles: modeled bugs (flags) whose gradient on these inputs the implementation's is closer to
+            than to the truth.
+    """
+
+    tc_id: int
+    expected: str
+    classified: bool
+    implementation_ok: bool | None
+    message: str = ""
+    resembles: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VectorCheck:
+    """The result of :func:`check_vectors`; ``passed`` when the implementation and the checker are both right."""
+
+    function: str
+    outcomes: tuple[VectorOutcome, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(o.classified and o.implementation_ok is not False for o in self.outcomes)
+
+    @property
+    def implementation_failures(self) -> tuple[VectorOutcome, ...]:
+        return tuple(o for o in self.outcomes if o.implementation_ok is False)
+
+    @property
+    def misclassified(self) -> tuple[VectorOutcome, ...]:
+        return tuple(o for o in self.outcomes if not o.classified)
+
+
+def _key(group_index: int, test: Vector) -> tuple:
+    w = b"" if test.weight is None else test.weight.tobytes()
+    return group_index, test.logits.tobytes(), test.targets.tobytes(), w
+
+
+def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tuple[str, ...] | None = None,
+                  targets: tuple[str, ...] | None = None,
+                  progress: Callable[[int], None] | None = None) -> VectorCheck:
+    """Run ``grad_fn`` on the inputs of every test and check the vectors themselves.
+
+    For each test the checker (verify's tolerance model, :func:`gradcheck.verify.compare_values`)
+    must accept its gradient when it is valid and reject it when invalid; ``grad_fn`` runs once
+    per distinct input and must pass :func:`gradcheck.verify.check` (shape, dtype, no mutation,
+    determinism, within tolerance of the truth).
+
+    Args:
+        grad_fn: as for :func:`gradcheck.verify`.
+        suite: e.g. from :func:`gradcheck.vectors.file.load_vectors`.
+        dtypes, targets: run only the groups of these dtypes / target kinds (all when None).
+        progress: called with 1 after each test.
+    """
+    from gradcheck.verify import Failure, _name, check
+
+    outcomes = []
+    seen: dict[tuple, Any] = {}
+    for gi, group in enumerate(suite.groups):
+        if (dtypes and group.dtype not in dtypes) or (targets and group.targets not in targets):
+            continue
+        bugs_here = [t for t in group.tests if t.result == "invalid"]
+        for test in group.tests:
+            case = group.case(test)
+            ok_vector = _accepted(test.grad, case) if test.result == "valid" else not _accepted(test.grad, case)
+            message = "" if ok_vector else (
+                f"tcId {test.tc_id}: the checker {'rejects' if test.result == 'valid' else 'accepts'} this "
+                f"{test.result} gradient; the file does not match this gradcheck's tolerance model")
+            key = _key(gi, test)
+            impl_ok = None
+            resembles: tuple[str, ...] = ()
+            if key not in seen:
+                outcome = check(grad_fn, case)
+                seen[key] = outcome
+                impl_ok = not isinstance(outcome, Failure)
+                if not impl_ok:
+                    message = (message + "; " if message else "") + f"tcId {test.tc_id}: {outcome.message}"
+                    resembles = _resembles(grad_fn, case, test, [b for b in bugs_here if _key(gi, b) == key])
+            outcomes.append(VectorOutcome(test.tc_id, test.result, ok_vector, impl_ok, message, resembles))
+            if progress:
+                progress(1)
+    return VectorCheck(_name(grad_fn), tuple(outcomes))
+
+
+def _resembles(grad_fn: Callable[..., Any], case: Any, valid: Vector, bugs: list[Vector]) -> tuple[str, ...]:
+    """The modeled bugs whose gradient the implementation's output is closer to than to the truth."""
+    from gradcheck.adapters import to_numpy
+
+    try:
+        got = to_numpy(grad_fn(case.logits.copy(), case.targets.copy(), **case.options())).astype(np.float64)
+    except Exception:  # noqa: BLE001 - the failure was already reported
+        return ()
+    if got.shape != valid.grad.shape:
+        return ()
+
+    def distance(a: np.ndarray, b: np.ndarray) -> float:
+        same_nan = np.isnan(a) & np.isnan(b)
+        with np.errstate(invalid="ignore"):
+            d = np.where(same_nan, 0.0, np.abs(a - b))
+        return float(np.nan_to_num(d, nan=np.inf).max(initial=0.0))
+
+    to_truth = distance(got, valid.grad.astype(np.float64))
+    return tuple(b.bug for b in bugs if b.bug and distance(got, b.grad.astype(np.float64)) < to_truth)
+
+
+def _accepted(grad: np.ndarray, case: Any) -> bool:
+    """True when verify's tolerance model accepts ``grad`` as the gradient of ``case``."""
+    from gradcheck.verify import Failure, compare_values
+
+    return not isinstance(compare_values(grad, case), Failure)

@@ -1,0 +1,177 @@
+"""What a vectors suite is: its data types, the tables of groups, input kinds and flags, and the numbers that shape them.
+
+A suite holds test groups (one dtype and one set of options each). Every *valid* test carries the
+loss and gradient correctly rounded to the dtype (:func:`gradcheck.exact_loss`, :func:`gradcheck.exact_grad`).
+Every *invalid* test repeats the inputs of a valid test of its group with the gradient a known bug
+produces (missing 1/N, sign flip, no max subtraction, ...); a checker must reject it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gradcheck.problem import DEFAULT_IGNORE_INDEX
+
+# --- the regime-like numbers of the vectors, all here (gradcheck/regimes.py has its own) ----------
+
+# large_gap: the gap between the largest logit and the others (draws in [GAP/2, GAP]) that pushes the
+# other probabilities to the subnormal range, or to zero, in each format.
+GAP = {"float64": 740.0, "float32": 100.0, "float16": 17.0, "bfloat16": 100.0}
+# signed_zero: a gap whose exp is below half the smallest subnormal, so p_t - 1 rounds to -0.
+ZERO_GAP = {"float64": 750.0, "float32": 110.0, "float16": 20.0, "bfloat16": 100.0}
+# many_classes (half precisions only): every logit but one is -A, and exp(-A) is below half an ulp of 1,
+# so a sequential sum in the dtype stagnates at 1; MANY_K classes in one row.
+MANY = {"float16": 8.0, "bfloat16": 6.0}
+MANY_K = 256
+EPS_LOG = 1e-7  # the epsilon of the EpsilonInLog bug: -log(p_t + EPS_LOG)
+EPS_CLIP = {"float64": 1e-7, "float32": 1e-7, "float16": 1e-4, "bfloat16": 1e-4}  # ClippedProbabilities (Keras style)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """The options shared by a test group.
+
+    Attributes:
+        name: short label.
+        targets: "index" or "probs".
+        reduction, label_smoothing: as for :func:`gradcheck.cross_entropy`.
+        weighted: tests carry class weights.
+        ignore_index: the ignored target value (index targets), None for probability targets.
+        ignored_rows: some rows of each test take ``ignore_index``.
+        normalized: probability targets sum to one (up to their rounding to the dtype).
+    """
+
+    name: str
+    targets: str
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    weighted: bool = False
+    ignore_index: int | None = DEFAULT_IGNORE_INDEX
+    ignored_rows: bool = False
+    normalized: bool = True
+
+
+GROUPS: tuple[GroupSpec, ...] = (
+    GroupSpec("index", "index"),
+    GroupSpec("index_sum", "index", reduction="sum"),
+    GroupSpec("index_none", "index", reduction="none"),
+    GroupSpec("index_ignored", "index", ignored_rows=True),
+    GroupSpec("index_ignore_class", "index", ignore_index=1, ignored_rows=True),
+    GroupSpec("index_weighted", "index", weighted=True),
+    GroupSpec("index_smoothed", "index", label_smoothing=0.1),
+    GroupSpec("index_all_options", "index", label_smoothing=0.2, weighted=True, ignored_rows=True),
+    GroupSpec("probs", "probs", ignore_index=None),
+    GroupSpec("probs_unnormalized_sum", "probs", reduction="sum", ignore_index=None, normalized=False),
+    GroupSpec("probs_smoothed_weighted", "probs", label_smoothing=0.1, weighted=True, ignore_index=None),
+)
+
+KINDS: dict[str, tuple[str, tuple[int, int], str]] = {
+    # kind: (flag, shape, what it is)
+    "moderate": ("Moderate", (3, 4), "logits of moderate size"),
+    "large_gap": ("LargeGap", (2, 4), "a gap between the largest logit and the others that underflows probabilities"),
+    "huge": ("HugeLogits", (2, 3), "logits near the largest finite number of the dtype"),
+    "ties": ("Ties", (2, 4), "several equal largest logits"),
+    "masked": ("MaskedClasses", (3, 4), "-inf logits (masked classes)"),
+    "single_class": ("SingleClass", (2, 1), "one class: the gradient is exactly zero"),
+    "signed_zero": ("SignedZero", (2, 3), "-0.0 and +0.0 logits; a near one-hot row whose target gradient rounds to -0.0"),
+    "many_classes": ("ManyClasses", (1, MANY_K), "many classes whose sum stagnates when accumulated sequentially in a half precision"),
+}
+
+NOTES: dict[str, tuple[str, str]] = {
+    # flag: (bugType, description)
+    **{flag: ("EDGE_CASE", f"The inputs have {what}.") for flag, _, what in KINDS.values()},
+    "SubnormalGradient": ("EDGE_CASE", "Some gradient elements are subnormal in the dtype."),
+    "NegativeZeroGradient": ("EDGE_CASE", "Some gradient elements are -0.0: a tiny negative value rounded to zero."),
+    "ZeroGradient": ("EDGE_CASE", "The whole gradient is zero."),
+    "InfiniteLoss": ("EDGE_CASE", "The loss is +inf (positive target weight on a masked class); the gradient is finite."),
+    "IgnoredRows": ("EDGE_CASE", "Some rows have the target ignore_index: their gradient is zero and they do not count in the mean."),
+    "ZeroWeight": ("EDGE_CASE", "A class has weight 0."),
+    "UnnormalizedTargets": ("EDGE_CASE", "Probability targets drawn without normalization (rows sum to up to 3): the gradient is p * sum(t) - t. Without this flag probability targets are normalized before rounding to the dtype."),
+    "MissingMeanDivisor": ("MODELED_BUG", "The gradient of the sum returned for reduction='mean' (the 1/N is missing)."),
+    "ReductionIgnored": ("MODELED_BUG", "Always the gradient of the mean, whatever the reduction asked for."),
+    "SignFlip": ("MODELED_BUG", "t - p instead of p - t (the gradient of the negated loss)."),
+    "NoMaxSubtraction": ("MODELED_BUG", "exp(z) / sum exp(z) without subtracting the row maximum: overflow (inf / inf) or underflow (0 / 0) gives NaN."),
+    "LogOfSoftmax": ("MODELED_BUG", "log(softmax(z)) instead of log_softmax(z): where the target's probability underflows to 0, backpropagation gives 0 * inf = NaN."),
+    "EpsilonInLog": ("MODELED_BUG", "The gradient of -log(p_t + 1e-7): each row scaled by p_t / (p_t + 1e-7)."),
+    "ClippedProbabilities": ("MODELED_BUG", "p clipped to [eps, 1 - eps] before p - t (Keras style; eps 1e-7, or 1e-4 in half precision)."),
+    "WrongSmoothingConvention": ("MODELED_BUG", "Label smoothing as 1 - eps on the target and eps / (K - 1) elsewhere, instead of torch's (1 - eps) t + eps / K."),
+    "WeightOnEveryClass": ("MODELED_BUG", "Class weights applied per class, w_i (p_i - t_i), instead of the target's weight w_y (p_i - t_i)."),
+    "WeightedMeanOverRows": ("MODELED_BUG", "The weighted mean divided by the number of rows instead of the sum of the targets' weights."),
+    "IgnoredRowsCounted": ("MODELED_BUG", "Ignored rows get a zero gradient but still count in the mean's divisor."),
+    "IgnoredRowsNotZeroed": ("MODELED_BUG", "Ignored rows get the gradient p (as if their target were all zero) instead of zero."),
+    "SoftTargetsAssumedNormalized": ("MODELED_BUG", "p - t for probability targets: wrong for rows that do not sum to one."),
+    "LastClassSkipped": ("MODELED_BUG", "An off-by-one class loop: the last class's gradient stays 0."),
+    "SoftmaxOverBatchAxis": ("MODELED_BUG", "Softmax over the batch axis instead of the classes."),
+    "Float32Inside": ("MODELED_BUG", "A float64 entry point that computes in float32 (modeled as the truth rounded to float32)."),
+    "HalfPrecisionSequentialSum": ("MODELED_BUG", "The softmax denominator summed sequentially in the half precision: it stagnates once the terms fall below half an ulp of the running sum."),
+    "BeyondToleranceUlps": ("MODELED_BUG", "The truth with its largest element moved outward by the smallest power-of-two number of ULPs beyond the verify tolerance: rejected by a checker whose tolerance is right, accepted by one too loose."),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Vector:
+    """One test.
+
+    Attributes:
+        tc_id: unique id, from 1, in file order.
+        comment: what the test is.
+        flags: keys of :data:`NOTES`.
+        logits: ``(N, K)`` of the dtype.
+        targets: ``(N,)`` int64 or ``(N, K)`` of the dtype.
+        weight: ``(K,)`` of the dtype, or None.
+        loss: the loss correctly rounded to the dtype (0-d, or ``(N,)`` for reduction="none").
+        grad: the gradient: correctly rounded (valid), or the modeled bug's (invalid).
+        result: "valid" or "invalid".
+        bug: the modeled bug's flag (invalid tests), else None.
+    """
+
+    tc_id: int
+    comment: str
+    flags: tuple[str, ...]
+    logits: np.ndarray
+    targets: np.ndarray
+    weight: np.ndarray | None
+    loss: np.ndarray
+    grad: np.ndarray
+    result: str
+    bug: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class VectorGroup:
+    """Tests sharing a dtype and options (see :class:`GroupSpec`)."""
+
+    dtype: str
+    targets: str
+    reduction: str
+    label_smoothing: float
+    weighted: bool
+    ignore_index: int | None
+    tests: tuple[Vector, ...]
+
+    def case(self, test: Vector) -> Any:
+        """The test's inputs as a :class:`gradcheck.strategies.Case` (what ``verify`` checks)."""
+        from gradcheck.strategies import Case
+
+        return Case(logits=test.logits, targets=test.targets, weight=test.weight,
+                    ignore_index=DEFAULT_IGNORE_INDEX if self.ignore_index is None else self.ignore_index,
+                    reduction=self.reduction, label_smoothing=self.label_smoothing, regime="vectors",
+                    tags=tuple(test.flags))
+
+
+@dataclass(frozen=True, eq=False)
+class VectorSuite:
+    """A whole vectors file."""
+
+    seed: int
+    generator: str
+    groups: tuple[VectorGroup, ...]
+    notes: dict[str, tuple[str, str]] = field(default_factory=lambda: dict(NOTES))
+
+    @property
+    def number_of_tests(self) -> int:
+        return sum(len(g.tests) for g in self.groups)
+
