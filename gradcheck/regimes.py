@@ -51,7 +51,7 @@ CATALOGUE: tuple[Regime, ...] = (
            _by("verify", "study", "vectors"), {
                # largest gap drawn: exp(-gap) is near or below the smallest subnormal of the dtype
                "gap": {"float64": 700.0, "float32": 90.0, "bfloat16": 90.0, "float16": 20.0},
-               # the vectors' fixed gap: probabilities in the subnormal range (or zero)
+               # the vectors' gap (drawn in [gap/2, gap]): the other probabilities subnormal or zero
                "vector_gap": {"float64": 740.0, "float32": 100.0, "float16": 17.0, "bfloat16": 100.0},
            }),
     Regime("huge", "magnitudes near the top of the dtype's range", _by("verify", "study", "vectors"), {

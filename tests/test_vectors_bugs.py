@@ -58,7 +58,7 @@ def test_each_invalid_gradient_is_its_bug_on_the_inputs(suite, dtype):
         for t in (t for t in g.tests if t.result == "invalid"):
             same = valid[t.logits.tobytes() + t.targets.tobytes()]
             case = g.case(t)
-            problem = case.problem()
+            problem = case.problem
             truth64 = exact_grad(t.logits, t.targets, dtype="float64", **case.options())
             ctx = _Context(problem, same.grad, truth64, certified_softmax(t.logits))
             got = round_to_format(BUGS[t.bug](ctx), problem.format)

@@ -13,19 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from gradcheck.problem import DEFAULT_IGNORE_INDEX
+from gradcheck.problem import DEFAULT_IGNORE_INDEX, Case
+from gradcheck.regimes import param
 
-# --- the regime-like numbers of the vectors, all here (gradcheck/regimes.py has its own) ----------
-
-# large_gap: the gap between the largest logit and the others (draws in [GAP/2, GAP]) that pushes the
-# other probabilities to the subnormal range, or to zero, in each format.
-GAP = {"float64": 740.0, "float32": 100.0, "float16": 17.0, "bfloat16": 100.0}
-# signed_zero: a gap whose exp is below half the smallest subnormal, so p_t - 1 rounds to -0.
-ZERO_GAP = {"float64": 750.0, "float32": 110.0, "float16": 20.0, "bfloat16": 100.0}
-# many_classes (half precisions only): every logit but one is -A, and exp(-A) is below half an ulp of 1,
-# so a sequential sum in the dtype stagnates at 1; MANY_K classes in one row.
-MANY = {"float16": 8.0, "bfloat16": 6.0}
-MANY_K = 256
+# The vectors' input kinds take their numbers from the one regime catalogue (gradcheck/regimes.py).
+GAP = param("large_gap", "vector_gap")
+ZERO_GAP = param("signed_zero", "zero_gap")
+MANY = param("many_classes", "level")
+MANY_K = int(param("many_classes", "vector_classes"))
 EPS_LOG = 1e-7  # the epsilon of the EpsilonInLog bug: -log(p_t + EPS_LOG)
 EPS_CLIP = {"float64": 1e-7, "float32": 1e-7, "float16": 1e-4, "bfloat16": 1e-4}  # ClippedProbabilities (Keras style)
 
@@ -153,13 +148,11 @@ class VectorGroup:
     tests: tuple[Vector, ...]
 
     def case(self, test: Vector) -> Any:
-        """The test's inputs as a :class:`gradcheck.strategies.Case` (what ``verify`` checks)."""
-        from gradcheck.strategies import Case
-
-        return Case(logits=test.logits, targets=test.targets, weight=test.weight,
-                    ignore_index=DEFAULT_IGNORE_INDEX if self.ignore_index is None else self.ignore_index,
-                    reduction=self.reduction, label_smoothing=self.label_smoothing, regime="vectors",
-                    tags=tuple(test.flags))
+        """The test's inputs as a :class:`gradcheck.problem.Case` (what ``verify`` checks)."""
+        return Case.make(test.logits, test.targets, weight=test.weight,
+                         ignore_index=DEFAULT_IGNORE_INDEX if self.ignore_index is None else self.ignore_index,
+                         reduction=self.reduction, label_smoothing=self.label_smoothing, regime="vectors",
+                         tags=tuple(test.flags))
 
 
 @dataclass(frozen=True, eq=False)
