@@ -539,7 +539,8 @@ def _beyond_tolerance(c: _Context, case: Any) -> np.ndarray | None:
 
 def _rejected(grad: np.ndarray, case: Any, *, strict: bool) -> bool:
     """True when verify's tolerance model rejects ``grad`` (clearly: by CLEAR_RATIO, unless not strict)."""
-    from gradcheck.verify import Failure, compare_values
+    from gradcheck.checking.judge import compare_values
+    from gradcheck.checking.result import Failure
 
     outcome = compare_values(grad, case)
     if not isinstance(outcome, Failure):
@@ -548,7 +549,8 @@ def _rejected(grad: np.ndarray, case: Any, *, strict: bool) -> bool:
 
 
 def _accepted(grad: np.ndarray, case: Any) -> bool:
-    from gradcheck.verify import Failure, compare_values
+    from gradcheck.checking.judge import compare_values
+    from gradcheck.checking.result import Failure
 
     return not isinstance(compare_values(grad, case), Failure)
 
@@ -704,7 +706,9 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
         dtypes, targets: run only the groups of these dtypes / target kinds (all when None).
         progress: called with 1 after each test.
     """
-    from gradcheck.verify import Failure, _name, check
+    from gradcheck.checking.judge import check
+    from gradcheck.checking.messages import _name
+    from gradcheck.checking.result import Failure
 
     outcomes = []
     seen: dict[tuple, Any] = {}

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gradcheck.checking.judge import compare_values
+from gradcheck.checking.result import Failure
 from gradcheck.errors import InvalidArgument
 from gradcheck.report.vector_file import parse_vectors, render_vectors, schema
 from gradcheck.vectors import BUGS, NOTES, VectorSuite, build_suite, check_vectors
-from gradcheck.verify import Failure, compare_values
 from zoo import forgot_mean, numpy_logspace, numpy_online, numpy_stable, oracle
 
 COMMITTED = Path(__file__).resolve().parent.parent / "reports" / "vectors.json"

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 import gradcheck
-from gradcheck import GradientMismatch, InvalidArgument, assert_gradient
-from gradcheck.verify import verify
+from gradcheck import GradientMismatch, InvalidArgument, assert_gradient, verify
 from gradcheck.adapters import jax_grad_fn, jax_loss_grad, to_numpy, torch_grad_fn, torch_loss_grad
 from gradcheck.tolerance import grad_tolerance
 from zoo import _jax_cross_entropy, numpy_stable, sign_flipped
@@ -187,8 +186,8 @@ def test_invalid_arguments(kwargs, match):
         verify("numpy_stable")
 
 
-def test_verify_module_does_not_import_torch_or_jax():
-    code = ("import sys, gradcheck; gradcheck.verify; import gradcheck.verify; "
+def test_checking_does_not_import_torch_or_jax():
+    code = ("import sys, gradcheck; gradcheck.verify; import gradcheck.checking.api; "
             "print(any(m in sys.modules for m in ('torch', 'jax')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -201,9 +200,12 @@ def test_speed_at_small_shapes():
     assert result.passed and result.elapsed < 3.0
 
 
-def test_gradcheck_verify_is_callable_in_every_import_order():
-    code = ("import gradcheck; gradcheck.assert_gradient; import gradcheck.verify; import sys; sys.path.insert(0, 'tests'); "
+def test_gradcheck_verify_is_the_function_in_every_import_order():
+    """No module is named like the function, so importing the checking modules first changes nothing."""
+    code = ("import gradcheck; gradcheck.assert_gradient; import gradcheck.checking.api, gradcheck.checking.result; "
+            "import inspect, pathlib, sys; sys.path.insert(0, 'tests'); "
             "from zoo import numpy_stable; r = gradcheck.verify(numpy_stable, seed=0, max_examples=3); "
-            "print(r.passed, type(r).__name__)")
+            "print(r.passed, type(r).__name__, inspect.isfunction(gradcheck.verify), "
+            "any(pathlib.Path(gradcheck.__file__).parent.glob('verify*')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True Verification"
+    assert out.stdout.strip() == "True Verification True False"

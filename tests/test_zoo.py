@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gradcheck.verify import verify
+from gradcheck import verify
 from zoo import ZOO_BUGGY, ZOO_CORRECT, runs
 
 SEED = 20240601
