@@ -1,4 +1,4 @@
-"""verify's argument checks, in one function (the central option spec in gradcheck/problem.py replaces it)."""
+"""verify's argument checks, in one function (the central option spec in gradcheck/problem.py is to replace it)."""
 
 from __future__ import annotations
 
