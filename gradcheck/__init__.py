@@ -32,9 +32,9 @@ _LAZY = {
     "MethodResult": ("gradcheck.estimators", "MethodResult"),
     "Status": ("gradcheck.estimators", "Status"),
     "finite_difference_gradient": ("gradcheck.estimators.finite_difference", "finite_difference_gradient"),
-    "verify": ("gradcheck.verify", "verify"),
-    "assert_gradient": ("gradcheck.verify", "assert_gradient"),
-    "Verification": ("gradcheck.verify", "Verification"),
+    "verify": ("gradcheck.checking.api", "verify"),
+    "assert_gradient": ("gradcheck.checking.api", "assert_gradient"),
+    "Verification": ("gradcheck.checking.result", "Verification"),
     "strategies": ("gradcheck.strategies", None),
 }
 
@@ -44,15 +44,11 @@ def __getattr__(name: str) -> object:
         raise AttributeError(f"module 'gradcheck' has no attribute {name!r}")
     import importlib
 
-    module_name, _ = _LAZY[name]
+    module_name, attribute = _LAZY[name]
     module = importlib.import_module(module_name)
-    # Importing gradcheck.verify binds the *module* to gradcheck.verify; bind every lazy name from
-    # that module now, so the public function wins whatever the import order (gradcheck/verify.py
-    # also makes its module callable, for code that imported the submodule first).
-    for lazy_name, (lazy_module, attribute) in _LAZY.items():
-        if lazy_module == module_name:
-            globals()[lazy_name] = module if attribute is None else getattr(module, attribute)
-    return globals()[name]
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:

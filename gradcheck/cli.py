@@ -204,7 +204,8 @@ def _verify(args: argparse.Namespace) -> int:
     if args.vectors:
         return _verify_vectors(args, fn)
     from gradcheck.errors import InvalidArgument
-    from gradcheck.verify import describe, verify
+    from gradcheck.checking.api import verify
+    from gradcheck.checking.messages import describe
 
     dtypes = args.dtype or ["float64"]
     runs, cases = [], []

@@ -217,7 +217,7 @@ class GradientChecker:
         options = {**self.defaults, **options}
         call = len(self.results)
         options.setdefault("seed", check_seed(self._settings.seed, self._nodeid, call))
-        verify = importlib.import_module("gradcheck.verify").verify
+        verify = importlib.import_module("gradcheck.checking.api").verify
         result = verify(grad_fn, **options)
         self.results.append(result)
         self._settings.records.append(_record(self._nodeid, call, result, options))
@@ -234,7 +234,7 @@ class GradientChecker:
         __tracebackhide__ = True
         result = self.verify(grad_fn, **options)
         if not result.passed:
-            describe = getattr(importlib.import_module("gradcheck.verify"), "describe", str)
+            describe = getattr(importlib.import_module("gradcheck.checking.messages"), "describe", str)
             raise GradientMismatch(describe(result))
 
     def __repr__(self) -> str:
@@ -264,7 +264,7 @@ def _record(nodeid: str, call: int, result: Any, options: dict[str, Any]) -> dic
         "verdict": "passed" if result.passed else "failed",
         "failure": None if failure is None else {
             "kind": getattr(failure, "kind", None),
-            "message": getattr(importlib.import_module("gradcheck.verify"), "describe", str)(result),
+            "message": getattr(importlib.import_module("gradcheck.checking.messages"), "describe", str)(result),
             "ulps": getattr(failure, "ulps", None),
             "ratio": getattr(failure, "ratio", None),
         },

@@ -38,8 +38,8 @@ def test_python_dash_m_help():
 
 def test_lazy_names_survive_any_import_order():
     code = (
-        "import gradcheck, gradcheck.verify\n"
-        "from gradcheck.verify import Verification\n"
+        "import gradcheck, gradcheck.checking.api\n"
+        "from gradcheck.checking.result import Verification\n"
         "import numpy as np\n"
         "r = gradcheck.verify(gradcheck.cross_entropy_grad, max_examples=3, seed=1)\n"
         "assert isinstance(r, Verification) and r.passed and callable(gradcheck.assert_gradient)\n"

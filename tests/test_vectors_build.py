@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from gradcheck.vectors import BUGS, NOTES, build_suite
-from gradcheck.verify import Failure, compare_values
+from gradcheck.checking.judge import compare_values
+from gradcheck.checking.result import Failure
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gradcheck.verify import verify
+from gradcheck import verify
+from gradcheck.checking.result import FailureKind
 from zoo import ZOO_BUGGY, ZOO_CORRECT, runs
 
 SEED = 20240601
@@ -54,4 +55,4 @@ def test_zoo_is_large_enough():
     assert len(ZOO_BUGGY) >= 15
     assert {d for e in ZOO_CORRECT.values() for d in e.dtypes} == {"float64", "float32", "float16", "bfloat16"}
     kinds = {e.kind for e in ZOO_BUGGY.values()}
-    assert {"mutation", "nondeterminism", "dtype", "shape"} <= kinds
+    assert {FailureKind.MUTATION, FailureKind.NONDETERMINISM, FailureKind.DTYPE, FailureKind.SHAPE} <= kinds

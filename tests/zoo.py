@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gradcheck.adapters import jax_loss_grad, torch_grad_fn, torch_loss_grad
+from gradcheck.checking.result import FailureKind
 from gradcheck.dtypes import float_format
 
 ALL = ("float64", "float32", "float16", "bfloat16")
@@ -51,7 +52,7 @@ class Entry:
     description: str
     dtypes: tuple[str, ...] = ALL
     configs: tuple[dict[str, Any], ...] = ({},)
-    kind: str | None = None
+    kind: FailureKind | None = None
 
 
 # --- shared pieces, computed in the logits' dtype -------------------------------------------------
@@ -440,11 +441,11 @@ ZOO_BUGGY: dict[str, Entry] = {
         Entry("bf16_sequential_sum", bf16_sequential_sum, bf16_sequential_sum.__doc__, dtypes=("bfloat16",)),
         Entry("ignore_index_unsupported", ignore_index_unsupported, ignore_index_unsupported.__doc__,
               configs=({"ignore_index": -100},)),
-        Entry("mutates_logits", mutates_logits, mutates_logits.__doc__, kind="mutation"),
+        Entry("mutates_logits", mutates_logits, mutates_logits.__doc__, kind=FailureKind.MUTATION),
         Entry("nondeterministic", nondeterministic, nondeterministic.__doc__,
-              dtypes=("float64", "float32"), kind="nondeterminism"),  # half sums go through float32: order-proof
-        Entry("returns_float64", returns_float64, returns_float64.__doc__, dtypes=("float32", *HALF), kind="dtype"),
-        Entry("squeezes_rows", squeezes_rows, squeezes_rows.__doc__, kind="shape"),
+              dtypes=("float64", "float32"), kind=FailureKind.NONDETERMINISM),  # half sums go through float32: order-proof
+        Entry("returns_float64", returns_float64, returns_float64.__doc__, dtypes=("float32", *HALF), kind=FailureKind.DTYPE),
+        Entry("squeezes_rows", squeezes_rows, squeezes_rows.__doc__, kind=FailureKind.SHAPE),
     )
 }
 

@@ -128,7 +128,8 @@ def _flags(kind: str, spec: GroupSpec, problem: Problem, grad: np.ndarray, loss:
 
 def _rejected(grad: np.ndarray, case: Any, *, strict: bool) -> bool:
     """True when verify's tolerance model rejects ``grad`` (clearly: by CLEAR_RATIO, unless not strict)."""
-    from gradcheck.verify import Failure, compare_values
+    from gradcheck.checking.judge import compare_values
+    from gradcheck.checking.result import Failure
 
     outcome = compare_values(grad, case)
     if not isinstance(outcome, Failure):

@@ -64,9 +64,9 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
                   progress: Callable[[int], None] | None = None) -> VectorCheck:
     """Run ``grad_fn`` on the inputs of every test and check the vectors themselves.
 
-    For each test the checker (verify's tolerance model, :func:`gradcheck.verify.compare_values`)
+    For each test the checker (verify's tolerance model, :func:`gradcheck.checking.judge.compare_values`)
     must accept its gradient when it is valid and reject it when invalid; ``grad_fn`` runs once
-    per distinct input and must pass :func:`gradcheck.verify.check` (shape, dtype, no mutation,
+    per distinct input and must pass :func:`gradcheck.checking.judge.check` (shape, dtype, no mutation,
     determinism, within tolerance of the truth).
 
     Args:
@@ -75,7 +75,9 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
         dtypes, targets: run only the groups of these dtypes / target kinds (all when None).
         progress: called with 1 after each test.
     """
-    from gradcheck.verify import Failure, _name, check
+    from gradcheck.checking.judge import check
+    from gradcheck.checking.messages import _name
+    from gradcheck.checking.result import Failure
 
     outcomes = []
     seen: dict[tuple, Any] = {}
@@ -128,6 +130,7 @@ def _resembles(grad_fn: Callable[..., Any], case: Any, valid: Vector, bugs: list
 
 def _accepted(grad: np.ndarray, case: Any) -> bool:
     """True when verify's tolerance model accepts ``grad`` as the gradient of ``case``."""
-    from gradcheck.verify import Failure, compare_values
+    from gradcheck.checking.judge import compare_values
+    from gradcheck.checking.result import Failure
 
     return not isinstance(compare_values(grad, case), Failure)

@@ -1,0 +1,84 @@
+"""verify and assert_gradient: check any project's cross-entropy gradient against the truth.
+
+Each example is a :class:`gradcheck.problem.Case` drawn by Hypothesis (:mod:`.search`). The
+``grad_fn`` is called twice on private copies and its result judged against the truth
+(:mod:`.judge`, docs/tolerance.md). A failure is shrunk by Hypothesis (regime, shape, seed), then its
+values are simplified (rows and classes dropped, numbers rounded) while it keeps failing the same way
+(:mod:`.shrink`); :mod:`.messages` says what is wrong.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, Callable
+
+from gradcheck.checking.judge import finalize
+from gradcheck.checking.messages import _name, describe
+from gradcheck.checking.result import Verification
+from gradcheck.checking.search import _search
+from gradcheck.checking.shrink import simplify
+from gradcheck.errors import GradientMismatch, InvalidArgument
+from gradcheck.options import GENERATE, VERIFY
+from gradcheck.strategies import cases
+
+
+def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
+    """Check ``grad_fn(logits, targets, **options)`` on Hypothesis-generated cases.
+
+    Args:
+        grad_fn: returns the gradient of ``torch.nn.functional.cross_entropy`` with respect to the
+            logits (an array-like of the logits' shape and dtype: numpy, torch or jax). It receives
+            numpy arrays of ``dtype`` and, as keywords, the options that differ from their defaults
+            (``weight``, ``ignore_index``, ``label_smoothing``, ``reduction``).
+        **options: the check options of :data:`gradcheck.options.VERIFY`, each checked by its one
+            rule there (the same for the pytest marker and ``gradcheck verify``):
+
+        dtype: "float64", "float32", "float16" or "bfloat16".
+        targets: "index" (class indices, int64) or "probs" (probabilities of ``dtype``).
+        reduction, label_smoothing: the options checked.
+        weighted: pass class weights (``weight=``, an array of K values of ``dtype``).
+        ignore_index: when set, passed to ``grad_fn`` and some rows take that target.
+        max_examples: the number of examples Hypothesis generates.
+        seed: the Hypothesis seed; a random one (recorded in the result) when None.
+        max_shape: the largest ``(N, K)`` generated (default ``(64, 4096)``; "many_classes" reaches
+            K = 32831 when ``max_shape`` allows it).
+        regimes: the logits regimes drawn from (see :mod:`gradcheck.strategies`).
+
+    Returns:
+        A :class:`Verification`; it never raises because the gradient is wrong.
+
+    Raises:
+        InvalidArgument: a bad argument (named in the message).
+    """
+    if not callable(grad_fn):
+        raise InvalidArgument(f"grad_fn must be callable, got {type(grad_fn).__name__}.")
+    o = VERIFY.validate(options, where="verify()")
+    arguments = {k: v for k, v in VERIFY.non_defaults(o).items() if k != "seed"}  # the seed is printed apart
+    seed = secrets.randbits(32) if o["seed"] is None else o["seed"]
+    strategy = cases(**GENERATE.non_defaults(o))
+    max_examples = o["max_examples"]
+    start = time.perf_counter()
+    stats = {"examples": 0, "ulps": 0.0, "ratio": 0.0, "failed": False}
+    failure = _search(grad_fn, strategy, seed, max_examples, stats)
+    if failure is not None:
+        failure = finalize(simplify(grad_fn, failure))
+    return Verification(
+        passed=failure is None, examples=stats["examples"], worst_ulps=stats["ulps"], worst_ratio=stats["ratio"],
+        seed=seed, dtype=o["dtype"], function=_name(grad_fn), arguments=arguments, failure=failure,
+        elapsed=time.perf_counter() - start,
+    )
+
+
+def assert_gradient(grad_fn: Callable[..., Any], **kwargs: Any) -> None:
+    """Like :func:`verify`, but raise on a failure.
+
+    Raises:
+        GradientMismatch: naming the worst element, expected and got, the error in ULPs and the
+            tolerance, the minimal failing logits and targets, the seed and how to reproduce.
+        InvalidArgument: a bad argument.
+    """
+    result = verify(grad_fn, **kwargs)
+    if not result.passed:
+        raise GradientMismatch(describe(result))
+

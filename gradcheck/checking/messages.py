@@ -1,0 +1,74 @@
+"""The failure message of a verification, and the arrays and options in it as Python source."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gradcheck.checking.result import FailureKind
+from gradcheck.dtypes import float_format, is_supported_float
+
+if TYPE_CHECKING:
+    from gradcheck.checking.result import Verification
+
+PRINT_LIMIT = 64  # largest number of logits printed in a message
+
+
+def describe(result: Verification) -> str:
+    """The full failure message: what is wrong, where, the minimal input, the seed, how to reproduce."""
+    f = result.failure
+    if f is None:
+        return str(result)
+    case = f.case
+    fmt = float_format(case.logits.dtype)
+    lines = [f"{result.function} is wrong ({f.kind}): {f.message}."]
+    if f.kind == FailureKind.MISMATCH:
+        tol_ulps = f.tolerance / float(fmt.ulp(f.expected))
+        lines.append(
+            f"  worst element {f.index}: expected {f.expected!r} (the truth rounded to {fmt.name}), got "
+            f"{f.got!r}; error {f.ulps:g} ULP = {f.ratio:.3g} x the tolerance {f.tolerance:.3g} "
+            f"({tol_ulps:.3g} ULP, docs/tolerance.md)"
+        )
+    lines += [
+        f"  minimal failing input (regime {case.regime!r}, {fmt.name}, found after {result.examples} examples):",
+        f"    logits = {format_array(case.logits)}",
+        f"    targets = {format_array(case.targets)}",
+        f"    options = {format_options(case.options())}",
+        f"  seed {result.seed}; reproduce with:",
+        f"    {result.reproduction}",
+        f"    or call {result.function}(logits, targets, **options) with the arrays above",
+    ]
+    return "\n".join(lines)
+
+
+def format_array(x: np.ndarray) -> str:
+    """Python source for an array (exact: float64 repr of every value), or a summary when large."""
+    if not is_supported_float(x.dtype):
+        body = repr(x.tolist()) if x.size <= 4 * PRINT_LIMIT else f"<{x.shape} int array>"
+        return f"np.array({body})"
+    fmt = float_format(x.dtype)
+    dtype = "ml_dtypes.bfloat16" if fmt.name == "bfloat16" else f"np.{fmt.name}"
+    if x.size > PRINT_LIMIT:
+        x64 = x.astype(np.float64)
+        return f"<array of shape {x.shape}, {fmt.name}, min {np.min(x64):.6g}, max {np.max(x64):.6g}>"
+
+    def render(v: Any) -> str:
+        if isinstance(v, list):
+            return "[" + ", ".join(render(e) for e in v) + "]"
+        return {float("inf"): "np.inf", float("-inf"): "-np.inf"}.get(v, repr(v))
+
+    return f"np.array({render(x.astype(np.float64).tolist())}, dtype={dtype})"
+
+
+def format_options(options: dict[str, Any]) -> str:
+    """Python source for the keyword options of a case (arrays through :func:`format_array`)."""
+    parts = [f"{k!r}: {format_array(v) if isinstance(v, np.ndarray) else repr(v)}" for k, v in options.items()]
+    return "{" + ", ".join(parts) + "}"
+
+
+def _name(fn: Any) -> str:
+    """The importable name of a function, ``module.qualname`` (the bare name for __main__ and builtins)."""
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    return f"{module}.{name}" if module and module not in ("__main__", "builtins") else str(name)

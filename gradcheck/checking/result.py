@@ -1,0 +1,108 @@
+"""The results of checking a gradient: the kinds of failure, a Failure, and a Verification."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gradcheck.problem import Case
+
+
+class FailureKind(StrEnum):
+    """What is wrong with a ``grad_fn``, in the order one case is checked for it (the first found is reported).
+
+    The values are plain strings: ``kind == "mismatch"`` holds, and JSON and messages show the value.
+
+    Attributes:
+        EXCEPTION: ``grad_fn`` raised.
+        MUTATION: it modified an argument (logits, targets or weight) in place.
+        TYPE: its result is not an array.
+        SHAPE: the result does not have the logits' shape.
+        DTYPE: the result does not have the logits' dtype.
+        NONDETERMINISM: two calls on the same input returned different bits (or a failure did not replay).
+        NONFINITE: a value is not finite where the truth is.
+        MISMATCH: a value is farther from the truth than its tolerance, for certain.
+    """
+
+    EXCEPTION = "exception"
+    MUTATION = "mutation"
+    TYPE = "type"
+    SHAPE = "shape"
+    DTYPE = "dtype"
+    NONDETERMINISM = "nondeterminism"
+    NONFINITE = "nonfinite"
+    MISMATCH = "mismatch"
+
+
+@dataclass(frozen=True, eq=False)
+class Failure:
+    """What went wrong, on the smallest input found.
+
+    Attributes:
+        kind: see :class:`FailureKind`.
+        message: one line saying what is wrong.
+        case: the minimal failing input (``case.regime`` is the regime it came from).
+        index: the worst element (mismatch, nonfinite, nondeterminism, mutation), else None.
+        expected: the truth there, correctly rounded to the dtype (None when not a value failure).
+        got: the value the ``grad_fn`` returned there.
+        ulps: their distance in ULPs of the dtype.
+        tolerance: the absolute tolerance of that element (docs/tolerance.md).
+        ratio: the error as a multiple of the tolerance.
+    """
+
+    kind: FailureKind
+    message: str
+    case: Case
+    index: tuple[int, ...] | None = None
+    expected: float | None = None
+    got: float | None = None
+    ulps: float | None = None
+    tolerance: float | None = None
+    ratio: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Verification:
+    """The result of :func:`gradcheck.verify`; it never raises on a wrong gradient.
+
+    Attributes:
+        passed: no example failed.
+        examples: the number of examples run (up to and including the first failure).
+        worst_ulps: the largest error seen, in ULPs of the dtype, against the correctly rounded truth.
+        worst_ratio: the largest error seen as a multiple of its tolerance (<= 1 when passed).
+        seed: the Hypothesis seed; the same seed replays the same examples.
+        dtype: the checked dtype.
+        function: the ``grad_fn``'s name.
+        arguments: the non-default arguments of the verify call (for the reproduction).
+        failure: the shrunk counterexample when it failed, else None.
+        elapsed: seconds spent.
+    """
+
+    passed: bool
+    examples: int
+    worst_ulps: float
+    worst_ratio: float
+    seed: int
+    dtype: str
+    function: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    failure: Failure | None = None
+    elapsed: float = 0.0
+
+    @property
+    def reproduction(self) -> str:
+        """One line that replays this verification."""
+        args = "".join(f", {k}={v!r}" for k, v in self.arguments.items())
+        return f"gradcheck.verify({self.function}{args}, seed={self.seed})"
+
+    def __str__(self) -> str:
+        from gradcheck.checking.messages import describe  # messages renders this class: import it late
+
+        head = (
+            f"verify({self.function}, {self.dtype}): {'passed' if self.passed else 'FAILED'} after "
+            f"{self.examples} examples in {self.elapsed:.2f} s; worst {self.worst_ulps:g} ULP, "
+            f"{self.worst_ratio:.3g} x tolerance; seed {self.seed}"
+        )
+        return head if self.failure is None else f"{head}\n{describe(self)}"

@@ -1,0 +1,206 @@
+"""gradcheck/adapters.py: exact conversions to and from torch and JAX, and the four grad_fn wrappers.
+
+The torch tests skip when torch is not installed (it is an optional dependency); likewise for JAX.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradcheck
+from gradcheck import verify
+from gradcheck.adapters import jax_grad_fn, jax_loss_grad, to_numpy, to_torch, torch_grad_fn, torch_loss_grad
+from gradcheck.dtypes import bit_pattern, float_format
+from zoo import _jax_cross_entropy
+
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch", reason="torch is not installed: the torch adapters are untested")
+
+
+@pytest.fixture
+def jax():
+    return pytest.importorskip("jax", reason="jax is not installed: the JAX adapters are untested")
+
+
+def _awkward(dtype: str) -> np.ndarray:
+    """Values whose bits a sloppy conversion changes: signed zeros, infinities, NaN, subnormals, the extremes."""
+    fmt = float_format(dtype)
+    values = [0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, -1.5, fmt.max, -fmt.max, fmt.tiny, fmt.smallest_subnormal, 1 / 3]
+    return np.array(values, dtype=np.float64).astype(fmt.dtype)
+
+
+def _case(dtype: str = "float64", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=3.0, size=(5, 7)).astype(float_format(dtype).dtype)
+    return logits, rng.integers(0, 7, size=5)
+
+
+# --- to_numpy and to_torch ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numpy_and_lists_pass_through_unchanged(dtype):
+    x = _awkward(dtype)
+    out = to_numpy(x)
+    assert out.dtype == x.dtype and np.array_equal(bit_pattern(out), bit_pattern(x))
+    assert to_numpy([[1.0, 2.0]]).tolist() == [[1.0, 2.0]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_round_trip_keeps_every_bit_and_the_dtype(torch, dtype):
+    x = _awkward(dtype)
+    tensor = to_torch(x)
+    assert str(tensor.dtype) == f"torch.{dtype}" and not tensor.requires_grad
+    back = to_numpy(tensor)
+    nan = np.isnan(x.astype(np.float64))
+    assert back.dtype == x.dtype and np.array_equal(bit_pattern(back)[~nan], bit_pattern(x)[~nan])
+    # NaN stays NaN; its sign and payload may not: torch converts every float32 NaN to bfloat16 0xFFFF
+    assert np.isnan(back[nan].astype(np.float64)).all()
+
+
+def test_to_torch_copies_and_makes_indices_int64(torch):
+    x = np.array([1.0, 2.0])
+    tensor = to_torch(x, requires_grad=True)
+    assert tensor.requires_grad
+    with torch.no_grad():
+        tensor.mul_(3.0)
+    assert x.tolist() == [1.0, 2.0]  # the caller's array is not shared
+    indices = to_torch(np.array([2, 0, 1], dtype=np.int32))
+    assert indices.dtype == torch.int64 and indices.tolist() == [2, 0, 1]
+
+
+def test_to_numpy_detaches_and_resolves_lazy_negation(torch):
+    z = torch.tensor([1.5, -2.0], dtype=torch.float64, requires_grad=True)
+    assert to_numpy(z * 2).tolist() == [3.0, -4.0]
+    assert to_numpy(torch._neg_view(torch.tensor([1.0, -3.0]))).tolist() == [-1.0, 3.0]
+
+
+def test_to_numpy_keeps_bfloat16(torch):
+    x = to_numpy(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
+    assert str(x.dtype) == "bfloat16" and x.astype(np.float64).tolist() == [1.5, -2.0]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+def test_jax_arrays_become_numpy_of_the_same_dtype(jax, dtype):
+    import jax.numpy as jnp
+
+    x = _awkward(dtype)
+    with jax.enable_x64(True):
+        out = to_numpy(jnp.asarray(x))
+    assert out.dtype == x.dtype and np.array_equal(bit_pattern(out), bit_pattern(x))
+
+
+# --- torch wrappers -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_grad_fn_passes_tensors_of_the_checked_dtype(torch, dtype):
+    seen = {}
+
+    def probe(z, t, *, weight=None, **options):
+        seen.update(z=z.dtype, t=t.dtype, weight=None if weight is None else weight.dtype, options=options)
+        return z * 0
+
+    wrapped = torch_grad_fn(probe)
+    logits, targets = _case(dtype)
+    weight = np.linspace(0.5, 2.0, 7).astype(float_format(dtype).dtype)
+    out = wrapped(logits, targets, weight=weight, reduction="sum")
+    assert seen == {"z": getattr(torch, dtype), "t": torch.int64, "weight": getattr(torch, dtype),
+                    "options": {"reduction": "sum"}}
+    assert out.dtype == logits.dtype and out.shape == logits.shape
+    assert wrapped.__name__ == "probe"  # verify's messages and reproduction name the wrapped function
+
+
+def test_torch_loss_grad_is_the_gradient_of_the_loss(torch):
+    logits, targets = _case()
+    weight = np.linspace(0.5, 2.0, 7)
+    options = {"weight": weight, "label_smoothing": 0.1}
+    got = torch_loss_grad()(logits, targets, **options)
+    expected = gradcheck.cross_entropy_grad(logits, targets, **options)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+    # per-row losses are summed before differentiating: the gradient of reduction="sum"
+    summed = torch_loss_grad()(logits, targets, reduction="sum")
+    np.testing.assert_array_equal(torch_loss_grad()(logits, targets, reduction="none"), summed)
+    assert torch_loss_grad().__name__ == "torch_loss_grad(cross_entropy)"
+
+
+def test_torch_loss_grad_takes_a_custom_loss(torch):
+    def half_loss(z, t, **options):
+        return 0.5 * torch.nn.functional.cross_entropy(z, t, **options)
+
+    logits, targets = _case()
+    got = torch_loss_grad(half_loss)(logits, targets)
+    np.testing.assert_allclose(got, 0.5 * gradcheck.cross_entropy_grad(logits, targets), rtol=1e-12, atol=1e-15)
+    assert torch_loss_grad(half_loss).__name__ == "torch_loss_grad(half_loss)"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_adapters_through_verify(torch, dtype):
+    assert verify(torch_loss_grad(), dtype=dtype, seed=0, max_examples=25, weighted=True).passed
+
+    def grad(z, t, **options):
+        assert isinstance(z, torch.Tensor) and str(z.dtype) == f"torch.{dtype}"
+        return torch.softmax(z, dim=1) - torch.nn.functional.one_hot(t, z.shape[1]).to(z.dtype)
+
+    result = verify(torch_grad_fn(grad), dtype=dtype, seed=0, max_examples=25, reduction="sum")
+    assert result.passed, str(result)
+    caught = verify(torch_grad_fn(grad), dtype=dtype, seed=0, max_examples=25)  # forgot the mean
+    assert not caught.passed
+
+
+# --- JAX wrappers ---------------------------------------------------------------------------------
+
+def test_jax_grad_fn_enables_x64_inside_the_call_only(jax):
+    import jax.numpy as jnp
+
+    seen = {}
+
+    def probe(z, t, **options):
+        seen.update(z=z.dtype, t=t.dtype)
+        return jnp.zeros_like(z)
+
+    wrapped = jax_grad_fn(probe)
+    logits, targets = _case("float64")
+    out = wrapped(logits, targets)
+    assert seen == {"z": jnp.float64, "t": jnp.int64} and out.dtype == np.float64
+    assert not jax.config.jax_enable_x64 and wrapped.__name__ == "probe"
+
+
+def test_jax_loss_grad_compiles_once_per_static_options(jax):
+    traces = []
+
+    def loss(z, t, **options):
+        traces.append(sorted(options))
+        return _jax_cross_entropy(z, t, **options)
+
+    grad_fn = jax_loss_grad(loss)
+    logits, targets = _case("float64")
+    weight = np.linspace(0.5, 2.0, 7)
+    first = grad_fn(logits, targets, weight=weight)
+    again = grad_fn(logits, targets, weight=weight[::-1].copy())  # weight is traced: no new compilation
+    assert traces == [["weight"]]
+    np.testing.assert_allclose(first, gradcheck.cross_entropy_grad(logits, targets, weight=weight),
+                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(again, gradcheck.cross_entropy_grad(logits, targets, weight=weight[::-1]),
+                               rtol=1e-12, atol=1e-15)
+    grad_fn(logits, targets, reduction="sum")  # a new static option compiles again
+    assert traces == [["weight"], ["reduction"]]
+    assert grad_fn.__name__ == "jax_loss_grad(loss)" and not jax.config.jax_enable_x64
+    assert isinstance(first, np.ndarray) and first.dtype == np.float64
+
+
+def test_jax_adapters_through_verify(jax):
+    import jax.numpy as jnp
+
+    assert verify(jax_loss_grad(_jax_cross_entropy), dtype="float64", seed=0, max_examples=10,
+                  max_shape=(4, 8)).passed
+
+    def grad(z, t, **options):
+        assert z.dtype == jnp.float64  # x64 is on inside the adapter
+        return (jnp.exp(z - z.max(axis=1, keepdims=True)) / jnp.exp(z - z.max(axis=1, keepdims=True)).sum(
+            axis=1, keepdims=True) - (jnp.arange(z.shape[1]) == t[:, None])) / z.shape[0]
+
+    assert verify(jax_grad_fn(grad), seed=0, max_examples=10, max_shape=(4, 8), regimes=("moderate",)).passed
