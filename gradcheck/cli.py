@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -207,14 +207,14 @@ def _verify(args: argparse.Namespace) -> int:
     from gradcheck.checking.api import verify
     from gradcheck.checking.messages import describe
 
-    dtypes = args.dtype or ["float64"]
+    from gradcheck.options import VERIFY
+
+    options = {k: v for k, v in vars(args).items() if k in VERIFY and k not in MANY}
     runs, cases = [], []
-    for dtype in dtypes:
-        for targets in args.targets or ["index"]:
+    for dtype in args.dtype or [VERIFY["dtype"].default]:
+        for targets in args.targets or [VERIFY["targets"].default]:
             try:
-                result = verify(fn, dtype=dtype, targets=targets, reduction=args.reduction,
-                                label_smoothing=args.label_smoothing, weighted=args.weighted,
-                                ignore_index=args.ignore_index, max_examples=args.max_examples, seed=args.seed)
+                result = verify(fn, dtype=dtype, targets=targets, **options)
             except InvalidArgument as exc:
                 _err(str(exc))
                 return 2
@@ -306,17 +306,30 @@ def _prove(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _integer_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _nonnegative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a nonnegative integer, got {text}")
+_positive = _integer_at_least(1, "a positive integer")
+_nonnegative = _integer_at_least(0, "a nonnegative integer")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number of seconds, got {text!r}")
     return value
 
 
@@ -422,20 +435,46 @@ def _add_verify(sub: Any) -> None:
     p.set_defaults(run=_verify)
 
 
-def _add_verify_options(p: argparse.ArgumentParser) -> None:
-    """The options of the checked case and of the search (``_verify`` passes them on to ``verify``)."""
-    from gradcheck.dtypes import DTYPE_NAMES
+# verify's options that the command runs once per value given (a check per dtype and target kind)
+MANY = ("dtype", "targets")
 
-    p.add_argument("--dtype", nargs="+", choices=DTYPE_NAMES, metavar="DTYPE",
-                   help="dtypes to check, of float64 float32 float16 bfloat16 (default float64; with --vectors: all)")
-    p.add_argument("--targets", nargs="+", choices=["index", "probs"],
-                   help="target kinds (default index; with --vectors: all)")
-    p.add_argument("--reduction", default="mean", choices=["mean", "sum", "none"], help="reduction checked (default mean)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing checked (default 0)")
-    p.add_argument("--weighted", action="store_true", help="pass class weights")
-    p.add_argument("--ignore-index", type=int, default=None, help="pass ignore_index and ignore some rows")
-    p.add_argument("--max-examples", type=_positive, default=100, help="Hypothesis examples per dtype and target kind (default 100)")
-    p.add_argument("--seed", type=_nonnegative, default=None, help="Hypothesis seed (random when omitted)")
+
+def _add_verify_options(p: argparse.ArgumentParser) -> None:
+    """One flag per check option of :data:`gradcheck.options.VERIFY`, generated from it.
+
+    Each value goes through the option's one rule (``Option.from_text``), so a bad value gets the
+    message the Python API gives, as a usage error (exit 2). Flags not given are left out of the
+    namespace, and ``verify`` applies its defaults.
+    """
+    from gradcheck.options import VERIFY
+    from gradcheck.regimes import drawn_by
+
+    for o in VERIFY.values():
+        if o.is_flag:
+            p.add_argument(o.flag, action="store_true", default=argparse.SUPPRESS, help=o.help)
+            continue
+        names = o.choices or (drawn_by("verify") if o.name == "regimes" else ())
+        choices = f" ({', '.join(map(str, names))})" if names and not all(repr(c) in o.help for c in names) else ""
+        default = "" if o.default is None else f" (default {o.default})"
+        if o.name in MANY:
+            p.add_argument(o.flag, nargs="+", type=_from_text(o), default=None, metavar=o.metavar, choices=o.choices,
+                           help=f"{o.help}{choices}; one check each (default {o.default}; with --vectors: all)")
+        else:
+            p.add_argument(o.flag, type=_from_text(o), default=argparse.SUPPRESS, metavar=o.metavar, choices=o.choices,
+                           help=f"{o.help}{choices}{default}")
+
+
+def _from_text(option: Any) -> Callable[[str], Any]:
+    from gradcheck.errors import InvalidArgument
+
+    def parse(text: str) -> Any:
+        try:
+            return option.from_text(text)
+        except InvalidArgument as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = option.name  # argparse names the type in some messages
+    return parse
 
 
 def _add_prove(sub: Any) -> None:
@@ -450,7 +489,7 @@ def _add_prove(sub: Any) -> None:
     )
     p.add_argument("--max-classes", type=_positive, default=4, help="largest K (default 4)")
     p.add_argument("--kinds", nargs="+", choices=["gradient", "jacobian", "lse_gradient"], help="identities (default: all)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per proof (default 120)")
+    p.add_argument("--timeout", type=_positive_seconds, default=120.0, help="seconds per proof (default 120)")
     p.add_argument("--no-cache", action="store_true", help="redo the proofs instead of reading the cache")
     p.set_defaults(run=_prove)
 

@@ -69,6 +69,25 @@ class Option:
     def validate(self, value: Any) -> Any:
         return self.check(self.name, value)
 
+    def from_text(self, text: str) -> Any:
+        """A command-line or ini string, parsed and then checked by the same one rule.
+
+        Raises:
+            InvalidArgument: the text does not parse, or its value breaks the rule (the same message
+                as the value would get from the Python API).
+        """
+        if self.parse is None:
+            raise InvalidArgument(f"{self.name} cannot be given as text, got {text!r}.")
+        try:
+            value = self.parse(text)
+        except (TypeError, ValueError):
+            value = text  # the rule refuses a string with its own message
+        return self.validate(value)
+
+    @property
+    def is_flag(self) -> bool:
+        return self.check is flag
+
 
 class OptionTable(Mapping[str, Option]):
     """An ordered set of options, with one function that validates keyword arguments against it."""
