@@ -143,8 +143,14 @@ def _same(a: Any, b: Any) -> bool:
 # ---- the rules -----------------------------------------------------------------------------------
 
 
+def _is_bool(value: Any) -> bool:
+    """bool or numpy's bool scalar (named bool_ or bool), told apart without importing numpy."""
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
+
+
 def _is_real(value: Any) -> bool:
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if _is_bool(value):
         return False
     if isinstance(value, numbers.Real):  # int, float, numpy integer and floating scalars
         return True
@@ -182,7 +188,7 @@ def integer(minimum: int | None = None, *, allow_none: bool = False) -> Check:
         what = {None: "an integer", 0: "a nonnegative integer", 1: "a positive integer"}.get(
             minimum, f"an integer >= {minimum}")
         what += " or None" if allow_none else ""
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if _is_bool(value) or not isinstance(value, numbers.Integral):
             raise InvalidArgument(f"{name} must be {what}, got {value!r}.")
         if minimum is not None and value < minimum:
             raise InvalidArgument(f"{name} must be {what}, got {value!r}.")
@@ -193,7 +199,7 @@ def integer(minimum: int | None = None, *, allow_none: bool = False) -> Check:
 
 def flag(name: str, value: Any) -> bool:
     """True or False (numpy.bool_ too), kept as bool."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if _is_bool(value):
         return bool(value)
     raise InvalidArgument(f"{name} must be True or False, got {value!r}.")
 
