@@ -24,11 +24,13 @@ from gradcheck.exact import certified_grad
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_estimators import REGIMES, agreement_case  # noqa: E402  (the cases the agreement tests draw)
+from test_estimators import agreement_case  # noqa: E402  (the cases the agreement tests draw)
+
+from gradcheck.regimes import REGIMES
 
 
 def draw(rng: np.random.Generator, dtype: str, regime: str):
-    return agreement_case(rng, dtype, regime)
+    return agreement_case(int(rng.integers(2**32)), dtype, regime, wide=bool(rng.integers(2)))
 
 
 def main() -> None:

@@ -79,6 +79,23 @@ FLOAT32 = FloatFormat("float32", np.dtype(np.float32), 24, -126, 127, np.dtype(n
 FLOAT16 = FloatFormat("float16", np.dtype(np.float16), 11, -14, 15, np.dtype(np.uint16))
 BFLOAT16 = FloatFormat("bfloat16", np.dtype(ml_dtypes.bfloat16), 8, -126, 127, np.dtype(np.uint16))
 
+
+def _x87_extended() -> FloatFormat | None:
+    """np.longdouble when it is x87 extended precision (64-bit significand), else None.
+
+    The one probe for it: the oracle's extended working precision (docs/oracle.md) and the float64
+    reference of the tolerance model (docs/tolerance.md) are analysed for exactly this format only
+    (a 128-bit quad or a double-double long double would need its own analysis).
+    """
+    info = np.finfo(np.longdouble)
+    if info.nmant != 63:
+        return None
+    return FloatFormat("x87 extended", np.dtype(np.longdouble), 64, int(info.minexp), int(info.maxexp) - 1,
+                       np.dtype(np.uint64))
+
+
+EXTENDED = _x87_extended()
+
 FORMATS: dict[str, FloatFormat] = {f.name: f for f in (FLOAT64, FLOAT32, FLOAT16, BFLOAT16)}
 DTYPE_NAMES: tuple[str, ...] = tuple(FORMATS)
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from gradcheck.dtypes import float_format
 from gradcheck.errors import InvalidArgument
+from gradcheck.options import DEFAULT_IGNORE_INDEX
 
 PerDtype = Mapping[str, float]
 
@@ -140,7 +141,7 @@ def make_case(
         else:
             options["weight"][targets] += 0.5  # keep the weighted mean's divisor positive
     elif regime == "ignored":
-        targets = np.where(rng.random(n) < 0.5, -100, targets)
+        targets = np.where(rng.random(n) < 0.5, DEFAULT_IGNORE_INDEX, targets)
         targets[0] = rng.integers(0, k)
     if regime != "smoothed_weighted" and rng.random() < 0.3:
         options["reduction"] = str(rng.choice(["sum", "none"]))

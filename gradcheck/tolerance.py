@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradcheck.dtypes import FLOAT32, FloatFormat
+from gradcheck.dtypes import EXTENDED, FLOAT32, FloatFormat
 from gradcheck.oracle import RowParts, gamma, grad_rows, row_parts
 from gradcheck.problem import Problem
 
@@ -36,7 +36,7 @@ UNDERFLOW_ROUNDINGS = 8
 
 
 @dataclass(frozen=True)
-class Working:
+class Implementation:
     """One implementation class: the precision it computes in and the depth of its row sums.
 
     Attributes:
@@ -70,14 +70,14 @@ def tiled_depth(k: int) -> float:
     return tree_depth(min(k, TILE)) + (EXP_U + 2.0) * (tiles - 1)
 
 
-def workings(fmt: FloatFormat, k: int) -> tuple[Working, ...]:
+def workings(fmt: FloatFormat, k: int) -> tuple[Implementation, ...]:
     """The implementation classes accepted for a dtype and a number of classes (docs/tolerance.md)."""
     if fmt.precision >= FLOAT32.precision:
         # in the dtype itself; the tiled depth is never below the tree depth, so it covers both
-        return (Working("in-dtype", fmt, max(tiled_depth(k), tree_depth(k)), fmt.tiny),)
+        return (Implementation("in-dtype", fmt, max(tiled_depth(k), tree_depth(k)), fmt.tiny),)
     return (
-        Working("in-dtype, tree sums", fmt, tree_depth(k), fmt.smallest_subnormal / 2),
-        Working("float32, tiled", FLOAT32, max(tiled_depth(k), tree_depth(k)), FLOAT32.tiny),
+        Implementation("in-dtype, tree sums", fmt, tree_depth(k), fmt.smallest_subnormal / 2),
+        Implementation("float32, tiled", FLOAT32, max(tiled_depth(k), tree_depth(k)), FLOAT32.tiny),
     )
 
 
@@ -105,7 +105,7 @@ def grad_tolerance(problem: Problem, parts: RowParts | None = None, grad: np.nda
     return bound + 0.5 * fmt.ulp(g + bound)
 
 
-def element_bound(problem: Problem, parts: RowParts, working: Working) -> np.ndarray:
+def element_bound(problem: Problem, parts: RowParts, working: Implementation) -> np.ndarray:
     """Forward error bound of one implementation class, per element (docs/tolerance.md, "Derivation").
 
     With ``a_i = |z_i - max z|``, ``L = log Z``, u the working unit roundoff:
@@ -172,45 +172,19 @@ def reference_grad(problem: Problem, parts: RowParts | None = None) -> tuple[np.
     """
     from gradcheck.oracle import grad_bounded
 
-    if problem.format.precision < 53 or LONGDOUBLE is None:
+    if problem.format.precision < 53 or EXTENDED is None:
         return grad_bounded(problem)
     parts = row_parts(problem.logits) if parts is None else parts
     ld = np.longdouble
     z = problem.logits.astype(ld)
-    n, k = z.shape
+    k = z.shape[1]
     with np.errstate(under="ignore", invalid="ignore"):
         e = np.exp(z - z.max(axis=1, keepdims=True))
         p = e / e.sum(axis=1, keepdims=True)
-        if problem.index_targets:
-            t = np.zeros((n, k), dtype=ld)
-            rows = np.flatnonzero(problem.active_rows())
-            t[rows, problem.targets[rows]] = 1
-        else:
-            t = problem.targets.astype(ld)
-        eps = problem.label_smoothing
-        if eps:
-            t = (ld(1) - ld(eps)) * t + ld(eps) / ld(k)
-            t[~problem.active_rows()] = 0
-        wt = t * problem.weights().astype(ld)
-        g = p * wt.sum(axis=1, keepdims=True) - wt
-        if problem.reduction == "mean":
-            if problem.index_targets:
-                g = g / problem.weights().astype(ld)[problem.targets[problem.active_rows()]].sum()
-            else:
-                g = g / ld(n)
-    working = Working("longdouble reference", LONGDOUBLE, tree_depth(k), LONGDOUBLE.tiny)
+        wt = problem.dense_targets(ld) * problem.weights().astype(ld)
+        g = (p * wt.sum(axis=1, keepdims=True) - wt) / problem.divisor(ld)
+    working = Implementation("longdouble reference", EXTENDED, tree_depth(k), EXTENDED.tiny)
     return g, element_bound(problem, parts, working)
-
-
-def _longdouble() -> FloatFormat | None:
-    info = np.finfo(np.longdouble)
-    if info.nmant < 63:
-        return None
-    return FloatFormat("longdouble", np.dtype(np.longdouble), info.nmant + 1, info.minexp, info.maxexp - 1,
-                       np.dtype(np.uint64))
-
-
-LONGDOUBLE = _longdouble()
 
 
 def _scale_error(problem: Problem, u: float) -> tuple[float, float]:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from gradcheck import exact_grad, make_problem
-from gradcheck.dtypes import float_format, round_to_format
+from gradcheck.dtypes import EXTENDED, float_format, round_to_format
+from gradcheck.regimes import GAP, HUGE
 from gradcheck.oracle import row_parts
 from gradcheck.tolerance import (
     EXP_U,
-    LONGDOUBLE,
     TILE,
     element_bound,
     grad_tolerance,
@@ -40,8 +40,7 @@ def test_workings_per_dtype():
 
 def _hard_cases(dtype):
     rng = np.random.default_rng(7)
-    gap = {"float64": 700.0, "float32": 90.0, "bfloat16": 90.0, "float16": 20.0}[dtype]
-    huge = {"float64": 1e300, "float32": 1e30, "bfloat16": 1e30, "float16": 1e4}[dtype]
+    gap, huge = GAP[dtype], HUGE[dtype]  # the catalogue's large_gap and huge regimes
     yield rng.standard_normal((6, 37)), rng.integers(0, 37, 6)
     z = rng.standard_normal((4, 9)) - rng.uniform(0, gap, (4, 9))
     yield z, np.argmin(z, axis=1)  # targets on the least likely class
@@ -94,7 +93,7 @@ def test_underflow_floor_for_probabilities_below_the_smallest_subnormal():
     assert 0 < tol[0, 1] < 1e-300
 
 
-@pytest.mark.skipif(LONGDOUBLE is None, reason="no extended precision long double on this platform")
+@pytest.mark.skipif(EXTENDED is None, reason="no extended precision long double on this platform")
 def test_float64_reference_is_within_its_bound_and_the_bound_is_negligible():
     rng = np.random.default_rng(11)
     for z, t in ((rng.standard_normal((5, 40)), rng.integers(0, 40, 5)),
@@ -110,9 +109,9 @@ def test_float64_reference_is_within_its_bound_and_the_bound_is_negligible():
 def test_element_bound_rejects_a_vacuous_model():
     problem = make_problem(np.zeros((1, 3)), np.array([0]))
     parts = row_parts(problem.logits)
-    from gradcheck.tolerance import Working
+    from gradcheck.tolerance import Implementation
 
-    vacuous = Working("toy", float_format("bfloat16"), 1000.0, 0.0)
+    vacuous = Implementation("toy", float_format("bfloat16"), 1000.0, 0.0)
     with pytest.raises(ArithmeticError, match="vacuous"):
         element_bound(problem, parts, vacuous)
     assert math.isfinite(float(element_bound(problem, parts, workings(float_format("bfloat16"), 3)[0]).max()))
