@@ -1,87 +1,78 @@
 """gradcheck: a reference oracle and verification harness for the softmax cross-entropy gradient.
 
-Importing the package is cheap: it loads numpy, ml_dtypes and mpmath only. JAX, SymPy,
-Hypothesis and torch are imported by the modules that need them, when they are used.
+Importing the package loads only the standard library and the exceptions (gradcheck.errors);
+every other public name is imported on first use (PEP 562) from the module in ``_LAZY``: the
+numeric core (numpy, ml_dtypes, mpmath) when one of its names is first used, Hypothesis with
+``verify``, JAX, SymPy and torch inside the modules that need them. So the pytest plugin, which
+lives inside this package, loads none of them until a test runs a check.
 """
 
 from __future__ import annotations
 
-from gradcheck.compare import Comparison, compare, ulp_distance
-from gradcheck.dtypes import DTYPE_NAMES, FloatFormat, float_format, round_to_format
-from gradcheck.errors import CertificationError, GradcheckError, GradientMismatch, InvalidArgument
-from gradcheck.exact import exact_grad, exact_loss
-from gradcheck.oracle import (
-    Bounded,
-    cross_entropy,
-    cross_entropy_bounded,
-    cross_entropy_grad,
-    cross_entropy_grad_bounded,
-    cross_entropy_hessian,
-    log_softmax,
-    softmax,
-    softmax_jacobian,
+import importlib
+import sys
+import types
+
+from gradcheck.errors import (
+    CertificationError,
+    GradcheckError,
+    GradientMismatch,
+    InvalidArgument,
+    MissingExtra,
 )
-from gradcheck.problem import Problem, make_problem
 
 __version__ = "0.1.0"
 
-# Heavy parts (Hypothesis, JAX, SymPy) load on first use: name -> (module, attribute or None).
-_LAZY = {
-    "methods": ("gradcheck.estimators", "methods"),
-    "gradient": ("gradcheck.estimators", "gradient"),
-    "MethodResult": ("gradcheck.estimators", "MethodResult"),
-    "Status": ("gradcheck.estimators", "Status"),
+_EAGER = ("CertificationError", "GradcheckError", "GradientMismatch", "InvalidArgument", "MissingExtra")
+
+# Public name -> (module, attribute); attribute None: the name is the module itself.
+_LAZY: dict[str, tuple[str, str | None]] = {
+    **{name: ("gradcheck.compare", name) for name in ("Comparison", "compare", "ulp_distance")},
+    **{name: ("gradcheck.dtypes", name) for name in ("DTYPE_NAMES", "FloatFormat", "float_format",
+                                                       "round_to_format")},
+    **{name: ("gradcheck.exact", name) for name in ("exact_grad", "exact_loss")},
+    **{name: ("gradcheck.oracle", name) for name in (
+        "Bounded", "cross_entropy", "cross_entropy_bounded", "cross_entropy_grad", "cross_entropy_grad_bounded",
+        "cross_entropy_hessian", "log_softmax", "softmax", "softmax_jacobian")},
+    **{name: ("gradcheck.problem", name) for name in ("Problem", "make_problem")},
+    **{name: ("gradcheck.estimators", name) for name in ("methods", "gradient", "MethodResult", "Status")},
     "finite_difference_gradient": ("gradcheck.estimators.finite_difference", "finite_difference_gradient"),
-    "verify": ("gradcheck.verify", "verify"),
-    "assert_gradient": ("gradcheck.verify", "assert_gradient"),
-    "Verification": ("gradcheck.verify", "Verification"),
+    **{name: ("gradcheck.verify", name) for name in ("verify", "assert_gradient", "Verification")},
     "strategies": ("gradcheck.strategies", None),
 }
+
+__all__ = sorted([*_EAGER, *_LAZY])
 
 
 def __getattr__(name: str) -> object:
     if name not in _LAZY:
         raise AttributeError(f"module 'gradcheck' has no attribute {name!r}")
-    import importlib
-
-    module_name, _ = _LAZY[name]
+    module_name, attribute = _LAZY[name]
     module = importlib.import_module(module_name)
-    # Importing gradcheck.verify binds the *module* to gradcheck.verify; bind every lazy name from
-    # that module now, so the public function wins whatever the import order (gradcheck/verify.py
-    # also makes its module callable, for code that imported the submodule first).
-    for lazy_name, (lazy_module, attribute) in _LAZY.items():
-        if lazy_module == module_name:
-            globals()[lazy_name] = module if attribute is None else getattr(module, attribute)
-    return globals()[name]
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
-__all__ = [
-    *_LAZY,
-    "Bounded",
-    "CertificationError",
-    "Comparison",
-    "DTYPE_NAMES",
-    "FloatFormat",
-    "GradcheckError",
-    "GradientMismatch",
-    "InvalidArgument",
-    "Problem",
-    "compare",
-    "cross_entropy",
-    "cross_entropy_bounded",
-    "cross_entropy_grad",
-    "cross_entropy_grad_bounded",
-    "cross_entropy_hessian",
-    "exact_grad",
-    "exact_loss",
-    "float_format",
-    "log_softmax",
-    "make_problem",
-    "round_to_format",
-    "softmax",
-    "softmax_jacobian",
-    "ulp_distance",
-]
+
+class _Package(types.ModuleType):
+    """The package's module type: a public function keeps its name when its submodule is imported.
+
+    Python binds each imported submodule onto its package (``import gradcheck.compare`` sets
+    ``gradcheck.compare``), which would hide the functions ``gradcheck.compare`` and
+    ``gradcheck.verify`` behind their modules of the same name. Here such a binding stores the
+    public function instead, whatever the import order.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        target = _LAZY.get(name)
+        if (target is not None and target[1] is not None and isinstance(value, types.ModuleType)
+                and value.__name__ == f"gradcheck.{name}"):
+            value = getattr(value, target[1])
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

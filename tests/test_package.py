@@ -8,7 +8,7 @@ import sys
 import gradcheck as gc
 from gradcheck import cli
 
-HEAVY = ("jax", "sympy", "hypothesis", "torch", "scipy", "matplotlib", "jinja2", "rich", "_pytest", "pytest")
+HEAVY = ("numpy", "ml_dtypes", "mpmath", "jax", "sympy", "hypothesis", "torch", "scipy", "matplotlib", "jinja2", "rich", "_pytest", "pytest")
 
 
 def test_import_is_cheap():
@@ -16,6 +16,34 @@ def test_import_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = set(eval(out))  # noqa: S307 - our own subprocess' repr of a list of names
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
+
+
+def test_every_public_name_imports_lazily_and_is_listed():
+    code = (
+        "import sys, gradcheck\n"
+        "names = gradcheck.__all__\n"
+        "assert 'numpy' not in sys.modules and set(names) <= set(dir(gradcheck))\n"
+        "for name in names:\n"
+        "    exec(f'from gradcheck import {name}')\n"
+        "assert 'numpy' in sys.modules and 'hypothesis' in sys.modules\n"
+        "print(len(names))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) == len(gc.__all__) >= 30
+    assert not hasattr(gc, "no_such_name")
+
+
+def test_functions_named_like_their_module_stay_functions():
+    # `import gradcheck.compare` binds the submodule onto the package; the function must win.
+    code = (
+        "import gradcheck.compare, gradcheck.verify, gradcheck.compare as c\n"
+        "import gradcheck\n"
+        "assert gradcheck.compare is c is gradcheck.compare.__globals__['compare'], gradcheck.compare\n"
+        "assert callable(gradcheck.verify) and gradcheck.verify.__name__ == 'verify'\n"
+        "import numpy as np\n"
+        "assert gradcheck.compare(np.ones(2), np.ones(2)).max_ulp == 0\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_public_contract_names():
