@@ -9,6 +9,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from gradcheck.errors import require
+
 DTYPES = ["float64", "float32", "float16", "bfloat16"]
 
 
@@ -24,6 +26,7 @@ def _err(message: str) -> None:
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
+    require("rich", extra="report")
     from rich.console import Console
     from rich.table import Column, Table
 
@@ -82,6 +85,7 @@ def _size(n: int) -> str:
 def _report(args: argparse.Namespace) -> int:
     import datetime as dt
 
+    require("rich", extra="report")
     from rich.console import Console
 
     from gradcheck.errors import InvalidArgument
@@ -235,6 +239,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _verify_vectors(args: argparse.Namespace, fn: Any) -> int:
+    require("rich", extra="report")
     from rich.console import Console
 
     from gradcheck.errors import InvalidArgument

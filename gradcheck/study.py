@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from gradcheck.dtypes import DTYPE_NAMES, FLOAT64
-from gradcheck.errors import InvalidArgument
+from gradcheck.errors import InvalidArgument, require
 from gradcheck.regimes import REGIMES, make_case
 
 DEFAULT_SEED = 0
@@ -306,6 +306,7 @@ def _local(tasks: list[tuple[Callable, Any]], jobs: int, progress: Callable[[int
 
 def _dask(tasks: list[tuple[Callable, Any]], address: str, progress: Callable[[int], None]) -> tuple[list[Any], str]:
     """Run the tasks on an existing Dask distributed cluster, in task order."""
+    require("dask.distributed", extra="dask")
     from dask.distributed import Client, as_completed
 
     with Client(address) as client:

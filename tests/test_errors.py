@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -33,3 +34,22 @@ def test_a_broken_installation_is_not_called_a_missing_extra(tmp_path, monkeypat
         require("half_installed_xyz", extra="jax")
     assert not isinstance(info.value, MissingExtra) and info.value.name == "no_such_dependency_xyz"
     monkeypatch.delitem(sys.modules, "half_installed_xyz", raising=False)
+
+
+@pytest.mark.parametrize(("blocked", "method", "extra"), [
+    ("jax", "jax_autodiff", "jax"),
+    ("sympy", "sympy_numpy", "proofs"),
+])
+def test_a_method_whose_extra_is_missing_says_how_to_install_it(blocked, method, extra):
+    # a fresh interpreter in which the package cannot be imported (None in sys.modules blocks it)
+    code = (
+        f"import sys; sys.modules[{blocked!r}] = None\n"
+        "import numpy as np, gradcheck\n"
+        "try:\n"
+        f"    gradcheck.gradient(np.zeros((1, 2)), np.array([0]), method={method!r})\n"
+        "except gradcheck.MissingExtra as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == f"{blocked} is not installed; gradcheck installs it with the extra {extra!r}: " \
+                  f"pip install 'gradcheck[{extra}]'\n"
