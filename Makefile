@@ -1,6 +1,6 @@
 # Two commands do all the set-up (see README.md):
-#   make report   build .venv from the lock and run the main job
-#   make test     build .venv with the test extras from the lock and run the whole test suite
+#   make report   build .venv with .[report] from the lock and run the main job
+#   make test     build .venv with .[report,torch,test] from the lock and run the whole test suite
 # `make lock` re-resolves the locks from pyproject.toml with today's registry (then commit them).
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,15 +21,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # The locks pin every package (torch to 2.13.0, the CPU wheel on disk: an unpinned torch would pull
-# the CUDA build); gradcheck itself is installed on top without re-resolving.
+# the CUDA build): report.lock is what `.[report]` resolves to, test.lock `.[report,torch,test]`.
+# pip installs gradcheck with those extras and the lock's exact versions in one resolution, so a lock
+# that no longer satisfies pyproject.toml fails here instead of running with other versions.
 $(VENV)/.core: pyproject.toml $(LOCKS)/report.lock | $(BIN)/python
-	$(BIN)/pip install --quiet -r $(LOCKS)/report.lock
-	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet -r $(LOCKS)/report.lock -e '.[report]'
 	touch $@
 
 $(VENV)/.test: pyproject.toml $(LOCKS)/test.lock | $(BIN)/python
-	$(BIN)/pip install --quiet -r $(LOCKS)/test.lock
-	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet -r $(LOCKS)/test.lock -e '.[report,torch,test]'
 	touch $@ $(VENV)/.core
 
 report: $(VENV)/.core
@@ -38,13 +38,13 @@ report: $(VENV)/.core
 test: $(VENV)/.test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Resolve the test extras afresh, then the report's packages constrained to the same versions.
+# Resolve the test install afresh, then the report's packages constrained to the same versions.
 lock:
 	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
-	$(VENV)-lock/bin/pip install --quiet -e '.[torch,test]'
+	$(VENV)-lock/bin/pip install --quiet -e '.[report,torch,test]'
 	$(VENV)-lock/bin/pip freeze --exclude-editable | grep -v '^gradcheck' > $(LOCKS)/test.lock
 	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
-	$(VENV)-lock/bin/pip install --quiet -c $(LOCKS)/test.lock -e .
+	$(VENV)-lock/bin/pip install --quiet -c $(LOCKS)/test.lock -e '.[report]'
 	$(VENV)-lock/bin/pip freeze --exclude-editable | grep -v '^gradcheck' > $(LOCKS)/report.lock
 	rm -rf $(VENV)-lock
 

@@ -1,49 +1,53 @@
 """gradcheck: a reference oracle and verification harness for the softmax cross-entropy gradient.
 
-Importing the package is cheap: it loads numpy, ml_dtypes and mpmath only. JAX, SymPy,
-Hypothesis and torch are imported by the modules that need them, when they are used.
+Importing the package loads only the standard library and the exceptions (gradcheck.errors);
+every other public name is imported on first use (PEP 562) from the module in ``_LAZY``: the
+numeric core (numpy, ml_dtypes, mpmath) when one of its names is first used, Hypothesis with
+``verify``, JAX, SymPy and torch inside the modules that need them. So the pytest plugin, which
+lives inside this package, loads none of them until a test runs a check.
 """
 
 from __future__ import annotations
 
-from gradcheck.compare import Comparison, compare, ulp_distance
-from gradcheck.dtypes import DTYPE_NAMES, FloatFormat, float_format, round_to_format
-from gradcheck.errors import CertificationError, GradcheckError, GradientMismatch, InvalidArgument
-from gradcheck.exact import exact_grad, exact_loss
-from gradcheck.oracle import (
-    Bounded,
-    cross_entropy,
-    cross_entropy_bounded,
-    cross_entropy_grad,
-    cross_entropy_grad_bounded,
-    cross_entropy_hessian,
-    log_softmax,
-    softmax,
-    softmax_jacobian,
+import importlib
+
+from gradcheck.errors import (
+    CertificationError,
+    GradcheckError,
+    GradientMismatch,
+    InvalidArgument,
+    MissingExtra,
 )
-from gradcheck.problem import Problem, make_problem
 
 __version__ = "0.1.0"
 
-# Heavy parts (Hypothesis, JAX, SymPy) load on first use: name -> (module, attribute or None).
-_LAZY = {
-    "methods": ("gradcheck.estimators", "methods"),
-    "gradient": ("gradcheck.estimators", "gradient"),
-    "MethodResult": ("gradcheck.estimators", "MethodResult"),
-    "Status": ("gradcheck.estimators", "Status"),
+_EAGER = ("CertificationError", "GradcheckError", "GradientMismatch", "InvalidArgument", "MissingExtra")
+
+# Public name -> (module, attribute); attribute None: the name is the module itself.
+_LAZY: dict[str, tuple[str, str | None]] = {
+    **{name: ("gradcheck.ulps", name) for name in ("Comparison", "compare", "ulp_distance")},
+    **{name: ("gradcheck.dtypes", name) for name in ("DTYPE_NAMES", "FloatFormat", "float_format",
+                                                       "round_to_format")},
+    **{name: ("gradcheck.exact", name) for name in ("exact_grad", "exact_loss")},
+    **{name: ("gradcheck.oracle", name) for name in (
+        "Bounded", "cross_entropy", "cross_entropy_bounded", "cross_entropy_grad", "cross_entropy_grad_bounded",
+        "cross_entropy_hessian", "log_softmax", "softmax", "softmax_jacobian")},
+    **{name: ("gradcheck.problem", name) for name in ("Problem", "make_problem")},
+    **{name: ("gradcheck.estimators", name) for name in ("methods", "gradient", "MethodResult", "Status")},
     "finite_difference_gradient": ("gradcheck.estimators.finite_difference", "finite_difference_gradient"),
     "verify": ("gradcheck.checking.api", "verify"),
     "assert_gradient": ("gradcheck.checking.api", "assert_gradient"),
     "Verification": ("gradcheck.checking.result", "Verification"),
+    "Case": ("gradcheck.problem", "Case"),
     "strategies": ("gradcheck.strategies", None),
 }
+
+__all__ = sorted([*_EAGER, *_LAZY])
 
 
 def __getattr__(name: str) -> object:
     if name not in _LAZY:
         raise AttributeError(f"module 'gradcheck' has no attribute {name!r}")
-    import importlib
-
     module_name, attribute = _LAZY[name]
     module = importlib.import_module(module_name)
     value = module if attribute is None else getattr(module, attribute)
@@ -53,31 +57,3 @@ def __getattr__(name: str) -> object:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
-
-__all__ = [
-    *_LAZY,
-    "Bounded",
-    "CertificationError",
-    "Comparison",
-    "DTYPE_NAMES",
-    "FloatFormat",
-    "GradcheckError",
-    "GradientMismatch",
-    "InvalidArgument",
-    "Problem",
-    "compare",
-    "cross_entropy",
-    "cross_entropy_bounded",
-    "cross_entropy_grad",
-    "cross_entropy_grad_bounded",
-    "cross_entropy_hessian",
-    "exact_grad",
-    "exact_loss",
-    "float_format",
-    "log_softmax",
-    "make_problem",
-    "round_to_format",
-    "softmax",
-    "softmax_jacobian",
-    "ulp_distance",
-]

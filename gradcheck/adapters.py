@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gradcheck.dtypes import float_format
+from gradcheck.errors import require
 
 GradFn = Callable[..., Any]
 
@@ -52,6 +53,7 @@ def _torch_dtype(dtype: np.dtype) -> Any:
 
 def to_torch(array: np.ndarray, *, requires_grad: bool = False) -> Any:
     """A torch tensor holding ``array`` exactly: floats keep their dtype (bfloat16 included), ints are int64."""
+    require("torch", extra="torch")
     import torch
 
     if array.dtype.kind in "iu":
@@ -90,6 +92,7 @@ def torch_loss_grad(loss_fn: GradFn | None = None) -> GradFn:
     """
 
     def grad_fn(logits: np.ndarray, targets: np.ndarray, **options: Any) -> np.ndarray:
+        require("torch", extra="torch")
         import torch
         import torch.nn.functional as F
 
@@ -117,6 +120,7 @@ def jax_grad_fn(fn: GradFn) -> GradFn:
 
     @functools.wraps(fn)
     def grad_fn(logits: np.ndarray, targets: np.ndarray, **options: Any) -> np.ndarray:
+        require("jax", extra="jax")
         import jax
         import jax.numpy as jnp
 
@@ -136,6 +140,7 @@ def jax_loss_grad(loss_fn: GradFn) -> GradFn:
     compiled: dict[tuple, Any] = {}
 
     def grad_fn(logits: np.ndarray, targets: np.ndarray, **options: Any) -> np.ndarray:
+        require("jax", extra="jax")
         import jax
         import jax.numpy as jnp
 

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gradcheck.errors import require
+
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keep the examples' line breaks."""
@@ -22,6 +24,7 @@ def _err(message: str) -> None:
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
+    require("rich", extra="report")
     from rich.console import Console
     from rich.table import Column, Table
 
@@ -80,6 +83,7 @@ def _size(n: int) -> str:
 def _report(args: argparse.Namespace) -> int:
     import datetime as dt
 
+    require("rich", extra="report")
     from rich.console import Console
 
     from gradcheck.errors import InvalidArgument
@@ -233,6 +237,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _verify_vectors(args: argparse.Namespace, fn: Any) -> int:
+    require("rich", extra="report")
     from rich.console import Console
 
     from gradcheck.errors import InvalidArgument

@@ -8,7 +8,7 @@ import sys
 import gradcheck as gc
 from gradcheck import cli
 
-HEAVY = ("jax", "sympy", "hypothesis", "torch", "scipy", "matplotlib", "jinja2", "rich", "_pytest", "pytest")
+HEAVY = ("numpy", "ml_dtypes", "mpmath", "jax", "sympy", "hypothesis", "torch", "scipy", "matplotlib", "jinja2", "rich", "_pytest", "pytest")
 
 
 def test_import_is_cheap():
@@ -16,6 +16,40 @@ def test_import_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = set(eval(out))  # noqa: S307 - our own subprocess' repr of a list of names
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
+
+
+def test_every_public_name_imports_lazily_and_is_listed():
+    code = (
+        "import sys, gradcheck\n"
+        "names = gradcheck.__all__\n"
+        "assert 'numpy' not in sys.modules and set(names) <= set(dir(gradcheck))\n"
+        "for name in names:\n"
+        "    exec(f'from gradcheck import {name}')\n"
+        "assert 'numpy' in sys.modules and 'hypothesis' in sys.modules\n"
+        "print(len(names))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) == len(gc.__all__) >= 30
+    assert not hasattr(gc, "no_such_name")
+
+
+def test_no_public_function_shares_its_name_with_a_submodule():
+    # Python binds an imported submodule onto its package, so a function named like one would be
+    # hidden by it (the old gradcheck.verify and gradcheck.compare): no public name may be a submodule's.
+    import pkgutil
+
+    from gradcheck import _LAZY
+
+    submodules = {m.name for m in pkgutil.iter_modules(gc.__path__)}
+    assert not {name for name, (_, attribute) in _LAZY.items() if attribute is not None} & submodules
+    code = (
+        "import gradcheck, gradcheck.ulps, gradcheck.checking.api, gradcheck.estimators\n"
+        "import numpy as np\n"
+        "assert gradcheck.compare(np.ones(2), np.ones(2)).max_ulp == 0\n"
+        "assert callable(gradcheck.verify) and gradcheck.verify.__name__ == 'verify'\n"
+        "import types; assert callable(gradcheck.methods) and type(gradcheck) is types.ModuleType\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_public_contract_names():

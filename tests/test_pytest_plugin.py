@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 
 import pytest
 
+from gradcheck import dtypes, pytest_plugin
 from gradcheck.pytest_plugin import check_seed
 
 pytest_plugins = ["pytester"]
@@ -116,7 +118,7 @@ def test_failing_check_is_an_ordinary_failure_with_the_mismatch_text(pytester):
         "test_failing_check_is_an_ordinary_failure_with_the_mismatch_text.py:*: GradientMismatch",
     ])
     output = result.stdout.str()
-    assert "pytest_plugin.py" not in output and "verify.py" not in output, output  # no harness frames
+    assert "gradcheck/pytest_plugin" not in output and "verify.py" not in output, output  # no harness frames
 
 
 def test_fixture_message_is_the_api_message_and_verify_never_raises(pytester):
@@ -181,8 +183,8 @@ def test_examples(gradcheck):
 @pytest.mark.parametrize(
     ("args", "ini", "message"),
     [
-        (["--gradcheck-max-examples=0"], None, "--gradcheck-max-examples must be an integer >= 1, got '0'."),
-        ([], "gradcheck_seed = abc", "ini gradcheck_seed must be an integer >= 0, got 'abc'."),
+        (["--gradcheck-max-examples=0"], None, "--gradcheck-max-examples: max_examples must be a positive integer, got 0."),
+        ([], "gradcheck_seed = abc", "ini gradcheck_seed: seed must be a nonnegative integer or None, got 'abc'."),
         (["--gradcheck-dtypes=float32,float8"], None,
          "--gradcheck-dtypes must name dtypes among float64, float32, float16, bfloat16, got 'float32,float8'"),
         ([], "gradcheck_dtypes = half", "ini gradcheck_dtypes must name dtypes among"),
@@ -398,8 +400,34 @@ def test_xdist_workers_use_the_controllers_random_seed(pytester):
 
 # ---- import cost ---------------------------------------------------------------------------------
 
-HEAVY = ("jax", "sympy", "hypothesis", "torch", "gradcheck.checking.api", "gradcheck.strategies")
-CHEAP = {"gradcheck", "numpy", "ml_dtypes", "mpmath"}  # `import gradcheck` itself (tests/test_package.py)
+HEAVY = ("numpy", "ml_dtypes", "mpmath", "jax", "sympy", "hypothesis", "torch", "gradcheck.checking.api",
+         "gradcheck.strategies")
+CHEAP = {"gradcheck"}  # the plugin adds gradcheck (its package, errors, the session report) and the stdlib
+NUMERIC = ("numpy", "mpmath", "ml_dtypes", "hypothesis")
+
+
+def _loaded_after(code: str) -> list[str]:
+    """Which of NUMERIC a fresh interpreter has imported after running ``code``."""
+    probe = f"{code}\nimport sys\nprint(sorted(m for m in {NUMERIC!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.replace("'", '"'))
+
+
+def test_importing_the_plugin_loads_no_numerics():
+    assert _loaded_after("import gradcheck.pytest_plugin") == []
+    # the control: the same probe sees them once the plugin's fixture object runs one check
+    after_a_check = _loaded_after(
+        "import gradcheck.pytest_plugin as p\n"
+        "settings = p.Settings(seed=0, dtypes=('float64',), max_examples=None, report=None)\n"
+        "checker = p.GradientChecker('t', settings, 'float64', {'max_examples': 2})\n"
+        "import gradcheck\n"
+        "assert checker.verify(gradcheck.cross_entropy_grad).passed and len(settings.records) == 1"
+    )
+    assert after_a_check == sorted(NUMERIC)
+
+
+def test_the_plugins_dtype_names_are_gradchecks():
+    assert pytest_plugin.DTYPE_NAMES == dtypes.DTYPE_NAMES
 
 
 def test_loading_the_plugin_imports_nothing_heavy(pytester):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gradcheck import cli
-from gradcheck.compare import ulp_distance
+from gradcheck.ulps import ulp_distance
 from gradcheck.dtypes import DTYPE_NAMES, float_format, round_to_format
 from gradcheck.oracle import cross_entropy_grad, cross_entropy_grad_bounded
 from gradcheck.regimes import REGIMES, make_case

@@ -15,7 +15,7 @@ import numpy as np
 
 from gradcheck.adapters import to_numpy
 from gradcheck.checking.result import Failure, FailureKind
-from gradcheck.compare import ulp_distance
+from gradcheck.ulps import ulp_distance
 from gradcheck.dtypes import bit_pattern, float_format, is_supported_float, round_to_format
 from gradcheck.exact import certified_grad
 from gradcheck.oracle import row_parts

@@ -10,14 +10,16 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gradcheck.dtypes import FLOAT64, FloatFormat, float_format
+from gradcheck.errors import require
 from gradcheck.estimators.result import MethodResult, finish
 from gradcheck.oracle import gamma
 from gradcheck.problem import Problem
+
+jax = require("jax", extra="jax")
+jnp = require("jax.numpy", extra="jax")
 
 # Relative error of XLA's CPU exp and log in units of u, for every format (float16 and bfloat16 are
 # computed in float32 and rounded once). tests/test_jax_autodiff.py measures them against mpmath.

@@ -27,13 +27,14 @@ from typing import Any, Callable
 
 import mpmath
 import numpy as np
-import sympy as sp
 
 from gradcheck.dtypes import FLOAT64, FloatFormat
-from gradcheck.errors import InvalidArgument
+from gradcheck.errors import InvalidArgument, require
 from gradcheck.estimators.result import MethodResult, Status, finish, unsupported
 from gradcheck.oracle import gamma
 from gradcheck.problem import Problem
+
+sp = require("sympy", extra="proofs")
 
 PROOF_VERSION = 1  # bump when a statement or the decision procedure changes: old cache entries are ignored
 KINDS = ("gradient", "jacobian", "lse_gradient")

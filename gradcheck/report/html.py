@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gradcheck.errors import require
 from gradcheck.report.text import MATH, PROVES, REGIMES, TRUTH, ULP_NOTE, cell_text, fmt_ulp
 from gradcheck.study import Cell, Study
 
@@ -30,6 +31,7 @@ def _png(fig: Any) -> str:
 
 def _gap_plot(study: Study) -> str:
     """Max ULP error per case against the case's largest logit gap, one panel per method, colored by dtype."""
+    require("matplotlib", extra="report")
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -74,6 +76,7 @@ def _gap_plot(study: Study) -> str:
 
 def _histograms(study: Study) -> str:
     """Per dtype: for each method, the share of elements in each ULP-error bucket (a histogram per row)."""
+    require("matplotlib", extra="report")
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -143,6 +146,7 @@ def _grade(c: Cell) -> str:
 
 def render_html(study: Study, document: dict[str, Any], files: dict[str, str]) -> str:
     """The HTML report (one file; needs nothing else to display)."""
+    require("jinja2", extra="report")
     import jinja2
 
     env = jinja2.Environment(

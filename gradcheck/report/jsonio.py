@@ -1,4 +1,8 @@
-"""Deterministic JSON text (sorted keys, arrays of numbers on one line) and atomic file writes."""
+"""Text shared by every report: deterministic JSON (sorted keys, arrays of numbers on one line),
+Markdown tables, and atomic file writes.
+
+Standard library only: the pytest plugin's session report uses it without loading numpy.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +35,18 @@ def dumps(obj: Any) -> str:
         return json.dumps(o, allow_nan=False)
 
     return emit(obj, 0) + "\n"
+
+
+def markdown_cell(value: Any) -> str:
+    """``value`` as the text of one Markdown table cell: ``|`` escaped, line breaks as spaces."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """The lines of a Markdown table; every cell goes through :func:`markdown_cell`."""
+    lines = ["| " + " | ".join(markdown_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(markdown_cell(c) for c in row) + " |" for row in rows]
+    return lines
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:

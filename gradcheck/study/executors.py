@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from gradcheck.errors import require
+
 Task = tuple[Callable, Any]
 
 
@@ -34,6 +36,7 @@ def run_local(tasks: list[Task], jobs: int, progress: Callable[[int], None]) -> 
 
 def run_dask(tasks: list[Task], address: str, progress: Callable[[int], None]) -> tuple[list[Any], str]:
     """Run the tasks on an existing Dask distributed cluster, in task order."""
+    require("dask.distributed", extra="dask")
     from dask.distributed import Client, as_completed
 
     with Client(address) as client:

@@ -53,7 +53,7 @@ def _row_gap(z: np.ndarray) -> float:
 
 def run_case(config: StudyConfig, methods: Sequence[str], dtype: str, regime: str, index: int) -> CaseResult:
     """Run every method on case ``index`` of ``regime`` in ``dtype`` and compare with the certified truth."""
-    from gradcheck.compare import compare
+    from gradcheck.ulps import compare
     from gradcheck.estimators import gradient
     from gradcheck.exact import exact_grad
 

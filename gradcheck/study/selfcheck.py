@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradcheck.compare import compare
+from gradcheck.ulps import compare
 from gradcheck.dtypes import float_format
 from gradcheck.exact import exact_grad
 from gradcheck.oracle import cross_entropy_grad, cross_entropy_grad_bounded

@@ -1,8 +1,10 @@
 """The pytest plugin: the ``gradcheck`` fixture and marker, ``--gradcheck-*`` options, seed header, session report.
 
 Registered under the ``pytest11`` entry point as ``gradcheck`` (``pytest -p no:gradcheck`` turns it
-off). Loading it imports pytest, the standard library and ``gradcheck``'s cheap core (numpy,
-ml_dtypes, mpmath); ``gradcheck.verify`` and with it Hypothesis load when a test first runs a check.
+off). Loading it imports pytest and the standard library only: numpy, ml_dtypes, mpmath and
+Hypothesis load with :func:`gradcheck.verify` when a test first runs a check (as with Hypothesis's own
+plugin). This module holds the hooks and fixtures; ``checker.py`` the object the fixture yields,
+``session_report.py`` the report of every check.
 
     def test_my_gradient(gradcheck):
         gradcheck.assert_gradient(my_grad, reduction="sum")
@@ -15,41 +17,28 @@ so ``pytest --gradcheck-seed N path::test[float32]`` repeats one check exactly.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
-from gradcheck import session_report
-from gradcheck.dtypes import DTYPE_NAMES
-from gradcheck.errors import GradientMismatch
+from gradcheck.errors import InvalidArgument
+from gradcheck.options import VERIFY
+from gradcheck.pytest_plugin import session_report
+from gradcheck.pytest_plugin.checker import GradientChecker, Settings, check_seed
 
-DEFAULT_DTYPES = ("float64",)
-CHECK_OPTIONS = (  # the keywords of gradcheck.verify after grad_fn
-    "dtype", "targets", "reduction", "label_smoothing", "weighted", "ignore_index", "max_examples", "seed",
-    "max_shape", "regimes",
-)
+__all__ = ["CHECK_OPTIONS", "DTYPE_NAMES", "GradientChecker", "Settings", "check_seed"]
+
+DTYPE_NAMES = VERIFY["dtype"].choices
+DEFAULT_DTYPES = (VERIFY["dtype"].default,)
+CHECK_OPTIONS = tuple(VERIFY)  # the keywords of gradcheck.verify after grad_fn, from the one option spec
 MARKER = (
     "gradcheck(dtypes=None, **options): run the test once per dtype (default: --gradcheck-dtypes, "
     "else float64); the options (targets=, reduction=, max_examples=, ...) become the defaults of "
     "the gradcheck fixture's checks in this test."
 )
-
-
-@dataclass
-class Settings:
-    """The session's gradcheck settings, shared by every test (and every xdist worker)."""
-
-    seed: int
-    dtypes: tuple[str, ...]
-    max_examples: int | None
-    report: str | None
-    records: list[dict] = field(default_factory=list)
 
 
 _SETTINGS = pytest.StashKey[Settings]()
@@ -90,17 +79,15 @@ def _setting(config: pytest.Config, name: str) -> tuple[str, str | None]:
     return f"ini {name}", (str(value).strip() or None) if value is not None else None
 
 
-def _integer(config: pytest.Config, name: str, minimum: int) -> int | None:
+def _option(config: pytest.Config, name: str, option: str) -> Any:
+    """A setting read as the check option ``option``, by that option's one rule (None when unset)."""
     where, raw = _setting(config, name)
     if raw is None:
         return None
     try:
-        value = int(raw)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        raise pytest.UsageError(f"{where} must be an integer >= {minimum}, got {raw!r}.")
-    return value
+        return VERIFY[option].from_text(raw)
+    except InvalidArgument as exc:
+        raise pytest.UsageError(f"{where}: {exc}") from None
 
 
 def _dtypes(where: str, raw: Any) -> tuple[str, ...]:
@@ -121,7 +108,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if workerinput is not None and "gradcheck_seed" in workerinput:
         seed = workerinput["gradcheck_seed"]  # an xdist worker uses the controller's seed
     else:
-        seed = _integer(config, "gradcheck_seed", 0)
+        seed = _option(config, "gradcheck_seed", "seed")
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "big")
     where, raw = _setting(config, "gradcheck_dtypes")
@@ -130,7 +117,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_SETTINGS] = Settings(
-        seed=seed, dtypes=dtypes, max_examples=_integer(config, "gradcheck_max_examples", 1),
+        seed=seed, dtypes=dtypes, max_examples=_option(config, "gradcheck_max_examples", "max_examples"),
         report=config.getoption("gradcheck_report"),
     )
 
@@ -178,99 +165,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "gradcheck_dtype" not in metafunc.fixturenames:
         metafunc.fixturenames.append("gradcheck_dtype")  # a marked test that does not use the fixture
     metafunc.parametrize("gradcheck_dtype", dtypes, ids=list(dtypes), scope="function")
-
-
-def check_seed(session_seed: int, nodeid: str, call: int) -> int:
-    """The seed of a test's ``call``-th check: fixed by the session seed and the test id."""
-    digest = hashlib.blake2b(f"{session_seed}\0{nodeid}\0{call}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "big")
-
-
-class GradientChecker:
-    """What the ``gradcheck`` fixture yields: ``verify`` and ``assert_gradient`` with this test's defaults.
-
-    Attributes:
-        dtype: the dtype this test item checks (its id, e.g. ``test_grad[float32]``).
-        seed: the session seed (each check's own seed is derived from it and the test id).
-        defaults: the keyword defaults of every check in this test (from the options, ini and marker).
-        results: the :class:`gradcheck.Verification` of each check run so far in this test.
-    """
-
-    def __init__(self, nodeid: str, settings: Settings, dtype: str, defaults: dict[str, Any]) -> None:
-        self.dtype = dtype
-        self.seed = settings.seed
-        self.defaults = {"dtype": dtype, **defaults}
-        self.results: list[Any] = []
-        self._nodeid = nodeid
-        self._settings = settings
-
-    def verify(self, grad_fn: Callable[..., Any], /, **options: Any) -> Any:
-        """:func:`gradcheck.verify` with this test's defaults; the result is recorded for the report.
-
-        Returns:
-            A :class:`gradcheck.Verification`; it never raises because the gradient is wrong.
-
-        Raises:
-            InvalidArgument: a bad argument.
-        """
-        __tracebackhide__ = True
-        options = {**self.defaults, **options}
-        call = len(self.results)
-        options.setdefault("seed", check_seed(self._settings.seed, self._nodeid, call))
-        verify = importlib.import_module("gradcheck.checking.api").verify
-        result = verify(grad_fn, **options)
-        self.results.append(result)
-        self._settings.records.append(_record(self._nodeid, call, result, options))
-        return result
-
-    def assert_gradient(self, grad_fn: Callable[..., Any], /, **options: Any) -> None:
-        """:func:`gradcheck.assert_gradient` with this test's defaults.
-
-        Raises:
-            GradientMismatch: the gradient is wrong; the message is the full account (worst element,
-                expected and got, ULPs, tolerance, minimal input, seed, reproduction).
-            InvalidArgument: a bad argument.
-        """
-        __tracebackhide__ = True
-        result = self.verify(grad_fn, **options)
-        if not result.passed:
-            describe = getattr(importlib.import_module("gradcheck.checking.messages"), "describe", str)
-            raise GradientMismatch(describe(result))
-
-    def __repr__(self) -> str:
-        return f"<gradcheck fixture: dtype {self.dtype}, session seed {self.seed}, checks run {len(self.results)}>"
-
-
-def _record(nodeid: str, call: int, result: Any, options: dict[str, Any]) -> dict:
-    failure = result.failure
-    worst_ulps, worst_ratio = result.worst_ulps, result.worst_ratio
-    if failure is not None:  # the failing element is the worst seen (worst_* cover the passing examples)
-        worst_ulps = max(worst_ulps, getattr(failure, "ulps", None) or 0.0)
-        worst_ratio = max(worst_ratio, getattr(failure, "ratio", None) or 0.0)
-    arguments = dict(result.arguments)
-    for name in ("dtype", "max_examples", "seed"):
-        arguments.pop(name, None)
-    return session_report.jsonable({
-        "test": nodeid,
-        "call": call,
-        "function": result.function,
-        "dtype": result.dtype,
-        "options": arguments,
-        "max_examples": options.get("max_examples", 100),
-        "examples": result.examples,
-        "worst_ulps": worst_ulps,
-        "worst_ratio": worst_ratio,
-        "seed": result.seed,
-        "verdict": "passed" if result.passed else "failed",
-        "failure": None if failure is None else {
-            "kind": getattr(failure, "kind", None),
-            "message": getattr(importlib.import_module("gradcheck.checking.messages"), "describe", str)(result),
-            "ulps": getattr(failure, "ulps", None),
-            "ratio": getattr(failure, "ratio", None),
-        },
-        "reproduction": result.reproduction,
-        "elapsed": round(result.elapsed, 4),
-    })
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ A record is a plain dict (JSON-ready, so that pytest-xdist workers can send it t
      "verdict": "passed" | "failed", "failure": None | {"kind", "message", "ulps", "ratio"},
      "reproduction": "gradcheck.verify(...)", "elapsed": seconds}
 
-This module renders records; it computes no numerics and imports the standard library only.
+This module renders records; it computes no numerics and imports the standard library only (and
+:mod:`gradcheck.report.jsonio`, which does too, for its Markdown tables and atomic writes).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
+
+from gradcheck.report.jsonio import markdown_table, write_atomic
 
 SCHEMA = "gradcheck-session-report/1"
 
@@ -96,16 +98,6 @@ def _options(record: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in options.items()) if options else "defaults"
 
 
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return lines
-
-
 def markdown(document: dict) -> str:
     """The Markdown rendering of :func:`build`'s document."""
     seed = document["seed"]
@@ -119,13 +111,13 @@ def markdown(document: dict) -> str:
         "## Functions",
         "",
     ]
-    lines += _table(
+    lines += markdown_table(
         ["function", "verdict", "checks", "dtypes", "examples", "worst ULP", "worst / tolerance"],
         [[f"`{s['function']}`", s["verdict"], s["checks"], ", ".join(s["dtypes"]), s["examples"],
           f"{s['worst_ulps']:g}", f"{s['worst_ratio']:.3g}"] for s in document["functions"]],
     )
     lines += ["", "## Checks", ""]
-    lines += _table(
+    lines += markdown_table(
         ["test", "function", "dtype", "options", "examples", "worst ULP", "worst / tolerance", "verdict"],
         [[f"`{r['test']}`", f"`{r['function']}`", r["dtype"], _options(r), r["examples"],
           f"{r['worst_ulps']:g}", f"{r['worst_ratio']:.3g}", r["verdict"]] for r in document["checks"]],
@@ -144,19 +136,6 @@ def report_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     if path.suffix.lower() in (".json", ".md"):
         path = path.with_suffix("")
     return path.with_name(path.name + ".json"), path.with_name(path.name + ".md")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write(path: str | os.PathLike, records: Iterable[dict], seed: int, version: str) -> tuple[Path, Path]:

@@ -1,0 +1,124 @@
+"""What the ``gradcheck`` fixture yields: a GradientChecker, and the session record of each check it runs.
+
+Standard library only at import: :func:`gradcheck.verify` (and with it numpy, mpmath, ml_dtypes and
+Hypothesis) is imported by the first check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+from gradcheck.errors import GradientMismatch
+from gradcheck.pytest_plugin import session_report
+
+
+@dataclass
+class Settings:
+    """The session's gradcheck settings, shared by every test (and every xdist worker)."""
+
+    seed: int
+    dtypes: tuple[str, ...]
+    max_examples: int | None
+    report: str | None
+    records: list[dict] = field(default_factory=list)
+
+
+def check_seed(session_seed: int, nodeid: str, call: int) -> int:
+    """The seed of a test's ``call``-th check: fixed by the session seed and the test id."""
+    digest = hashlib.blake2b(f"{session_seed}\0{nodeid}\0{call}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _checking() -> ModuleType:
+    """:mod:`gradcheck.checking.api` (``verify``, ``describe``), imported on the first check."""
+    return importlib.import_module("gradcheck.checking.api")
+
+
+class GradientChecker:
+    """What the ``gradcheck`` fixture yields: ``verify`` and ``assert_gradient`` with this test's defaults.
+
+    Attributes:
+        dtype: the dtype this test item checks (its id, e.g. ``test_grad[float32]``).
+        seed: the session seed (each check's own seed is derived from it and the test id).
+        defaults: the keyword defaults of every check in this test (from the options, ini and marker).
+        results: the :class:`gradcheck.Verification` of each check run so far in this test.
+    """
+
+    def __init__(self, nodeid: str, settings: Settings, dtype: str, defaults: dict[str, Any]) -> None:
+        self.dtype = dtype
+        self.seed = settings.seed
+        self.defaults = {"dtype": dtype, **defaults}
+        self.results: list[Any] = []
+        self._nodeid = nodeid
+        self._settings = settings
+
+    def verify(self, grad_fn: Callable[..., Any], /, **options: Any) -> Any:
+        """:func:`gradcheck.verify` with this test's defaults; the result is recorded for the report.
+
+        Returns:
+            A :class:`gradcheck.Verification`; it never raises because the gradient is wrong.
+
+        Raises:
+            InvalidArgument: a bad argument.
+        """
+        __tracebackhide__ = True
+        options = {**self.defaults, **options}
+        call = len(self.results)
+        options.setdefault("seed", check_seed(self._settings.seed, self._nodeid, call))
+        result = _checking().verify(grad_fn, **options)
+        self.results.append(result)
+        self._settings.records.append(_record(self._nodeid, call, result, options))
+        return result
+
+    def assert_gradient(self, grad_fn: Callable[..., Any], /, **options: Any) -> None:
+        """:func:`gradcheck.assert_gradient` with this test's defaults.
+
+        Raises:
+            GradientMismatch: the gradient is wrong; the message is the full account (worst element,
+                expected and got, ULPs, tolerance, minimal input, seed, reproduction).
+            InvalidArgument: a bad argument.
+        """
+        __tracebackhide__ = True
+        result = self.verify(grad_fn, **options)
+        if not result.passed:
+            raise GradientMismatch(_checking().describe(result))
+
+    def __repr__(self) -> str:
+        return f"<gradcheck fixture: dtype {self.dtype}, session seed {self.seed}, checks run {len(self.results)}>"
+
+
+def _record(nodeid: str, call: int, result: Any, options: dict[str, Any]) -> dict:
+    """The session report's record of one check (see :mod:`gradcheck.pytest_plugin.session_report`)."""
+    failure = result.failure
+    worst_ulps, worst_ratio = result.worst_ulps, result.worst_ratio
+    if failure is not None:  # the failing element is the worst seen (worst_* cover the passing examples)
+        worst_ulps = max(worst_ulps, getattr(failure, "ulps", None) or 0.0)
+        worst_ratio = max(worst_ratio, getattr(failure, "ratio", None) or 0.0)
+    arguments = dict(result.arguments)
+    for name in ("dtype", "max_examples", "seed"):
+        arguments.pop(name, None)
+    return session_report.jsonable({
+        "test": nodeid,
+        "call": call,
+        "function": result.function,
+        "dtype": result.dtype,
+        "options": arguments,
+        "max_examples": options.get("max_examples", 100),
+        "examples": result.examples,
+        "worst_ulps": worst_ulps,
+        "worst_ratio": worst_ratio,
+        "seed": result.seed,
+        "verdict": "passed" if result.passed else "failed",
+        "failure": None if failure is None else {
+            "kind": getattr(failure, "kind", None),
+            "message": _checking().describe(result),
+            "ulps": getattr(failure, "ulps", None),
+            "ratio": getattr(failure, "ratio", None),
+        },
+        "reproduction": result.reproduction,
+        "elapsed": round(result.elapsed, 4),
+    })
