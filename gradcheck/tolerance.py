@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradcheck.dtypes import EXTENDED, FLOAT32, FloatFormat
+from gradcheck.dtypes import FLOAT32, FloatFormat
 from gradcheck.oracle import RowParts, gamma, grad_rows, row_parts
 from gradcheck.problem import Problem
 
@@ -156,35 +156,6 @@ def element_bound(problem: Problem, parts: RowParts, working: Implementation) ->
     if not np.all(eps_z < 1):
         raise ArithmeticError(f"the error model is vacuous for K={k} in {working.fmt.name} (eps_Z >= 1)")
     return bound + floor
-
-
-def reference_grad(problem: Problem, parts: RowParts | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A reference gradient and a bound on its distance to the truth, per element (docs/tolerance.md,
-    "The reference").
-
-    For float32 and narrower: the float64 oracle and its rigorous running error bound. For float64:
-    the direct formula evaluated in x87 extended precision (``np.longdouble``, u = 2**-64) and bounded
-    by :func:`element_bound` with that u, so that the reference's uncertainty is about 2**-11 of the
-    float64 tolerance. On platforms without extended precision the float64 oracle is used.
-
-    Returns:
-        (reference, bound): reference in float64 or longdouble, bound in float64, both ``(N, K)``.
-    """
-    from gradcheck.oracle import grad_bounded
-
-    if problem.format.precision < 53 or EXTENDED is None:
-        return grad_bounded(problem)
-    parts = row_parts(problem.logits) if parts is None else parts
-    ld = np.longdouble
-    z = problem.logits.astype(ld)
-    k = z.shape[1]
-    with np.errstate(under="ignore", invalid="ignore"):
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        p = e / e.sum(axis=1, keepdims=True)
-        wt = problem.dense_targets(ld) * problem.weights().astype(ld)
-        g = (p * wt.sum(axis=1, keepdims=True) - wt) / problem.divisor(ld)
-    working = Implementation("longdouble reference", EXTENDED, tree_depth(k), EXTENDED.tiny)
-    return g, element_bound(problem, parts, working)
 
 
 def _scale_error(problem: Problem, u: float) -> tuple[float, float]:

@@ -19,7 +19,8 @@ from gradcheck.ulps import ulp_distance
 from gradcheck.dtypes import bit_pattern, float_format, is_supported_float, round_to_format
 from gradcheck.exact import certified_grad
 from gradcheck.oracle import row_parts
-from gradcheck.tolerance import grad_tolerance, reference_grad
+from gradcheck.reference import reference_grad
+from gradcheck.tolerance import grad_tolerance
 
 if TYPE_CHECKING:
     from gradcheck.problem import Case

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from gradcheck.report.jsonio import markdown_table
 from gradcheck.report.text import MATH, PROVES, REGIMES, TRUTH, ULP_NOTE, cell_text, fmt_share, fmt_ulp
 from gradcheck.study import Study
 
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return out
+_table = markdown_table  # the one Markdown table (report/jsonio.py): cells escaped
 
 
 def render_markdown(study: Study, document: dict[str, Any], files: dict[str, str]) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 
 from gradcheck.dtypes import DTYPE_NAMES, FLOAT64
 from gradcheck.errors import InvalidArgument
+from gradcheck.options import integer
 from gradcheck.regimes import REGIMES, make_case
 from gradcheck.study.executors import Task, run_dask, run_local
 from gradcheck.study.model import CaseResult, MethodInfo, Outcome, ProofRow, Study, StudyConfig
@@ -174,15 +175,12 @@ def run_study(
 
 
 def _check(config: StudyConfig, jobs: int | None) -> None:
-    if isinstance(config.examples, bool) or not isinstance(config.examples, int) or config.examples < 1:
-        raise InvalidArgument(f"examples must be a positive integer, got {config.examples!r}.")
-    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
-        raise InvalidArgument(f"jobs must be a positive integer, got {jobs!r}.")
+    integer(1)("examples", config.examples)  # the option spec's integer rule (gradcheck/options.py)
+    integer(1, allow_none=True)("jobs", jobs)
     bad = [d for d in config.dtypes if d not in DTYPE_NAMES]
     if bad or not config.dtypes:
         raise InvalidArgument(f"dtypes must be a non-empty subset of {DTYPE_NAMES}, got {config.dtypes!r}.")
     bad = [r for r in config.regimes if r not in REGIMES]
     if bad or not config.regimes:
         raise InvalidArgument(f"regimes must be a non-empty subset of {REGIMES}, got {config.regimes!r}.")
-    if config.seed < 0:
-        raise InvalidArgument(f"seed must be a nonnegative integer, got {config.seed!r}.")
+    integer(0)("seed", config.seed)

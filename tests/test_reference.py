@@ -1,0 +1,36 @@
+"""The reference verify compares with: within its bound of the truth, the bound negligible beside the tolerance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradcheck import exact_grad, make_problem
+from gradcheck.dtypes import EXTENDED
+from gradcheck.oracle import grad_bounded
+from gradcheck.reference import reference_grad
+from gradcheck.tolerance import grad_tolerance
+
+
+@pytest.mark.skipif(EXTENDED is None, reason="no extended precision long double on this platform")
+def test_float64_reference_is_within_its_bound_and_the_bound_is_negligible():
+    rng = np.random.default_rng(11)
+    for z, t in ((rng.standard_normal((5, 40)), rng.integers(0, 40, 5)),
+                 (rng.standard_normal((3, 6)) * 200, rng.integers(0, 6, 3))):
+        problem = make_problem(z, t, label_smoothing=0.1, weight=rng.uniform(0.1, 2, z.shape[1]))
+        ref, bound = reference_grad(problem)
+        truth = exact_grad(z, t, label_smoothing=0.1, weight=problem.weight)
+        # the truth rounded to float64 is within half an ulp of the truth
+        assert np.all(np.abs(ref.astype(np.float64) - truth) <= bound + np.spacing(np.abs(truth)))
+        assert np.max(bound / grad_tolerance(problem)) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_narrower_dtypes_use_the_oracle_and_its_rigorous_bound(dtype):
+    rng = np.random.default_rng(3)
+    problem = make_problem(rng.standard_normal((4, 9)).astype(np.float32).astype(dtype), rng.integers(0, 9, 4))
+    ref, bound = reference_grad(problem)
+    expected, expected_bound = grad_bounded(problem)
+    assert np.array_equal(ref, expected) and np.array_equal(bound, expected_bound)
+    truth = exact_grad(problem.logits, problem.targets, dtype="float64")
+    assert np.all(np.abs(ref - truth) <= bound + np.spacing(np.abs(truth)))
