@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradcheck.dtypes import FLOAT32, FloatFormat
+from gradcheck.dtypes import FLOAT32, FLOAT64, FloatFormat, float_format
 from gradcheck.oracle import RowParts, gamma, grad_rows, row_parts
 from gradcheck.problem import Problem
 
@@ -71,27 +71,65 @@ def tiled_depth(k: int) -> float:
 
 
 def workings(fmt: FloatFormat, k: int) -> tuple[Implementation, ...]:
-    """The implementation classes accepted for a dtype and a number of classes (docs/tolerance.md)."""
+    """The implementation classes of the dtype's own contract, the loosest (docs/tolerance.md)."""
+    return implementations(fmt, k, fmt.name)
+
+
+def contracts(fmt: FloatFormat) -> tuple[str, ...]:
+    """The precision contracts for a dtype, tightest first: "exact", then each working precision from
+    float64 down to the dtype itself (docs/tolerance.md, "Precision contracts").
+
+    >>> contracts(float_format("bfloat16"))
+    ('exact', 'float64', 'float32', 'bfloat16')
+    """
+    wider = tuple(f.name for f in (FLOAT64, FLOAT32) if f.precision > fmt.precision)
+    return ("exact", *wider, fmt.name)
+
+
+def default_contract(fmt: FloatFormat) -> str:
+    """float32 for the half precisions (what real kernels promise: compute in float32, round once),
+    the dtype itself otherwise."""
+    return FLOAT32.name if fmt.precision < FLOAT32.precision else fmt.name
+
+
+def implementations(fmt: FloatFormat, k: int, precision: str) -> tuple[Implementation, ...]:
+    """The implementation classes a contract accepts (docs/tolerance.md, "Precision contracts").
+
+    * the dtype's own name: computed in the dtype itself (direct, log-space or blocked; for the half
+      precisions tree sums in the dtype, or anything in float32), today's widest model;
+    * a wider working precision ("float32", "float64"): any covered formula computed in that
+      precision (tiled or tree sums), rounded once to the dtype;
+    * "exact": none: only the correctly rounded truth (the final rounding alone).
+    """
+    depth = max(tiled_depth(k), tree_depth(k))  # the tiled depth is never below the tree depth
+    if precision == "exact":
+        return ()
+    if precision != fmt.name:
+        work = float_format(precision)
+        return (Implementation(f"{work.name}, tiled", work, depth, work.tiny),)
     if fmt.precision >= FLOAT32.precision:
-        # in the dtype itself; the tiled depth is never below the tree depth, so it covers both
-        return (Implementation("in-dtype", fmt, max(tiled_depth(k), tree_depth(k)), fmt.tiny),)
+        return (Implementation("in-dtype", fmt, depth, fmt.tiny),)
     return (
         Implementation("in-dtype, tree sums", fmt, tree_depth(k), fmt.smallest_subnormal / 2),
-        Implementation("float32, tiled", FLOAT32, max(tiled_depth(k), tree_depth(k)), FLOAT32.tiny),
+        Implementation("float32, tiled", FLOAT32, depth, FLOAT32.tiny),
     )
 
 
-def grad_tolerance(problem: Problem, parts: RowParts | None = None, grad: np.ndarray | None = None) -> np.ndarray:
-    """The absolute tolerance of every gradient element, float64 ``(N, K)``.
+def grad_tolerance(problem: Problem, parts: RowParts | None = None, grad: np.ndarray | None = None, *,
+                   precision: str | None = None, band: np.ndarray | float = 0.0) -> np.ndarray:
+    """The absolute tolerance of every gradient element under a precision contract, float64 ``(N, K)``.
 
-    The largest error a correct implementation in any accepted class can make
-    (:func:`element_bound`), plus half an ULP of the dtype for the final rounding of an
-    implementation that computes in a wider format (docs/tolerance.md, "Final rounding").
+    The largest error a correct implementation of the contract can make (:func:`element_bound`,
+    the maximum over :func:`implementations`), plus half an ULP of the dtype for the final rounding
+    (docs/tolerance.md, "Final rounding"), taken at ``|g| + bound + band`` so that it is the ULP of
+    the truth's binade wherever the truth may be.
 
     Args:
         problem: the validated case; its dtype is the one checked.
         parts: the float64 softmax quantities of ``problem.logits`` when already computed.
-        grad: the float64 gradient (e.g. from :func:`gradcheck.oracle.grad_bounded`) when known.
+        grad: the float64 gradient (e.g. the reference) when known.
+        precision: one of :func:`contracts` (default: the dtype's own, the loosest).
+        band: the reference's own uncertainty (docs/tolerance.md, "The reference").
 
     Returns:
         Nonnegative float64 ``(N, K)``; rows with nothing to check (ignored rows) get the floor.
@@ -99,10 +137,10 @@ def grad_tolerance(problem: Problem, parts: RowParts | None = None, grad: np.nda
     parts = row_parts(problem.logits) if parts is None else parts
     fmt = problem.format
     bound = np.zeros(problem.logits.shape)
-    for working in workings(fmt, problem.k):
+    for working in implementations(fmt, problem.k, fmt.name if precision is None else precision):
         bound = np.maximum(bound, element_bound(problem, parts, working))
     g = np.abs(grad_rows(problem) if grad is None else grad)
-    return bound + 0.5 * fmt.ulp(g + bound)
+    return bound + 0.5 * fmt.ulp(g + bound + band)
 
 
 def element_bound(problem: Problem, parts: RowParts, working: Implementation) -> np.ndarray:

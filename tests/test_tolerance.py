@@ -11,7 +11,11 @@ from gradcheck import exact_grad, make_problem
 from gradcheck.dtypes import float_format, round_to_format
 from gradcheck.regimes import GAP, HUGE
 from gradcheck.oracle import row_parts
+from gradcheck.reference import reference_grad
 from gradcheck.tolerance import (
+    contracts,
+    default_contract,
+    implementations,
     EXP_U,
     TILE,
     element_bound,
@@ -101,3 +105,72 @@ def test_element_bound_rejects_a_vacuous_model():
     with pytest.raises(ArithmeticError, match="vacuous"):
         element_bound(problem, parts, vacuous)
     assert math.isfinite(float(element_bound(problem, parts, workings(float_format("bfloat16"), 3)[0]).max()))
+
+
+# ---- precision contracts (docs/tolerance.md, "Precision contracts") -------------------------------
+
+def _stable_in(work, logits, targets, **options):
+    """numpy_stable computed in ``work`` and rounded once to the logits' dtype."""
+    wide = {k: (np.asarray(v).astype(work) if k == "weight" else v) for k, v in options.items()}
+    targets = targets.astype(work) if targets.dtype.kind == "f" else targets
+    return numpy_stable(logits.astype(work), targets, **wide).astype(logits.dtype)
+
+
+def _liger_1329(logits, targets):
+    """Liger-Kernel #1329: p / N stored in the half buffer, then the target's 1 / N subtracted."""
+    n = logits.shape[0]
+    z = logits.astype(np.float32)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    g = (p / p.sum(axis=1, keepdims=True) / n).astype(logits.dtype)
+    rows = np.arange(n)
+    g[rows, targets] = (g[rows, targets].astype(np.float32) - np.float32(1 / n)).astype(logits.dtype)
+    return g
+
+
+def _within(got, problem, precision):
+    ref, band = reference_grad(problem)
+    tol = grad_tolerance(problem, grad=ref.astype(np.float64), precision=precision, band=band)
+    return np.abs(got.astype(ref.dtype) - ref).astype(np.float64) <= tol + band
+
+
+def test_contracts_nest_from_exact_to_the_dtype():
+    for dtype in ("float64", "float32", "float16", "bfloat16"):
+        fmt = float_format(dtype)
+        assert contracts(fmt)[0] == "exact" and contracts(fmt)[-1] == dtype
+        for z, t in _hard_cases(dtype):
+            problem = make_problem(round_to_format(z, fmt), t)
+            tols = [grad_tolerance(problem, precision=c) for c in contracts(fmt)]
+            for tighter, looser in zip(tols, tols[1:]):
+                assert np.all(tighter <= looser), dtype
+            assert np.array_equal(tols[-1], grad_tolerance(problem))  # the dtype's own is the default
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_each_contract_accepts_the_implementations_it_names(dtype):
+    fmt = float_format(dtype)
+    for z, t in _hard_cases(dtype):
+        logits = round_to_format(z, fmt)
+        problem = make_problem(logits, t)
+        truth = exact_grad(logits, t)  # correctly rounded to the dtype
+        assert np.all(_within(truth, problem, "exact"))
+        assert np.all(_within(_stable_in(np.float64, logits, t), problem, "float64"))
+        if dtype != "float32":
+            assert np.all(_within(_stable_in(np.float32, logits, t), problem, "float32"))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_float32_contract_catches_store_then_subtract(dtype):
+    # Liger-Kernel #1329 at a confident row: the truth of the target element is -1.373e-4, the bug 0
+    problem = make_problem(np.array([[10.0, 0.0, -1.0, 0.5]], dtype=float_format(dtype).dtype), np.array([0]))
+    bug = _liger_1329(problem.logits, problem.targets)
+    assert float(bug[0, 0]) == 0.0
+    assert np.all(_within(bug, problem, dtype))  # the in-dtype model cannot see it ...
+    assert not _within(bug, problem, "float32")[0, 0]  # ... the float32 contract does
+    assert np.all(_within(_stable_in(np.float32, problem.logits, problem.targets), problem, "float32"))
+
+
+def test_default_contract_and_implementations():
+    assert [default_contract(float_format(d)) for d in ("float64", "float32", "float16", "bfloat16")] == [
+        "float64", "float32", "float32", "float32"]
+    assert implementations(float_format("float32"), 10, "exact") == ()
+    assert [w.fmt.name for w in implementations(float_format("bfloat16"), 10, "float64")] == ["float64"]
