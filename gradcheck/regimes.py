@@ -60,6 +60,18 @@ CATALOGUE: tuple[Regime, ...] = (
     }),
     Regime("ties", "small integers: maxima and other values repeat exactly", _by("verify", "study", "vectors")),
     Regime("near_one_hot", "one class holds almost all the probability, usually the target", _by("verify")),
+    Regime("confident", "the target logit far above the rest: p_t - 1 cancels (the element that drives "
+           "learning, lost when p_t is rounded to the dtype first)", _by("verify"), {
+               # the target's margin over the row's maximum: 1 - p_t ~ K exp(-margin), below the
+               # dtype's epsilon at the top of the range, so p_t rounds to 1 in the dtype
+               "margin_low": {"float64": 20.0, "float32": 8.0, "float16": 4.0, "bfloat16": 3.0},
+               "margin_high": {"float64": 40.0, "float32": 18.0, "float16": 10.0, "bfloat16": 8.0},
+           }),
+    Regime("offset", "a large common offset on every logit of a row: exp(z) overflows, and "
+           "m + log Z recombined loses the small logits", _by("verify"), {
+               # the largest offset; logits stay exact in the dtype with spacing at most 0.5 (half)
+               "offset": {"float64": 1e10, "float32": 1e5, "float16": 512.0, "bfloat16": 256.0},
+           }),
     Regime("many_classes", "K up to 32831, often not a multiple of the tile, the maximum in a late tile",
            _by("verify", "vectors"), {
                "tile": 64.0,  # tiled kernels use tiles of 64, 128 or 256 classes: all multiples of 64

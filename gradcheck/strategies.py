@@ -12,6 +12,8 @@ Regimes (``REGIMES``):
 * ``huge``: magnitudes up to ``HUGE[dtype]`` (1e4 half, 1e30 float32, 1e300 float64);
 * ``ties``: small integers, so maxima and other values repeat exactly;
 * ``near_one_hot``: one class holds almost all the probability, usually the target;
+* ``confident``: the target's logit far above the rest, so ``p_t - 1`` cancels;
+* ``offset``: a large common offset on every logit of a row;
 * ``many_classes``: K up to 32831, often not a multiple of 64, with the row maximum in a late tile;
 * ``single``: a single row, a single class, or both;
 * ``masked``: some logits are -inf (at least one finite per row).
@@ -186,6 +188,14 @@ def _build_logits(regime: str, rng: np.random.Generator, n: int, k: int, fmt: Fl
         top = rng.integers(0, k, n)
         z = 0.5 * z
         z[rows, top] += rng.uniform(3.0, 15.0, n) if small else rng.uniform(5.0, 40.0, n)
+    elif regime == "confident":
+        top = rng.integers(0, k, n)
+        margin = rng.uniform(param("confident", "margin_low")[name], param("confident", "margin_high")[name], n)
+        z = 0.5 * z
+        z[rows, top] = z.max(axis=1) + margin
+    elif regime == "offset":
+        z = z + (np.where(rng.random(n) < 0.5, -1.0, 1.0) * rng.uniform(0.5, 1.0, n)
+                 * param("offset", "offset")[name])[:, None]
     elif regime == "many_classes":
         tile = MANY_CLASSES_TILE
         late = max(0, (k - 1) // tile * tile - tile)  # the last full tile or the partial one
@@ -209,6 +219,8 @@ def _index_targets(rng: np.random.Generator, z: np.ndarray, favourite: np.ndarra
     if regime in ("near_one_hot", "large_gap"):
         pick = rng.random(n) < 0.6
         t[pick] = favourite[pick]
+    elif regime == "confident":
+        t = favourite.copy()
     return t.astype(np.int64)
 
 
