@@ -130,31 +130,52 @@ def jax_grad_fn(fn: GradFn) -> GradFn:
     return grad_fn
 
 
-def jax_loss_grad(loss_fn: GradFn) -> GradFn:
+def jax_loss_grad(loss_fn: GradFn, *, accepts: tuple[str, ...] | None = None,
+                  per_example: bool = False) -> GradFn:
     """The gradient of a JAX loss ``loss_fn(logits, targets, **options)`` through ``jax.grad``.
 
+    Args:
+        loss_fn: returns a scalar, or per-row losses (then summed: the gradient ``verify`` expects
+            for ``reduction="none"``).
+        accepts: the options ``loss_fn`` takes (default: every option verify passes). An option
+            verify passes that is not among them is an error naming it (the loss cannot compute
+            that case), except ``reduction`` with ``per_example``.
+        per_example: ``loss_fn`` returns per-example losses and takes no ``reduction`` (optax's
+            losses): the adapter applies it, the mean over rows or the sum.
+
     The gradient is jit-compiled once per shape, dtype and set of static options (integers, strings,
-    floats); ``weight`` is traced. Per-row losses (``reduction="none"``) are summed first. x64 is
-    enabled inside the call only.
+    floats); ``weight`` is traced. x64 is enabled inside the call only.
+
+    >>> import optax  # doctest: +SKIP
+    >>> grad_fn = jax_loss_grad(optax.softmax_cross_entropy_with_integer_labels, accepts=(), per_example=True)
     """
     compiled: dict[tuple, Any] = {}
+    name = f"jax_loss_grad({getattr(loss_fn, '__name__', 'loss')})"
 
     def grad_fn(logits: np.ndarray, targets: np.ndarray, **options: Any) -> np.ndarray:
         require("jax", extra="jax")
         import jax
         import jax.numpy as jnp
 
+        reduction = options.pop("reduction", "mean") if per_example else None
+        if accepts is not None:
+            extra = [k for k in options if k not in accepts]
+            if extra:
+                raise TypeError(f"{name} takes the options {accepts}, got {extra[0]}= (the loss cannot compute this "
+                                "case; check it without that option)")
         weight = options.pop("weight", None)
         static = tuple(sorted(options.items()))
-        if static not in compiled:
+        key = (static, reduction)
+        if key not in compiled:
             def total(z: Any, t: Any, w: Any) -> Any:
                 extra = {} if w is None else {"weight": w}
-                return jnp.sum(loss_fn(z, t, **extra, **dict(static)))
+                loss = loss_fn(z, t, **extra, **dict(static))
+                return jnp.mean(loss) if reduction == "mean" else jnp.sum(loss)
 
-            compiled[static] = jax.jit(jax.grad(total))
+            compiled[key] = jax.jit(jax.grad(total))
         with jax.enable_x64(True):
             w = None if weight is None else jnp.asarray(weight)
-            return to_numpy(compiled[static](jnp.asarray(logits), jnp.asarray(targets), w))
+            return to_numpy(compiled[key](jnp.asarray(logits), jnp.asarray(targets), w))
 
-    grad_fn.__name__ = grad_fn.__qualname__ = f"jax_loss_grad({getattr(loss_fn, '__name__', 'loss')})"
+    grad_fn.__name__ = grad_fn.__qualname__ = name
     return grad_fn

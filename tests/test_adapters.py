@@ -204,3 +204,25 @@ def test_jax_adapters_through_verify(jax):
             axis=1, keepdims=True) - (jnp.arange(z.shape[1]) == t[:, None])) / z.shape[0]
 
     assert verify(jax_grad_fn(grad), seed=0, max_examples=10, max_shape=(4, 8), regimes=("moderate",)).passed
+
+
+def test_jax_loss_grad_applies_the_reduction_to_per_example_losses(jax):
+    optax = pytest.importorskip("optax", reason="optax is not installed: its losses are unchecked")
+    grad = jax_loss_grad(optax.softmax_cross_entropy_with_integer_labels, accepts=(), per_example=True)
+    z, t = np.array([[0.5, -1.0, 2.0], [0.0, 0.25, -0.5]]), np.array([2, 0])
+    assert np.allclose(grad(z, t), gradcheck.cross_entropy_grad(z, t), rtol=1e-12, atol=0)
+    assert np.allclose(grad(z, t, reduction="sum"), gradcheck.cross_entropy_grad(z, t, reduction="sum"),
+                       rtol=1e-12, atol=0)
+    with pytest.raises(TypeError, match=r"takes the options \(\), got weight="):
+        grad(z, t, weight=np.ones(3))
+    # through verify: optax's mean is torch's mean without weights and ignored rows
+    assert verify(grad, max_examples=20, seed=0, reduction="sum").passed
+    failed = verify(grad, max_examples=20, seed=0, weighted=True)
+    assert not failed.passed and failed.failure.kind == "exception" and "got weight=" in failed.failure.message
+
+
+def test_jax_loss_grad_without_per_example_sums_what_the_loss_returns(jax):
+    optax = pytest.importorskip("optax", reason="optax is not installed: its losses are unchecked")
+    grad = jax_loss_grad(optax.softmax_cross_entropy_with_integer_labels)  # not told: the sum
+    z, t = np.array([[0.5, -1.0, 2.0], [0.0, 0.25, -0.5]]), np.array([2, 0])
+    assert np.allclose(grad(z, t), gradcheck.cross_entropy_grad(z, t, reduction="sum"), rtol=1e-12, atol=0)
