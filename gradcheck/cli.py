@@ -169,7 +169,8 @@ def load_function(spec: str) -> Any:
     """Import ``MODULE:FUNC`` (FUNC may be dotted) from the current directory, like ``python -m`` would.
 
     Raises:
-        ValueError: a malformed spec, an import error or a missing attribute (the message says which).
+        ValueError: a malformed spec, an import error (``sys.exit()`` on import included) or a missing
+            attribute (the message says which).
     """
     import importlib
 
@@ -181,6 +182,9 @@ def load_function(spec: str) -> Any:
         sys.path.insert(0, cwd)
     try:
         obj: Any = importlib.import_module(module_name)
+    except SystemExit as exc:  # the module called sys.exit() on import: not a pass, an unusable module
+        raise ValueError(f"cannot import module {module_name!r} from {cwd}: it called sys.exit({exc.code!r}) on "
+                         "import") from None
     except Exception as exc:  # noqa: BLE001 - any import failure is a usage error
         raise ValueError(f"cannot import module {module_name!r} from {cwd}: {type(exc).__name__}: {exc}") from None
     for part in attr.split("."):
@@ -253,8 +257,12 @@ def _verify_vectors(args: argparse.Namespace, fn: Any) -> int:
     total = sum(len(g.tests) for g in suite.groups
                 if (not dtypes or g.dtype in dtypes) and (not targets or g.targets in targets))
     start = time.perf_counter()
-    with _Progress(Console(stderr=True), "vectors", total) as bar:
-        result = check_vectors(fn, suite, dtypes=dtypes, targets=targets, progress=bar.advance)
+    try:
+        with _Progress(Console(stderr=True), "vectors", total) as bar:
+            result = check_vectors(fn, suite, dtypes=dtypes, targets=targets, progress=bar.advance)
+    except InvalidArgument as exc:  # no test to run (an empty file, or none of the asked dtype/targets)
+        _err(f"{args.vectors}: {exc}")
+        return 2
     elapsed = time.perf_counter() - start
     failures = result.implementation_failures
     ran = sum(o.implementation_ok is not None for o in result.outcomes)
@@ -427,7 +435,9 @@ def _add_verify(sub: Any) -> None:
         description="Import FUNC from MODULE (found from the current directory, like python -m) and check "
         "FUNC(logits, targets, **options) on Hypothesis-generated cases, or on every test of a vectors "
         "file with --vectors (which also checks that the file's valid gradients are accepted and its "
-        "invalid ones rejected). Exit 0 when it passes, 1 when it does not, 2 for a usage or import error.",
+        "invalid ones rejected). Exit 0 when it passes, 1 when it does not (a FUNC that raises, calls "
+        "sys.exit(), hangs past --timeout or reuses its output buffer does not pass), 2 for a usage or import "
+        "error, or a vectors file with no test of the asked dtype and targets (zero tests is not a pass).",
         epilog="examples:\n  gradcheck verify mykernel:ce_grad --dtype float32 bfloat16 --max-examples 200\n"
                "  gradcheck verify mykernel:ce_grad --targets probs --label-smoothing 0.1 --junit-xml out.xml\n"
                "  gradcheck verify mykernel:ce_grad --vectors reports/vectors.json --json result.json",

@@ -289,6 +289,9 @@ VERIFY = OptionTable("check options", (
     Option("max_shape", MAX_SHAPE, shape_pair, "the largest (N, K) generated", parse=_pair, metavar="N,K"),
     Option("regimes", None, regime_names, "the logits regimes drawn from (default: all of verify's)",
            parse=_csv, metavar="R,..."),
+    Option("timeout", None, number(0.0, low_open=True, allow_none=True),
+           "seconds each grad_fn call may take before it fails as hung (default: no limit; POSIX, main thread)",
+           parse=float, metavar="SECONDS"),
 ))
 
 # What a Hypothesis strategy draws (gradcheck.strategies.cases): the check options without the search's own.

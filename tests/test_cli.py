@@ -24,6 +24,14 @@ def grad(logits, targets, **options):
 
 def wrong(logits, targets, **options):
     return -grad(logits, targets, **options)
+
+def exits(logits, targets, **options):
+    import sys
+    sys.exit(0)
+
+def hangs(logits, targets, **options):
+    while True:
+        pass
 """
 
 
@@ -155,3 +163,59 @@ def test_every_dtype_option_offers_the_formats_of_gradcheck_dtypes():
              if o.dest in ("dtype", "dtypes")}
     assert found == {(name, dest): DTYPE_NAMES for name, dest in [("selfcheck", "dtypes"), ("report", "dtypes"),
                                                                    ("verify", "dtype")]}
+
+
+# --- a checker that cannot be fooled (issue 15) ----------------------------------------------------
+
+
+def test_sys_exit_in_grad_fn_exits_1_with_a_message(project):
+    """Issue 15, item 1: `gradcheck verify k:exits` printed nothing and exited 0."""
+    path, name = project
+    run = subprocess.run([sys.executable, "-m", "gradcheck", "verify", f"{name}:exits", "--max-examples", "3",
+                          "--seed", "2"], cwd=path, capture_output=True, text=True)
+    assert run.returncode == 1, (run.stdout, run.stderr)
+    assert "FAILED" in run.stdout and "is wrong (exception): grad_fn raised SystemExit(0)" in run.stderr
+
+
+def test_a_module_that_exits_on_import_is_a_usage_error(project):
+    path, _ = project
+    (path / "exits_on_import.py").write_text("import sys\nsys.exit(0)\n")
+    run = subprocess.run([sys.executable, "-m", "gradcheck", "verify", "exits_on_import:grad"], cwd=path,
+                         capture_output=True, text=True)
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    assert run.stderr.strip().splitlines() == [
+        f"gradcheck: error: cannot import module 'exits_on_import' from {path}: it called sys.exit(0) on import"]
+
+
+def _write_suite(path, groups):
+    from gradcheck.report import write_vectors
+    from gradcheck.vectors import GROUPS, build_suite
+
+    suite = build_suite(0, dtypes=("float32",), groups=GROUPS[:2])
+    write_vectors(path, type(suite)(suite.seed, suite.generator, groups(suite.groups)))
+
+
+def test_verify_against_a_file_without_the_asked_tests_exits_2(project, capsys):
+    """Issue 15, item 3: a schema-valid file with zero tests said "passed; 0 tests" and exited 0."""
+    path, name = project
+    _write_suite(path / "empty.json", lambda groups: ())
+    assert cli.main(["verify", f"{name}:wrong", "--vectors", "empty.json"]) == 2
+    assert "empty.json: the vectors file has no tests" in capsys.readouterr().err
+    _write_suite(path / "f32.json", lambda groups: groups)
+    assert cli.main(["verify", f"{name}:wrong", "--vectors", "f32.json", "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert "the vectors file has no test of dtype float16: it holds float32/index" in err
+    assert cli.main(["verify", f"{name}:wrong", "--vectors", "f32.json", "--dtype", "float32", "float16"]) == 2
+    assert cli.main(["verify", f"{name}:grad", "--vectors", "f32.json", "--dtype", "float32"]) == 0
+
+
+def test_timeout_flag_fails_a_hanging_function(project, capsys):
+    """Issue 15, item 15: the flag comes from the option table; the failure names the case that hung."""
+    _, name = project
+    assert cli.main(["verify", f"{name}:hangs", "--timeout", "0.2", "--seed", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "is wrong (timeout): grad_fn did not return within the timeout of 0.2 s" in err and "logits = " in err
+    assert "timeout=0.2" in err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["verify", f"{name}:grad", "--timeout", "-1"])
+    assert exc.value.code == 2 and "timeout must be a number > 0" in capsys.readouterr().err

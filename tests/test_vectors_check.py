@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import sys
+
 import numpy as np
 import pytest
 
-from gradcheck.vectors import BUGS, VectorSuite, build_suite, check_vectors
+from gradcheck.errors import InvalidArgument
+from gradcheck.vectors import BUGS, VectorCheck, VectorSuite, build_suite, check_vectors
 from zoo import forgot_mean, numpy_logspace, numpy_online, numpy_stable, oracle
 
 
@@ -61,3 +64,36 @@ def test_a_buggy_implementation_fails_and_is_recognized(suite):
     result = check_vectors(_quiet(forgot_mean), suite, dtypes=("float32",), targets=("index",))
     assert not result.passed
     assert any("MissingMeanDivisor" in o.resembles for o in result.implementation_failures)
+
+
+def test_a_reused_output_buffer_cannot_hide_a_wrong_kernel(suite):
+    """Issue 15, item 2: wrong on every other call into one persistent buffer, it passed every vector."""
+    buffers, calls = {}, [0]
+
+    def reused(logits, targets, **options):
+        g = _quiet(numpy_stable)(logits, targets, **options)
+        calls[0] += 1
+        out = buffers.setdefault((g.shape, g.dtype), np.empty_like(g))
+        out[...] = -g if calls[0] % 2 == 1 else g  # wrong on odd calls: the next call hid it
+        return out
+
+    result = check_vectors(reused, suite, dtypes=("float32",), targets=("index",))
+    assert not result.passed
+    assert all("grad_fn returned the same buffer on two calls" in o.message for o in result.implementation_failures)
+
+
+def test_sys_exit_in_grad_fn_is_a_failure(suite):
+    """Issue 15, item 1: the vectors checker calls grad_fn too; SystemExit must not end the process."""
+    result = check_vectors(lambda z, t, **o: sys.exit(0), suite, dtypes=("float64",), targets=("probs",))
+    assert not result.passed and "grad_fn raised SystemExit(0)" in result.implementation_failures[0].message
+
+
+def test_nothing_to_check_is_not_a_pass(suite):
+    """Issue 15, item 3: zero tests checked passed anything."""
+    empty = VectorSuite(suite.seed, suite.generator, ())
+    with pytest.raises(InvalidArgument, match="^the vectors file has no tests"):
+        check_vectors(numpy_stable, empty)
+    one = VectorSuite(suite.seed, suite.generator, tuple(g for g in suite.groups if g.dtype == "float32"))
+    with pytest.raises(InvalidArgument, match="no test of dtype float16 and targets probs: it holds float32/index"):
+        check_vectors(numpy_stable, one, dtypes=("float16",), targets=("probs",))
+    assert not VectorCheck("f", ()).passed  # and a result without outcomes is no pass either

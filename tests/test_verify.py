@@ -4,8 +4,11 @@ argument checks. The adapters have tests/test_adapters.py."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -131,7 +134,8 @@ def test_a_result_that_is_not_a_gradient_array(returned, kind, message):
 
 def test_failure_kinds_are_strings_in_the_order_they_are_checked():
     assert [str(k) for k in FailureKind] == [
-        "exception", "mutation", "type", "shape", "dtype", "nondeterminism", "nonfinite", "mismatch"]
+        "exception", "timeout", "mutation", "type", "shape", "dtype", "aliasing", "nondeterminism", "nonfinite",
+        "mismatch"]
     kind = FailureKind.MISMATCH
     assert kind == "mismatch" and f"({kind})" == "(mismatch)" and json.dumps({"kind": kind}) == '{"kind": "mismatch"}'
 
@@ -205,3 +209,135 @@ def test_gradcheck_verify_is_the_function_in_every_import_order():
             "any(pathlib.Path(gradcheck.__file__).parent.glob('verify*')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True Verification True False"
+
+
+# --- a checker that cannot be fooled (issue 15) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("leave", [lambda: sys.exit(0), lambda: sys.exit(), lambda: exit(), lambda: quit(3)],
+                         ids=["sys.exit(0)", "sys.exit()", "exit()", "quit(3)"])
+def test_sys_exit_in_grad_fn_is_a_failure_not_a_pass(leave, monkeypatch):
+    """Issue 15, item 1: SystemExit from grad_fn used to end verify with the process's exit code (0: a pass)."""
+    monkeypatch.setattr(sys, "stdin", None)  # exit() and quit() close stdin first
+
+    def exits_on_two_rows_or_more(logits, targets, **options):
+        if logits.shape[0] > 1:
+            leave()
+        return numpy_stable(logits, targets, **options)
+
+    result = verify(exits_on_two_rows_or_more, seed=0, max_examples=20)
+    assert not result.passed and result.failure.kind is FailureKind.EXCEPTION
+    assert result.failure.case.logits.shape[0] == 2  # shrunk, like any exception
+    assert result.failure.message.startswith("grad_fn raised SystemExit(") and "sys.exit() or exit()" in result.failure.message
+    with pytest.raises(GradientMismatch, match="SystemExit"):
+        assert_gradient(lambda z, t, **o: sys.exit(0), seed=0, max_examples=5)
+
+
+def test_keyboard_interrupt_from_grad_fn_propagates():
+    def interrupted(logits, targets, **options):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        verify(interrupted, seed=0, max_examples=5)
+
+
+class _ReusedBuffer:
+    """A kernel with one persistent output buffer per shape; with ``wrong_every`` = k it negates calls 1, 1 + k, ..."""
+
+    def __init__(self, wrong_every: int = 0) -> None:
+        self.buffers: dict = {}
+        self.calls = 0
+        self.wrong_every = wrong_every
+
+    def __call__(self, logits, targets, **options):
+        g = numpy_stable(logits, targets, **options)
+        self.calls += 1
+        out = self.buffers.setdefault((g.shape, g.dtype), np.empty_like(g))
+        out[...] = -g if self.wrong_every and self.calls % self.wrong_every == 1 else g
+        return out
+
+
+def test_a_reused_output_buffer_cannot_hide_a_wrong_kernel():
+    """Issue 15, item 2: wrong on every other call, it passed: the second call overwrote the first result."""
+    result = verify(_ReusedBuffer(wrong_every=2), seed=0, max_examples=50)
+    assert not result.passed and result.failure.kind is FailureKind.ALIASING
+    assert result.failure.message.startswith("grad_fn returned the same buffer on two calls")
+
+
+def test_a_reused_buffer_fails_even_with_right_values_and_results_are_copied():
+    """Aliasing alone is a failure: a caller that keeps the first gradient would see it overwritten."""
+    assert verify(_ReusedBuffer(), seed=0, max_examples=20).failure.kind is FailureKind.ALIASING
+    kept = []
+
+    def new_array_each_call_but_scribbles_on_the_last(logits, targets, **options):
+        if kept:
+            kept[-1][...] = 0.0  # the harness must have copied it already
+        kept.append(numpy_stable(logits, targets, **options))
+        return kept[-1]
+
+    assert verify(new_array_each_call_but_scribbles_on_the_last, seed=0, max_examples=30).passed
+
+
+def test_a_result_that_is_a_view_of_an_input_is_aliasing():
+    failure = _kind(lambda z, t, **o: z[...])
+    assert failure.kind is FailureKind.ALIASING and failure.message == (
+        "grad_fn returned a view of its logits argument; return a new array")
+
+
+def test_a_list_result_is_taken_only_when_every_value_is_exact_in_the_dtype():
+    """Issue 15, item 14: a list skipped the dtype check (float64 values were rounded to float32 silently)."""
+    def float64_list(logits, targets, **options):
+        return numpy_stable(logits.astype(np.float64), targets).tolist()
+
+    failure = _kind(float64_list, dtype="float32")
+    assert failure.kind is FailureKind.DTYPE
+    assert failure.message.startswith("grad_fn returned a list whose value ") and failure.message.endswith(
+        "is not exact in float32; return an array of dtype float32")
+    exact = verify(lambda z, t, **o: numpy_stable(z, t, **o).tolist(), dtype="float32", seed=0, max_examples=20)
+    assert exact.passed
+
+
+def test_none_is_reported_as_none():
+    """Issue 15, item 14: a grad_fn without a return statement was reported as "shape ()"."""
+    failure = _kind(lambda z, t, **o: None)
+    assert failure.kind is FailureKind.TYPE and failure.message.startswith("grad_fn returned None")
+
+
+def _hangs_on_more_than_two_rows(logits, targets, **options):
+    if logits.shape[0] > 2:
+        while True:  # pure Python: only a signal stops it
+            pass
+    return numpy_stable(logits, targets, **options)
+
+
+def test_timeout_fails_the_call_that_hangs_and_names_its_case():
+    """Issue 15, item 15: verify had no per-call timeout; a hanging grad_fn hung verify."""
+    before, threads = signal.getsignal(signal.SIGALRM), threading.active_count()
+    start = time.monotonic()
+    result = verify(_hangs_on_more_than_two_rows, seed=0, max_examples=50, timeout=0.2)
+    assert time.monotonic() - start < 10  # one hung call, not shrunk
+    f = result.failure
+    assert not result.passed and f.kind is FailureKind.TIMEOUT
+    assert f.message == "grad_fn did not return within the timeout of 0.2 s" and f.case.logits.shape[0] > 2
+    assert "timeout=0.2" in result.reproduction and "minimal failing input" in str(result)
+    assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert threading.active_count() == threads  # nothing left behind
+    assert verify(numpy_stable, seed=0, max_examples=20, timeout=5).passed
+
+
+def test_timeout_is_checked_by_its_rule_and_refused_off_the_main_thread():
+    for bad in (0, -1, float("nan"), "1", True):
+        with pytest.raises(InvalidArgument, match="^timeout must be a number > 0"):
+            verify(numpy_stable, timeout=bad)
+    errors = []
+
+    def in_a_thread():
+        try:
+            verify(numpy_stable, timeout=1.0, max_examples=2)
+        except InvalidArgument as exc:
+            errors.append(str(exc))
+
+    worker = threading.Thread(target=in_a_thread, name="side")
+    worker.start()
+    worker.join()
+    assert errors and errors[0].startswith("timeout works on the main thread only")

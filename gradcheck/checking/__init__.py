@@ -6,7 +6,8 @@ One idea per module, imports pointing down the list:
 * :mod:`~gradcheck.checking.arguments`: verify's argument checks;
 * :mod:`~gradcheck.checking.search`: the Hypothesis search for a failing case;
 * :mod:`~gradcheck.checking.shrink`: simplifying a failing case's values;
-* :mod:`~gradcheck.checking.judge`: checking one case (call, shape, dtype, mutation, repeat, values);
+* :mod:`~gradcheck.checking.judge`: checking one case (call, shape, dtype, mutation, aliasing, repeat, values);
+* :mod:`~gradcheck.checking.deadline`: the per-call ``timeout`` (SIGALRM on the main thread);
 * :mod:`~gradcheck.checking.messages`: the failure message and the arrays in it;
 * :mod:`~gradcheck.checking.result`: ``Failure``, ``Verification`` and ``FailureKind``.
 

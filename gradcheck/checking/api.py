@@ -13,6 +13,7 @@ import secrets
 import time
 from typing import Any, Callable
 
+from gradcheck.checking.deadline import require_deadline
 from gradcheck.checking.judge import finalize
 from gradcheck.checking.messages import _name, describe
 from gradcheck.checking.result import Verification
@@ -44,25 +45,36 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
         max_shape: the largest ``(N, K)`` generated (default ``(64, 4096)``; "many_classes" reaches
             K = 32831 when ``max_shape`` allows it).
         regimes: the logits regimes drawn from (see :mod:`gradcheck.strategies`).
+        timeout: seconds each ``grad_fn`` call may take (None, the default: no limit). A call that
+            runs longer is interrupted and the verification fails with kind "timeout" on that case
+            (unshrunk). It works by SIGALRM, so only on POSIX and on the main thread (elsewhere it is
+            refused with InvalidArgument), and C code that does not return to Python (a long numpy
+            or GPU call) is interrupted only when it does; see :mod:`gradcheck.checking.deadline`.
+
+    A ``grad_fn`` that calls ``sys.exit()`` fails (kind "exception"); ``KeyboardInterrupt`` propagates.
+    Each result is copied before the next call, and a result that shares memory with an argument or
+    with the previous call's result fails (kind "aliasing") even when its values are right.
 
     Returns:
         A :class:`Verification`; it never raises because the gradient is wrong.
 
     Raises:
-        InvalidArgument: a bad argument (named in the message).
+        InvalidArgument: a bad argument (named in the message), or a ``timeout`` that cannot be
+            enforced here.
     """
     if not callable(grad_fn):
         raise InvalidArgument(f"grad_fn must be callable, got {type(grad_fn).__name__}.")
     o = VERIFY.validate(options, where="verify()")
+    require_deadline(o["timeout"])
     arguments = {k: v for k, v in VERIFY.non_defaults(o).items() if k != "seed"}  # the seed is printed apart
     seed = secrets.randbits(32) if o["seed"] is None else o["seed"]
     strategy = cases(**GENERATE.non_defaults(o))
     max_examples = o["max_examples"]
     start = time.perf_counter()
     stats = {"examples": 0, "ulps": 0.0, "ratio": 0.0, "failed": False}
-    failure = _search(grad_fn, strategy, seed, max_examples, stats)
+    failure = _search(grad_fn, strategy, seed, max_examples, stats, timeout=o["timeout"])
     if failure is not None:
-        failure = finalize(simplify(grad_fn, failure))
+        failure = finalize(simplify(grad_fn, failure, timeout=o["timeout"]))
     return Verification(
         passed=failure is None, examples=stats["examples"], worst_ulps=stats["ulps"], worst_ratio=stats["ratio"],
         seed=seed, dtype=o["dtype"], function=_name(grad_fn), arguments=arguments, failure=failure,

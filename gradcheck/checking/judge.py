@@ -1,8 +1,10 @@
 """Judging one case: call ``grad_fn`` on private copies and compare its result with the truth.
 
-The result must have the logits' shape and dtype, leave the inputs untouched, repeat bit for bit, be
-finite where the truth is, and lie within the per-element tolerance of :mod:`gradcheck.tolerance`
-(docs/tolerance.md) of the truth. A value is reported wrong only when that is certain: the float64
+The call must return (within ``timeout``, when set) without raising, ``SystemExit`` included. The
+result must have the logits' shape and dtype (a list or tuple: values exact in the dtype), be a new
+buffer on each call (not a view of an input or of the previous result), leave the inputs untouched,
+repeat bit for bit, be finite where the truth is, and lie within the per-element tolerance of
+:mod:`gradcheck.tolerance` (docs/tolerance.md) of the truth. A value is reported wrong only when that is certain: the float64
 oracle's rigorous error bound is added to the tolerance, and elements within that band get the
 benefit of the doubt (docs/tolerance.md, "Deciding a failure").
 """
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from gradcheck.adapters import to_numpy
+from gradcheck.checking.deadline import Hung, call_with_deadline
 from gradcheck.checking.result import Failure, FailureKind
 from gradcheck.ulps import ulp_distance
 from gradcheck.dtypes import bit_pattern, float_format, is_supported_float, round_to_format
@@ -26,14 +29,27 @@ if TYPE_CHECKING:
     from gradcheck.problem import Case
 
 
-def check(grad_fn: Callable[..., Any], case: Case) -> Failure | tuple[float, float]:
-    """Check one case: a :class:`Failure`, or (worst ULPs, worst error / tolerance)."""
-    first = _call(grad_fn, case)
+def check(grad_fn: Callable[..., Any], case: Case, *, timeout: float | None = None) -> Failure | tuple[float, float]:
+    """Check one case: a :class:`Failure`, or (worst ULPs, worst error / tolerance).
+
+    Each result is copied before ``grad_fn`` is called again, so a reused output buffer cannot hide
+    the first result; a buffer returned twice is itself a failure (``aliasing``). ``timeout``: seconds
+    per call (None: no limit; see :mod:`gradcheck.checking.deadline`).
+    """
+    first = _call(grad_fn, case, timeout)
     if isinstance(first, Failure):
         return first
-    second = _call(grad_fn, case)
+    first_buffer, first = first
+    second = _call(grad_fn, case, timeout)
     if isinstance(second, Failure):
         return second
+    second_buffer, second = second
+    if np.may_share_memory(first_buffer, second_buffer):
+        return Failure(
+            FailureKind.ALIASING, "grad_fn returned the same buffer on two calls (the second call overwrote the "
+            "first result); return a new array from each call", case,
+        )
+    del first_buffer, second_buffer
     fmt = float_format(case.logits.dtype)
     a_bits, b_bits = first.view(fmt.int_dtype), second.view(fmt.int_dtype)
     if not np.array_equal(a_bits, b_bits):
@@ -98,14 +114,22 @@ def finalize(failure: Failure) -> Failure:
     )
 
 
-def _call(grad_fn: Callable[..., Any], case: Case) -> Failure | np.ndarray:
-    """Call grad_fn on private copies; check it raised nothing, mutated nothing, and the shape and dtype."""
+def _call(grad_fn: Callable[..., Any], case: Case, timeout: float | None = None) -> Failure | tuple[np.ndarray, np.ndarray]:
+    """Call grad_fn on private copies; check it raised nothing, mutated nothing, and the shape and dtype.
+
+    Returns its result as numpy (which may be the ``grad_fn``'s own buffer) and a private copy of it.
+    """
     logits, targets = case.logits.copy(), case.targets.copy()
     options = case.options()
     weight = options.get("weight")
     weight_before = None if weight is None else weight.copy()
     try:
-        result = grad_fn(logits, targets, **options)
+        result = call_with_deadline(grad_fn, timeout, logits, targets, **options)
+    except Hung:
+        return Failure(FailureKind.TIMEOUT, f"grad_fn did not return within the timeout of {timeout:g} s", case)
+    except SystemExit as exc:  # sys.exit() or exit() in grad_fn: a failure, never a pass or a silent exit
+        return Failure(FailureKind.EXCEPTION, f"grad_fn raised SystemExit({exc.code!r}): it called sys.exit() or "
+                       "exit()", case)
     except Exception as exc:  # noqa: BLE001 - any exception is the finding
         return Failure(FailureKind.EXCEPTION, f"grad_fn raised {type(exc).__name__}: {exc}", case)
     for name, now, before in (("logits", logits, case.logits), ("targets", targets, case.targets),
@@ -116,6 +140,8 @@ def _call(grad_fn: Callable[..., Any], case: Case) -> Failure | np.ndarray:
                 FailureKind.MUTATION, f"grad_fn modified its {name} argument in place: {name}{list(where)} was "
                 f"{before[where]!r}, became {now[where]!r}", case, where,
             )
+    if result is None:
+        return Failure(FailureKind.TYPE, "grad_fn returned None, not the gradient array (a missing return?)", case)
     try:
         got = to_numpy(result)
     except Exception as exc:  # noqa: BLE001
@@ -126,13 +152,36 @@ def _call(grad_fn: Callable[..., Any], case: Case) -> Failure | np.ndarray:
             FailureKind.SHAPE, f"grad_fn returned shape {got.shape} for logits of shape {case.logits.shape}", case,
         )
     if got.dtype != fmt.dtype:
-        if not hasattr(result, "dtype"):  # a list or tuple: values must be exact in the dtype
-            got = got.astype(fmt.dtype)
-        else:
+        if hasattr(result, "dtype"):
             return Failure(
                 FailureKind.DTYPE, f"grad_fn returned dtype {got.dtype} for logits of dtype {fmt.name}", case,
             )
-    return np.ascontiguousarray(got)
+        # a list or tuple has no dtype: taken as the dtype only when every value is exact in it
+        inexact = _inexact(got, fmt.dtype)
+        if inexact is not None:
+            return Failure(
+                FailureKind.DTYPE, f"grad_fn returned a {type(result).__name__} whose value {float(got[inexact])!r} at "
+                f"{inexact} is not exact in {fmt.name}; return an array of dtype {fmt.name}", case, inexact,
+            )
+        got = got.astype(fmt.dtype)
+    for name, array in (("logits", logits), ("targets", targets), ("weight", weight)):
+        if array is not None and np.may_share_memory(got, array):
+            return Failure(
+                FailureKind.ALIASING, f"grad_fn returned a view of its {name} argument; return a new array", case,
+            )
+    return got, np.array(got, order="C", copy=True)
+
+
+def _inexact(values: np.ndarray, dtype: np.dtype) -> tuple[int, ...] | None:
+    """The first element of a list's values that the dtype does not hold exactly (None: all exact)."""
+    if values.dtype.kind not in "iuf":
+        return tuple(0 for _ in values.shape)  # not real numbers (bool, complex, str): not a gradient
+    with np.errstate(all="ignore"):
+        back = values.astype(dtype).astype(values.dtype)
+    same = (back == values) | (np.isnan(back) & np.isnan(values)) if values.dtype.kind == "f" else back == values
+    if same.all():
+        return None
+    return tuple(int(i) for i in np.argwhere(~same)[0])
 
 
 def _bits(x: np.ndarray) -> np.ndarray:

@@ -16,21 +16,28 @@ class FailureKind(StrEnum):
     The values are plain strings: ``kind == "mismatch"`` holds, and JSON and messages show the value.
 
     Attributes:
-        EXCEPTION: ``grad_fn`` raised.
+        EXCEPTION: ``grad_fn`` raised (``SystemExit`` too: ``sys.exit()`` in a ``grad_fn`` is a failure, never
+            a pass; ``KeyboardInterrupt`` propagates).
+        TIMEOUT: a call did not return within ``timeout`` seconds (the case is the one that hung, not shrunk).
         MUTATION: it modified an argument (logits, targets or weight) in place.
         TYPE: its result is not an array.
         SHAPE: the result does not have the logits' shape.
-        DTYPE: the result does not have the logits' dtype.
+        DTYPE: the result does not have the logits' dtype (a list or tuple: a value not exact in it).
+        ALIASING: the result shares memory with an argument, or with the result of the previous call (a
+            reused output buffer): a failure even when the values are right, since the next call
+            overwrites a gradient the caller still holds.
         NONDETERMINISM: two calls on the same input returned different bits (or a failure did not replay).
         NONFINITE: a value is not finite where the truth is.
         MISMATCH: a value is farther from the truth than its tolerance, for certain.
     """
 
     EXCEPTION = "exception"
+    TIMEOUT = "timeout"
     MUTATION = "mutation"
     TYPE = "type"
     SHAPE = "shape"
     DTYPE = "dtype"
+    ALIASING = "aliasing"
     NONDETERMINISM = "nondeterminism"
     NONFINITE = "nonfinite"
     MISMATCH = "mismatch"

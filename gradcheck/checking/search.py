@@ -1,7 +1,8 @@
 """The Hypothesis search: run ``grad_fn`` on generated cases and let Hypothesis shrink the first failure.
 
 Hypothesis shrinks the regime, the shape and the seed of a case; :mod:`gradcheck.checking.shrink`
-then simplifies its values. Hypothesis is imported when a search runs.
+then simplifies its values. A call that hung (``timeout``) ends the search at once, unshrunk: each
+shrinking step could cost the whole timeout again. Hypothesis is imported when a search runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ class _Failed(Exception):
         self.failure = failure
 
 
-def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples: int, stats: dict) -> Failure | None:
+class _Stop(BaseException):
+    """Raised inside the Hypothesis test to end the search without shrinking (Hypothesis lets it through)."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.kind, failure.message)
+        self.failure = failure
+
+
+def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples: int, stats: dict, *,
+            timeout: float | None = None) -> Failure | None:
     """Run Hypothesis; return the shrunk failure or None.
 
     ``stats`` counts the examples up to and including the first failure and keeps the worst ULPs and
@@ -36,7 +46,7 @@ def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples:
     seen: list[Failure] = []
 
     def test(case: Case) -> None:
-        outcome = check(grad_fn, case)
+        outcome = check(grad_fn, case, timeout=timeout)
         if not stats["failed"]:
             stats["examples"] += 1
             if isinstance(outcome, Failure):
@@ -46,6 +56,8 @@ def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples:
                 stats["ratio"] = max(stats["ratio"], outcome[1])
         if isinstance(outcome, Failure):
             seen.append(outcome)
+            if outcome.kind == FailureKind.TIMEOUT:
+                raise _Stop(outcome)
             raise _Failed(outcome)
 
     run = hypothesis_seed(seed)(settings(
@@ -55,7 +67,7 @@ def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples:
     )(given(strategy)(test)))
     try:
         run()
-    except _Failed as exc:
+    except (_Failed, _Stop) as exc:
         return exc.failure
     except Flaky:  # failed once, passed when Hypothesis replayed the same input
         case = seen[0].case if seen else None

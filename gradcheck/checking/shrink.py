@@ -12,7 +12,7 @@ import numpy as np
 
 from gradcheck.checking.judge import check, same_bits
 from gradcheck.checking.messages import PRINT_LIMIT
-from gradcheck.checking.result import Failure
+from gradcheck.checking.result import Failure, FailureKind
 from gradcheck.dtypes import float_format, is_supported_float, round_to_format
 from gradcheck.errors import InvalidArgument
 
@@ -23,8 +23,14 @@ SIMPLIFY_BUDGET = 400  # grad_fn checks spent on simplifying a failing case's va
 MIN_SHRUNK_RATIO = 2.0  # a simplified mismatch keeps at least min(its ratio, this) x the tolerance
 
 
-def simplify(grad_fn: Callable[..., Any], failure: Failure) -> Failure:
-    """Drop rows and classes and round values while the case fails the same way (a bounded budget)."""
+def simplify(grad_fn: Callable[..., Any], failure: Failure, *, timeout: float | None = None) -> Failure:
+    """Drop rows and classes and round values while the case fails the same way (a bounded budget).
+
+    A call that hung is not simplified (each attempt could cost ``timeout`` seconds); ``timeout``
+    limits each attempt's calls as in the search.
+    """
+    if failure.kind == FailureKind.TIMEOUT:
+        return failure
     budget = [SIMPLIFY_BUDGET]
     # a simpler mismatch must stay clearly wrong, not creep to the tolerance's edge
     keep_ratio = min(failure.ratio or 0.0, MIN_SHRUNK_RATIO)
@@ -33,7 +39,7 @@ def simplify(grad_fn: Callable[..., Any], failure: Failure) -> Failure:
         if budget[0] <= 0:
             return None
         budget[0] -= 1
-        outcome = check(grad_fn, candidate)
+        outcome = check(grad_fn, candidate, timeout=timeout)
         if isinstance(outcome, Failure) and outcome.kind == failure.kind and (outcome.ratio or 0.0) >= keep_ratio:
             return outcome
         return None

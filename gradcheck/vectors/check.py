@@ -43,7 +43,8 @@ class VectorCheck:
 
     @property
     def passed(self) -> bool:
-        return all(o.classified and o.implementation_ok is not False for o in self.outcomes)
+        """True when at least one test ran and every test is right (zero tests checked is not a pass)."""
+        return bool(self.outcomes) and all(o.classified and o.implementation_ok is not False for o in self.outcomes)
 
     @property
     def implementation_failures(self) -> tuple[VectorOutcome, ...]:
@@ -74,15 +75,20 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
         suite: e.g. from :func:`gradcheck.vectors.file.load_vectors`.
         dtypes, targets: run only the groups of these dtypes / target kinds (all when None).
         progress: called with 1 after each test.
+
+    Raises:
+        InvalidArgument: the suite has no tests, or none of an asked dtype, target kind or pair of
+            them: nothing would be checked, and that is not a pass.
     """
     from gradcheck.checking.judge import check
     from gradcheck.checking.messages import _name
     from gradcheck.checking.result import Failure
 
+    _require_coverage(suite, dtypes, targets)
     outcomes = []
     seen: dict[tuple, Any] = {}
     for gi, group in enumerate(suite.groups):
-        if (dtypes and group.dtype not in dtypes) or (targets and group.targets not in targets):
+        if not _selected(group, dtypes, targets):
             continue
         bugs_here = [t for t in group.tests if t.result == "invalid"]
         for test in group.tests:
@@ -107,13 +113,32 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
     return VectorCheck(_name(grad_fn), tuple(outcomes))
 
 
+def _selected(group: Any, dtypes: tuple[str, ...] | None, targets: tuple[str, ...] | None) -> bool:
+    return (not dtypes or group.dtype in dtypes) and (not targets or group.targets in targets)
+
+
+def _require_coverage(suite: VectorSuite, dtypes: tuple[str, ...] | None, targets: tuple[str, ...] | None) -> None:
+    """Refuse a check that would run no test for some asked dtype and target kind."""
+    from gradcheck.errors import InvalidArgument
+
+    if suite.number_of_tests == 0:
+        raise InvalidArgument("the vectors file has no tests: nothing would be checked, which is not a pass.")
+    held = sorted({(g.dtype, g.targets) for g in suite.groups if g.tests})
+    for d in dtypes or (None,):
+        for t in targets or (None,):
+            if not any((d is None or d == hd) and (t is None or t == ht) for hd, ht in held):
+                asked = " and ".join(x for x in (d and f"dtype {d}", t and f"targets {t}") if x)
+                raise InvalidArgument(f"the vectors file has no test of {asked}: it holds "
+                                      f"{', '.join(f'{hd}/{ht}' for hd, ht in held)}; nothing would be checked.")
+
+
 def _resembles(grad_fn: Callable[..., Any], case: Any, valid: Vector, bugs: list[Vector]) -> tuple[str, ...]:
     """The modeled bugs whose gradient the implementation's output is closer to than to the truth."""
     from gradcheck.adapters import to_numpy
 
     try:
         got = to_numpy(grad_fn(case.logits.copy(), case.targets.copy(), **case.options())).astype(np.float64)
-    except Exception:  # noqa: BLE001 - the failure was already reported
+    except (Exception, SystemExit):  # noqa: BLE001 - the failure was already reported
         return ()
     if got.shape != valid.grad.shape:
         return ()
