@@ -227,6 +227,19 @@ def dtype_name(name: str, value: Any) -> str:
     return float_format(value).name
 
 
+def precision_name(name: str, value: Any) -> str | None:
+    """A precision contract (docs/tolerance.md, "Precision contracts"); checked against the dtype by verify."""
+    if value is None:
+        return None
+    known = ("exact", "float64", "float32", "float16", "bfloat16")
+    if isinstance(value, str) and value in known:
+        return value
+    try:
+        return dtype_name(name, value)  # a numpy dtype or ml_dtypes type names its format
+    except InvalidArgument:
+        raise InvalidArgument(f"{name} must be one of {known} or None, got {value!r}.") from None
+
+
 def shape_pair(name: str, value: Any) -> tuple[int, int]:
     try:
         n, k = (int(v) for v in value)
@@ -276,6 +289,10 @@ CASE = OptionTable("case options", (WEIGHT, IGNORE_INDEX, REDUCTION, LABEL_SMOOT
 VERIFY = OptionTable("check options", (
     Option("dtype", "float64", dtype_name, "the dtype of the arrays given to grad_fn",
            parse=str, metavar="DTYPE", choices=("float64", "float32", "float16", "bfloat16")),
+    Option("precision", None, precision_name,
+           "the contract checked: the narrowest working precision a correct implementation may use "
+           "before rounding once to the dtype ('exact', 'float64', 'float32' or the dtype itself; "
+           "default float32 for float16/bfloat16, the dtype otherwise)", parse=str, metavar="P"),
     Option("targets", "index", choice(TARGET_KINDS), "'index' (class indices) or 'probs' (probabilities)",
            parse=str, metavar="KIND", choices=TARGET_KINDS),
     REDUCTION,
@@ -295,4 +312,5 @@ VERIFY = OptionTable("check options", (
 ))
 
 # What a Hypothesis strategy draws (gradcheck.strategies.cases): the check options without the search's own.
-GENERATE = VERIFY.subset("generation options", (n for n in VERIFY if n not in ("max_examples", "seed")))
+SEARCH = ("precision", "max_examples", "seed", "timeout")  # how verify judges and runs, not what it draws
+GENERATE = VERIFY.subset("generation options", (n for n in VERIFY if n not in SEARCH))

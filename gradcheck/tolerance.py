@@ -143,6 +143,23 @@ def grad_tolerance(problem: Problem, parts: RowParts | None = None, grad: np.nda
     return bound + 0.5 * fmt.ulp(g + bound + band)
 
 
+def tolerances(problem: Problem, parts: RowParts, grad: np.ndarray, band: np.ndarray | float,
+               precisions: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """:func:`grad_tolerance` under several contracts at once, each implementation's bound computed once."""
+    fmt = problem.format
+    bounds: dict[Implementation, np.ndarray] = {}
+    g = np.abs(grad)
+    out = {}
+    for precision in precisions:
+        bound = np.zeros(problem.logits.shape)
+        for working in implementations(fmt, problem.k, precision):
+            if working not in bounds:
+                bounds[working] = element_bound(problem, parts, working)
+            bound = np.maximum(bound, bounds[working])
+        out[precision] = bound + 0.5 * fmt.ulp(g + bound + band)
+    return out
+
+
 def element_bound(problem: Problem, parts: RowParts, working: Implementation) -> np.ndarray:
     """Forward error bound of one implementation class, per element (docs/tolerance.md, "Derivation").
 

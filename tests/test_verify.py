@@ -16,6 +16,9 @@ import pytest
 import gradcheck
 from gradcheck import GradientMismatch, InvalidArgument, assert_gradient, verify
 from gradcheck.checking.result import FailureKind
+import gradcheck.tolerance
+import zoo
+from gradcheck.dtypes import float_format
 from gradcheck.tolerance import grad_tolerance
 from zoo import numpy_stable, sign_flipped
 
@@ -341,3 +344,56 @@ def test_timeout_is_checked_by_its_rule_and_refused_off_the_main_thread():
     worker.start()
     worker.join()
     assert errors and errors[0].startswith("timeout works on the main thread only")
+
+
+# ---- precision contracts and grades (issue 11) -----------------------------------------------------
+
+def _truth(logits, targets, **options):
+    """The certified truth, correctly rounded: the one function that keeps the "exact" contract."""
+    if options.get("weight") is not None:
+        options["weight"] = np.asarray(options["weight"]).astype(np.float64)
+    return gradcheck.exact_grad(logits, targets, **options)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_the_correctly_rounded_truth_gets_grade_exact(dtype):
+    result = verify(_truth, dtype=dtype, precision="exact", max_examples=25, seed=4, max_shape=(8, 32))
+    assert result.passed and result.grade == "exact", str(result)
+    assert list(result.contract_ratios) == list(gradcheck.tolerance.contracts(float_format(dtype)))
+    assert "grade exact" in str(result) and "(exact contract" in str(result)
+
+
+def test_the_default_contract_of_half_dtypes_is_float32_and_in_dtype_code_grades_as_the_dtype():
+    from zoo import numpy_stable
+
+    result = verify(numpy_stable, dtype="bfloat16", max_examples=50, seed=3)
+    assert result.precision == "float32" and not result.passed
+    assert result.grade == "bfloat16"
+    message = str(result)
+    assert "contract precision='float32': a correct implementation computes in float32 (or wider)" in message
+    assert "it reached grade 'bfloat16'" in message and "check it with precision='bfloat16'" in message
+    asked = verify(numpy_stable, dtype="bfloat16", precision="bfloat16", max_examples=50, seed=3)
+    assert asked.passed and asked.grade == "bfloat16"
+    assert verify(numpy_stable, dtype="float32", max_examples=20, seed=3).precision == "float32"
+
+
+def test_a_failed_verification_counts_the_failing_example():
+    # it reported worst_ratio 0.0 and worst_ulps 0.0: the failing example was left out of the statistics
+    result = verify(zoo.sign_flipped, dtype="float32", seed=3, max_examples=20)
+    assert not result.passed and result.worst_ratio > 1 and result.worst_ulps > 0
+
+
+@pytest.mark.parametrize("dtype,precision", [("float32", "bfloat16"), ("float64", "float32"), ("float16", "bfloat16")])
+def test_a_precision_narrower_than_the_dtype_is_refused(dtype, precision):
+    with pytest.raises(InvalidArgument, match=rf"precision must be one of .* for dtype='{dtype}', got '{precision}'"):
+        verify(_truth, dtype=dtype, precision=precision)
+
+
+def test_an_unknown_precision_is_refused():
+    with pytest.raises(InvalidArgument, match=r"precision must be one of \('exact', 'float64'"):
+        verify(_truth, precision="float8")
+
+
+def test_a_failure_before_the_values_grades_nothing():
+    result = verify(zoo.squeezes_rows, dtype="float32", seed=0, max_examples=10)
+    assert not result.passed and result.grade is None and "grade none" in str(result)

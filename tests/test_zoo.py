@@ -7,6 +7,10 @@ import pytest
 from gradcheck import verify
 from gradcheck.checking.result import FailureKind
 from zoo import ZOO_BUGGY, ZOO_CORRECT, runs
+from zoo_precision import PRECISION_BUGGY, PRECISION_CORRECT
+
+BUGGY = {**ZOO_BUGGY, **PRECISION_BUGGY}
+CORRECT = {**ZOO_CORRECT, **PRECISION_CORRECT}
 
 SEED = 20240601
 
@@ -18,11 +22,11 @@ SUITE_DTYPES = {"jax_autodiff": ("float32", "bfloat16")}
 
 def _correct_runs() -> list[tuple[str, str, dict]]:
     out = []
-    for name, dtype, config in runs(ZOO_CORRECT):
+    for name, dtype, config in runs(CORRECT):
         limit = SUITE_ONLY.get(name)
         if dtype not in SUITE_DTYPES.get(name, (dtype,)):
             continue
-        if limit is None or ZOO_CORRECT[name].configs.index(config) < limit:
+        if limit is None or CORRECT[name].configs.index(config) < limit:
             out.append((name, dtype, config))
     return out
 
@@ -32,10 +36,10 @@ def _id(run: tuple[str, str, dict]) -> str:
     return f"{name}-{dtype}-" + ",".join(f"{k}={v}" for k, v in config.items())
 
 
-@pytest.mark.parametrize("run", runs(ZOO_BUGGY), ids=_id)
+@pytest.mark.parametrize("run", runs(BUGGY), ids=_id)
 def test_every_bug_is_caught(run):
     name, dtype, config = run
-    entry = ZOO_BUGGY[name]
+    entry = BUGGY[name]
     result = verify(entry.fn, dtype=dtype, seed=SEED, **config)
     assert not result.passed, f"{name} ({entry.description}) passed verify in {dtype} with {config}"
     if entry.kind is not None:
@@ -45,8 +49,12 @@ def test_every_bug_is_caught(run):
 @pytest.mark.parametrize("run", _correct_runs(), ids=_id)
 def test_every_correct_implementation_passes(run):
     name, dtype, config = run
-    result = verify(ZOO_CORRECT[name].fn, dtype=dtype, seed=SEED, **config)
+    entry = CORRECT[name]
+    # an in-dtype implementation keeps the dtype's own contract; every other the default one
+    precision = {"precision": dtype} if entry.in_dtype else {}
+    result = verify(entry.fn, dtype=dtype, seed=SEED, **precision, **config)
     assert result.passed, str(result)
+    assert result.grade is not None
     assert result.examples == 100
     assert 0.0 < result.worst_ratio <= 1.0
 

@@ -45,6 +45,8 @@ class Entry:
         dtypes: the dtypes it applies to.
         configs: ``verify`` keyword sets it applies to.
         kind: for a bug that is not about values, the failure kind ``verify`` must report.
+        in_dtype: a correct implementation that computes in the checked dtype itself: it keeps the
+            dtype's own contract, not the default float32 one of the half precisions.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Entry:
     dtypes: tuple[str, ...] = ALL
     configs: tuple[dict[str, Any], ...] = ({},)
     kind: FailureKind | None = None
+    in_dtype: bool = False
 
 
 # --- shared pieces, computed in the logits' dtype -------------------------------------------------
@@ -220,13 +223,19 @@ jax_autodiff.__name__ = jax_autodiff.__qualname__ = "jax_autodiff"
 
 ZOO_CORRECT: dict[str, Entry] = {
     e.name: e for e in (
-        Entry("numpy_stable", numpy_stable, "stable direct formula in the dtype", configs=CORRECT_CONFIGS),
-        Entry("numpy_logspace", numpy_logspace, "through log-softmax in the dtype", configs=CORRECT_CONFIGS),
-        Entry("numpy_online", numpy_online, "tiled online softmax (64-class tiles)", configs=CORRECT_CONFIGS),
+        Entry("numpy_stable", numpy_stable, "stable direct formula in the dtype", configs=CORRECT_CONFIGS,
+              in_dtype=True),
+        Entry("numpy_logspace", numpy_logspace, "through log-softmax in the dtype", configs=CORRECT_CONFIGS,
+              in_dtype=True),
+        Entry("numpy_online", numpy_online, "tiled online softmax (64-class tiles), p rounded to the dtype",
+              configs=CORRECT_CONFIGS, in_dtype=True),
         Entry("oracle", oracle, "gradcheck.cross_entropy_grad", configs=CORRECT_CONFIGS),
-        Entry("torch_autograd", torch_autograd, "torch.autograd of F.cross_entropy", configs=CORRECT_CONFIGS),
-        Entry("torch_manual", torch_manual, "torch ops in the dtype, softmax minus targets", configs=CORRECT_CONFIGS),
-        Entry("jax_autodiff", jax_autodiff, "jax.grad of a jax.nn.log_softmax loss", configs=CORRECT_CONFIGS),
+        Entry("torch_autograd", torch_autograd, "torch.autograd of F.cross_entropy", configs=CORRECT_CONFIGS,
+              in_dtype=True),
+        Entry("torch_manual", torch_manual, "torch ops in the dtype, softmax minus targets", configs=CORRECT_CONFIGS,
+              in_dtype=True),
+        Entry("jax_autodiff", jax_autodiff, "jax.grad of a jax.nn.log_softmax loss", configs=CORRECT_CONFIGS,
+              in_dtype=True),
     )
 }
 

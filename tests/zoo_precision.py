@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from zoo import _divisor, _online_softmax, _targets, numpy_logspace, numpy_stable
+from zoo import CORRECT_CONFIGS, HALF, Entry, _divisor, _online_softmax, _targets, numpy_logspace, numpy_stable
 
 F32 = np.float32
 
@@ -111,3 +111,10 @@ def half_row_sum(logits, targets, **options):
 
 BUGS = {f.__name__: f for f in (store_then_subtract, probs_rounded_to_half, exp_in_half, lse_in_half,
                                 half_row_sum)}
+
+
+# the zoo's entries: float32-inside kernels keep the default (float32) contract of the half dtypes
+PRECISION_CORRECT = {name: Entry(name, fn, fn.__doc__, dtypes=HALF, configs=CORRECT_CONFIGS)
+                     for name, fn in CORRECT.items()}
+PRECISION_BUGGY = {name: Entry(name, fn, fn.__doc__, dtypes=HALF, configs=CORRECT_CONFIGS[:3])
+                   for name, fn in BUGS.items()}

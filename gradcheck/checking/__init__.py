@@ -3,7 +3,6 @@
 One idea per module, imports pointing down the list:
 
 * :mod:`~gradcheck.checking.api`: ``verify`` and ``assert_gradient``, which compose the rest;
-* :mod:`~gradcheck.checking.arguments`: verify's argument checks;
 * :mod:`~gradcheck.checking.search`: the Hypothesis search for a failing case;
 * :mod:`~gradcheck.checking.shrink`: simplifying a failing case's values;
 * :mod:`~gradcheck.checking.judge`: checking one case (call, shape, dtype, mutation, aliasing, repeat, values);

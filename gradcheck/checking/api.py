@@ -20,7 +20,9 @@ from gradcheck.checking.result import Verification
 from gradcheck.checking.search import _search
 from gradcheck.checking.shrink import simplify
 from gradcheck.errors import GradientMismatch, InvalidArgument
+from gradcheck.dtypes import float_format
 from gradcheck.options import GENERATE, VERIFY
+from gradcheck.tolerance import contracts, default_contract
 from gradcheck.strategies import cases
 
 
@@ -45,6 +47,12 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
         max_shape: the largest ``(N, K)`` generated (default ``(64, 4096)``; "many_classes" reaches
             K = 32831 when ``max_shape`` allows it).
         regimes: the logits regimes drawn from (see :mod:`gradcheck.strategies`).
+        precision: the contract checked, the narrowest working precision a correct implementation
+            may use before rounding its result once to the dtype: "exact" (the correctly rounded
+            truth), "float64", "float32", or the dtype itself (may compute in it). Default "float32"
+            for float16 and bfloat16, the dtype itself otherwise; narrower than the dtype is refused.
+            Whatever is asked, the result's ``grade`` says the tightest contract met on every
+            example (docs/tolerance.md, "Precision contracts").
         timeout: seconds each ``grad_fn`` call may take (None, the default: no limit). A call that
             runs longer is interrupted and the verification fails with kind "timeout" on that case
             (unshrunk). It works by SIGALRM, so only on POSIX and on the main thread (elsewhere it is
@@ -66,19 +74,29 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
         raise InvalidArgument(f"grad_fn must be callable, got {type(grad_fn).__name__}.")
     o = VERIFY.validate(options, where="verify()")
     require_deadline(o["timeout"])
+    fmt = float_format(o["dtype"])
+    precision = default_contract(fmt) if o["precision"] is None else o["precision"]
+    if precision not in contracts(fmt):
+        raise InvalidArgument(
+            f"precision must be one of {contracts(fmt)} for dtype={fmt.name!r}, got {precision!r}: a {fmt.name} "
+            f"result cannot have been computed in the narrower {precision}.")
     arguments = {k: v for k, v in VERIFY.non_defaults(o).items() if k != "seed"}  # the seed is printed apart
     seed = secrets.randbits(32) if o["seed"] is None else o["seed"]
     strategy = cases(**GENERATE.non_defaults(o))
     max_examples = o["max_examples"]
     start = time.perf_counter()
     stats = {"examples": 0, "ulps": 0.0, "ratio": 0.0, "failed": False}
-    failure = _search(grad_fn, strategy, seed, max_examples, stats, timeout=o["timeout"])
+    failure = _search(grad_fn, strategy, seed, max_examples, stats, timeout=o["timeout"], precision=precision)
     if failure is not None:
-        failure = finalize(simplify(grad_fn, failure, timeout=o["timeout"]))
+        failure = finalize(simplify(grad_fn, failure, timeout=o["timeout"], precision=precision))
+    met = stats.get("met", {})
+    graded = not stats.get("ungraded") and stats["examples"] > 0
+    grade = next((c for c in contracts(fmt) if met.get(c)), None) if graded else None
+    ratios = {c: stats["ratios"][c] for c in contracts(fmt) if c in stats.get("ratios", {})}
     return Verification(
         passed=failure is None, examples=stats["examples"], worst_ulps=stats["ulps"], worst_ratio=stats["ratio"],
         seed=seed, dtype=o["dtype"], function=_name(grad_fn), arguments=arguments, failure=failure,
-        elapsed=time.perf_counter() - start,
+        elapsed=time.perf_counter() - start, precision=precision, grade=grade, contract_ratios=ratios,
     )
 
 

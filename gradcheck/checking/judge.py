@@ -23,13 +23,14 @@ from gradcheck.dtypes import bit_pattern, float_format, is_supported_float, roun
 from gradcheck.exact import certified_grad
 from gradcheck.oracle import row_parts
 from gradcheck.reference import reference_grad
-from gradcheck.tolerance import grad_tolerance
+from gradcheck.tolerance import contracts, tolerances
 
 if TYPE_CHECKING:
     from gradcheck.problem import Case
 
 
-def check(grad_fn: Callable[..., Any], case: Case, *, timeout: float | None = None) -> Failure | tuple[float, float]:
+def check(grad_fn: Callable[..., Any], case: Case, *, timeout: float | None = None, precision: str | None = None,
+          grades: dict[str, tuple[float, bool]] | None = None) -> Failure | tuple[float, float]:
     """Check one case: a :class:`Failure`, or (worst ULPs, worst error / tolerance).
 
     Each result is copied before ``grad_fn`` is called again, so a reused output buffer cannot hide
@@ -59,22 +60,33 @@ def check(grad_fn: Callable[..., Any], case: Case, *, timeout: float | None = No
             f"{float(first[where])!r}, then {float(second[where])!r}", case, where,
             got=float(first[where]),
         )
-    return compare_values(first, case)
+    return compare_values(first, case, precision=precision, grades=grades)
 
 
-def compare_values(got: np.ndarray, case: Case) -> Failure | tuple[float, float]:
+def compare_values(got: np.ndarray, case: Case, *, precision: str | None = None,
+                   grades: dict[str, tuple[float, bool]] | None = None) -> Failure | tuple[float, float]:
     """Compare a result of the right shape and dtype with the truth (docs/tolerance.md).
 
     An element is wrong when ``|got - reference| > tolerance + bound``: then ``|got - truth|`` exceeds
     the tolerance for certain. The band below (at most ``bound`` wide, about 1e-3 of the tolerance)
     gets the benefit of the doubt.
+
+    Args:
+        got: the result, of the logits' shape and dtype.
+        case: the checked case.
+        precision: the contract deciding the verdict (default: the dtype's own, the widest).
+        grades: when given, filled with ``contract -> (worst ratio, met)`` for every contract of the
+            dtype (:func:`gradcheck.tolerance.contracts`), also when the verdict is a mismatch.
+
+    Returns:
+        A :class:`Failure`, or (worst ULPs, worst ratio to the asked contract's tolerance).
     """
     problem = case.problem
     fmt = problem.format
+    asked = fmt.name if precision is None else precision
     parts = row_parts(problem.logits)
     ref, bound = reference_grad(problem, parts)
     g64 = ref.astype(np.float64)
-    tol = grad_tolerance(problem, parts, g64)
     bad = ~np.isfinite(got.astype(np.float64))
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -82,9 +94,15 @@ def compare_values(got: np.ndarray, case: Case) -> Failure | tuple[float, float]
             FailureKind.NONFINITE, f"grad_fn returned {float(got[where])!r} at {where} where the truth is finite "
             f"({g64[where]!r})", case, where, expected=float(g64[where]), got=float(got[where]),
         )
-    with np.errstate(invalid="ignore", over="ignore"):
+    wanted = contracts(fmt) if grades is not None else (asked,)
+    tols = tolerances(problem, parts, g64, bound, wanted)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # "exact" of a zero truth: tolerance 0
         err = np.abs(got.astype(ref.dtype) - ref).astype(np.float64)
-        ratio = np.where(err == 0, 0.0, err / tol)
+        ratios = {c: np.where(err == 0, 0.0, err / t) for c, t in tols.items()}  # inf where only 0 passes
+    if grades is not None:
+        for c, t in tols.items():
+            grades[c] = (float(ratios[c].max(initial=0.0)), bool(np.all(err <= t + bound)))
+    tol, ratio = tols[asked], ratios[asked]
     ulps = ulp_distance(got, round_to_format(g64, fmt))
     wrong = err > tol + bound
     if wrong.any():

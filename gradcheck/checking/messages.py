@@ -27,9 +27,10 @@ def describe(result: Verification) -> str:
         tol_ulps = f.tolerance / float(fmt.ulp(f.expected))
         lines.append(
             f"  worst element {f.index}: expected {f.expected!r} (the truth rounded to {fmt.name}), got "
-            f"{f.got!r}; error {f.ulps:g} ULP = {f.ratio:.3g} x the tolerance {f.tolerance:.3g} "
-            f"({tol_ulps:.3g} ULP, docs/tolerance.md)"
+            f"{f.got!r}; error {f.ratio:.3g} x the tolerance {f.tolerance:.3g} (absolute error "
+            f"{abs(f.got - f.expected):.3g}, {f.ulps:g} ULP; the tolerance is {tol_ulps:.3g} ULP, docs/tolerance.md)"
         )
+        lines += contract_lines(result, fmt.name)
     lines += [
         f"  minimal failing input (regime {case.regime!r}, {fmt.name}, found after {result.examples} examples):",
         f"    logits = {format_array(case.logits)}",
@@ -40,6 +41,28 @@ def describe(result: Verification) -> str:
         f"    or call {result.function}(logits, targets, **options) with the arrays above",
     ]
     return "\n".join(lines)
+
+
+def contract_meaning(precision: str, dtype: str) -> str:
+    """What a precision contract promises, in one sentence."""
+    if precision == "exact":
+        return f"the result is the correctly rounded truth in {dtype}"
+    if precision == dtype:
+        return f"a correct implementation may compute in {dtype} itself"
+    return f"a correct implementation computes in {precision} (or wider) and rounds once to {dtype}"
+
+
+def contract_lines(result: Verification, dtype: str) -> list[str]:
+    """Which contract was asked, what it means, which grade the function reached, how to ask for it."""
+    lines = [f"  contract precision={result.precision!r}: {contract_meaning(result.precision, dtype)}."]
+    ratios = ", ".join(f"{c} {r:.3g} x" for c, r in result.contract_ratios.items())
+    if result.grade is None:
+        lines.append(f"  it met no contract on the examples run (worst error per contract: {ratios}).")
+    else:
+        lines.append(f"  it reached grade {result.grade!r}: {contract_meaning(result.grade, dtype)} "
+                     f"(worst error per contract: {ratios}). If that is what you intend, check it with "
+                     f"precision={result.grade!r}.")
+    return lines
 
 
 def format_array(x: np.ndarray) -> str:

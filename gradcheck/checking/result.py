@@ -85,6 +85,12 @@ class Verification:
         arguments: the non-default arguments of the verify call (for the reproduction).
         failure: the shrunk counterexample when it failed, else None.
         elapsed: seconds spent.
+        precision: the contract checked (docs/tolerance.md, "Precision contracts").
+        grade: the tightest contract the function met on every example run ("exact", "float64",
+            "float32" or the dtype), None when an example failed before its values were compared
+            or met none.
+        contract_ratios: per contract of the dtype, tightest first, the worst error seen as a
+            multiple of that contract's tolerance.
     """
 
     passed: bool
@@ -97,6 +103,9 @@ class Verification:
     arguments: dict[str, Any] = field(default_factory=dict)
     failure: Failure | None = None
     elapsed: float = 0.0
+    precision: str = ""
+    grade: str | None = None
+    contract_ratios: dict[str, float] = field(default_factory=dict)
 
     @property
     def reproduction(self) -> str:
@@ -109,7 +118,7 @@ class Verification:
 
         head = (
             f"verify({self.function}, {self.dtype}): {'passed' if self.passed else 'FAILED'} after "
-            f"{self.examples} examples in {self.elapsed:.2f} s; worst {self.worst_ulps:g} ULP, "
-            f"{self.worst_ratio:.3g} x tolerance; seed {self.seed}"
+            f"{self.examples} examples in {self.elapsed:.2f} s; worst {self.worst_ratio:.3g} x tolerance "
+            f"({self.precision} contract; {self.worst_ulps:g} ULP); grade {self.grade or 'none'}; seed {self.seed}"
         )
         return head if self.failure is None else f"{head}\n{describe(self)}"

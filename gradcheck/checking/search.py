@@ -16,6 +16,29 @@ if TYPE_CHECKING:
     from gradcheck.problem import Case
 
 
+def record(stats: dict, outcome: Failure | tuple[float, float], grades: dict[str, tuple[float, bool]]) -> None:
+    """Count one example: its worst ULPs and ratio (a mismatch's too), and what each contract made of it.
+
+    An example that failed before its values were compared (an exception, a wrong shape, ...) meets
+    no contract.
+    """
+    stats["examples"] += 1
+    if isinstance(outcome, Failure):
+        stats["failed"] = True
+        if outcome.kind == FailureKind.MISMATCH:
+            stats["ulps"] = max(stats["ulps"], outcome.ulps or 0.0)
+            stats["ratio"] = max(stats["ratio"], outcome.ratio or 0.0)
+    else:
+        stats["ulps"] = max(stats["ulps"], outcome[0])
+        stats["ratio"] = max(stats["ratio"], outcome[1])
+    met, ratios = stats.setdefault("met", {}), stats.setdefault("ratios", {})
+    if not grades:
+        stats["ungraded"] = True
+    for contract, (ratio, ok) in grades.items():
+        ratios[contract] = max(ratios.get(contract, 0.0), ratio)
+        met[contract] = met.get(contract, True) and ok
+
+
 class _Failed(Exception):
     """Raised inside the Hypothesis test so that it shrinks; carries the Failure."""
 
@@ -33,11 +56,13 @@ class _Stop(BaseException):
 
 
 def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples: int, stats: dict, *,
-            timeout: float | None = None) -> Failure | None:
+            timeout: float | None = None, precision: str | None = None) -> Failure | None:
     """Run Hypothesis; return the shrunk failure or None.
 
-    ``stats`` counts the examples up to and including the first failure and keeps the worst ULPs and
-    ratio among the passing ones (keys ``examples``, ``ulps``, ``ratio``, ``failed``).
+    ``stats`` counts the examples up to and including the first failure and keeps, over those, the
+    worst ULPs and ratio under the asked contract (the failing example's included) and, per contract,
+    the worst ratio and whether every example met it (keys ``examples``, ``ulps``, ``ratio``,
+    ``failed``, ``ratios``, ``met``; see :func:`record`).
     """
     from hypothesis import HealthCheck, Phase, Verbosity, given, settings
     from hypothesis import seed as hypothesis_seed
@@ -46,14 +71,10 @@ def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples:
     seen: list[Failure] = []
 
     def test(case: Case) -> None:
-        outcome = check(grad_fn, case, timeout=timeout)
+        grades: dict[str, tuple[float, bool]] = {}
+        outcome = check(grad_fn, case, timeout=timeout, precision=precision, grades=grades)
         if not stats["failed"]:
-            stats["examples"] += 1
-            if isinstance(outcome, Failure):
-                stats["failed"] = True
-            else:
-                stats["ulps"] = max(stats["ulps"], outcome[0])
-                stats["ratio"] = max(stats["ratio"], outcome[1])
+            record(stats, outcome, grades)
         if isinstance(outcome, Failure):
             seen.append(outcome)
             if outcome.kind == FailureKind.TIMEOUT:

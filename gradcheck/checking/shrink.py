@@ -23,7 +23,8 @@ SIMPLIFY_BUDGET = 400  # grad_fn checks spent on simplifying a failing case's va
 MIN_SHRUNK_RATIO = 2.0  # a simplified mismatch keeps at least min(its ratio, this) x the tolerance
 
 
-def simplify(grad_fn: Callable[..., Any], failure: Failure, *, timeout: float | None = None) -> Failure:
+def simplify(grad_fn: Callable[..., Any], failure: Failure, *, timeout: float | None = None,
+             precision: str | None = None) -> Failure:
     """Drop rows and classes and round values while the case fails the same way (a bounded budget).
 
     A call that hung is not simplified (each attempt could cost ``timeout`` seconds); ``timeout``
@@ -39,7 +40,7 @@ def simplify(grad_fn: Callable[..., Any], failure: Failure, *, timeout: float | 
         if budget[0] <= 0:
             return None
         budget[0] -= 1
-        outcome = check(grad_fn, candidate, timeout=timeout)
+        outcome = check(grad_fn, candidate, timeout=timeout, precision=precision)
         if isinstance(outcome, Failure) and outcome.kind == failure.kind and (outcome.ratio or 0.0) >= keep_ratio:
             return outcome
         return None
