@@ -146,9 +146,9 @@ def test_torch_adapters_through_verify(torch, dtype):
         assert isinstance(z, torch.Tensor) and str(z.dtype) == f"torch.{dtype}"
         return torch.softmax(z, dim=1) - torch.nn.functional.one_hot(t, z.shape[1]).to(z.dtype)
 
-    result = verify(torch_grad_fn(grad), dtype=dtype, seed=0, max_examples=25, reduction="sum")
+    result = verify(torch_grad_fn(grad), dtype=dtype, precision=dtype, seed=0, max_examples=25, reduction="sum")
     assert result.passed, str(result)
-    caught = verify(torch_grad_fn(grad), dtype=dtype, seed=0, max_examples=25)  # forgot the mean
+    caught = verify(torch_grad_fn(grad), dtype=dtype, precision=dtype, seed=0, max_examples=25)  # forgot the mean
     assert not caught.passed
 
 
