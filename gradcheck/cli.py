@@ -165,8 +165,34 @@ def _vectors(args: argparse.Namespace) -> int:
 # --- verify -------------------------------------------------------------------------------------
 
 
+# what verify runs on: imported before the user's folder is on sys.path, so that a hypothesis.py or
+# rich.py there cannot stand in for them (optional ones may be missing: verify says so where it needs them)
+DEPENDENCIES = ("numpy", "ml_dtypes", "mpmath", "hypothesis", "rich.console", "rich.progress", "jsonschema",
+                "gradcheck.options", "gradcheck.checking.api", "gradcheck.checking.messages", "gradcheck.strategies",
+                "gradcheck.vectors", "gradcheck.report.jsonio", "gradcheck.report.junit")
+
+
+def import_dependencies() -> None:
+    """Import :data:`DEPENDENCIES` with the current folder off sys.path (``python -m`` puts it first)."""
+    import importlib
+
+    cwd, saved = os.getcwd(), list(sys.path)
+    sys.path[:] = [p for p in saved if p not in ("", ".", cwd)]
+    try:
+        for name in DEPENDENCIES:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
+    finally:
+        sys.path[:] = saved
+
+
 def load_function(spec: str) -> Any:
     """Import ``MODULE:FUNC`` (FUNC may be dotted) from the current directory, like ``python -m`` would.
+
+    The current directory is first on sys.path only while MODULE is imported (call
+    :func:`import_dependencies` before, so that it shadows none of gradcheck's own imports).
 
     Raises:
         ValueError: a malformed spec, an import error or a missing attribute (the message says which).
@@ -177,12 +203,14 @@ def load_function(spec: str) -> Any:
     if not sep or not module_name or not attr:
         raise ValueError(f"expected MODULE:FUNC (e.g. mykernels.ce:grad), got {spec!r}")
     cwd = os.getcwd()
-    if sys.path[:1] != [cwd]:
-        sys.path.insert(0, cwd)
+    sys.path.insert(0, cwd)
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is a usage error
         raise ValueError(f"cannot import module {module_name!r} from {cwd}: {type(exc).__name__}: {exc}") from None
+    finally:
+        if cwd in sys.path:
+            sys.path.remove(cwd)  # the first occurrence: the one inserted above
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -200,6 +228,7 @@ def _finite(x: float | None) -> float | None:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    import_dependencies()
     try:
         fn = load_function(args.function)
     except ValueError as exc:

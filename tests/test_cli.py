@@ -155,3 +155,36 @@ def test_every_dtype_option_offers_the_formats_of_gradcheck_dtypes():
              if o.dest in ("dtype", "dtypes")}
     assert found == {(name, dest): DTYPE_NAMES for name, dest in [("selfcheck", "dtypes"), ("report", "dtypes"),
                                                                    ("verify", "dtype")]}
+
+
+# ---- issue 15: the user's folder shadows none of gradcheck's imports; exit 2 with a message, before the work
+
+
+POISON = "import pathlib\npathlib.Path(__file__).with_suffix('.ran').write_text('ran')\nraise RuntimeError('poisoned {name}')\n"
+
+
+def test_verify_does_not_import_gradchecks_dependencies_from_the_users_folder(project):
+    path, name = project
+    from gradcheck.report import write_vectors
+    from gradcheck.vectors import GROUPS, build_suite
+
+    write_vectors(path / "v.json", build_suite(0, dtypes=("float32",), groups=GROUPS[:1]))
+    for module in ("hypothesis", "rich", "numpy", "mpmath", "jsonschema", "ml_dtypes"):
+        (path / f"{module}.py").write_text(POISON.format(name=module))
+    # -P: the folder is not on sys.path at start, as with the installed `gradcheck` script
+    for python, extra in (["-P"], []), (["-P"], ["--vectors", "v.json"]), ([], ["--vectors", "v.json"]):
+        if not python:  # python -m puts the folder first before gradcheck runs: numpy and ml_dtypes load from it
+            for module in ("numpy", "ml_dtypes", "mpmath"):
+                (path / f"{module}.py").unlink()
+        run = subprocess.run([sys.executable, *python, "-m", "gradcheck", "verify", f"{name}:grad", "--max-examples",
+                              "3", "--seed", "2", *extra], cwd=path, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert sorted(p.name for p in path.glob("*.ran")) == [], (python, extra)
+        assert "poisoned" not in run.stderr
+
+
+def test_load_function_puts_the_folder_on_sys_path_only_while_importing(project):
+    path, name = project
+    before = list(sys.path)
+    assert callable(cli.load_function(f"{name}:grad"))
+    assert sys.path == before
