@@ -20,6 +20,20 @@ def _err(message: str) -> None:
     print(f"gradcheck: error: {message}", file=sys.stderr)
 
 
+def _unwritable(*paths: str | None) -> bool:
+    """Whether an output path given cannot be written (checked before the work); prints why."""
+    from gradcheck.report.jsonio import NotWritable, check_writable
+
+    try:
+        for path in paths:
+            if path is not None:
+                check_writable(path)
+    except NotWritable as exc:
+        _err(str(exc))
+        return True
+    return False
+
+
 # --- selfcheck ----------------------------------------------------------------------------------
 
 
@@ -83,6 +97,10 @@ def _size(n: int) -> str:
 def _report(args: argparse.Namespace) -> int:
     import datetime as dt
 
+    from gradcheck.report import FILES
+
+    if _unwritable(*(os.path.join(args.out, name) for name in FILES)):
+        return 2
     require("rich", extra="report")
     from rich.console import Console
 
@@ -141,6 +159,8 @@ def _vectors(args: argparse.Namespace) -> int:
     from gradcheck.report import write_vectors
     from gradcheck.vectors import build_suite, render_vectors
 
+    if not args.check and _unwritable(args.out):
+        return 2
     start = time.perf_counter()
     suite = build_suite(args.seed)
     if args.check:
@@ -228,6 +248,8 @@ def _finite(x: float | None) -> float | None:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if _unwritable(args.json, args.junit_xml):
+        return 2
     import_dependencies()
     try:
         fn = load_function(args.function)
