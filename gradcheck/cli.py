@@ -20,6 +20,20 @@ def _err(message: str) -> None:
     print(f"gradcheck: error: {message}", file=sys.stderr)
 
 
+def _unwritable(*paths: str | None) -> bool:
+    """Whether an output path given cannot be written (checked before the work); prints why."""
+    from gradcheck.report.jsonio import NotWritable, check_writable
+
+    try:
+        for path in paths:
+            if path is not None:
+                check_writable(path)
+    except NotWritable as exc:
+        _err(str(exc))
+        return True
+    return False
+
+
 # --- selfcheck ----------------------------------------------------------------------------------
 
 
@@ -83,6 +97,10 @@ def _size(n: int) -> str:
 def _report(args: argparse.Namespace) -> int:
     import datetime as dt
 
+    from gradcheck.report import FILES
+
+    if _unwritable(*(os.path.join(args.out, name) for name in FILES)):
+        return 2
     require("rich", extra="report")
     from rich.console import Console
 
@@ -141,6 +159,8 @@ def _vectors(args: argparse.Namespace) -> int:
     from gradcheck.report import write_vectors
     from gradcheck.vectors import build_suite, render_vectors
 
+    if not args.check and _unwritable(args.out):
+        return 2
     start = time.perf_counter()
     suite = build_suite(args.seed)
     if args.check:
@@ -165,8 +185,34 @@ def _vectors(args: argparse.Namespace) -> int:
 # --- verify -------------------------------------------------------------------------------------
 
 
+# what verify runs on: imported before the user's folder is on sys.path, so that a hypothesis.py or
+# rich.py there cannot stand in for them (optional ones may be missing: verify says so where it needs them)
+DEPENDENCIES = ("numpy", "ml_dtypes", "mpmath", "hypothesis", "rich.console", "rich.progress", "jsonschema",
+                "gradcheck.options", "gradcheck.checking.api", "gradcheck.checking.messages", "gradcheck.strategies",
+                "gradcheck.vectors", "gradcheck.report.jsonio", "gradcheck.report.junit")
+
+
+def import_dependencies() -> None:
+    """Import :data:`DEPENDENCIES` with the current folder off sys.path (``python -m`` puts it first)."""
+    import importlib
+
+    cwd, saved = os.getcwd(), list(sys.path)
+    sys.path[:] = [p for p in saved if p not in ("", ".", cwd)]
+    try:
+        for name in DEPENDENCIES:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
+    finally:
+        sys.path[:] = saved
+
+
 def load_function(spec: str) -> Any:
     """Import ``MODULE:FUNC`` (FUNC may be dotted) from the current directory, like ``python -m`` would.
+
+    The current directory is first on sys.path only while MODULE is imported (call
+    :func:`import_dependencies` before, so that it shadows none of gradcheck's own imports).
 
     Raises:
         ValueError: a malformed spec, an import error (``sys.exit()`` on import included) or a missing
@@ -178,8 +224,7 @@ def load_function(spec: str) -> Any:
     if not sep or not module_name or not attr:
         raise ValueError(f"expected MODULE:FUNC (e.g. mykernels.ce:grad), got {spec!r}")
     cwd = os.getcwd()
-    if sys.path[:1] != [cwd]:
-        sys.path.insert(0, cwd)
+    sys.path.insert(0, cwd)
     try:
         obj: Any = importlib.import_module(module_name)
     except SystemExit as exc:  # the module called sys.exit() on import: not a pass, an unusable module
@@ -187,6 +232,9 @@ def load_function(spec: str) -> Any:
                          "import") from None
     except Exception as exc:  # noqa: BLE001 - any import failure is a usage error
         raise ValueError(f"cannot import module {module_name!r} from {cwd}: {type(exc).__name__}: {exc}") from None
+    finally:
+        if cwd in sys.path:
+            sys.path.remove(cwd)  # the first occurrence: the one inserted above
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -204,6 +252,9 @@ def _finite(x: float | None) -> float | None:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if _unwritable(args.json, args.junit_xml):
+        return 2
+    import_dependencies()
     try:
         fn = load_function(args.function)
     except ValueError as exc:

@@ -219,3 +219,114 @@ def test_timeout_flag_fails_a_hanging_function(project, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["verify", f"{name}:grad", "--timeout", "-1"])
     assert exc.value.code == 2 and "timeout must be a number > 0" in capsys.readouterr().err
+
+
+# ---- issue 15: the user's folder shadows none of gradcheck's imports; exit 2 with a message, before the work
+
+
+POISON = "import pathlib\npathlib.Path(__file__).with_suffix('.ran').write_text('ran')\nraise RuntimeError('poisoned {name}')\n"
+
+
+def test_verify_does_not_import_gradchecks_dependencies_from_the_users_folder(project):
+    path, name = project
+    from gradcheck.report import write_vectors
+    from gradcheck.vectors import GROUPS, build_suite
+
+    write_vectors(path / "v.json", build_suite(0, dtypes=("float32",), groups=GROUPS[:1]))
+    for module in ("hypothesis", "rich", "numpy", "mpmath", "jsonschema", "ml_dtypes"):
+        (path / f"{module}.py").write_text(POISON.format(name=module))
+    # -P: the folder is not on sys.path at start, as with the installed `gradcheck` script
+    for python, extra in (["-P"], []), (["-P"], ["--vectors", "v.json"]), ([], ["--vectors", "v.json"]):
+        if not python:  # python -m puts the folder first before gradcheck runs: numpy and ml_dtypes load from it
+            for module in ("numpy", "ml_dtypes", "mpmath"):
+                (path / f"{module}.py").unlink()
+        run = subprocess.run([sys.executable, *python, "-m", "gradcheck", "verify", f"{name}:grad", "--max-examples",
+                              "3", "--seed", "2", *extra], cwd=path, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert sorted(p.name for p in path.glob("*.ran")) == [], (python, extra)
+        assert "poisoned" not in run.stderr
+
+
+def test_load_function_puts_the_folder_on_sys_path_only_while_importing(project):
+    path, name = project
+    before = list(sys.path)
+    assert callable(cli.load_function(f"{name}:grad"))
+    assert sys.path == before
+
+
+@pytest.fixture
+def outputs(project):
+    """Output paths that cannot be written: a folder, a path under a file, a path where no file can be created."""
+    path, _ = project
+    (path / "afile").write_text("")
+    (path / "adir").mkdir()
+    return {"adir": "it is a directory", "afile/out.json": "'afile' is not a directory",
+            "/proc/gradcheck/out.json": "cannot write '/proc/gradcheck/out.json'"}
+
+
+def _no_work(monkeypatch, module, name):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} ran although an output path cannot be written")
+
+    monkeypatch.setattr(module, name, fail)
+
+
+@pytest.mark.parametrize("flag", ["--json", "--junit-xml"])
+def test_verify_checks_its_output_paths_before_the_work(project, outputs, capsys, monkeypatch, flag):
+    import gradcheck.checking.api
+
+    _, name = project
+    _no_work(monkeypatch, gradcheck.checking.api, "verify")
+    for out, message in outputs.items():
+        assert cli.main(["verify", f"{name}:grad", "--max-examples", "2", flag, out]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and captured.out == ""
+
+
+def test_report_and_vectors_check_their_output_paths_before_the_work(project, outputs, capsys, monkeypatch):
+    import gradcheck.study
+    import gradcheck.vectors
+
+    _no_work(monkeypatch, gradcheck.study, "run_study")
+    _no_work(monkeypatch, gradcheck.vectors, "build_suite")
+    (project[0] / "reports" / "report.md").mkdir(parents=True)
+    cases = [(["report", "--out", "afile"], "cannot write 'afile/report.json': 'afile' is not a directory."),
+             (["report", "--out", "reports"], "cannot write 'reports/report.md': it is a directory."),
+             (["report", "--out", "/proc/gradcheck"], "cannot write '/proc/gradcheck/report.json'")]
+    cases += [(["vectors", "--out", out], message) for out, message in outputs.items()]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"schema": "caf\xe9"}', "is not UTF-8 text"),
+    ("target", "targets must be class indices in [0, 4) or ignore_index=-100, got 1000000."),
+])
+def test_verify_unreadable_vectors_exit_2_with_one_line(project, capsys, content, message):
+    from gradcheck.report import write_vectors
+    from gradcheck.vectors import GROUPS, build_suite
+
+    path, name = project
+    if content == "target":
+        write_vectors(path / "v.json", build_suite(0, dtypes=("float32",), groups=GROUPS[:1]))
+        doc = json.loads((path / "v.json").read_text())
+        doc["testGroups"][0]["tests"][0]["targets"][0] = 10**6
+        content = json.dumps(doc).encode()
+    (path / "v.json").write_bytes(content)
+    assert cli.main(["verify", f"{name}:grad", "--vectors", "v.json"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["verify", "m:f", "--max-examples", "abc"], "max_examples must be a positive integer"),
+    (["prove", "--timeout", "-1"], "must be a positive finite number of seconds, got '-1'"),
+    (["prove", "--timeout", "nan"], "must be a positive finite number of seconds, got 'nan'"),
+])
+def test_bad_numbers_are_usage_errors_with_the_options_name(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and "_positive" not in err, err

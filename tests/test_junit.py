@@ -50,3 +50,19 @@ def test_an_empty_message_is_no_failure_and_no_cases_is_an_empty_suite():
 def test_the_document_declares_itself_and_ends_with_a_newline():
     text = junit_xml("s", [("case", 0.0, None)])
     assert text.startswith("<?xml version='1.0' encoding='utf-8'?>") and text.endswith("</testsuites>\n")
+
+
+def test_control_characters_and_colour_codes_leave_the_document_well_formed(tmp_path):
+    message = "\x1b[31mmismatch\x1b[0m at (0, 1):\x00 got \x07\x1b 1.0\ud800\n\x0bsecond \x1b[1;32mline\x1b[m\ufffe"
+    text = junit_xml("gradcheck.verify[k\x00:\x1b[1mgrad]", [("float32-\x01index", 0.5, message),
+                                                         ("colour only", 0.1, "\x1b[0m")])
+    path = tmp_path / "r.xml"
+    path.write_bytes(text.encode("utf-8"))
+    suite = ET.parse(path).getroot().find("testsuite")  # a file, as CI reads it
+    assert suite.get("name") == "gradcheck.verify[k\\x00:grad]" and suite.get("failures") == "2"
+    first, second = suite.findall("testcase")
+    assert first.get("name") == "float32-\\x01index"
+    failure = first.find("failure")
+    assert failure.get("message") == "mismatch at (0, 1):\\x00 got \\x07\\x1b 1.0\\ud800"
+    assert failure.text == "mismatch at (0, 1):\\x00 got \\x07\\x1b 1.0\\ud800\n\\x0bsecond line\\ufffe"
+    assert second.find("failure") is not None  # a message that was only colour is still a failure

@@ -463,3 +463,18 @@ def test_2_after_a_check(gradcheck):
     assert added <= CHEAP, added - CHEAP
     assert [m for m in HEAVY if m in before] == []
     assert {"hypothesis", "gradcheck.checking.api"} <= after  # the same probe sees a check's imports
+
+
+@pytest.mark.parametrize(("report", "message"), [
+    ("afile/gc", "--gradcheck-report: cannot write 'afile/gc.json': 'afile' is not a directory."),
+    ("taken", "--gradcheck-report: cannot write 'taken.json': it is a directory."),
+    ("/proc/gradcheck/gc", "--gradcheck-report: cannot write '/proc/gradcheck/gc.json': "),
+])
+def test_an_unwritable_report_path_is_a_usage_error_before_any_test_runs(pytester, report, message):
+    pytester.makepyfile(test_mixed=MIXED)
+    (pytester.path / "afile").write_text("")
+    (pytester.path / "taken.json").mkdir()
+    result = pytester.runpytest("--gradcheck-max-examples=2", f"--gradcheck-report={report}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
+    assert "passed" not in result.stdout.str() and "Traceback" not in result.stderr.str()

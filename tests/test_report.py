@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
 
 import ml_dtypes
 import numpy as np
@@ -132,3 +137,97 @@ def test_write_report_writes_four_files_and_rewrites_cleanly(tmp_path, rendered)
     assert [w.path.name for w in first] == ["vectors.json", "report.json", "report.md", "report.html"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.json", "report.md", "vectors.json"]
     assert first[0].size == second[0].size and first[1].size == second[1].size  # the same data, replaced
+
+
+# ---- escaping: every user-controlled string in report.html is text, never markup -----------------
+
+HOSTILE_METHOD = '<script>document.title="PWNED"</script>&amp;"\'m'
+HOSTILE_SUMMARY = "<img src=x onerror=\"document.title='PWNED'\"> & summary"
+HOSTILE_STRINGS = {
+    "method": HOSTILE_METHOD, "summary": HOSTILE_SUMMARY, "file": "<em>out</em>/v&.json", "path": "</code><i>p</i>",
+    "description": "<u>desc</u>", "platform": "<h1>linux</h1>", "executor": "dask:tcp://<x>:1\"",
+    "package": "<s>9</s>",
+}
+
+
+class _Page(HTMLParser):
+    """The element names, attribute values and text of a page, as a browser's parser sees them."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[str] = []
+        self.text: list[str] = []
+        self.attributes: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attributes += [v for _, v in attrs if v is not None]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _page(html: str) -> _Page:
+    page = _Page()
+    page.feed(html)
+    page.close()
+    return page
+
+
+@pytest.fixture(scope="module")
+def hostile_html(rendered):
+    """report.html of a study with a registered method named like an attack, and hostile file names and environment."""
+    from gradcheck import estimators
+    from gradcheck.report.html import render_html
+
+    patch = pytest.MonkeyPatch()
+    patch.setitem(estimators._REGISTRY, HOSTILE_METHOD, dataclasses.replace(
+        estimators.spec("closed_form"), name=HOSTILE_METHOD, summary=HOSTILE_SUMMARY))
+    try:
+        config = dataclasses.replace(CONFIG, methods=(HOSTILE_METHOD, "closed_form"), dtypes=("float64",))
+        study, _ = run_study(config, jobs=1)
+    finally:
+        patch.undo()
+    s = HOSTILE_STRINGS
+    document = copy.deepcopy(rendered[3])
+    document["vectors"]["file"] = s["file"]
+    document["environment"].update(platform=s["platform"], executor=s["executor"])
+    document["environment"]["packages"]["numpy"] = s["package"]
+    document["timing"]["methodSeconds"] = {HOSTILE_METHOD: 1.0}
+    return render_html(study, document, {s["path"]: s["description"]})
+
+
+def test_html_escapes_every_user_controlled_string(hostile_html):
+    page = _page(hostile_html)
+    assert not {"script", "em", "i", "u", "s", "x"} & set(page.tags), sorted(set(page.tags))
+    assert page.tags.count("h1") == 1 and page.tags.count("title") == 1 and page.tags.count("img") == 2
+    text = "".join(page.text)
+    for name, value in HOSTILE_STRINGS.items():
+        assert value in text, name  # shown as written: escaped, not dropped
+    assert HOSTILE_STRINGS["executor"] not in page.attributes and "PWNED" not in "".join(page.attributes)
+
+
+def test_escaping_changes_no_text_of_the_committed_kind_of_report(rendered):
+    page = _page(rendered[2]["report.html"])
+    assert "Ziv's loop" in "".join(page.text) and "-inf logits" in page.attributes
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs a headless Chromium (Debian: apt-get install chromium)")
+def test_html_escapes_every_user_controlled_string_in_a_real_browser(hostile_html, tmp_path):
+    path = tmp_path / "report.html"
+    path.write_text(hostile_html, encoding="utf-8")
+    run = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", path.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "</html>" in run.stdout, run.stderr[-2000:]
+    dom = _page(run.stdout)
+    assert not {"script", "em", "i", "u", "s", "x"} & set(dom.tags), sorted(set(dom.tags))
+    assert dom.tags.count("h1") == 1 and dom.tags.count("img") == 2
+    text = "".join(dom.text)
+    assert "PWNED" not in text.replace(HOSTILE_METHOD, "").replace(HOSTILE_SUMMARY, "")  # no script ran
+    for name, value in HOSTILE_STRINGS.items():
+        assert value in text, name

@@ -84,3 +84,21 @@ def test_mpmath_numerics_are_correctly_rounded_on_a_cancelling_case():
     numpy_result = gradient(z, np.array([0]), method="sympy_numpy")
     assert gradcheck.ulp_distance(numpy_result.grad, truth).max() > 1e6  # the float64 form cancels
     assert np.all(np.abs(numpy_result.grad - truth) <= numpy_result.error)  # and says so
+
+
+@pytest.mark.parametrize("corrupt", [b"[]", b"null", b"{", b"\xff\xfe garbage", b'{"status": "proved", "seconds": null}',
+                                     b'{"status": "bogus", "seconds": 1.0}', b'{"status": "proved"}',
+                                     b'{"status": "proved", "seconds": -1}', b"[" * 100_000, "folder"])
+def test_a_corrupt_cache_entry_is_recomputed_and_overwritten(private_cache, corrupt):
+    prove("gradient", 1)
+    (entry,) = (private_cache / "sympy_proofs").glob("gradient_k1_*.json")
+    entry.unlink()
+    if corrupt == "folder":
+        (entry / "inside").mkdir(parents=True)
+    else:
+        entry.write_bytes(corrupt)
+    redone = prove("gradient", 1)
+    assert redone.proved and not redone.cached
+    assert json.loads(entry.read_text())["status"] == "proved"  # overwritten with a good entry
+    assert prove("gradient", 1).cached
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]  # no temporary file left

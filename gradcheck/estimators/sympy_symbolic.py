@@ -137,12 +137,10 @@ def prove(kind: str, k: int, *, timeout: float = 120.0, use_cache: bool = True) 
     digest = hashlib.sha256(
         f"{PROOF_VERSION}|{sp.__version__}|{kind}|{k}|{sp.srepr(diffs)}".encode()).hexdigest()[:20]
     path = cache_dir() / "sympy_proofs" / f"{kind}_k{k}_{digest}.json"
-    if use_cache and path.exists():
-        try:
-            data = json.loads(path.read_text())
-            return Proof(kind, k, data["status"], float(data["seconds"]), True, words)
-        except (ValueError, KeyError):
-            pass  # a corrupt entry is redone
+    if use_cache:
+        cached = _read_cache(path)
+        if cached is not None:
+            return Proof(kind, k, cached[0], cached[1], True, words)
     status = "proved"
     for expr in diffs:
         if time.perf_counter() - start > timeout:
@@ -153,12 +151,38 @@ def prove(kind: str, k: int, *, timeout: float = 120.0, use_cache: bool = True) 
             break
     seconds = time.perf_counter() - start
     if use_cache and status != "timeout":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"kind": kind, "k": k, "status": status, "seconds": seconds,
-                                   "sympy": sp.__version__, "statement": words}))
-        tmp.replace(path)
+        _write_cache(path, {"kind": kind, "k": k, "status": status, "seconds": seconds,
+                            "sympy": sp.__version__, "statement": words})
     return Proof(kind, k, status, seconds, False, words)
+
+
+def _read_cache(path: Path) -> tuple[str, float] | None:
+    """A cache entry's (status, seconds), or None when it is missing or corrupt (then it is redone)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):  # missing, unreadable, not UTF-8, not JSON
+        return None
+    if not isinstance(data, dict) or data.get("status") not in ("proved", "failed"):
+        return None
+    seconds = data.get("seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+        return None
+    return data["status"], float(seconds)
+
+
+def _write_cache(path: Path, entry: dict[str, Any]) -> None:
+    """Write (or overwrite) a cache entry atomically; a cache that cannot be written is no error."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():  # a corrupt entry of the worst kind: a folder where the file belongs
+            import shutil
+
+            shutil.rmtree(path)
+        tmp.write_text(json.dumps(entry))
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def prove_all(k_max: int = 8, *, kinds: tuple[str, ...] = KINDS, timeout: float = 120.0,

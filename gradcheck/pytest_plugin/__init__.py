@@ -116,9 +116,18 @@ def pytest_configure(config: pytest.Config) -> None:
         dtypes = DEFAULT_DTYPES if raw is None else _dtypes(where, raw)
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
+    report = config.getoption("gradcheck_report")
+    if report and workerinput is None:  # checked now: a failed write at the end would lose pytest's summary
+        from gradcheck.report.jsonio import NotWritable, check_writable
+
+        try:
+            for path in session_report.report_paths(report):
+                check_writable(path)
+        except NotWritable as exc:
+            raise pytest.UsageError(f"--gradcheck-report: {exc}") from None
     config.stash[_SETTINGS] = Settings(
         seed=seed, dtypes=dtypes, max_examples=_option(config, "gradcheck_max_examples", "max_examples"),
-        report=config.getoption("gradcheck_report"),
+        report=report,
     )
 
 

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from gradcheck.report.jsonio import markdown_table, write_atomic
+from gradcheck.report.jsonio import markdown_code, markdown_fence, markdown_table, write_atomic
 
 SCHEMA = "gradcheck-session-report/1"
 
@@ -99,7 +99,12 @@ def _options(record: dict) -> str:
 
 
 def markdown(document: dict) -> str:
-    """The Markdown rendering of :func:`build`'s document."""
+    """The Markdown rendering of :func:`build`'s document.
+
+    Every string from the session (test ids, function names, option values, failure messages) is
+    escaped: a code span no backtick can close, escaped text, or a fence longer than any backtick run,
+    so that a renderer shows it as text and never as HTML or Markdown structure.
+    """
     seed = document["seed"]
     lines = [
         "# gradcheck report",
@@ -113,20 +118,20 @@ def markdown(document: dict) -> str:
     ]
     lines += markdown_table(
         ["function", "verdict", "checks", "dtypes", "examples", "worst ULP", "worst / tolerance"],
-        [[f"`{s['function']}`", s["verdict"], s["checks"], ", ".join(s["dtypes"]), s["examples"],
+        [[markdown_code(s["function"]), s["verdict"], s["checks"], ", ".join(s["dtypes"]), s["examples"],
           f"{s['worst_ulps']:g}", f"{s['worst_ratio']:.3g}"] for s in document["functions"]],
     )
     lines += ["", "## Checks", ""]
     lines += markdown_table(
         ["test", "function", "dtype", "options", "examples", "worst ULP", "worst / tolerance", "verdict"],
-        [[f"`{r['test']}`", f"`{r['function']}`", r["dtype"], _options(r), r["examples"],
+        [[markdown_code(r["test"]), markdown_code(r["function"]), r["dtype"], _options(r), r["examples"],
           f"{r['worst_ulps']:g}", f"{r['worst_ratio']:.3g}", r["verdict"]] for r in document["checks"]],
     )
     failures = [r for r in document["checks"] if r["failure"] is not None]
     if failures:
         lines += ["", "## Failures"]
         for r in failures:
-            lines += ["", f"### `{r['test']}`", "", "```", r["failure"]["message"], "```"]
+            lines += ["", f"### {markdown_code(r['test'])}", "", *markdown_fence(r["failure"]["message"])]
     return "\n".join(lines) + "\n"
 
 

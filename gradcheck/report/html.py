@@ -145,13 +145,18 @@ def _grade(c: Cell) -> str:
 
 
 def render_html(study: Study, document: dict[str, Any], files: dict[str, str]) -> str:
-    """The HTML report (one file; needs nothing else to display)."""
+    """The HTML report (one file; needs nothing else to display).
+
+    Every value put into the page is HTML-escaped (method names and summaries, file names, the
+    environment, prose); only :func:`_cell_html`'s cells, built from escaped parts, are markup.
+    """
     require("jinja2", extra="report")
     import jinja2
 
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(Path(__file__).with_name("templates"))),
-        autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True,
+        autoescape=True,  # every value is escaped (select_autoescape(["html"]) missed "report.html.j2")
+        trim_blocks=True, lstrip_blocks=True,
         undefined=jinja2.StrictUndefined,
     )
     cfg = study.config

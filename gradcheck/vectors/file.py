@@ -99,6 +99,8 @@ def parse_vectors(text: str, *, validate: bool = True) -> VectorSuite:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"the vectors file is not JSON: {exc}.") from None
+    except RecursionError:
+        raise InvalidArgument("the vectors file is nested too deeply to be a vectors file.") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_NAME:
         raise InvalidArgument(f"the vectors file must have schema {SCHEMA_NAME!r}, got {doc.get('schema') if isinstance(doc, dict) else type(doc).__name__!r}.")
     major = str(doc.get("schemaVersion", "")).split(".")[0]
@@ -112,6 +114,8 @@ def parse_vectors(text: str, *, validate: bool = True) -> VectorSuite:
         if jsonschema is not None:
             try:
                 jsonschema.validate(doc, schema())
+            except RecursionError:
+                raise InvalidArgument("the vectors file is nested too deeply to be a vectors file.") from None
             except jsonschema.ValidationError as exc:
                 where = "/".join(str(p) for p in exc.absolute_path)
                 raise InvalidArgument(f"the vectors file does not match its schema at {where or '/'}: {exc.message}") from None
@@ -119,7 +123,9 @@ def parse_vectors(text: str, *, validate: bool = True) -> VectorSuite:
         groups = tuple(_group(g, i) for i, g in enumerate(doc["testGroups"]))
         notes = {k: (v["bugType"], v["description"]) for k, v in doc["notes"].items()}
         suite = VectorSuite(int(doc["seed"]), str(doc["generatorVersion"]), groups, notes)
-    except (KeyError, TypeError, ValueError) as exc:
+    except InvalidArgument:
+        raise
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise InvalidArgument(f"malformed vectors file: {exc}") from None
     if suite.number_of_tests != doc["numberOfTests"]:
         raise InvalidArgument(f"numberOfTests is {doc['numberOfTests']}, but the file holds {suite.number_of_tests} tests.")
@@ -136,6 +142,9 @@ def load_vectors(path: str | Path, *, validate: bool = True) -> VectorSuite:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise InvalidArgument(f"cannot read the vectors file {str(path)!r}: {exc.strerror}.") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"the vectors file {str(path)!r} is not UTF-8 text: byte {exc.start} is "
+                              f"{exc.object[exc.start:exc.start + 1]!r}.") from None
     return parse_vectors(text, validate=validate)
 
 
@@ -145,13 +154,29 @@ def _group(g: dict[str, Any], index: int) -> VectorGroup:
     tests = []
     for j, t in enumerate(g["tests"]):
         at = f"{where}.tests[{j}]"
-        targets = (np.array(t["targets"], dtype=np.int64) if g["targetKind"] == "index"
-                   else decode_floats(t["targets"], where=f"{at}.targets"))
+        logits = decode_floats(t["logits"], where=f"{at}.logits")
+        targets = (_indices(t["targets"], logits, g["ignoreIndex"], where=f"{at}.targets")
+                   if g["targetKind"] == "index" else decode_floats(t["targets"], where=f"{at}.targets"))
         weight = decode_floats(t["weight"], where=f"{at}.weight") if g["weighted"] else None
         flags = tuple(t["flags"])
         bug = flags[0] if t["result"] == "invalid" and flags else None
-        tests.append(Vector(int(t["tcId"]), str(t["comment"]), flags, decode_floats(t["logits"], where=f"{at}.logits"),
+        tests.append(Vector(int(t["tcId"]), str(t["comment"]), flags, logits,
                             targets, weight, decode_floats(t["loss"], where=f"{at}.loss"),
                             decode_floats(t["grad"], where=f"{at}.grad"), str(t["result"]), bug))
     return VectorGroup(str(g["dtype"]), str(g["targetKind"]), str(g["reduction"]), smoothing, bool(g["weighted"]),
                        g["ignoreIndex"], tuple(tests))
+
+
+def _indices(values: Any, logits: np.ndarray, ignore_index: Any, *, where: str) -> np.ndarray:
+    """Class-index targets: one integer per row of ``logits``, each in [0, K) or ``ignore_index``."""
+    if logits.ndim != 2:
+        raise InvalidArgument(f"{where}: logits must be N x K, got shape {logits.shape}.")
+    n, k = logits.shape
+    if (not isinstance(values, list) or len(values) != n
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)):
+        raise InvalidArgument(f"{where} must be a list of {n} integers (one per row of logits), got {values!r:.80}.")
+    bad = [v for v in values if not (0 <= v < k or v == ignore_index)]
+    if bad:
+        shown = bad[0] if abs(bad[0]) < 10**12 else f"{bad[0]:.6g}"
+        raise InvalidArgument(f"{where} must be class indices in [0, {k}) or ignore_index={ignore_index}, got {shown}.")
+    return np.array(values, dtype=np.int64)
