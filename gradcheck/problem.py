@@ -400,7 +400,9 @@ def _check_active(problem: Problem) -> None:
             f"{problem.ignore_index}, got {problem.n} ignored rows (the mean would be 0/0). "
             "Use reduction='sum', or keep a row."
         )
-    if problem.divisor() == 0.0 and problem.exact_divisor() == 0:
+    with np.errstate(over="ignore"):  # a divisor beyond float64's range is valid (the oracle rescales it)
+        zero = problem.divisor() == 0.0
+    if zero and problem.exact_divisor() == 0:
         raise InvalidArgument(
             "reduction='mean' divides by the sum of the target classes' weights, got 0 "
             "(every counted row's class has weight 0)."
