@@ -391,8 +391,8 @@ def scale_of(problem: Problem, work: Working = FLOAT64_WORK) -> Scale:
     """
     limit = np.finfo(work.dtype).maxexp - 4  # headroom for the few sums of terms of size S in the bound
     u = work.u
-    w = problem.weights()
-    w_exp = int(np.frexp(w.max())[1])
+    w = problem.weight
+    w_exp = 1 if w is None else int(np.frexp(w.max())[1])
     t_max = float(problem.targets.max()) if not problem.index_targets and problem.targets.size else 1.0
     rows = w_exp + int(np.frexp(max(t_max, 1.0))[1]) + problem.k.bit_length() > limit
     terms = divisor_terms(problem)
@@ -403,7 +403,7 @@ def scale_of(problem: Problem, work: Working = FLOAT64_WORK) -> Scale:
             d = work.dtype.type(np.sum(np.ldexp(w[active], -big).astype(work.dtype)))
             # each of the terms loses at most eta / 2 to underflow and D' >= 1/2
             return Scale(big, d, gamma(terms, u) + active.size * work.eta * 2, rows)
-    return Scale(0, problem.divisor(work.dtype), gamma(terms, u), rows)
+    return Scale(0, _divisor(problem, work.dtype), gamma(terms, u), rows)
 
 
 def _dense_tile(problem: Problem, lo: int, hi: int, c0: int, c1: int, dtype: Any) -> np.ndarray:
@@ -433,7 +433,7 @@ def _weighted_targets(problem: Problem, lo: int, hi: int, c0: int, c1: int, work
     unscaled product that underflows): docs/oracle.md, step 10.
     """
     t = _dense_tile(problem, lo, hi, c0, c1, work.dtype)
-    w = problem.weights()[c0:c1].astype(work.dtype)
+    w = _weight_tile(problem, c0, c1, work.dtype)
     if b is None:
         return t * w
     mt, et = np.frexp(t)
@@ -445,12 +445,26 @@ def _weighted_targets(problem: Problem, lo: int, hi: int, c0: int, c1: int, work
 def _row_exponents(problem: Problem, lo: int, hi: int, work: Working) -> np.ndarray:
     """``b_n``: the largest ``e_w + e_t`` over the nonzero products of each row (0 for none)."""
     b = np.full(hi - lo, np.iinfo(np.int32).min, dtype=np.int64)
-    w_m, w_e = np.frexp(problem.weights().astype(work.dtype))
     for c0, c1 in _columns(problem.k):
+        w_m, w_e = np.frexp(_weight_tile(problem, c0, c1, work.dtype))
         mt, et = np.frexp(_dense_tile(problem, lo, hi, c0, c1, work.dtype))
-        live = (mt != 0) & (w_m[c0:c1] != 0)
-        b = np.maximum(b, np.where(live, et + w_e[c0:c1], b[:, None]).max(axis=1))
+        live = (mt != 0) & (w_m != 0)
+        b = np.maximum(b, np.where(live, et + w_e, b[:, None]).max(axis=1))
     return np.where(b == np.iinfo(np.int32).min, 0, b)
+
+
+def _weight_tile(problem: Problem, c0: int, c1: int, dtype: Any) -> np.ndarray:
+    """``problem.weights()[c0:c1]`` in ``dtype``, without a K-sized array of ones for no weights."""
+    if problem.weight is None:
+        return np.ones(c1 - c0, dtype=dtype)
+    return problem.weight[c0:c1].astype(dtype)
+
+
+def _divisor(problem: Problem, dtype: Any) -> Any:
+    """``problem.divisor(dtype)``, the same value, without a K-sized array of ones for no weights."""
+    if problem.weight is None and problem.reduction == "mean" and problem.index_targets:
+        return np.dtype(dtype).type(np.count_nonzero(problem.active_rows()))  # a count: exact
+    return problem.divisor(dtype)
 
 
 def _columns(k: int) -> list[tuple[int, int]]:
@@ -477,7 +491,7 @@ def grad_bounded(problem: Problem, work: Working = FLOAT64_WORK) -> tuple[np.nda
     if one_hot:
         active = problem.active_rows()
         wt_t = np.zeros(n)
-        wt_t[active] = problem.weights()[problem.targets[active]]
+        wt_t[active] = 1.0 if problem.weight is None else problem.weight[problem.targets[active]]
         factor = wt_t / scale.d
     g_out = np.empty((n, k), dtype=work.dtype)
     b_out = np.empty((n, k), dtype=work.dtype)

@@ -311,7 +311,7 @@ def validate_logits(
     z.setflags(write=False)
     if np.isfinite(z).all():
         return z
-    z64 = z.astype(np.float64)
+    z64 = z if z.dtype == np.float64 else z.astype(np.float64)
     bad = np.isnan(z64) | (z64 == np.inf)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])

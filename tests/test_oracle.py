@@ -337,3 +337,63 @@ def test_bound_holds_for_weights_and_targets_up_to_overflow(case):
     assert not np.isnan(bound).any() and np.all(bound >= 0)
     loss, lbound = gc.cross_entropy_bounded(z, t, **opts)
     assert _holds(loss, lbound, independent_loss(z, t, opts, prec=600))
+
+
+# --- issue 15, item 15: the bounded gradient's memory ------------------------------------------------
+
+
+def _peak_ratio(z, t, **options):
+    """tracemalloc's peak during cross_entropy_grad_bounded, in units of the logits' size (deterministic)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        result = gc.cross_entropy_grad_bounded(z, t, **options)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak / z.nbytes, result
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_bounded_gradient_memory_is_a_small_multiple_of_the_output(soft, monkeypatch):
+    """Was 18x the input (19x with soft targets); the two results are 2x, a probability target copy 1x."""
+    from gradcheck import oracle
+
+    monkeypatch.setattr(oracle, "THREADS", 1)  # one block in flight: the figure does not depend on the machine
+    rng = np.random.default_rng(15)
+    z = rng.standard_normal((2000, 1000))
+    t = rng.dirichlet(np.ones(1000), 2000) if soft else rng.integers(0, 1000, 2000)
+    ratio, _ = _peak_ratio(z, t, weight=rng.uniform(0.5, 2.0, 1000))
+    assert ratio < (4.0 if soft else 3.0)
+
+
+def test_a_single_long_row_is_tiled_with_a_rigorous_bound(monkeypatch):
+    """One row longer than COLUMN_BLOCK: two passes over column tiles (docs/oracle.md, "Cost")."""
+    from gradcheck import oracle
+
+    monkeypatch.setattr(oracle, "THREADS", 1)
+    rng = np.random.default_rng(16)
+    k = 300_000
+    z = rng.standard_normal((1, k)) * 4
+    z[0, 123_456] = 30.0  # the max in a middle tile
+    z[0, 5] = -np.inf
+    t = np.array([k - 1])
+    whole, whole_bound = gc.cross_entropy_grad_bounded(z, t)
+    np.testing.assert_array_equal(whole, gc.cross_entropy_grad(z, t))  # one tile: bit for bit the fast path
+    monkeypatch.setattr(oracle, "COLUMN_BLOCK", 1 << 12)
+    ratio, (g, bound) = _peak_ratio(z, t)
+    assert ratio < 3.0  # was 18: now the two results and a few tiles
+    assert np.all(np.abs(g - whole) <= bound + whole_bound)  # both within their bounds of one truth
+    assert np.all(bound <= 4 * whole_bound + 1e-300)
+    # against the truth on a sample of the columns (the argmax, the masked, the target, the tiles' edges)
+    cols = [0, 5, 4095, 4096, 123_456, k - 1]
+    problem = gc.make_problem(z, t)
+    with mpmath.workprec(200):
+        e = [mpmath.exp(mpmath.mpf(float(v)) - 30) for v in z[0] if np.isfinite(v)]
+        total = mpmath.fsum(e)
+        for c in cols:
+            exact = (0 if c == 5 else mpmath.exp(mpmath.mpf(float(z[0, c])) - 30) / total) - (c == k - 1)
+            assert abs(mpmath.mpf(float(g[0, c])) - exact) <= mpmath.mpf(float(bound[0, c])) * (1 + 1e-10), c
+    assert problem.k == k
