@@ -214,3 +214,31 @@ def test_correctly_rounded_near_overflow(targets, options, dtype):
     except OverflowError:  # the loss itself is beyond float64 (by far: these are 1e308 * 700)
         loss64 = np.array(np.inf)
     assert _same(gc.exact_loss(z, targets, dtype="float64", **options), loss64)
+
+
+def test_a_row_shares_its_sum_and_factor(monkeypatch):
+    """Issue 15, item 15: each element used to convert S, w_c t_c and D to intervals again (and a
+    precision change made the next element recompute all K exponentials); now the row's factor
+    S / (Z D) is computed once per precision. Counted, not timed."""
+    from gradcheck import exact
+
+    calls = {"interval": 0, "exp": 0}
+    interval, exp_shifted = exact._interval, exact._exp_shifted
+
+    def counted_interval(x):
+        calls["interval"] += 1
+        return interval(x)
+
+    def counted_exp(*args):
+        calls["exp"] += 1
+        return exp_shifted(*args)
+
+    monkeypatch.setattr(exact, "_interval", counted_interval)
+    monkeypatch.setattr(exact, "_exp_shifted", counted_exp)
+    k = 500
+    z = np.random.default_rng(7).standard_normal((1, k)) * 3
+    g = gc.exact_grad(z, np.array([3]), prefilter=False)
+    precisions = calls["exp"] // k  # each precision reached evaluates the K exponentials once
+    assert calls["exp"] % k == 0 and precisions <= 3
+    assert calls["interval"] <= 2 * precisions + 3  # S and D per precision, w_t t_t for the one target
+    assert _same(g, independent(z, np.array([3]), {}, prec=400))
