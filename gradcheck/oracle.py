@@ -665,7 +665,7 @@ def _jacobian(parts: RowParts) -> np.ndarray:
 
 def _as_rows(z: Any, axis: int) -> tuple[np.ndarray, Any]:
     """Validate logits of any shape and move ``axis`` last, flattened to rows; returns the undo."""
-    arr = np.atleast_1d(validate_logits(z, ndims=None, axis=axis, copy=False))
+    arr = validate_logits(z, ndims=None, axis=axis, copy=False)
     moved = np.moveaxis(arr, axis, -1)
     shape = moved.shape
 
