@@ -270,8 +270,13 @@ def cross_entropy_hessian(
     """
     problem = make_problem(logits, targets, copy=False, **options)
     parts = row_parts(problem.logits)
-    s = (problem.dense_targets() * problem.weights()).sum(axis=1) / problem.divisor()
-    hess = _jacobian(parts) * s[:, None, None]
+    scale = scale_of(problem)  # S / D without overflow (docs/oracle.md, step 10)
+    b = _row_exponents(problem, 0, problem.n, FLOAT64_WORK) if scale.rows else None
+    with np.errstate(over="ignore", under="ignore"):
+        s = _weighted_targets(problem, 0, problem.n, 0, problem.k, FLOAT64_WORK, b).sum(axis=1) / scale.d
+        if scale.active:
+            s = np.ldexp(s, (0 if b is None else b) - scale.a)
+        hess = _jacobian(parts) * s[:, None, None]
     return _round(problem.restore_shape(hess), dtype, problem.logits.dtype)
 
 
@@ -400,7 +405,8 @@ def scale_of(problem: Problem, work: Working = FLOAT64_WORK) -> Scale:
         active = problem.targets[problem.active_rows()]
         big = int(np.frexp(w[active].max())[1])
         if big + active.size.bit_length() > limit:
-            d = work.dtype.type(np.sum(np.ldexp(w[active], -big).astype(work.dtype)))
+            with np.errstate(under="ignore"):
+                d = work.dtype.type(np.sum(np.ldexp(w[active], -big).astype(work.dtype)))
             # each of the terms loses at most eta / 2 to underflow and D' >= 1/2
             return Scale(big, d, gamma(terms, u) + active.size * work.eta * 2, rows)
     return Scale(0, _divisor(problem, work.dtype), gamma(terms, u), rows)

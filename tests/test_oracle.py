@@ -397,3 +397,12 @@ def test_a_single_long_row_is_tiled_with_a_rigorous_bound(monkeypatch):
             exact = (0 if c == 5 else mpmath.exp(mpmath.mpf(float(z[0, c])) - 30) / total) - (c == k - 1)
             assert abs(mpmath.mpf(float(g[0, c])) - exact) <= mpmath.mpf(float(bound[0, c])) * (1 + 1e-10), c
     assert problem.k == k
+
+
+def test_hessian_scale_near_overflow():
+    """S / D of the Hessian blocks: an overflowed divisor used to give 0 (and a RuntimeWarning)."""
+    w = np.array([1e308, 1e308, 1.0])
+    blocks = gc.cross_entropy_hessian(HUGE_Z, np.array([0, 1]), weight=w)
+    reference = gc.cross_entropy_hessian(HUGE_Z, np.array([0, 1]), weight=w / 2**1000)  # the same ratio
+    np.testing.assert_array_equal(blocks, reference)
+    assert np.abs(blocks).max() > 0.08
