@@ -215,14 +215,20 @@ def _grad_row(problem: Problem, rows: _RowFacts, n: int, cols: np.ndarray, fmt: 
     cache: dict[int, Any] = {}
 
     def partition(prec: int) -> tuple[list[Any], Any]:
+        """The row's exponentials and its one factor ``S / (Z D)`` at ``prec``, shared by its elements.
+
+        Kept for every precision reached: an element that needs more bits must not make the next
+        one recompute the K exponentials at the starting precision.
+        """
         if prec not in cache:
             _IV.prec = prec
             z = problem.logits[n].astype(np.float64)
             zmax = float(np.max(z))
             e = [_exp_shifted(float(v), zmax, rows.cut[n, c]) if rows.finite[n, c] else _IV.mpf(0)
                  for c, v in enumerate(z)]
-            cache.clear()
-            cache[prec] = (e, sum(e, _IV.mpf(0)))
+            d_iv = _interval(d)
+            cache[prec] = (e, _interval(s) / (sum(e, _IV.mpf(0)) * d_iv), d_iv)
+        _IV.prec = prec
         return cache[prec]
 
     for c in cols:
@@ -231,8 +237,9 @@ def _grad_row(problem: Problem, rows: _RowFacts, n: int, cols: np.ndarray, fmt: 
             continue
 
         def element(prec: int, c: int = int(c)) -> Any:
-            e, total = partition(prec)
-            return (e[c] / total * _interval(s) - _interval(wt[c])) / _interval(d)
+            # g_c = e_c S / (Z D) - w_c t_c / D: an enclosure of the same number (docs/exact.md, "Cost")
+            e, factor, d_iv = partition(prec)
+            return e[c] * factor - _interval(wt[c]) / d_iv if wt[c] else e[c] * factor
 
         out.append(_round_interval(element, "irrational", fmt))
     return out

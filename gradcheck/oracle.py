@@ -101,7 +101,11 @@ def shifted_exp(z64: np.ndarray, argmax: np.ndarray) -> tuple[np.ndarray, np.nda
     overflowed entries (``s_hi = -inf``) get ``s_lo = 0`` and ``e = 0``.
     """
     rows = np.arange(z64.shape[0])
-    m = z64[rows, argmax][:, None]
+    return _shifted_exp(z64, z64[rows, argmax][:, None])
+
+
+def _shifted_exp(z64: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`shifted_exp` with the row maxima ``m`` (shape ``(N, 1)``) given: for a column tile."""
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         s_hi = np.subtract(z64, m)
         a = np.add(s_hi, m)  # TwoSum(z, -m) (Knuth): s_hi + s_lo == z - m exactly
@@ -266,13 +270,20 @@ def cross_entropy_hessian(
     """
     problem = make_problem(logits, targets, copy=False, **options)
     parts = row_parts(problem.logits)
-    s = (problem.dense_targets() * problem.weights()).sum(axis=1) / problem.divisor()
-    hess = _jacobian(parts) * s[:, None, None]
+    scale = scale_of(problem)  # S / D without overflow (docs/oracle.md, step 10)
+    b = _row_exponents(problem, 0, problem.n, FLOAT64_WORK) if scale.rows else None
+    with np.errstate(over="ignore", under="ignore"):
+        s = _weighted_targets(problem, 0, problem.n, 0, problem.k, FLOAT64_WORK, b).sum(axis=1) / scale.d
+        if scale.active:
+            s = np.ldexp(s, (0 if b is None else b) - scale.a)
+        hess = _jacobian(parts) * s[:, None, None]
     return _round(problem.restore_shape(hess), dtype, problem.logits.dtype)
 
 
 def grad_rows(problem: Problem) -> np.ndarray:
     """The float64 ``(N, K)`` gradient of a validated problem."""
+    if scale_of(problem).active:  # weights or targets near overflow: the rescaled evaluation
+        return grad_bounded(problem)[0]
     if problem.index_targets and not problem.label_smoothing:
         return _one_hot_grad(problem)
     parts = row_parts(problem.logits)
@@ -355,43 +366,262 @@ def divisor_terms(problem: Problem) -> int:
     return max(0, int(problem.active_rows().sum()) - 1)
 
 
+@dataclass(frozen=True)
+class Scale:
+    """Exact power-of-two rescaling that keeps the evaluation finite (docs/oracle.md, step 10).
+
+    Attributes:
+        a: the divisor is evaluated as ``D' = sum_n w_{y_n} 2**-a`` (``a = 0``: unscaled).
+        d: ``D'`` in the working precision.
+        d_rel: the relative error of ``D'`` (roundings of the sum, plus the underflow of its terms).
+        rows: the weighted targets of row n are evaluated as ``w_c t_nc 2**-b_n`` (per row ``b_n``).
+    """
+
+    a: int
+    d: Any
+    d_rel: Any
+    rows: bool
+
+    @property
+    def active(self) -> bool:
+        return self.a != 0 or self.rows
+
+
+def scale_of(problem: Problem, work: Working = FLOAT64_WORK) -> Scale:
+    """The rescaling ``problem`` needs in ``work`` so that no product, sum or divisor overflows.
+
+    None is needed (and the evaluation is the unscaled one, bit for bit) unless the weights or the
+    probability targets come within a factor of ``K`` (``N`` for the divisor) of the overflow
+    threshold; x87 extended precision never needs it for float64 inputs.
+    """
+    limit = np.finfo(work.dtype).maxexp - 4  # headroom for the few sums of terms of size S in the bound
+    u = work.u
+    w = problem.weight
+    w_exp = 1 if w is None else int(np.frexp(w.max())[1])
+    t_max = float(problem.targets.max()) if not problem.index_targets and problem.targets.size else 1.0
+    rows = w_exp + int(np.frexp(max(t_max, 1.0))[1]) + problem.k.bit_length() > limit
+    terms = divisor_terms(problem)
+    if problem.reduction == "mean" and problem.index_targets and problem.weight is not None:
+        active = problem.targets[problem.active_rows()]
+        big = int(np.frexp(w[active].max())[1])
+        if big + active.size.bit_length() > limit:
+            with np.errstate(under="ignore"):
+                d = work.dtype.type(np.sum(np.ldexp(w[active], -big).astype(work.dtype)))
+            # each of the terms loses at most eta / 2 to underflow and D' >= 1/2
+            return Scale(big, d, gamma(terms, u) + active.size * work.eta * 2, rows)
+    return Scale(0, _divisor(problem, work.dtype), gamma(terms, u), rows)
+
+
+def _dense_tile(problem: Problem, lo: int, hi: int, c0: int, c1: int, dtype: Any) -> np.ndarray:
+    """``problem.dense_targets(dtype)[lo:hi, c0:c1]`` for the tile alone, by the same operations."""
+    if problem.index_targets:
+        t = np.zeros((hi - lo, c1 - c0), dtype=dtype)
+        cls = problem.targets[lo:hi]
+        active = cls != problem.ignore_index
+        inside = np.flatnonzero(active & (cls >= c0) & (cls < c1))
+        t[inside, cls[inside] - c0] = 1
+    else:
+        t = np.array(problem.targets[lo:hi, c0:c1], dtype=dtype)
+        active = np.ones(hi - lo, dtype=bool)
+    if problem.label_smoothing:
+        one, eps = np.dtype(dtype).type(1), np.dtype(dtype).type(problem.label_smoothing)
+        t = (one - eps) * t + eps / problem.k
+        t[~active] = 0.0
+    return t
+
+
+def _weighted_targets(problem: Problem, lo: int, hi: int, c0: int, c1: int, work: Working,
+                      b: np.ndarray | None) -> np.ndarray:
+    """``w_c t_nc`` on a tile; with per-row exponents ``b`` as ``fl(m_w m_t) 2**(e_w + e_t - b_n)``.
+
+    The mantissa product (both in [1/2, 1)) is one rounding and never under- or overflows; the
+    power of two is exact unless the result is subnormal (then at most eta / 2 absolute, as for an
+    unscaled product that underflows): docs/oracle.md, step 10.
+    """
+    t = _dense_tile(problem, lo, hi, c0, c1, work.dtype)
+    w = _weight_tile(problem, c0, c1, work.dtype)
+    if b is None:
+        return t * w
+    mt, et = np.frexp(t)
+    mw, ew = np.frexp(w)
+    with np.errstate(under="ignore"):
+        return np.ldexp(mt * mw, et + ew - b[:, None])
+
+
+def _row_exponents(problem: Problem, lo: int, hi: int, work: Working) -> np.ndarray:
+    """``b_n``: the largest ``e_w + e_t`` over the nonzero products of each row (0 for none)."""
+    b = np.full(hi - lo, np.iinfo(np.int32).min, dtype=np.int64)
+    for c0, c1 in _columns(problem.k):
+        w_m, w_e = np.frexp(_weight_tile(problem, c0, c1, work.dtype))
+        mt, et = np.frexp(_dense_tile(problem, lo, hi, c0, c1, work.dtype))
+        live = (mt != 0) & (w_m != 0)
+        b = np.maximum(b, np.where(live, et + w_e, b[:, None]).max(axis=1))
+    return np.where(b == np.iinfo(np.int32).min, 0, b)
+
+
+def _weight_tile(problem: Problem, c0: int, c1: int, dtype: Any) -> np.ndarray:
+    """``problem.weights()[c0:c1]`` in ``dtype``, without a K-sized array of ones for no weights."""
+    if problem.weight is None:
+        return np.ones(c1 - c0, dtype=dtype)
+    return problem.weight[c0:c1].astype(dtype)
+
+
+def _divisor(problem: Problem, dtype: Any) -> Any:
+    """``problem.divisor(dtype)``, the same value, without a K-sized array of ones for no weights."""
+    if problem.weight is None and problem.reduction == "mean" and problem.index_targets:
+        return np.dtype(dtype).type(np.count_nonzero(problem.active_rows()))  # a count: exact
+    return problem.divisor(dtype)
+
+
+def _columns(k: int) -> list[tuple[int, int]]:
+    """Column tiles: the whole row up to :data:`COLUMN_BLOCK` classes, else tiles of that size."""
+    return [(c0, min(c0 + COLUMN_BLOCK, k)) for c0 in range(0, k, COLUMN_BLOCK)]
+
+
+COLUMN_BLOCK = 1 << 18  # longer rows are evaluated in two passes over column tiles (2 MiB each)
+
+
 def grad_bounded(problem: Problem, work: Working = FLOAT64_WORK) -> tuple[np.ndarray, np.ndarray]:
-    """``(N, K)`` gradient in ``work`` precision and its running error bound (docs/oracle.md, steps 1-9).
+    """``(N, K)`` gradient in ``work`` precision and its running error bound (docs/oracle.md, steps 1-10).
 
     With the default float64 the value is :func:`grad_rows`'s; with :data:`EXTENDED_WORK` it is the
     general formula evaluated in x87 extended precision, and both arrays are ``np.longdouble``.
+    Evaluated in row blocks and, for rows longer than :data:`COLUMN_BLOCK`, column tiles with two
+    passes (row max and sums, then the elements): the extra memory is a few blocks beyond the two
+    results. Where the value is not finite the bound is inf.
     """
-    parts = row_parts(problem.logits, work)
     n, k = problem.logits.shape
+    scale = scale_of(problem, work)
+    one_hot = work is FLOAT64_WORK and problem.index_targets and not problem.label_smoothing and not scale.active
+    factor = None
+    if one_hot:
+        active = problem.active_rows()
+        wt_t = np.zeros(n)
+        wt_t[active] = 1.0 if problem.weight is None else problem.weight[problem.targets[active]]
+        factor = wt_t / scale.d
+    g_out = np.empty((n, k), dtype=work.dtype)
+    b_out = np.empty((n, k), dtype=work.dtype)
+
+    def block(lo: int, hi: int) -> None:
+        _bounded_block(problem, work, scale, factor, lo, hi, g_out, b_out)
+
+    for_row_blocks(n, k, block)
+    return g_out, b_out
+
+
+def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.ndarray | None,
+                   lo: int, hi: int, g_out: np.ndarray, b_out: np.ndarray) -> None:
+    """Rows ``lo:hi`` of :func:`grad_bounded`: pass 1 the row max, R and S; pass 2 each element."""
+    k = problem.k
     u = work.u
-    _, eps_p, eps_q = _row_error(parts, work)
+    zero = work.dtype.type(0)
+    rows = np.arange(hi - lo)
+    tiles = _columns(k)
+    b = _row_exponents(problem, lo, hi, work) if scale.rows else None
+    # pass 1: max and argmax (first occurrence), then R = sum_{c != argmax} e_c, any e_c > 0 there, S
+    m = np.full(hi - lo, -np.inf, dtype=work.dtype)
+    argmax = np.zeros(hi - lo, dtype=np.int64)
+    for c0, c1 in tiles:
+        zc = np.asarray(problem.logits[lo:hi, c0:c1], dtype=work.dtype)
+        am = np.argmax(zc, axis=1)
+        mx = zc[rows, am]
+        better = mx > m
+        m, argmax = np.where(better, mx, m), np.where(better, am + c0, argmax)
+    m = m[:, None]
+    r = np.zeros(hi - lo, dtype=work.dtype)
+    s = np.zeros(hi - lo, dtype=work.dtype)
+    positive = np.zeros(hi - lo, dtype=bool)
+    cached = None
+    for c0, c1 in tiles:
+        zc = np.asarray(problem.logits[lo:hi, c0:c1], dtype=work.dtype)
+        s_hi, s_lo, e = _shifted_exp(zc, m)
+        here = np.flatnonzero((argmax >= c0) & (argmax < c1))
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            e_other = e.copy()
+            e_other[here, argmax[here] - c0] = 0.0
+            r += e_other.sum(axis=1)
+            positive |= (e_other > 0).any(axis=1)
+            wt = _weighted_targets(problem, lo, hi, c0, c1, work, b)
+            s += wt.sum(axis=1)
+        cached = (s_hi, s_lo, e, wt) if len(tiles) == 1 else None
+    a_max = np.where(positive, (work.exp_ulps + 2) * u, zero)
+    rho = a_max + gamma(k, u)
+    eps_z = rho + u
     eps_wt = (4 * u if problem.label_smoothing else 0 * u) + u
-    wt = problem.dense_targets(work.dtype) * problem.weights().astype(work.dtype)
-    s = wt.sum(axis=1)[:, None]
-    s_minus = np.maximum(s - wt, 0)
-    d = problem.divisor(work.dtype)
-    with np.errstate(under="ignore"):
-        if work is FLOAT64_WORK:
-            g = grad_rows(problem)
-        else:
-            g = (parts.p * s_minus - wt * parts.q) / d
-        d_s_minus = (gamma(k, u) + eps_wt) * s + eps_wt * wt + u * s_minus
-        d_t1 = parts.p * d_s_minus + s_minus * parts.p * eps_p + u * parts.p * s_minus
-        d_t2 = (eps_wt + eps_q + u) * wt * parts.q
-        t_sum = parts.p * s_minus + wt * parts.q
-        d_g0 = d_t1 + d_t2 + u * t_sum
-        bound = d_g0 / d + np.abs(g) * (gamma(divisor_terms(problem), u) + 2 * u)
-        one = work.dtype.type(1)
-        floor = (k + 8) * work.eta * np.maximum(one, s) * max(one, one / d)
-    return g, SECOND_ORDER * bound + floor
+    d = scale.d
+    one = work.dtype.type(1)
+    s = s[:, None]
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        total = 1.0 + r
+        for c0, c1 in tiles:
+            if cached is None:
+                zc = np.asarray(problem.logits[lo:hi, c0:c1], dtype=work.dtype)
+                _, _, e = _shifted_exp(zc, m)
+                wt = _weighted_targets(problem, lo, hi, c0, c1, work, b)
+            else:
+                _, _, e, wt = cached
+            here = np.flatnonzero((argmax >= c0) & (argmax < c1))
+            at = argmax[here] - c0
+            # step 4-5: p, q (R / Z at the argmax), and their relative errors
+            p = e / total[:, None]
+            q = 1.0 - p
+            q[here, at] = r[here] / total[here]
+            a = np.where(e > 0, (work.exp_ulps + 2) * u, zero)
+            a[here, at] = 0
+            eps_p = a + eps_z[:, None] + u
+            eps_q = eps_p + u
+            eps_q[here, at] = (rho + eps_z + u)[here]
+            s_minus = np.maximum(s - wt, 0)
+            if factor is not None:
+                g = _one_hot_tile(problem, lo, hi, c0, c1, e, r, total, argmax, factor)
+            elif work is FLOAT64_WORK:
+                g = (p * (s - wt) - wt * q) / d
+            else:
+                g = (p * s_minus - wt * q) / d
+            # steps 7-9
+            d_s_minus = (gamma(k, u) + eps_wt) * s + eps_wt * wt + u * s_minus
+            d_t1 = p * d_s_minus + s_minus * p * eps_p + u * p * s_minus
+            d_t2 = (eps_wt + eps_q + u) * wt * q
+            t_sum = p * s_minus + wt * q
+            d_g0 = d_t1 + d_t2 + u * t_sum
+            bound = d_g0 / d + np.abs(g) * (scale.d_rel + 2 * u)
+            floor = (k + 8) * work.eta * np.maximum(one, s) * max(one, one / d)
+            bound = SECOND_ORDER * bound + floor
+            if scale.active:  # step 10: back from the scaled domain, exactly but for under/overflow
+                shift = (np.zeros(hi - lo, dtype=np.int64) if b is None else b) - scale.a
+                g = np.ldexp(g, shift[:, None])
+                bound = np.ldexp(bound, shift[:, None]) + 2 * work.eta
+            bound[~np.isfinite(g)] = np.inf
+            g_out[lo:hi, c0:c1] = g
+            b_out[lo:hi, c0:c1] = bound
+
+
+def _one_hot_tile(problem: Problem, lo: int, hi: int, c0: int, c1: int, e: np.ndarray, r: np.ndarray,
+                  total: np.ndarray, argmax: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """:func:`_one_hot_grad`'s formulas on a column tile (bit-identical for whole rows)."""
+    g = np.multiply(e, (factor[lo:hi] / total)[:, None])
+    cls = problem.targets[lo:hi]
+    live = np.flatnonzero((cls != problem.ignore_index) & (cls >= c0) & (cls < c1))
+    at = cls[live]
+    e_t = e[live, at - c0]
+    q_t = np.where(at == argmax[live], r[live] / total[live], 1.0 - e_t / total[live])
+    g[live, at - c0] = -(factor[lo:hi][live] * q_t)
+    return g
 
 
 def loss_bounded(problem: Problem) -> Bounded:
-    """Float64 loss (0-d for mean/sum, ``(N,)`` for none) and its running error bound."""
+    """Float64 loss (0-d for mean/sum, ``(N,)`` for none) and its running error bound.
+
+    Rows whose weighted targets come near overflow are evaluated rescaled by ``2**-b_n`` and the
+    divisor by ``2**-a`` (docs/oracle.md, step 10); the row losses are brought to a common scale
+    before they are summed.
+    """
     parts = row_parts(problem.logits)
     n, k = problem.logits.shape
     rho, _, _ = _row_error(parts)
-    wt = problem.dense_targets() * problem.weights()
+    scale = scale_of(problem)
+    b = _row_exponents(problem, 0, n, FLOAT64_WORK) if scale.rows else None
+    wt = _weighted_targets(problem, 0, n, 0, k, FLOAT64_WORK, b)
     s = wt.sum(axis=1)
     with np.errstate(invalid="ignore", under="ignore", over="ignore"):
         # wt_c * (-s_c), with 0 where wt_c = 0 (also on masked classes, where -s_c = +inf)
@@ -400,6 +630,8 @@ def loss_bounded(problem: Problem) -> Bounded:
         eps_wt = (4 * U if problem.label_smoothing else 0.0) + U
         eps_row = np.maximum(eps_wt + rho + 4 * U, eps_wt + 2 * U + gamma(k)) + U
         row_bound = eps_row * row_loss + (k + 4) * ETA * np.maximum(s, 1.0)
+    if scale.active:
+        return _scaled_loss(problem, scale, np.zeros(n, dtype=np.int64) if b is None else b, row_loss, row_bound)
     if problem.reduction == "none":
         return Bounded(problem.restore_shape(row_loss), problem.restore_shape(SECOND_ORDER * row_bound))
     d = problem.divisor()
@@ -407,6 +639,25 @@ def loss_bounded(problem: Problem) -> Bounded:
         total = np.sum(row_loss) / d
         bound = (np.sum(row_bound) + gamma(n) * np.sum(row_loss)) / d + (gamma(divisor_terms(problem)) + 2 * U) * abs(total)
     return Bounded(np.array(total), np.array(SECOND_ORDER * bound + ETA))
+
+
+def _scaled_loss(problem: Problem, scale: Scale, b: np.ndarray, row_loss: np.ndarray, row_bound: np.ndarray) -> Bounded:
+    """The loss from row losses ``row_loss_n 2**-b_n`` and a divisor ``D 2**-a`` (docs/oracle.md, step 10)."""
+    n = problem.n
+    with np.errstate(invalid="ignore", under="ignore", over="ignore"):
+        if problem.reduction == "none":
+            value = np.ldexp(row_loss, b)
+            bound = np.ldexp(SECOND_ORDER * row_bound, b) + 2 * ETA
+        else:
+            top = int(b.max())
+            # to the common scale 2**top: exact but for underflow, at most eta / 2 per row
+            rl, rb = np.ldexp(row_loss, b - top), np.ldexp(row_bound, b - top)
+            total = np.sum(rl) / scale.d
+            inner = (np.sum(rb) + n * ETA + gamma(n) * np.sum(rl)) / scale.d + (scale.d_rel + 2 * U) * abs(total)
+            value = np.array(np.ldexp(total, top - scale.a))
+            bound = np.array(np.ldexp(SECOND_ORDER * inner + ETA, top - scale.a) + 2 * ETA)
+        bound = np.where(np.isfinite(value), bound, np.inf)
+    return Bounded(problem.restore_shape(value), problem.restore_shape(bound))
 
 
 def _jacobian(parts: RowParts) -> np.ndarray:
@@ -420,7 +671,7 @@ def _jacobian(parts: RowParts) -> np.ndarray:
 
 def _as_rows(z: Any, axis: int) -> tuple[np.ndarray, Any]:
     """Validate logits of any shape and move ``axis`` last, flattened to rows; returns the undo."""
-    arr = np.atleast_1d(validate_logits(z, ndims=None, axis=axis, copy=False))
+    arr = validate_logits(z, ndims=None, axis=axis, copy=False)
     moved = np.moveaxis(arr, axis, -1)
     shape = moved.shape
 

@@ -18,6 +18,8 @@ So the gradient is ``dL/dz_ni = r_n (p_ni S_n - w_i t_ni) / D`` with ``S_n = sum
 
 from __future__ import annotations
 
+import operator
+import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -28,7 +30,7 @@ from gradcheck.dtypes import DTYPE_NAMES, FloatFormat, float_format, is_supporte
 from gradcheck.errors import InvalidArgument
 from gradcheck.options import CASE, DEFAULT_IGNORE_INDEX, REDUCTIONS
 
-__all__ = ["DEFAULT_IGNORE_INDEX", "REDUCTIONS", "Case", "Problem", "make_problem", "validate_logits"]
+__all__ = ["DEFAULT_IGNORE_INDEX", "REDUCTIONS", "Case", "Problem", "as_array", "make_problem", "validate_logits"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -276,23 +278,54 @@ def _describe(x: np.ndarray) -> str:
     return f"array of shape {x.shape} and dtype {x.dtype}"
 
 
+def as_array(value: Any, *, copy: bool) -> np.ndarray:
+    """The one conversion of an input array: numpy, torch (CPU or not, ``requires_grad``, bfloat16),
+    JAX, or any array-like, to numpy with its dtype.
+
+    Duck typed (torch is looked up in ``sys.modules``, never imported): a torch tensor is detached and
+    moved to the CPU, and a torch bfloat16 tensor becomes an ml_dtypes bfloat16 array exactly (through
+    float32), so numpy's ``__array__`` (whose ``copy`` keyword torch does not take) is never used on it.
+    A JAX array converts through its own ``__array__``.
+
+    Args:
+        value: the array.
+        copy: True for a private copy; False may return a view of the caller's memory.
+
+    Raises:
+        TypeError, ValueError: from numpy, for something that is not array-like (the callers name it).
+    """
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        torch = sys.modules["torch"]
+        tensor = value.detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            return tensor.float().numpy().astype(float_format("bfloat16").dtype)  # exact; a fresh array
+        arr = tensor.resolve_conj().resolve_neg().numpy()
+        return arr.copy() if copy else arr
+    return np.array(value, copy=True) if copy else np.asarray(value)
+
+
 def validate_logits(
     logits: Any, *, ndims: tuple[int, ...] | None = (1, 2), axis: int = -1, copy: bool = True
 ) -> np.ndarray:
     """Check float logits and return a read-only private copy (or, ``copy=False``, a read-only view).
 
     Args:
-        logits: array-like of float64, float32, float16 or bfloat16.
+        logits: array-like of float64, float32, float16 or bfloat16 (numpy, torch, JAX: :func:`as_array`).
         ndims: accepted numbers of dimensions (None: any).
         axis: the class axis; every slice along it needs a finite entry.
         copy: False for callers that drop the result before returning (the oracle functions); the
             view is read-only, so nothing can write through it to the caller's array.
 
     Raises:
-        InvalidArgument: non-float dtype, wrong rank, empty, NaN or +inf, or a slice of all -inf.
+        InvalidArgument: non-float dtype, wrong rank (or 0-D), empty, NaN or +inf, a slice of all
+            -inf, or an axis that is not an integer in range.
     """
+    if isinstance(axis, (bool, np.bool_)) or not hasattr(axis, "__index__"):
+        raise InvalidArgument(f"axis must be an integer, got {axis!r}.")
+    axis = operator.index(axis)
     try:
-        z = np.array(logits, copy=True) if copy else np.asarray(logits).view()
+        z = as_array(logits, copy=copy)
+        z = z if copy else z.view()
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"logits must be an array of floats, got {type(logits).__name__} ({exc}).") from None
     if not is_supported_float(z.dtype):
@@ -301,6 +334,8 @@ def validate_logits(
             f"logits must be a floating-point array ({', '.join(DTYPE_NAMES)}), got {kind} "
             f"({_describe(z)}). Convert first, e.g. logits.astype(np.float64)."
         )
+    if z.ndim == 0:
+        raise InvalidArgument(f"logits must have at least one dimension, got shape {z.shape}.")
     if ndims is not None and z.ndim not in ndims:
         shapes = " or ".join({1: "(K,)", 2: "(N, K)"}.get(d, f"{d}-D") for d in ndims)
         raise InvalidArgument(f"logits must have shape {shapes}, got shape {z.shape}.")
@@ -311,7 +346,7 @@ def validate_logits(
     z.setflags(write=False)
     if np.isfinite(z).all():
         return z
-    z64 = z.astype(np.float64)
+    z64 = z if z.dtype == np.float64 else z.astype(np.float64)
     bad = np.isnan(z64) | (z64 == np.inf)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -330,7 +365,7 @@ def validate_logits(
 
 def _check_targets(targets: Any, n: int, k: int, vector: bool, ignore_index: int) -> np.ndarray:
     try:
-        t = np.array(targets, copy=True)
+        t = as_array(targets, copy=True)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"targets must be an array, got {type(targets).__name__} ({exc}).") from None
     index_shape, prob_shape = ((), (k,)) if vector else ((n,), (n, k))
@@ -376,7 +411,7 @@ def _check_weight(weight: Any, k: int) -> np.ndarray | None:
     if weight is None:
         return None
     try:
-        w = np.array(weight, copy=True)
+        w = as_array(weight, copy=True)
     except (TypeError, ValueError):
         raise InvalidArgument(f"weight must be an array of {k} floats, got {type(weight).__name__}.") from None
     if w.shape != (k,):
@@ -400,7 +435,9 @@ def _check_active(problem: Problem) -> None:
             f"{problem.ignore_index}, got {problem.n} ignored rows (the mean would be 0/0). "
             "Use reduction='sum', or keep a row."
         )
-    if problem.divisor() == 0.0 and problem.exact_divisor() == 0:
+    with np.errstate(over="ignore"):  # a divisor beyond float64's range is valid (the oracle rescales it)
+        zero = problem.divisor() == 0.0
+    if zero and problem.exact_divisor() == 0:
         raise InvalidArgument(
             "reduction='mean' divides by the sum of the target classes' weights, got 0 "
             "(every counted row's class has weight 0)."

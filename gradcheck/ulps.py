@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from gradcheck.dtypes import FloatFormat, float_format
+from gradcheck.errors import InvalidArgument
 
 
 def _ordered(x: np.ndarray, fmt: FloatFormat) -> np.ndarray:
@@ -21,16 +22,23 @@ def _ordered(x: np.ndarray, fmt: FloatFormat) -> np.ndarray:
 def ulp_distance(a: Any, b: Any, *, dtype: Any = None) -> np.ndarray:
     """The number of representable numbers between ``a`` and ``b``, as float64.
 
-    Both are first cast to ``dtype`` (the common dtype of the inputs when None; the cast is exact for
-    values already in that format). Signed zeros are equal, subnormals count one each, +inf is one
-    step beyond the largest finite number, and NaN against anything (NaN included) is ``inf``.
+    ULPs are counted in one format: ``dtype`` when given (both are first rounded to it), else the
+    dtype of ``a`` and ``b``, which must then be the same: a float64 value against a float32 one has
+    no single spacing to count in (counted in float64 such a pair is ~1e8 ULP apart for a float32
+    rounding), so mixed dtypes are refused rather than silently measured in the wider format. A
+    Python float or int takes the other argument's dtype. Signed zeros are equal, subnormals count
+    one each, +inf is one step beyond the largest finite number, and NaN against anything (NaN
+    included) is ``inf``.
 
     Args:
         a, b: arrays of float64, float32, float16 or bfloat16, broadcastable.
-        dtype: the format whose ULPs are counted.
+        dtype: the format whose ULPs are counted; required when ``a`` and ``b`` differ in dtype.
 
     Returns:
         float64 array: exact for distances below 2**53.
+
+    Raises:
+        InvalidArgument: an unsupported dtype, or ``a`` and ``b`` of different dtypes without ``dtype``.
 
     >>> ulp_distance(np.float32(1.0), np.nextafter(np.float32(1.0), np.float32(2.0)))
     array(1.)
@@ -39,7 +47,13 @@ def ulp_distance(a: Any, b: Any, *, dtype: Any = None) -> np.ndarray:
     """
     a_arr, b_arr = np.asarray(a), np.asarray(b)
     if dtype is None:
-        dtype = np.result_type(a_arr, b_arr) if a_arr.dtype != b_arr.dtype else a_arr.dtype
+        a_scalar, b_scalar = (isinstance(x, (int, float)) and not isinstance(x, np.generic) for x in (a, b))
+        if a_arr.dtype != b_arr.dtype and not (a_scalar or b_scalar):
+            raise InvalidArgument(
+                f"a and b must have the same dtype to count ULPs, got {a_arr.dtype} and {b_arr.dtype}. "
+                f"Say whose ULPs to count, e.g. ulp_distance(a, b, dtype={b_arr.dtype.name!r})."
+            )
+        dtype = b_arr.dtype if a_scalar else a_arr.dtype
     fmt = float_format(dtype, argument="dtype of a and b")
     a_arr, b_arr = np.broadcast_arrays(a_arr.astype(fmt.dtype), b_arr.astype(fmt.dtype))
     oa, ob = _ordered(np.array(a_arr, order="C"), fmt), _ordered(np.array(b_arr, order="C"), fmt)

@@ -187,3 +187,58 @@ def test_negative_underflow_is_negative_zero(dtype):
     assert g[0, 1] == 0 and not np.signbit(g[0, 1])
     g = gc.exact_grad(np.array([[0.0, -800.0]]).astype(fmt.dtype), np.array([0]))
     assert np.signbit(g.astype(np.float64)[0, 0]) and g.astype(np.float64)[0, 0] <= 0
+
+
+HUGE_Z = np.array([[2.0, -1.0, 0.5], [0.0, 40.0, -700.0]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("targets", "options"), [
+    (np.array([0, 1]), {"weight": [1e308, 1e308, 1]}),  # the divisor overflows in float64
+    (np.array([0, 1]), {"weight": [1e308, 1e308, 1], "label_smoothing": 0.1}),
+    (np.array([[1e308, 1e308, 1.0], [1.0, 2.0, 1e308]]), {}),  # S overflows in float64
+    (np.array([[1e-300, 1e308, 1.0], [1e-300, 2.0, 1e308]]), {"weight": [1e308, 1e-300, 1e-300], "reduction": "sum"}),
+])
+def test_correctly_rounded_near_overflow(targets, options, dtype):
+    """The prefilter is the float64 oracle's bound (for narrower formats) or its extended twin: a false
+    bound there would be a wrong "certified" value (issue 15, item 4)."""
+    z = HUGE_Z.astype(gc.float_format(dtype).dtype)
+    truth64 = independent(z, targets, options)
+    assert _same(gc.exact_grad(z, targets, dtype="float64", **options), truth64)
+    got = gc.exact_grad(z, targets, **options)
+    safe = ~_midpoint(truth64, dtype)
+    assert _same(got.astype(np.float64)[safe], gc.round_to_format(truth64, dtype).astype(np.float64)[safe])
+    assert _same(got, gc.exact_grad(z, targets, prefilter=False, **options))
+    try:
+        loss64 = independent(z, targets, options, what="loss")
+    except OverflowError:  # the loss itself is beyond float64 (by far: these are 1e308 * 700)
+        loss64 = np.array(np.inf)
+    assert _same(gc.exact_loss(z, targets, dtype="float64", **options), loss64)
+
+
+def test_a_row_shares_its_sum_and_factor(monkeypatch):
+    """Issue 15, item 15: each element used to convert S, w_c t_c and D to intervals again (and a
+    precision change made the next element recompute all K exponentials); now the row's factor
+    S / (Z D) is computed once per precision. Counted, not timed."""
+    from gradcheck import exact
+
+    calls = {"interval": 0, "exp": 0}
+    interval, exp_shifted = exact._interval, exact._exp_shifted
+
+    def counted_interval(x):
+        calls["interval"] += 1
+        return interval(x)
+
+    def counted_exp(*args):
+        calls["exp"] += 1
+        return exp_shifted(*args)
+
+    monkeypatch.setattr(exact, "_interval", counted_interval)
+    monkeypatch.setattr(exact, "_exp_shifted", counted_exp)
+    k = 500
+    z = np.random.default_rng(7).standard_normal((1, k)) * 3
+    g = gc.exact_grad(z, np.array([3]), prefilter=False)
+    precisions = calls["exp"] // k  # each precision reached evaluates the K exponentials once
+    assert calls["exp"] % k == 0 and precisions <= 3
+    assert calls["interval"] <= 2 * precisions + 3  # S and D per precision, w_t t_t for the one target
+    assert _same(g, independent(z, np.array([3]), {}, prec=400))

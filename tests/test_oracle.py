@@ -248,3 +248,161 @@ def test_extended_precision_bound_holds(seed, regime):
                 num, den = g[n, c].as_integer_ratio()
                 bnum, bden = bound[n, c].as_integer_ratio()
                 assert abs(mpmath.mpf(num) / den - exact) <= mpmath.mpf(bnum) / bden, (n, c)
+
+
+# --- issue 15, item 4: a bound must never be false, also near overflow -------------------------------
+
+HUGE_Z = np.array([[2.0, -1.0, 0.5], [0.0, 40.0, -700.0]])  # the README's example
+
+
+def _holds(value, bound, truth):
+    """|value - truth| <= bound + ulp(truth)/2, with equal infinities counted as exact."""
+    value, bound, truth = (np.asarray(x, np.float64) for x in (value, bound, truth))
+    half = gc.float_format("float64").ulp(np.where(np.isfinite(truth), truth, 0.0)) / 2
+    with np.errstate(invalid="ignore"):
+        ok = (value == truth) | (np.abs(value - truth) <= bound + half)
+    return bool(np.all(ok))
+
+
+@pytest.mark.parametrize(("targets", "options"), [
+    (np.array([0, 1]), {"weight": [1e308, 1e308, 1]}),  # the divisor overflows
+    (np.array([0, 1]), {"weight": [1e308, 1e308, 1], "label_smoothing": 0.1}),  # and S, and the products
+    (np.array([[1e308, 1e308, 1.0], [1.0, 2.0, 1e308]]), {}),  # S overflows (truth 2.86e307)
+    (np.array([[1e308, 1e308, 1.0], [1.0, 2.0, 1e308]]), {"weight": [1e300, 0.5, 1e-300], "reduction": "none"}),
+    (np.array([[1e308, 1e-300, 1.0], [1e-300, 2.0, 1e308]]), {"weight": [1e308, 1e308, 1e-300], "reduction": "sum"}),
+])
+def test_bound_is_true_near_overflow(targets, options):
+    """Used to return zeros with a bound of 5.4e-15 (truth -0.107), a loss of 0 with bound 5e-324
+    (truth 0.1207), and inf where the truth is 2.86e307."""
+    g, bound = gc.cross_entropy_grad_bounded(HUGE_Z, targets, **options)
+    truth = gc.exact_grad(HUGE_Z, targets, dtype="float64", prefilter=False, **options)
+    assert _holds(g, bound, truth)
+    assert np.array_equal(np.isfinite(g), np.isfinite(truth))  # finite wherever the truth is
+    np.testing.assert_array_equal(gc.cross_entropy_grad(HUGE_Z, targets, **options), g)
+    loss, lbound = gc.cross_entropy_bounded(HUGE_Z, targets, **options)
+    assert _holds(loss, lbound, independent_loss(HUGE_Z, targets, options))
+
+
+def test_readme_example_with_huge_weights():
+    g, bound = gc.cross_entropy_grad_bounded(HUGE_Z, np.array([0, 1]), weight=[1e308, 1e308, 1])
+    assert g[0, 0] == pytest.approx(-0.107201483, rel=1e-8) and bound.max() < 1e-15
+    loss, lbound = gc.cross_entropy_bounded(HUGE_Z, np.array([0, 1]), weight=[1e308, 1e308, 1])
+    assert float(loss) == pytest.approx(0.12065564832857853, rel=1e-15) and lbound < 1e-15
+
+
+def independent_loss(z, t, opts, prec=3000):
+    """The loss in plain mpmath from exact rationals (independent of the oracle and of exact.py)."""
+    problem = gc.make_problem(z, t, **opts)
+    rows = []
+    with mpmath.workprec(prec):
+        for n in range(problem.n):
+            zn = problem.logits[n].astype(np.float64)
+            zmax = mpmath.mpf(float(zn.max()))
+            log_total = mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(float(v)) - zmax) for v in zn if np.isfinite(v)))
+            wt = [problem.exact_weight(c) * problem.exact_target(n, c) for c in range(problem.k)]
+            rows.append(mpmath.fsum((mpmath.mpf(x.numerator) / x.denominator) * (log_total - (mpmath.mpf(float(zn[c])) - zmax))
+                                    for c, x in enumerate(wt) if x))
+        if problem.reduction == "none":
+            return problem.restore_shape(np.array([float(r) for r in rows]))
+        d = problem.exact_divisor()
+        return np.array(float(mpmath.fsum(rows) * d.denominator / d.numerator))
+
+
+@st.composite
+def huge_cases(draw):
+    """Weights and probability targets spanning 1e-300 .. 1e308 (and zeros), every reduction."""
+    n, k = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    mag = st.one_of(st.just(0.0), st.builds(lambda m, e: m * 10.0**e, st.floats(1.0, 1.79), st.integers(-300, 307)))
+    z = np.array(draw(st.lists(st.floats(-50, 50), min_size=n * k, max_size=n * k))).reshape(n, k)
+    opts = {"reduction": draw(st.sampled_from(["mean", "sum", "none"])),
+            "label_smoothing": draw(st.sampled_from([0.0, 0.125]))}
+    if draw(st.booleans()):
+        opts["weight"] = np.array(draw(st.lists(mag, min_size=k, max_size=k)))
+    if draw(st.booleans()):
+        t = np.array(draw(st.lists(mag, min_size=n * k, max_size=n * k))).reshape(n, k)
+    else:
+        t = np.array(draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n)))
+        if opts["reduction"] == "mean" and "weight" in opts and not opts["weight"][t].any():
+            opts["weight"][t[0]] = 1.0  # a mean over zero weight is refused (test_problem)
+    return z, t, opts
+
+
+@settings(max_examples=150)
+@given(huge_cases())
+def test_bound_holds_for_weights_and_targets_up_to_overflow(case):
+    z, t, opts = case
+    g, bound = gc.cross_entropy_grad_bounded(z, t, **opts)
+    truth = gc.exact_grad(z, t, dtype="float64", prefilter=False, **opts)
+    assert _holds(g, bound, truth)
+    assert not np.isnan(bound).any() and np.all(bound >= 0)
+    loss, lbound = gc.cross_entropy_bounded(z, t, **opts)
+    assert _holds(loss, lbound, independent_loss(z, t, opts, prec=600))
+
+
+# --- issue 15, item 15: the bounded gradient's memory ------------------------------------------------
+
+
+def _peak_ratio(z, t, **options):
+    """tracemalloc's peak during cross_entropy_grad_bounded, in units of the logits' size (deterministic)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        result = gc.cross_entropy_grad_bounded(z, t, **options)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak / z.nbytes, result
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_bounded_gradient_memory_is_a_small_multiple_of_the_output(soft, monkeypatch):
+    """Was 18x the input (19x with soft targets); the two results are 2x, a probability target copy 1x."""
+    from gradcheck import oracle
+
+    monkeypatch.setattr(oracle, "THREADS", 1)  # one block in flight: the figure does not depend on the machine
+    rng = np.random.default_rng(15)
+    z = rng.standard_normal((2000, 1000))
+    t = rng.dirichlet(np.ones(1000), 2000) if soft else rng.integers(0, 1000, 2000)
+    ratio, _ = _peak_ratio(z, t, weight=rng.uniform(0.5, 2.0, 1000))
+    assert ratio < (4.0 if soft else 3.0)
+
+
+def test_a_single_long_row_is_tiled_with_a_rigorous_bound(monkeypatch):
+    """One row longer than COLUMN_BLOCK: two passes over column tiles (docs/oracle.md, "Cost")."""
+    from gradcheck import oracle
+
+    monkeypatch.setattr(oracle, "THREADS", 1)
+    rng = np.random.default_rng(16)
+    k = 300_000
+    z = rng.standard_normal((1, k)) * 4
+    z[0, 123_456] = 30.0  # the max in a middle tile
+    z[0, 5] = -np.inf
+    t = np.array([k - 1])
+    whole, whole_bound = gc.cross_entropy_grad_bounded(z, t)
+    np.testing.assert_array_equal(whole, gc.cross_entropy_grad(z, t))  # one tile: bit for bit the fast path
+    monkeypatch.setattr(oracle, "COLUMN_BLOCK", 1 << 12)
+    ratio, (g, bound) = _peak_ratio(z, t)
+    assert ratio < 3.0  # was 18: now the two results and a few tiles
+    assert np.all(np.abs(g - whole) <= bound + whole_bound)  # both within their bounds of one truth
+    assert np.all(bound <= 4 * whole_bound + 1e-300)
+    # against the truth on a sample of the columns (the argmax, the masked, the target, the tiles' edges)
+    cols = [0, 5, 4095, 4096, 123_456, k - 1]
+    problem = gc.make_problem(z, t)
+    with mpmath.workprec(200):
+        e = [mpmath.exp(mpmath.mpf(float(v)) - 30) for v in z[0] if np.isfinite(v)]
+        total = mpmath.fsum(e)
+        for c in cols:
+            exact = (0 if c == 5 else mpmath.exp(mpmath.mpf(float(z[0, c])) - 30) / total) - (c == k - 1)
+            assert abs(mpmath.mpf(float(g[0, c])) - exact) <= mpmath.mpf(float(bound[0, c])) * (1 + 1e-10), c
+    assert problem.k == k
+
+
+def test_hessian_scale_near_overflow():
+    """S / D of the Hessian blocks: an overflowed divisor used to give 0 (and a RuntimeWarning)."""
+    w = np.array([1e308, 1e308, 1.0])
+    blocks = gc.cross_entropy_hessian(HUGE_Z, np.array([0, 1]), weight=w)
+    reference = gc.cross_entropy_hessian(HUGE_Z, np.array([0, 1]), weight=w / 2**1000)  # the same ratio
+    np.testing.assert_array_equal(blocks, reference)
+    assert np.abs(blocks).max() > 0.08

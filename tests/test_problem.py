@@ -108,3 +108,81 @@ def test_bfloat16_weights_and_targets_are_accepted():
     bf = ml_dtypes.bfloat16
     g = gc.cross_entropy_grad(Z.astype(bf), P.astype(bf), weight=np.array([1.0, 2.0, 0.5]).astype(bf))
     assert g.dtype == bf and np.all(np.isfinite(g.astype(np.float64)))
+
+
+# --- issue 15, item 14 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", ["x", 1.0, None, True])
+def test_softmax_axis_must_be_an_integer(axis):
+    """Was a TypeError from comparing the axis with the rank."""
+    for fn in (gc.softmax, gc.log_softmax):
+        with pytest.raises(InvalidArgument, match=r"axis must be an integer, got "):
+            fn(Z, axis=axis)
+    np.testing.assert_array_equal(gc.softmax(Z, axis=np.int64(0)), gc.softmax(Z, axis=0))
+
+
+@pytest.mark.parametrize("entry", [gc.softmax, gc.log_softmax, gc.softmax_jacobian,
+                                   lambda z: gc.cross_entropy_grad(z, np.int64(0)), lambda z: gc.exact_grad(z, np.int64(0))])
+def test_zero_dimensional_logits_are_refused(entry):
+    """softmax of a 0-D input used to return shape (1,)."""
+    with pytest.raises(InvalidArgument, match=r"logits must have at least one dimension, got shape \(\)"):
+        entry(np.float64(1.5))
+
+
+def _torch_inputs(torch):
+    rng = np.random.default_rng(14)
+    z = rng.standard_normal((4, 3)) * 2
+    t = np.array([0, 2, 1, 0])
+    p = rng.dirichlet(np.ones(3), 4)
+    w = np.array([1.0, 2.0, 0.5])
+    return z, t, p, w
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_torch_tensors_go_in_everywhere(dtype):
+    """A torch tensor used to hit numpy's __array__ DeprecationWarning (copy keyword); requires_grad
+    and bfloat16 tensors could not be converted at all (filterwarnings = error makes the warning fail)."""
+    from conftest import require_torch
+
+    torch = require_torch()
+    z, t, p, w = _torch_inputs(torch)
+    fmt = gc.float_format(dtype)
+    z = z.astype(fmt.dtype)
+    p_np = p.astype(fmt.dtype)
+    zt = torch.tensor(z.astype(np.float64)).to(getattr(torch, dtype)).requires_grad_(True)  # exact: z is in fmt
+    tt, pt, wt = torch.tensor(t), torch.tensor(p_np.astype(np.float64)).to(getattr(torch, dtype)), torch.tensor(w, requires_grad=True)
+    for entry in (gc.cross_entropy, gc.cross_entropy_grad, gc.exact_grad, gc.cross_entropy_hessian, gc.exact_loss):
+        for targets, targets_np in ((tt, t), (pt, p_np)):
+            got, expected = entry(zt, targets, weight=wt), entry(z, targets_np, weight=w)
+            assert got.dtype == expected.dtype == fmt.dtype
+            np.testing.assert_array_equal(got, expected)
+    g, b = gc.cross_entropy_grad_bounded(zt, tt, weight=wt)
+    np.testing.assert_array_equal(g, gc.cross_entropy_grad_bounded(z, t, weight=w).value)
+    for fn in (gc.softmax, gc.log_softmax, gc.softmax_jacobian):
+        np.testing.assert_array_equal(fn(zt), fn(z))
+    problem = gc.make_problem(zt, tt, weight=wt)
+    assert problem.logits.dtype == fmt.dtype and problem.targets.dtype == np.int64
+    assert zt.grad is None  # nothing flowed back into the caller's graph
+
+
+def test_torch_conversion_copies_unless_asked_not_to():
+    from conftest import require_torch
+
+    from gradcheck.problem import as_array
+
+    torch = require_torch()
+    x = torch.arange(3, dtype=torch.float64)
+    private, view = as_array(x, copy=True), as_array(x, copy=False)
+    x[0] = 9.0
+    assert private[0] == 0.0 and view[0] == 9.0
+
+
+def test_jax_arrays_go_in():
+    jnp = pytest.importorskip("jax.numpy", reason="jax is not installed (optional extra: pip install -e '.[jax]')")
+    z, t, p, w = _torch_inputs(None)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        zj = jnp.asarray(z, dtype=dtype)
+        expected = gc.cross_entropy_grad(np.asarray(zj), t, weight=w)
+        np.testing.assert_array_equal(gc.cross_entropy_grad(zj, jnp.asarray(t), weight=jnp.asarray(w)), expected)
+        np.testing.assert_array_equal(gc.exact_grad(zj, jnp.asarray(p, dtype=dtype)), gc.exact_grad(np.asarray(zj), np.asarray(jnp.asarray(p, dtype=dtype))))

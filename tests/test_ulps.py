@@ -1,4 +1,4 @@
-"""ULP distance and the per-element comparison result."""
+"""gradcheck.ulps: ULP distance and the per-element comparison result."""
 
 from __future__ import annotations
 
@@ -70,3 +70,18 @@ def test_comparison_reports_the_worst_element():
 def test_comparison_of_nan_is_infinite():
     result = gc.compare(np.array([np.nan, 1.0]), np.array([1.0, 1.0]))
     assert result.worst_index == (0,) and result.max_ulp == np.inf and result.max_abs == np.inf
+
+
+def test_ulp_distance_refuses_mixed_dtypes():
+    """Issue 15, item 14: float64 against float32 silently counted float64 ULPs (1.07e8 for one rounding)."""
+    from gradcheck.errors import InvalidArgument
+
+    x32 = np.float32(0.1)
+    with pytest.raises(InvalidArgument, match=r"a and b must have the same dtype to count ULPs, got float64 and float32.*dtype='float32'"):
+        gc.ulp_distance(np.float64(0.1), x32)
+    with pytest.raises(InvalidArgument, match="got float32 and float64"):
+        gc.ulp_distance(np.zeros(3, np.float32), np.zeros(3))
+    assert float(gc.ulp_distance(np.float64(0.1), x32, dtype=np.float32)) == 0  # 0.1 rounds to x32
+    assert float(gc.ulp_distance(np.float64(0.1), np.float64(x32), dtype="float64")) > 1e8  # what was silent
+    # a Python number takes the other side's dtype
+    assert float(gc.ulp_distance(x32, 0.1)) == 0 and float(gc.ulp_distance(1.0, np.float16(1.0))) == 0
