@@ -283,6 +283,8 @@ def _verify(args: argparse.Namespace) -> int:
             runs.append({
                 "dtype": dtype, "targets": targets, "passed": result.passed, "examples": result.examples,
                 "worstUlps": _finite(result.worst_ulps), "worstRatio": _finite(result.worst_ratio), "seed": result.seed,
+                "precision": result.precision, "grade": result.grade,
+                "contractRatios": {c: _finite(r) for c, r in result.contract_ratios.items()},
                 "reproduction": result.reproduction, "failure": None if result.passed else describe(result),
             })
             cases.append((f"{dtype}-{targets}", result.elapsed, None if result.passed else describe(result)))

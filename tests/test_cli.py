@@ -99,6 +99,9 @@ def test_verify_passes_and_writes_json_and_junit(project, capsys):
     assert code == 0, capsys.readouterr()
     doc = json.loads((path / "r.json").read_text())
     assert doc["passed"] and doc["runs"][0]["dtype"] == "float32" and doc["runs"][0]["examples"] == 5
+    assert doc["runs"][0]["precision"] == "float32" and doc["runs"][0]["grade"] in ("exact", "float64", "float32")
+    assert set(doc["runs"][0]["contractRatios"]) == {"exact", "float64", "float32"}
+    assert f"grade {doc['runs'][0]['grade']}" in capsys.readouterr().out
     suite = ET.parse(path / "r.xml").getroot().find("testsuite")
     assert suite.get("tests") == "1" and suite.get("failures") == "0"
 

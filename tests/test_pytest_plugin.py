@@ -328,7 +328,7 @@ def test_terminal_summary_and_report_files(pytester):
     result.assert_outcomes(passed=6, failed=1)
     result.stdout.fnmatch_lines([
         "*= gradcheck =*",
-        "test_mixed.forgot_mean: FAILED 2 of 2 checks (float64), * examples, worst * ULP = * x tolerance",
+        "test_mixed.forgot_mean: FAILED 2 of 2 checks (float64), * examples, worst * x tolerance (* ULP); grade none (float64)",
         "test_mixed.good_grad: passed 5 checks (bfloat16, float16, float32, float64), 15 examples, worst *",
         "test_mixed.sum_grad: passed 1 check (float64), 3 examples, worst *",
         "seed 5 (repeat with --gradcheck-seed 5); report: out/gc.json, out/gc.md",
@@ -356,7 +356,7 @@ def test_terminal_summary_and_report_files(pytester):
     assert "8 checks of 3 functions: 6 passed, 2 failed. Session seed 5: repeat with `pytest --gradcheck-seed 5`." in md
     assert "| `test_mixed.good_grad` | passed | 5 | bfloat16, float16, float32, float64 | 15 |" in md
     assert re.search(r"^\| `test_mixed.py::test_sum\[float64\]` \| `test_mixed.sum_grad` \| float64 \| "
-                     r"reduction='sum' \| 3 \| \S+ \| \S+ \| passed \|$", md, re.M), md
+                     r"reduction='sum' \| 3 \| float64 \| \S+ \| \S+ \| (exact|float64) \| passed \|$", md, re.M), md
     assert "### `test_mixed.py::test_bad[float64]`" in md and bad["failure"]["message"] in md
 
 

@@ -93,6 +93,8 @@ def _record(test: str, function: str, message: str | None) -> dict:
     failed = message is not None
     return {"test": test, "call": 0, "function": function, "dtype": "float64", "options": {"reduction": "sum|<b>"},
             "max_examples": 3, "examples": 3, "worst_ulps": 2.0, "worst_ratio": 1.5 if failed else 0.5, "seed": 1,
+            "precision": "float64", "grade": None if failed else "float64",
+            "contract_ratios": {"exact": 9.0, "float64": 1.5 if failed else 0.5},
             "verdict": "failed" if failed else "passed",
             "failure": {"kind": "mismatch", "message": message, "ulps": 2.0, "ratio": 1.5} if failed else None,
             "reproduction": "gradcheck.verify(...)", "elapsed": 0.1}
@@ -116,4 +118,17 @@ def test_hostile_names_and_messages_render_as_text_not_html_or_structure():
 def test_report_paths_and_summary_line():
     assert [p.name for p in session_report.report_paths("out/gc.json")] == ["gc.json", "gc.md"]
     summary = session_report.summarize([_record("t::a", "f", None)])[0]
-    assert session_report.summary_line(summary) == "f: passed 1 check (float64), 3 examples, worst 2 ULP = 0.5 x tolerance"
+    assert session_report.summary_line(summary) == (
+        "f: passed 1 check (float64), 3 examples, worst 0.5 x tolerance (2 ULP); grade float64 (float64)")
+
+
+def test_a_functions_grade_per_dtype_is_the_loosest_of_its_checks():
+    records = [dict(_record("t::a", "f", None), dtype="bfloat16", grade="float32"),
+               dict(_record("t::b", "f", None), dtype="bfloat16", grade="bfloat16"),
+               dict(_record("t::c", "f", None), dtype="float32", grade="exact"),
+               dict(_record("t::d", "g", None), dtype="float16", grade=None)]
+    f, g = session_report.summarize(records)
+    assert f["grades"] == {"bfloat16": "bfloat16", "float32": "exact"} and g["grades"] == {"float16": None}
+    assert session_report.summary_line(g).endswith("grade none (float16)")
+    page = session_report.markdown(session_report.build(records, 1, "0"))
+    assert "bfloat16 (bfloat16), exact (float32)" in page

@@ -111,6 +111,9 @@ def _record(nodeid: str, call: int, result: Any, options: dict[str, Any]) -> dic
         "examples": result.examples,
         "worst_ulps": worst_ulps,
         "worst_ratio": worst_ratio,
+        "precision": result.precision,
+        "grade": result.grade,
+        "contract_ratios": dict(result.contract_ratios),
         "seed": result.seed,
         "verdict": "passed" if result.passed else "failed",
         "failure": None if failure is None else {

@@ -3,7 +3,8 @@
 A record is a plain dict (JSON-ready, so that pytest-xdist workers can send it to the controller):
 
     {"test": nodeid, "call": n, "function": name, "dtype": name, "options": {non-default options},
-     "max_examples": n, "examples": n, "worst_ulps": x, "worst_ratio": x, "seed": n,
+     "max_examples": n, "examples": n, "worst_ulps": x, "worst_ratio": x, "precision": contract,
+     "grade": contract | None, "contract_ratios": {contract: x}, "seed": n,
      "verdict": "passed" | "failed", "failure": None | {"kind", "message", "ulps", "ratio"},
      "reproduction": "gradcheck.verify(...)", "elapsed": seconds}
 
@@ -62,8 +63,26 @@ def summarize(records: Iterable[dict]) -> list[dict]:
             "examples": sum(r["examples"] for r in group),
             "worst_ulps": max((r["worst_ulps"] or 0.0) for r in group),
             "worst_ratio": max((r["worst_ratio"] or 0.0) for r in group),
+            "grades": grades(group),
         })
     return out
+
+
+# tightest first: a function's grade in a dtype is the loosest grade of its checks there
+_ORDER = ("exact", "float64", "float32", "float16", "bfloat16")
+
+
+def grades(group: list[dict]) -> dict[str, str | None]:
+    """Per dtype, the grade the function kept in every check of that dtype (None: some check met none)."""
+    out: dict[str, str | None] = {}
+    for dtype in sorted({r["dtype"] for r in group}):
+        found = [r.get("grade") for r in group if r["dtype"] == dtype]
+        out[dtype] = None if None in found else max(found, key=_ORDER.index)
+    return out
+
+
+def _grades_text(summary: dict) -> str:
+    return ", ".join(f"{grade or 'none'} ({dtype})" for dtype, grade in summary.get("grades", {}).items())
 
 
 def build(records: Iterable[dict], seed: int, version: str) -> dict:
@@ -89,7 +108,8 @@ def summary_line(summary: dict) -> str:
     return (
         f"{summary['function']}: {verdict} {checks} check{'s' if checks != 1 else ''} "
         f"({', '.join(summary['dtypes'])}), {summary['examples']} examples, "
-        f"worst {summary['worst_ulps']:g} ULP = {summary['worst_ratio']:.3g} x tolerance"
+        f"worst {summary['worst_ratio']:.3g} x tolerance ({summary['worst_ulps']:g} ULP); "
+        f"grade {_grades_text(summary)}"
     )
 
 
@@ -117,15 +137,17 @@ def markdown(document: dict) -> str:
         "",
     ]
     lines += markdown_table(
-        ["function", "verdict", "checks", "dtypes", "examples", "worst ULP", "worst / tolerance"],
+        ["function", "verdict", "checks", "dtypes", "examples", "worst / tolerance", "worst ULP", "grade"],
         [[markdown_code(s["function"]), s["verdict"], s["checks"], ", ".join(s["dtypes"]), s["examples"],
-          f"{s['worst_ulps']:g}", f"{s['worst_ratio']:.3g}"] for s in document["functions"]],
+          f"{s['worst_ratio']:.3g}", f"{s['worst_ulps']:g}", _grades_text(s)] for s in document["functions"]],
     )
     lines += ["", "## Checks", ""]
     lines += markdown_table(
-        ["test", "function", "dtype", "options", "examples", "worst ULP", "worst / tolerance", "verdict"],
+        ["test", "function", "dtype", "options", "examples", "contract", "worst / tolerance", "worst ULP", "grade",
+         "verdict"],
         [[markdown_code(r["test"]), markdown_code(r["function"]), r["dtype"], _options(r), r["examples"],
-          f"{r['worst_ulps']:g}", f"{r['worst_ratio']:.3g}", r["verdict"]] for r in document["checks"]],
+          r.get("precision", ""), f"{r['worst_ratio']:.3g}", f"{r['worst_ulps']:g}", r.get("grade") or "none",
+          r["verdict"]] for r in document["checks"]],
     )
     failures = [r for r in document["checks"] if r["failure"] is not None]
     if failures:
