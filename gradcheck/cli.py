@@ -499,10 +499,72 @@ def _add_prove(sub: Any) -> None:
     p.set_defaults(run=_prove)
 
 
+# --- signals ------------------------------------------------------------------------------------
+
+
+class _Stopped(BaseException):
+    """Raised in the main thread by SIGINT or SIGTERM, so that every ``finally`` runs (the executors stop
+    their workers, the atomic writer removes its temporary file). Not an Exception, so nothing catches it
+    by accident; not a SystemExit, so no check takes it for one raised by user code."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_signals() -> list[Any]:
+    import signal
+
+    return [getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)]
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    import signal
+
+    for s in _stop_signals():  # a second Ctrl-C must not break off the clean-up after the first
+        signal.signal(s, signal.SIG_IGN)
+    raise _Stopped(signum)
+
+
+def _run_stoppable(run: Callable[[], int]) -> int:
+    """``run()`` with SIGINT and SIGTERM raised as :class:`_Stopped` (in the main thread, the only one
+    where Python handles signals). A stop prints one line and returns 128 + the signal's number (130,
+    143), the shell's convention. The previous handlers are back on return."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return run()
+    previous = {s: signal.getsignal(s) for s in _stop_signals()}
+
+    def stopped(stop: _Stopped) -> int:
+        print(f"gradcheck: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        return 128 + stop.signum
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+    code = 1
+    try:
+        for s in previous:
+            signal.signal(s, _raise_stopped)
+        code = run()
+    except _Stopped as stop:
+        code = stopped(stop)
+    finally:
+        try:
+            restore()
+        except _Stopped as stop:  # the signal came as run() returned: it is still a stop
+            restore()
+            code = stopped(stop)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.run(args)
+    return _run_stoppable(lambda: args.run(args))
 
 
 if __name__ == "__main__":
