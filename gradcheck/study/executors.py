@@ -7,6 +7,7 @@ and returns the results in task order (whatever order they finished in) and a de
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -81,20 +82,30 @@ def _leave_signals_to_the_parent() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
-def _stop(pool: Any, futures: list[Any], timeout: float = 5.0) -> None:
-    """Cancel the queued tasks, terminate the workers (killing any still alive after ``timeout`` s), and
-    shut the pool down without waiting for the tasks."""
+def _stop(pool: Any, futures: list[Any], grace: float = 0.5, timeout: float = 5.0) -> None:
+    """Cancel the queued tasks, terminate the workers (killing any still alive after ``grace`` s), and
+    shut the pool down without waiting for the tasks.
+
+    The pool's private ``_processes`` and ``_executor_manager_thread``: there is no public way to stop
+    the workers before Python 3.14 (``terminate_workers``). The manager thread, which notices the dead
+    workers and closes the pool's pipes, is joined too: if it were still closing them at interpreter
+    exit, concurrent.futures' exit hook would write to a closed pipe and print a traceback (seen with Python 3.11).
+    """
     for future in futures:
         future.cancel()
-    processes = list((pool._processes or {}).values())  # noqa: SLF001 - no public way before Python 3.14
+    processes = list((pool._processes or {}).values())
+    manager = pool._executor_manager_thread
     for p in processes:
         p.terminate()
     pool.shutdown(wait=False, cancel_futures=True)
-    for p in processes:
-        p.join(timeout)
+    deadline = time.monotonic() + grace
+    for p in processes:  # a worker still starting holds SIGTERM until its initializer runs: kill it then
+        p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():
             p.kill()
             p.join(timeout)
+    if manager is not None:
+        manager.join(timeout)
 
 
 def run_dask(tasks: list[Task], address: str, progress: Callable[[int], None]) -> tuple[list[Any], str]:
