@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from gradcheck.errors import require
@@ -87,7 +88,7 @@ def _report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from gradcheck.errors import InvalidArgument
-    from gradcheck.report import write_report
+    from gradcheck.report import render_all, write_texts
     from gradcheck.study import StudyConfig, run_study, task_count
     from gradcheck.vectors import build_suite
 
@@ -106,8 +107,9 @@ def _report(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 2
     suite = extras[0] if extras else None
-    written = write_report(args.out, study, suite, started=started,
-                           timing={"totalSeconds": round(time.perf_counter() - start, 3)})
+    texts, _ = render_all(study, suite, started=started, timing={"totalSeconds": round(time.perf_counter() - start, 3)})
+    with _stops_deferred():  # the four files as a set: a stop now comes once they are written
+        written = write_texts(args.out, texts)
     seconds = time.perf_counter() - start
     console.print(f"gradcheck report: {len(study.cases)} cases x {len(study.methods)} methods, seed {args.seed}, "
                   f"{study.workers}, {seconds:.1f} s")
@@ -518,12 +520,31 @@ def _stop_signals() -> list[Any]:
     return [getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)]
 
 
+_deferred: list[int] | None = None  # inside _stops_deferred: the signals that came meanwhile
+
+
 def _raise_stopped(signum: int, frame: Any) -> None:
     import signal
 
     for s in _stop_signals():  # a second Ctrl-C must not break off the clean-up after the first
         signal.signal(s, signal.SIG_IGN)
+    if _deferred is not None:
+        _deferred.append(signum)
+        return
     raise _Stopped(signum)
+
+
+@contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """A block that SIGINT and SIGTERM do not break off: a stop that comes meanwhile is raised at its end."""
+    global _deferred
+    outer, _deferred = _deferred, []
+    try:
+        yield
+    finally:
+        came, _deferred = _deferred, outer
+        if came:
+            raise _Stopped(came[0])
 
 
 def _run_stoppable(run: Callable[[], int]) -> int:

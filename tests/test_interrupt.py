@@ -7,6 +7,8 @@ whatever is left of that group in a ``finally``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -118,17 +120,18 @@ def test_a_signal_stops_the_report_and_its_workers_promptly(tmp_path, signum, to
         _kill_group(proc, seen)
 
 
-# The command, run with os.fsync patched to signal the process itself once: the signal arrives while
-# the atomic writer holds its complete temporary file, before the rename (deterministically).
+# The command, run with os.fsync patched to signal the process itself at the N-th call: the signal
+# arrives while the atomic writer holds a complete temporary file, before its rename (deterministically).
 SIGNAL_WHILE_WRITING = textwrap.dedent("""
     import os, signal, sys
 
-    signum = getattr(signal, sys.argv.pop(1))
-    real_fsync = os.fsync
+    signum, at = getattr(signal, sys.argv.pop(1)), int(sys.argv.pop(1))
+    real_fsync, calls = os.fsync, []
 
     def fsync(fd):
-        os.fsync = real_fsync
-        os.kill(os.getpid(), signum)
+        calls.append(fd)
+        if len(calls) == at:
+            os.kill(os.getpid(), signum)
         real_fsync(fd)
 
     os.fsync = fsync
@@ -142,7 +145,7 @@ SIGNAL_WHILE_WRITING = textwrap.dedent("""
 def test_a_signal_while_writing_leaves_the_old_file_and_no_temporary(tmp_path, signum):
     path = tmp_path / "vectors.json"
     path.write_text(OLD)
-    proc = _start([signum.name, "vectors", "--out", str(path)], tmp_path, code=SIGNAL_WHILE_WRITING)
+    proc = _start([signum.name, "1", "vectors", "--out", str(path)], tmp_path, code=SIGNAL_WHILE_WRITING)
     try:
         proc.wait(timeout=120)
         stderr = (tmp_path / "stderr").read_text()
@@ -150,5 +153,27 @@ def test_a_signal_while_writing_leaves_the_old_file_and_no_temporary(tmp_path, s
         assert stderr.splitlines() == [f"gradcheck: stopped by {signum.name}"], stderr
         assert sorted(p.name for p in tmp_path.iterdir()) == ["stderr", "stdout", "vectors.json"]  # no *.tmp
         assert path.read_text() == OLD
+    finally:
+        _kill_group(proc, [])
+
+
+def test_a_signal_while_writing_the_report_lets_it_finish_the_set(tmp_path):
+    """report writes four files; a stop after the first must not leave a new vectors.json beside the old
+    report.json (whose digest names the old vectors): the set is written, then the stop is taken."""
+    out = tmp_path / "reports"
+    out.mkdir()
+    (out / "report.json").write_text(OLD)
+    args = ["report", "--out", str(out), "--examples", "1", "--dtypes", "float32", "--regimes", "moderate",
+            "--methods", "closed_form", "--jobs", "1", "--max-classes", "1"]
+    proc = _start(["SIGTERM", "1", *args], tmp_path, code=SIGNAL_WHILE_WRITING)
+    try:
+        proc.wait(timeout=300)
+        stderr = (tmp_path / "stderr").read_text()
+        assert proc.returncode == 143, (proc.returncode, stderr)
+        assert stderr.splitlines() == ["gradcheck: stopped by SIGTERM"], stderr
+        assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md", "vectors.json"]
+        document = json.loads((out / "report.json").read_text())
+        digest = hashlib.sha256((out / "vectors.json").read_bytes()).hexdigest()
+        assert digest in json.dumps(document["vectors"])  # report.json describes the vectors.json beside it
     finally:
         _kill_group(proc, [])
