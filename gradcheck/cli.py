@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from gradcheck.errors import require
@@ -105,7 +106,7 @@ def _report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from gradcheck.errors import InvalidArgument
-    from gradcheck.report import write_report
+    from gradcheck.report import render_all, write_texts
     from gradcheck.study import StudyConfig, run_study, task_count
     from gradcheck.vectors import build_suite
 
@@ -124,8 +125,9 @@ def _report(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 2
     suite = extras[0] if extras else None
-    written = write_report(args.out, study, suite, started=started,
-                           timing={"totalSeconds": round(time.perf_counter() - start, 3)})
+    texts, _ = render_all(study, suite, started=started, timing={"totalSeconds": round(time.perf_counter() - start, 3)})
+    with _stops_deferred():  # the four files as a set: a stop now comes once they are written
+        written = write_texts(args.out, texts)
     seconds = time.perf_counter() - start
     console.print(f"gradcheck report: {len(study.cases)} cases x {len(study.methods)} methods, seed {args.seed}, "
                   f"{study.workers}, {seconds:.1f} s")
@@ -562,10 +564,91 @@ def _add_prove(sub: Any) -> None:
     p.set_defaults(run=_prove)
 
 
+# --- signals ------------------------------------------------------------------------------------
+
+
+class _Stopped(BaseException):
+    """Raised in the main thread by SIGINT or SIGTERM, so that every ``finally`` runs (the executors stop
+    their workers, the atomic writer removes its temporary file). Not an Exception, so nothing catches it
+    by accident; not a SystemExit, so no check takes it for one raised by user code."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_signals() -> list[Any]:
+    import signal
+
+    return [getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)]
+
+
+_deferred: list[int] | None = None  # inside _stops_deferred: the signals that came meanwhile
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    import signal
+
+    for s in _stop_signals():  # a second Ctrl-C must not break off the clean-up after the first
+        signal.signal(s, signal.SIG_IGN)
+    if _deferred is not None:
+        _deferred.append(signum)
+        return
+    raise _Stopped(signum)
+
+
+@contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """A block that SIGINT and SIGTERM do not break off: a stop that comes meanwhile is raised at its end."""
+    global _deferred
+    outer, _deferred = _deferred, []
+    try:
+        yield
+    finally:
+        came, _deferred = _deferred, outer
+        if came:
+            raise _Stopped(came[0])
+
+
+def _run_stoppable(run: Callable[[], int]) -> int:
+    """``run()`` with SIGINT and SIGTERM raised as :class:`_Stopped` (in the main thread, the only one
+    where Python handles signals). A stop prints one line and returns 128 + the signal's number (130,
+    143), the shell's convention. The previous handlers are back on return."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return run()
+    previous = {s: signal.getsignal(s) for s in _stop_signals()}
+
+    def stopped(stop: _Stopped) -> int:
+        print(f"gradcheck: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        return 128 + stop.signum
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+    code = 1
+    try:
+        for s in previous:
+            signal.signal(s, _raise_stopped)
+        code = run()
+    except _Stopped as stop:
+        code = stopped(stop)
+    finally:
+        try:
+            restore()
+        except _Stopped as stop:  # the signal came as run() returned: it is still a stop
+            restore()
+            code = stopped(stop)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.run(args)
+    return _run_stoppable(lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -333,3 +333,29 @@ def test_bad_numbers_are_usage_errors_with_the_options_name(argv, message, capsy
         cli.main(argv)
     err = capsys.readouterr().err
     assert exit.value.code == 2 and message in err and "_positive" not in err, err
+
+
+
+def test_a_command_takes_sigterm_as_a_stop_and_gives_the_handlers_back(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    import gradcheck.vectors
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    path = tmp_path / "v.json"
+    render = gradcheck.vectors.render_vectors
+
+    def render_then_terminate(suite):
+        # as `kill PID` would while the command works (never with the default handler: it would end pytest)
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "no SIGTERM handler"
+        os.kill(os.getpid(), signal.SIGTERM)
+        return render(suite)
+
+    monkeypatch.setattr(gradcheck.vectors, "render_vectors", render_then_terminate)
+    assert cli.main(["vectors", "--out", str(path)]) == 143
+    assert capsys.readouterr().err.splitlines() == ["gradcheck: stopped by SIGTERM"]
+    assert list(tmp_path.iterdir()) == []
+    assert {s: signal.getsignal(s) for s in before} == before
+    monkeypatch.undo()
+    assert cli.main(["vectors", "--out", str(path)]) == 0 and path.exists()  # uninterrupted, as before

@@ -478,3 +478,44 @@ def test_an_unwritable_report_path_is_a_usage_error_before_any_test_runs(pyteste
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
     assert "passed" not in result.stdout.str() and "Traceback" not in result.stderr.str()
+
+
+
+# Four tests on two workers: pytest-xdist's load scheduling sends each worker two consecutive tests,
+# so the worker that crashes in test_4_crash has finished test_3 (two checks) first.
+CRASHING = GRADS + '''
+import os
+
+
+def test_1(gradcheck):
+    assert gradcheck.verify(good_grad).passed
+
+
+def test_2(gradcheck):
+    assert gradcheck.verify(good_grad).passed
+
+
+def test_3(gradcheck):
+    assert gradcheck.verify(good_grad).passed
+    assert gradcheck.verify(good_grad).passed
+
+
+def test_4_crash(gradcheck):
+    assert gradcheck.verify(good_grad).passed
+    os._exit(1)  # the worker dies: no sessionfinish, no workeroutput
+'''
+
+
+def test_xdist_a_crashed_worker_keeps_the_records_of_its_finished_tests(pytester):
+    pytester.makepyfile(test_crashing=CRASHING)
+    result = pytester.runpytest_subprocess("--gradcheck-max-examples=2", "--gradcheck-seed=5", "-n", "2",
+                                           "--dist", "load", "--gradcheck-report=r")
+    result.assert_outcomes(passed=3, failed=1)  # the crash is test_4_crash's failure
+    worker = re.search(r"worker '(gw\d)' crashed while running 'test_crashing.py::test_4_crash", result.stdout.str())
+    assert worker, result.stdout.str()
+    doc = json.loads((pytester.path / "r.json").read_text())
+    ran = [(c["test"].split("::")[1], c["call"]) for c in doc["checks"]]
+    assert ran == [("test_1[float64]", 0), ("test_2[float64]", 0), ("test_3[float64]", 0), ("test_3[float64]", 1)]
+    assert doc["checks_run"] == 4  # test_4_crash's one check died with its worker, and the summary says so:
+    result.stdout.fnmatch_lines([f"incomplete: xdist worker {worker.group(1)} went down (*); the checks of the test "
+                                 "it was running are missing from the records"])

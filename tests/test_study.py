@@ -124,3 +124,18 @@ def test_bad_configuration(changes, match):
 def test_bad_jobs():
     with pytest.raises(InvalidArgument, match="jobs must be a positive integer"):
         run_study(TINY, jobs=0)
+
+
+def test_an_interrupt_stops_the_local_workers_at_once():
+    import multiprocessing
+    import time
+
+    def interrupt(_n):
+        raise KeyboardInterrupt  # as Ctrl-C would, once the first task is done
+
+    tasks = [(time.sleep, 0.0)] + [(time.sleep, 15.0)] * 4  # 30 s of queued work on two workers
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_local(tasks, 2, interrupt)
+    assert time.monotonic() - start < 12  # spawning the two workers and stopping them, not the queued sleeps
+    assert multiprocessing.active_children() == []

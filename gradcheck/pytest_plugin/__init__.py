@@ -43,6 +43,9 @@ MARKER = (
 
 _SETTINGS = pytest.StashKey[Settings]()
 _WRITTEN = pytest.StashKey[tuple]()  # the report's (json, md) paths, once written
+_SENT = pytest.StashKey[int]()  # an xdist worker: how many of its records its reports have carried
+_CRASHED = pytest.StashKey[list]()  # the xdist controller: the workers that went down with an error
+_RECORDS = "gradcheck_records"  # the attribute of an xdist worker's report that carries them
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -199,12 +202,37 @@ def gradcheck(request: pytest.FixtureRequest, gradcheck_dtype: str) -> Iterator[
     yield GradientChecker(request.node.nodeid, settings, gradcheck_dtype, defaults)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[Any]:
+    """pytest-xdist worker: each report carries the records of the checks made since the previous one,
+    so that the controller has every record of a finished phase even if this worker dies later."""
+    report = yield
+    config = item.config
+    if hasattr(config, "workerinput"):
+        records, sent = config.stash[_SETTINGS].records, config.stash.get(_SENT, 0)
+        if len(records) > sent:
+            setattr(report, _RECORDS, json.dumps(records[sent:]))
+            config.stash[_SENT] = len(records)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_report_from_serializable(config: pytest.Config, data: Any) -> Iterator[Any]:
+    """pytest-xdist controller: take the records a worker's report carries (see above)."""
+    records = data.pop(_RECORDS, None) if isinstance(data, dict) else None
+    report = yield
+    if records:
+        config.stash[_SETTINGS].records.extend(json.loads(records))
+    return report
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     settings = config.stash[_SETTINGS]
     if hasattr(config, "workeroutput"):  # an xdist worker: the controller merges and writes
-        config.workeroutput["gradcheck_records"] = json.dumps(settings.records)
+        unsent = settings.records[config.stash.get(_SENT, 0):]  # checks made outside any test phase
+        config.workeroutput["gradcheck_records"] = json.dumps(unsent)
         return
     if settings.report:
         from gradcheck import __version__
@@ -215,18 +243,27 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
-    """pytest-xdist controller: collect a finished worker's records."""
-    records = getattr(node, "workeroutput", {}).get("gradcheck_records")
+    """pytest-xdist controller: collect the records a finished worker had not sent with a report (once:
+    xdist calls this twice for a worker stopped by Ctrl-C); note a worker that went down with an error
+    (a crash: the checks of the test it was running are lost with it)."""
+    records = getattr(node, "workeroutput", {}).pop("gradcheck_records", None)
     if records:
         node.config.stash[_SETTINGS].records.extend(json.loads(records))
+    if error:
+        worker = getattr(getattr(node, "gateway", None), "id", "?")
+        node.config.stash.setdefault(_CRASHED, []).append(f"{worker} went down ({error})")
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     settings = config.stash[_SETTINGS]
     written = config.stash.get(_WRITTEN, None)
-    if not settings.records and not written:
+    crashed = config.stash.get(_CRASHED, [])
+    if not settings.records and not written and not crashed:
         return
     terminalreporter.section("gradcheck")
+    for down in crashed:
+        terminalreporter.line(f"incomplete: xdist worker {down}; the checks of the test it was running are "
+                              "missing from the records", red=True)
     for summary in session_report.summarize(settings.records):
         terminalreporter.line(session_report.summary_line(summary))
     tail = f"seed {settings.seed} (repeat with --gradcheck-seed {settings.seed})"

@@ -57,6 +57,15 @@ def write_report(out_dir: str | Path, study: Any, suite: Any, *, started: _dt.da
                  timing: dict[str, Any] | None = None) -> list[Written]:
     """Render everything, then write each file atomically into ``out_dir`` (created if missing)."""
     texts, _ = render_all(study, suite, started=started, timing=timing)
+    return write_texts(out_dir, texts)
+
+
+def write_texts(out_dir: str | Path, texts: dict[str, str]) -> list[Written]:
+    """Write :func:`render_all`'s texts, each atomically, into ``out_dir`` (created if missing).
+
+    Each file is the old one or the new one; to write the four as a set, a caller holds back
+    interruptions around this call only (rendering, the slow part, stays interruptible).
+    """
     out = Path(out_dir)
     written = []
     for name in ("vectors.json", "report.json", "report.md", "report.html"):
@@ -74,4 +83,4 @@ def write_vectors(path: str | Path, suite: Any) -> Written:
     return Written(p, p.stat().st_size)
 
 
-__all__ = ["FILES", "Written", "render_all", "write_report", "write_vectors"]
+__all__ = ["FILES", "Written", "render_all", "write_report", "write_texts", "write_vectors"]

@@ -6,9 +6,11 @@ Standard library only: the pytest plugin's session report uses it without loadin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -129,20 +131,35 @@ def check_writable(path: str | os.PathLike) -> Path:
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same directory and a rename.
 
-    A reader (or an interrupted run) sees the old file or the new one, never a partial one.
+    A reader (or an interrupted run) sees the old file or the new one, never a partial one. On any
+    exception, KeyboardInterrupt and those a signal handler raises included, the temporary file is
+    removed before the exception propagates: the temporary's name is chosen before it exists, so there
+    is no moment at which the file exists and this function does not know it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp: Path | None = None
+    fd = -1
     try:
+        while fd < 0:
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+            except FileExistsError:  # another writer's: not ours to remove
+                tmp = None
         with os.fdopen(fd, "wb") as f:
+            fd = -2  # the file object owns it now
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return path

@@ -6,7 +6,10 @@ and returns the results in task order (whatever order they finished in) and a de
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from gradcheck.errors import require
@@ -15,7 +18,11 @@ Task = tuple[Callable, Any]
 
 
 def run_local(tasks: list[Task], jobs: int, progress: Callable[[int], None]) -> tuple[list[Any], str]:
-    """Run ``fn(arg)`` for every task on ``jobs`` processes (in this process when jobs == 1), in task order."""
+    """Run ``fn(arg)`` for every task on ``jobs`` processes (in this process when jobs == 1), in task order.
+
+    Any exception while waiting (a task's, KeyboardInterrupt, or one a signal handler raises) cancels the
+    queued tasks and terminates the worker processes before it propagates: nothing outlives the call.
+    """
     if jobs == 1:
         results = []
         for fn, arg in tasks:
@@ -26,16 +33,87 @@ def run_local(tasks: list[Task], jobs: int, progress: Callable[[int], None]) -> 
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     # spawn, not fork: the parent may hold threads (JAX, rich), and fork would copy their locks
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(fn, arg) for fn, arg in tasks]
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_leave_signals_to_the_parent)
+    futures: list[Any] = []
+    try:
+        with _signals_held():  # the workers start during submit: they inherit the held signals
+            futures = [pool.submit(fn, arg) for fn, arg in tasks]
         for future in as_completed(futures):
             future.result()  # raise a worker's exception here
             progress(1)
-        return [f.result() for f in futures], f"processes:{jobs}"
+        pool.shutdown()
+    except BaseException:
+        _stop(pool, futures)
+        raise
+    return [f.result() for f in futures], f"processes:{jobs}"
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_HOLD = hasattr(signal, "pthread_sigmask")
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM in this thread (they arrive when the block ends), where the OS allows it.
+
+    A process started meanwhile inherits the held mask, so a Ctrl-C to the process group cannot reach a
+    worker before :func:`_leave_signals_to_the_parent` has run in it; and (when no other thread takes
+    the signal) the parent is not interrupted between starting a worker and recording it in the pool.
+    """
+    if not _HOLD:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _leave_signals_to_the_parent() -> None:
+    """A worker's initializer: ignore Ctrl-C (the parent stops the pool), then take signals again.
+
+    The parent terminates its workers (SIGTERM) when it is interrupted; a KeyboardInterrupt in a worker
+    would only print a traceback and fail its task.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _HOLD:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _stop(pool: Any, futures: list[Any], grace: float = 0.5, timeout: float = 5.0) -> None:
+    """Cancel the queued tasks, terminate the workers (killing any still alive after ``grace`` s), and
+    shut the pool down without waiting for the tasks.
+
+    The pool's private ``_processes`` and ``_executor_manager_thread``: there is no public way to stop
+    the workers before Python 3.14 (``terminate_workers``). The manager thread, which notices the dead
+    workers and closes the pool's pipes, is joined too: if it were still closing them at interpreter
+    exit, concurrent.futures' exit hook would write to a closed pipe and print a traceback (seen with Python 3.11).
+    """
+    for future in futures:
+        future.cancel()
+    processes = list((pool._processes or {}).values())
+    manager = pool._executor_manager_thread
+    for p in processes:
+        p.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace
+    for p in processes:  # a worker still starting holds SIGTERM until its initializer runs: kill it then
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(timeout)
+    if manager is not None:
+        manager.join(timeout)
 
 
 def run_dask(tasks: list[Task], address: str, progress: Callable[[int], None]) -> tuple[list[Any], str]:
-    """Run the tasks on an existing Dask distributed cluster, in task order."""
+    """Run the tasks on an existing Dask distributed cluster, in task order.
+
+    An exception while waiting propagates through the client's closing, which releases this call's
+    tasks on the cluster (the cluster itself is not ours to stop).
+    """
     require("dask.distributed", extra="dask")
     from dask.distributed import Client, as_completed
 
