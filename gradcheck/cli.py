@@ -314,7 +314,8 @@ def _verify_vectors(args: argparse.Namespace, fn: Any) -> int:
     start = time.perf_counter()
     try:
         with _Progress(Console(stderr=True), "vectors", total) as bar:
-            result = check_vectors(fn, suite, dtypes=dtypes, targets=targets, progress=bar.advance)
+            result = check_vectors(fn, suite, dtypes=dtypes, targets=targets, precision=getattr(args, "precision", None),
+                               progress=bar.advance)
     except InvalidArgument as exc:  # no test to run (an empty file, or none of the asked dtype/targets)
         _err(f"{args.vectors}: {exc}")
         return 2

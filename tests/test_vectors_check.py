@@ -31,9 +31,22 @@ def _quiet(fn):
 
 @pytest.mark.parametrize("fn", [numpy_stable, numpy_logspace, numpy_online, oracle])
 def test_correct_implementations_pass_every_vector(suite, fn):
-    result = check_vectors(_quiet(fn), suite, targets=("index", "probs"))
-    assert result.passed, [o.message for o in result.implementation_failures][:3]
-    assert len(result.outcomes) == suite.number_of_tests
+    if fn is oracle:  # float64 inside: the default contracts of every dtype
+        results = [check_vectors(_quiet(fn), suite, targets=("index", "probs"))]
+    else:  # computed in the dtype: the dtype's own contract
+        results = [check_vectors(_quiet(fn), suite, dtypes=(d,), precision=d)
+                   for d in ("float64", "float32", "float16", "bfloat16")]
+    for result in results:
+        assert result.passed, [o.message for o in result.implementation_failures][:3]
+    assert sum(len(r.outcomes) for r in results) == suite.number_of_tests
+
+
+def test_the_default_contract_holds_half_vectors_to_float32(suite):
+    in_dtype = check_vectors(_quiet(numpy_stable), suite, dtypes=("bfloat16",))
+    assert not in_dtype.passed and all(o.classified for o in in_dtype.outcomes)  # the file itself is fine
+    assert check_vectors(_quiet(numpy_stable), suite, dtypes=("bfloat16",), precision="bfloat16").passed
+    with pytest.raises(InvalidArgument, match=r"precision must be one of .* for the float32 tests, got 'bfloat16'"):
+        check_vectors(numpy_stable, suite, dtypes=("float32",), precision="bfloat16")
 
 
 def _replay(test):

@@ -61,7 +61,7 @@ def _key(group_index: int, test: Vector) -> tuple:
 
 
 def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tuple[str, ...] | None = None,
-                  targets: tuple[str, ...] | None = None,
+                  targets: tuple[str, ...] | None = None, precision: str | None = None,
                   progress: Callable[[int], None] | None = None) -> VectorCheck:
     """Run ``grad_fn`` on the inputs of every test and check the vectors themselves.
 
@@ -74,6 +74,9 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
         grad_fn: as for :func:`gradcheck.verify`.
         suite: e.g. from :func:`gradcheck.vectors.file.load_vectors`.
         dtypes, targets: run only the groups of these dtypes / target kinds (all when None).
+        precision: the contract ``grad_fn`` is held to, as for :func:`gradcheck.verify` (default:
+            float32 for the half dtypes, the dtype otherwise); the vectors' own labels are those of the
+            widest model, so a valid vector passes every contract and an invalid one fails every one.
         progress: called with 1 after each test.
 
     Raises:
@@ -85,6 +88,7 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
     from gradcheck.checking.result import Failure
 
     _require_coverage(suite, dtypes, targets)
+    contract = {g.dtype: _contract(g.dtype, precision) for g in suite.groups if _selected(g, dtypes, targets)}
     outcomes = []
     seen: dict[tuple, Any] = {}
     for gi, group in enumerate(suite.groups):
@@ -101,7 +105,7 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
             impl_ok = None
             resembles: tuple[str, ...] = ()
             if key not in seen:
-                outcome = check(grad_fn, case)
+                outcome = check(grad_fn, case, precision=contract[group.dtype])
                 seen[key] = outcome
                 impl_ok = not isinstance(outcome, Failure)
                 if not impl_ok:
@@ -111,6 +115,21 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
             if progress:
                 progress(1)
     return VectorCheck(_name(grad_fn), tuple(outcomes))
+
+
+def _contract(dtype: str, precision: str | None) -> str:
+    """The contract of a group's dtype: the asked one, or verify's default; narrower than the dtype refused."""
+    from gradcheck.dtypes import float_format
+    from gradcheck.errors import InvalidArgument
+    from gradcheck.options import VERIFY
+    from gradcheck.tolerance import contracts, default_contract
+
+    fmt = float_format(dtype)
+    asked = default_contract(fmt) if precision is None else VERIFY["precision"].validate(precision)
+    if asked not in contracts(fmt):
+        raise InvalidArgument(f"precision must be one of {contracts(fmt)} for the {dtype} tests, got {asked!r}; "
+                              "restrict the check to the dtypes it applies to (dtypes=, --dtype).")
+    return asked
 
 
 def _selected(group: Any, dtypes: tuple[str, ...] | None, targets: tuple[str, ...] | None) -> bool:
