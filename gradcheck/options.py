@@ -300,6 +300,10 @@ VERIFY = OptionTable("check options", (
     Option("weighted", False, flag, "pass class weights (weight=, K values of the dtype)"),
     Option("ignore_index", None, integer(allow_none=True),
            "when set, passed to grad_fn and some rows take that target", parse=int, metavar="I"),
+    Option("inplace", "flag", choice(("flag", "allowed")),
+           "'flag': any write to an argument fails; 'allowed': grad_fn may write the gradient into its "
+           "(private) logits buffer and return it, as Liger-Kernel does", parse=str, metavar="MODE",
+           choices=("flag", "allowed")),
     Option("max_examples", 100, integer(1), "examples to generate", parse=int, metavar="N"),
     Option("seed", None, integer(0, allow_none=True), "the Hypothesis seed (random and recorded when None)",
            parse=int, metavar="S"),
@@ -312,5 +316,5 @@ VERIFY = OptionTable("check options", (
 ))
 
 # What a Hypothesis strategy draws (gradcheck.strategies.cases): the check options without the search's own.
-SEARCH = ("precision", "max_examples", "seed", "timeout")  # how verify judges and runs, not what it draws
+SEARCH = ("precision", "inplace", "max_examples", "seed", "timeout")  # how verify judges and runs, not what it draws
 GENERATE = VERIFY.subset("generation options", (n for n in VERIFY if n not in SEARCH))

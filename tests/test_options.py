@@ -102,7 +102,7 @@ def test_verify_passes_the_canonical_value_to_grad_fn():
 
 def test_the_tables_share_one_definition_per_option():
     assert CASE["reduction"] is VERIFY["reduction"] and CASE["label_smoothing"] is VERIFY["label_smoothing"]
-    assert list(GENERATE) == [n for n in VERIFY if n not in ("precision", "max_examples", "seed", "timeout")]
+    assert list(GENERATE) == [n for n in VERIFY if n not in ("precision", "inplace", "max_examples", "seed", "timeout")]
     assert VERIFY["dtype"].choices == DTYPE_NAMES
     assert all(o.help and o.name == name for table in (CASE, VERIFY) for name, o in table.items())
 
@@ -112,7 +112,7 @@ def test_text_goes_through_the_same_rule(name):
     option: Option = VERIFY[name]
     samples = {"dtype": ("bfloat16", "bfloat16"), "targets": ("probs", "probs"), "reduction": ("sum", "sum"),
                "label_smoothing": ("0.5", 0.5), "ignore_index": ("-1", -1), "max_examples": ("7", 7),
-               "seed": ("3", 3), "timeout": ("2.5", 2.5), "precision": ("exact", "exact"), "max_shape": ("8,32", (8, 32)), "regimes": ("ties,huge", ("ties", "huge"))}
+               "seed": ("3", 3), "timeout": ("2.5", 2.5), "precision": ("exact", "exact"), "inplace": ("allowed", "allowed"), "max_shape": ("8,32", (8, 32)), "regimes": ("ties,huge", ("ties", "huge"))}
     text, value = samples[name]
     assert option.from_text(text) == value
     with pytest.raises(InvalidArgument, match=f"^{name} must be"):

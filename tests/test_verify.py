@@ -397,3 +397,28 @@ def test_an_unknown_precision_is_refused():
 def test_a_failure_before_the_values_grades_nothing():
     result = verify(zoo.squeezes_rows, dtype="float32", seed=0, max_examples=10)
     assert not result.passed and result.grade is None and "grade none" in str(result)
+
+
+def _in_place(logits, targets, **options):
+    """Liger-Kernel's way: the gradient written into the logits buffer, which is returned."""
+    logits[...] = numpy_stable(logits, targets, **options)
+    return logits
+
+
+def test_an_in_place_kernel_is_flagged_by_default_and_accepted_when_allowed():
+    flagged = verify(_in_place, dtype="float32", seed=1, max_examples=10)
+    assert not flagged.passed and flagged.failure.kind == FailureKind.MUTATION
+    allowed = verify(_in_place, dtype="float32", seed=1, max_examples=30, inplace="allowed")
+    assert allowed.passed, str(allowed)
+    assert "inplace='allowed'" in allowed.reproduction
+
+
+def test_allowed_in_place_still_guards_targets_and_weights():
+    def scribbles_on_weight(logits, targets, *, weight, **options):
+        weight *= 2
+        return numpy_stable(logits, targets, weight=weight, **options)
+
+    result = verify(scribbles_on_weight, dtype="float32", weighted=True, seed=1, max_examples=10, inplace="allowed")
+    assert not result.passed and result.failure.kind == FailureKind.MUTATION and "weight" in result.failure.message
+    with pytest.raises(InvalidArgument, match=r"inplace must be 'flag' or 'allowed', got 'yes'"):
+        verify(_in_place, inplace="yes")

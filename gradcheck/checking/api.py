@@ -53,6 +53,10 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
             for float16 and bfloat16, the dtype itself otherwise; narrower than the dtype is refused.
             Whatever is asked, the result's ``grade`` says the tightest contract met on every
             example (docs/tolerance.md, "Precision contracts").
+        inplace: "flag" (default): a ``grad_fn`` that writes to any argument fails (kind "mutation"),
+            and one that returns a view of an argument too ("aliasing"); "allowed": it may write the
+            gradient into its logits argument and return it, as Liger-Kernel's kernels do. verify
+            always passes private copies, so the caller's arrays are never touched either way.
         timeout: seconds each ``grad_fn`` call may take (None, the default: no limit). A call that
             runs longer is interrupted and the verification fails with kind "timeout" on that case
             (unshrunk). It works by SIGALRM, so only on POSIX and on the main thread (elsewhere it is
@@ -86,9 +90,10 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
     max_examples = o["max_examples"]
     start = time.perf_counter()
     stats = {"examples": 0, "ulps": 0.0, "ratio": 0.0, "failed": False}
-    failure = _search(grad_fn, strategy, seed, max_examples, stats, timeout=o["timeout"], precision=precision)
+    rules = {"timeout": o["timeout"], "precision": precision, "inplace": o["inplace"]}
+    failure = _search(grad_fn, strategy, seed, max_examples, stats, **rules)
     if failure is not None:
-        failure = finalize(simplify(grad_fn, failure, timeout=o["timeout"], precision=precision))
+        failure = finalize(simplify(grad_fn, failure, **rules))
     met = stats.get("met", {})
     graded = not stats.get("ungraded") and stats["examples"] > 0
     grade = next((c for c in contracts(fmt) if met.get(c)), None) if graded else None

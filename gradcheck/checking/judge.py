@@ -30,18 +30,19 @@ if TYPE_CHECKING:
 
 
 def check(grad_fn: Callable[..., Any], case: Case, *, timeout: float | None = None, precision: str | None = None,
-          grades: dict[str, tuple[float, bool]] | None = None) -> Failure | tuple[float, float]:
+          grades: dict[str, tuple[float, bool]] | None = None, inplace: str = "flag") -> Failure | tuple[float, float]:
     """Check one case: a :class:`Failure`, or (worst ULPs, worst error / tolerance).
 
     Each result is copied before ``grad_fn`` is called again, so a reused output buffer cannot hide
     the first result; a buffer returned twice is itself a failure (``aliasing``). ``timeout``: seconds
-    per call (None: no limit; see :mod:`gradcheck.checking.deadline`).
+    per call (None: no limit; see :mod:`gradcheck.checking.deadline`). ``inplace="allowed"``: the
+    ``grad_fn`` may write into its (private copy of the) logits and return that buffer.
     """
-    first = _call(grad_fn, case, timeout)
+    first = _call(grad_fn, case, timeout, inplace)
     if isinstance(first, Failure):
         return first
     first_buffer, first = first
-    second = _call(grad_fn, case, timeout)
+    second = _call(grad_fn, case, timeout, inplace)
     if isinstance(second, Failure):
         return second
     second_buffer, second = second
@@ -132,8 +133,12 @@ def finalize(failure: Failure) -> Failure:
     )
 
 
-def _call(grad_fn: Callable[..., Any], case: Case, timeout: float | None = None) -> Failure | tuple[np.ndarray, np.ndarray]:
+def _call(grad_fn: Callable[..., Any], case: Case, timeout: float | None = None,
+          inplace: str = "flag") -> Failure | tuple[np.ndarray, np.ndarray]:
     """Call grad_fn on private copies; check it raised nothing, mutated nothing, and the shape and dtype.
+
+    With ``inplace="allowed"`` its logits copy is its own to overwrite (and to return): only the
+    targets and weight must stay untouched.
 
     Returns its result as numpy (which may be the ``grad_fn``'s own buffer) and a private copy of it.
     """
@@ -150,9 +155,10 @@ def _call(grad_fn: Callable[..., Any], case: Case, timeout: float | None = None)
                        "exit()", case)
     except Exception as exc:  # noqa: BLE001 - any exception is the finding
         return Failure(FailureKind.EXCEPTION, f"grad_fn raised {type(exc).__name__}: {exc}", case)
+    own = ("logits",) if inplace == "allowed" else ()
     for name, now, before in (("logits", logits, case.logits), ("targets", targets, case.targets),
                               ("weight", weight, weight_before)):
-        if now is not None and not same_bits(now, before):
+        if name not in own and now is not None and not same_bits(now, before):
             where = tuple(int(i) for i in np.argwhere(_bits(now) != _bits(before))[0])
             return Failure(
                 FailureKind.MUTATION, f"grad_fn modified its {name} argument in place: {name}{list(where)} was "
@@ -183,7 +189,7 @@ def _call(grad_fn: Callable[..., Any], case: Case, timeout: float | None = None)
             )
         got = got.astype(fmt.dtype)
     for name, array in (("logits", logits), ("targets", targets), ("weight", weight)):
-        if array is not None and np.may_share_memory(got, array):
+        if name not in own and array is not None and np.may_share_memory(got, array):
             return Failure(
                 FailureKind.ALIASING, f"grad_fn returned a view of its {name} argument; return a new array", case,
             )

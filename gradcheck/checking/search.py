@@ -56,7 +56,7 @@ class _Stop(BaseException):
 
 
 def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples: int, stats: dict, *,
-            timeout: float | None = None, precision: str | None = None) -> Failure | None:
+            timeout: float | None = None, precision: str | None = None, inplace: str = "flag") -> Failure | None:
     """Run Hypothesis; return the shrunk failure or None.
 
     ``stats`` counts the examples up to and including the first failure and keeps, over those, the
@@ -72,7 +72,7 @@ def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples:
 
     def test(case: Case) -> None:
         grades: dict[str, tuple[float, bool]] = {}
-        outcome = check(grad_fn, case, timeout=timeout, precision=precision, grades=grades)
+        outcome = check(grad_fn, case, timeout=timeout, precision=precision, grades=grades, inplace=inplace)
         if not stats["failed"]:
             record(stats, outcome, grades)
         if isinstance(outcome, Failure):

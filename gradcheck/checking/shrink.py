@@ -24,7 +24,7 @@ MIN_SHRUNK_RATIO = 2.0  # a simplified mismatch keeps at least min(its ratio, th
 
 
 def simplify(grad_fn: Callable[..., Any], failure: Failure, *, timeout: float | None = None,
-             precision: str | None = None) -> Failure:
+             precision: str | None = None, inplace: str = "flag") -> Failure:
     """Drop rows and classes and round values while the case fails the same way (a bounded budget).
 
     A call that hung is not simplified (each attempt could cost ``timeout`` seconds); ``timeout``
@@ -40,7 +40,7 @@ def simplify(grad_fn: Callable[..., Any], failure: Failure, *, timeout: float | 
         if budget[0] <= 0:
             return None
         budget[0] -= 1
-        outcome = check(grad_fn, candidate, timeout=timeout, precision=precision)
+        outcome = check(grad_fn, candidate, timeout=timeout, precision=precision, inplace=inplace)
         if isinstance(outcome, Failure) and outcome.kind == failure.kind and (outcome.ratio or 0.0) >= keep_ratio:
             return outcome
         return None
