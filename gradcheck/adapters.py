@@ -51,44 +51,50 @@ def _torch_dtype(dtype: np.dtype) -> Any:
     }[float_format(dtype).name]
 
 
-def to_torch(array: np.ndarray, *, requires_grad: bool = False) -> Any:
-    """A torch tensor holding ``array`` exactly: floats keep their dtype (bfloat16 included), ints are int64."""
+def to_torch(array: np.ndarray, *, requires_grad: bool = False, device: Any = None) -> Any:
+    """A torch tensor holding ``array`` exactly: floats keep their dtype (bfloat16 included), ints are int64.
+
+    ``device``: where the tensor lives ("cpu", "cuda", "cuda:1", a ``torch.device``; default the CPU).
+    """
     require("torch", extra="torch")
     import torch
 
     if array.dtype.kind in "iu":
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(device or "cpu")
     fmt = float_format(array.dtype)
     source = array.astype(np.float32) if fmt.name == "bfloat16" else np.array(array, copy=True)
-    tensor = torch.from_numpy(np.ascontiguousarray(source)).to(_torch_dtype(fmt.dtype))
+    tensor = torch.from_numpy(np.ascontiguousarray(source)).to(_torch_dtype(fmt.dtype)).to(device or "cpu")
     return tensor.requires_grad_(requires_grad)
 
 
-def _torch_options(options: dict[str, Any]) -> dict[str, Any]:
+def _torch_options(options: dict[str, Any], device: Any = None) -> dict[str, Any]:
     out = dict(options)
     if out.get("weight") is not None:
-        out["weight"] = to_torch(np.asarray(out["weight"]))
+        out["weight"] = to_torch(np.asarray(out["weight"]), device=device)
     return out
 
 
-def torch_grad_fn(fn: GradFn) -> GradFn:
+def torch_grad_fn(fn: GradFn, *, device: Any = None) -> GradFn:
     """Wrap a torch gradient function ``fn(logits, targets, **options) -> tensor`` for ``verify``.
 
-    Logits, probability targets and ``weight`` become tensors of the checked dtype, class indices int64.
+    Logits, probability targets and ``weight`` become tensors of the checked dtype on ``device``
+    (default the CPU; "cuda", "cuda:1", ...), class indices int64; the result comes back to numpy.
     """
 
     @functools.wraps(fn)
     def grad_fn(logits: np.ndarray, targets: np.ndarray, **options: Any) -> np.ndarray:
-        return to_numpy(fn(to_torch(logits), to_torch(targets), **_torch_options(options)))
+        return to_numpy(fn(to_torch(logits, device=device), to_torch(targets, device=device),
+                           **_torch_options(options, device)))
 
     return grad_fn
 
 
-def torch_loss_grad(loss_fn: GradFn | None = None) -> GradFn:
+def torch_loss_grad(loss_fn: GradFn | None = None, *, device: Any = None) -> GradFn:
     """The gradient of a torch loss through ``torch.autograd``; default ``F.cross_entropy``.
 
     ``loss_fn(logits, targets, **options)`` returns a scalar, or per-row losses for
-    ``reduction="none"`` (they are summed before differentiating).
+    ``reduction="none"`` (they are summed before differentiating). The inputs are created on
+    ``device`` (default the CPU; "cuda", "cuda:1", ...), the gradient comes back to numpy.
     """
 
     def grad_fn(logits: np.ndarray, targets: np.ndarray, **options: Any) -> np.ndarray:
@@ -97,8 +103,8 @@ def torch_loss_grad(loss_fn: GradFn | None = None) -> GradFn:
         import torch.nn.functional as F
 
         fn = F.cross_entropy if loss_fn is None else loss_fn
-        z = to_torch(logits, requires_grad=True)
-        loss = fn(z, to_torch(targets), **_torch_options(options))
+        z = to_torch(logits, requires_grad=True, device=device)
+        loss = fn(z, to_torch(targets, device=device), **_torch_options(options, device))
         (grad,) = torch.autograd.grad(loss.sum(), z)
         return to_numpy(grad)
 
@@ -115,23 +121,40 @@ def _jax_options(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def jax_grad_fn(fn: GradFn) -> GradFn:
-    """Wrap a JAX gradient function for ``verify``: jnp arrays of the checked dtype (x64 enabled for float64)."""
+def _jax_put(array: Any, device: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    if device is None:
+        return jnp.asarray(array)
+    if isinstance(device, str):  # "cpu", "gpu", "cuda", "cuda:1", "gpu:0"
+        kind, _, index = device.partition(":")
+        device = jax.devices({"cuda": "gpu"}.get(kind, kind))[int(index or 0)]
+    return jax.device_put(array, device)
+
+
+def jax_grad_fn(fn: GradFn, *, device: Any = None) -> GradFn:
+    """Wrap a JAX gradient function for ``verify``: jnp arrays of the checked dtype (x64 enabled for float64).
+
+    ``device``: a jax device or a name ("cpu", "gpu", "cuda:1"); default jax's default device.
+    """
 
     @functools.wraps(fn)
     def grad_fn(logits: np.ndarray, targets: np.ndarray, **options: Any) -> np.ndarray:
         require("jax", extra="jax")
         import jax
-        import jax.numpy as jnp
 
         with jax.enable_x64(True):
-            return to_numpy(fn(jnp.asarray(logits), jnp.asarray(targets), **_jax_options(options)))
+            kwargs = _jax_options(options)
+            if kwargs.get("weight") is not None:
+                kwargs["weight"] = _jax_put(kwargs["weight"], device)
+            return to_numpy(fn(_jax_put(logits, device), _jax_put(targets, device), **kwargs))
 
     return grad_fn
 
 
 def jax_loss_grad(loss_fn: GradFn, *, accepts: tuple[str, ...] | None = None,
-                  per_example: bool = False) -> GradFn:
+                  per_example: bool = False, device: Any = None) -> GradFn:
     """The gradient of a JAX loss ``loss_fn(logits, targets, **options)`` through ``jax.grad``.
 
     Args:
@@ -142,6 +165,8 @@ def jax_loss_grad(loss_fn: GradFn, *, accepts: tuple[str, ...] | None = None,
             that case), except ``reduction`` with ``per_example``.
         per_example: ``loss_fn`` returns per-example losses and takes no ``reduction`` (optax's
             losses): the adapter applies it, the mean over rows or the sum.
+        device: a jax device or a name ("cpu", "gpu", "cuda:1") the inputs are put on; default
+            jax's default device.
 
     The gradient is jit-compiled once per shape, dtype and set of static options (integers, strings,
     floats); ``weight`` is traced. x64 is enabled inside the call only.
@@ -174,8 +199,8 @@ def jax_loss_grad(loss_fn: GradFn, *, accepts: tuple[str, ...] | None = None,
 
             compiled[key] = jax.jit(jax.grad(total))
         with jax.enable_x64(True):
-            w = None if weight is None else jnp.asarray(weight)
-            return to_numpy(compiled[key](jnp.asarray(logits), jnp.asarray(targets), w))
+            w = None if weight is None else _jax_put(weight, device)
+            return to_numpy(compiled[key](_jax_put(logits, device), _jax_put(targets, device), w))
 
     grad_fn.__name__ = grad_fn.__qualname__ = name
     return grad_fn

@@ -227,3 +227,34 @@ def test_jax_loss_grad_without_per_example_sums_what_the_loss_returns(jax):
     grad = jax_loss_grad(optax.softmax_cross_entropy_with_integer_labels)  # not told: the sum
     z, t = np.array([[0.5, -1.0, 2.0], [0.0, 0.25, -0.5]]), np.array([2, 0])
     assert np.allclose(grad(z, t), gradcheck.cross_entropy_grad(z, t, reduction="sum"), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_torch_adapters_create_inputs_on_the_device_and_bring_results_back(torch, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device here: the cuda path runs where a GPU exists")
+    seen = []
+
+    def grad(z, t, **options):
+        seen.append((z.device.type, t.device.type))
+        return torch.softmax(z, dim=1) - torch.nn.functional.one_hot(t, z.shape[1]).to(z.dtype)
+
+    result = verify(torch_grad_fn(grad, device=device), dtype="float32", reduction="sum", seed=0, max_examples=5)
+    assert result.passed and set(seen) == {(device, device)}
+    assert verify(torch_loss_grad(device=device), dtype="float64", seed=0, max_examples=5, weighted=True).passed
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_jax_adapters_put_inputs_on_the_device(jax, device):
+    if device == "gpu" and not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("no GPU for jax here: the gpu path runs where one exists")
+    seen = []
+
+    def grad(z, t, **options):
+        seen.append({d.platform for d in z.devices()})
+        return jax.nn.softmax(z, axis=1) - jax.nn.one_hot(t, z.shape[1], dtype=z.dtype)
+
+    result = verify(jax_grad_fn(grad, device=device), dtype="float32", reduction="sum", seed=0, max_examples=5)
+    assert result.passed and all(s == {device} for s in seen)
+    loss = jax_loss_grad(_jax_cross_entropy, device=jax.devices(device)[0])
+    assert verify(loss, dtype="float32", seed=0, max_examples=5).passed

@@ -519,3 +519,17 @@ def test_xdist_a_crashed_worker_keeps_the_records_of_its_finished_tests(pytester
     assert doc["checks_run"] == 4  # test_4_crash's one check died with its worker, and the summary says so:
     result.stdout.fnmatch_lines([f"incomplete: xdist worker {worker.group(1)} went down (*); the checks of the test "
                                  "it was running are missing from the records"])
+
+
+@pytest.mark.parametrize(("args", "ini", "expected"), [
+    ([], None, None), (["--gradcheck-device=cpu"], None, "cpu"), ([], "gradcheck_device = cuda:1", "cuda:1"),
+    (["--gradcheck-device", "cpu"], "gradcheck_device = cuda:1", "cpu"),  # the command line wins
+])
+def test_device_option_reaches_the_fixture(pytester, args, ini, expected):
+    pytester.makepyfile(f'''
+def test_device(gradcheck):
+    assert gradcheck.device == {expected!r}
+''')
+    if ini:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.runpytest(*args).assert_outcomes(passed=1)

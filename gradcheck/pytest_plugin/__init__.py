@@ -65,11 +65,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         f"dtypes (default: ini gradcheck_dtypes, else float64). Known: {', '.join(DTYPE_NAMES)}.",
     )
     group.addoption(
+        "--gradcheck-device", metavar="DEVICE", default=None,
+        help="the device tests pass to gradcheck's torch and jax adapters as gradcheck.device "
+        "(cpu, cuda, cuda:1, ...; default: ini gradcheck_device, else None: the CPU).",
+    )
+    group.addoption(
         "--gradcheck-report", metavar="PATH", default=None,
         help="write a report of every check of the session to PATH.json and PATH.md.",
     )
     parser.addini("gradcheck_max_examples", "default of --gradcheck-max-examples", default=None)
     parser.addini("gradcheck_seed", "default of --gradcheck-seed", default=None)
+    parser.addini("gradcheck_device", "default of --gradcheck-device", default=None)
     parser.addini("gradcheck_dtypes", "default of --gradcheck-dtypes (comma- or space-separated)", default=None)
 
 
@@ -130,7 +136,7 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"--gradcheck-report: {exc}") from None
     config.stash[_SETTINGS] = Settings(
         seed=seed, dtypes=dtypes, max_examples=_option(config, "gradcheck_max_examples", "max_examples"),
-        report=report,
+        report=report, device=_setting(config, "gradcheck_device")[1],
     )
 
 

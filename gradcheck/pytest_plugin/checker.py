@@ -25,6 +25,7 @@ class Settings:
     max_examples: int | None
     report: str | None
     records: list[dict] = field(default_factory=list)
+    device: str | None = None
 
 
 def check_seed(session_seed: int, nodeid: str, call: int) -> int:
@@ -46,11 +47,14 @@ class GradientChecker:
         seed: the session seed (each check's own seed is derived from it and the test id).
         defaults: the keyword defaults of every check in this test (from the options, ini and marker).
         results: the :class:`gradcheck.Verification` of each check run so far in this test.
+        device: ``--gradcheck-device`` (or ini ``gradcheck_device``), None when not set: pass it to
+            the adapters, e.g. ``torch_loss_grad(device=gradcheck.device)``.
     """
 
     def __init__(self, nodeid: str, settings: Settings, dtype: str, defaults: dict[str, Any]) -> None:
         self.dtype = dtype
         self.seed = settings.seed
+        self.device = settings.device  # --gradcheck-device: for the torch and jax adapters' device=
         self.defaults = {"dtype": dtype, **defaults}
         self.results: list[Any] = []
         self._nodeid = nodeid
