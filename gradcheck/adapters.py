@@ -20,6 +20,7 @@ import numpy as np
 
 from gradcheck.dtypes import float_format
 from gradcheck.errors import require
+from gradcheck.problem import as_array
 
 GradFn = Callable[..., Any]
 
@@ -29,17 +30,7 @@ def to_numpy(value: Any) -> np.ndarray:
 
     A torch bfloat16 tensor becomes an ml_dtypes bfloat16 array (exactly, through float32).
     """
-    module = type(value).__module__
-    if module.startswith("torch"):
-        import torch
-
-        tensor = value.detach().cpu()
-        if tensor.dtype == torch.bfloat16:
-            return tensor.float().numpy().astype(float_format("bfloat16").dtype)
-        return tensor.resolve_conj().resolve_neg().numpy()
-    if module.startswith(("jax", "jaxlib")):
-        return np.asarray(value)
-    return np.asarray(value)
+    return as_array(value, copy=False)  # the one conversion (gradcheck.problem)
 
 
 def _torch_dtype(dtype: np.dtype) -> Any:

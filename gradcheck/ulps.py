@@ -9,6 +9,7 @@ import numpy as np
 
 from gradcheck.dtypes import FloatFormat, float_format
 from gradcheck.errors import InvalidArgument
+from gradcheck.problem import as_array
 
 
 def _ordered(x: np.ndarray, fmt: FloatFormat) -> np.ndarray:
@@ -45,7 +46,7 @@ def ulp_distance(a: Any, b: Any, *, dtype: Any = None) -> np.ndarray:
     >>> ulp_distance(np.float64(-0.0), np.float64(5e-324))
     array(1.)
     """
-    a_arr, b_arr = np.asarray(a), np.asarray(b)
+    a_arr, b_arr = as_array(a, copy=False), as_array(b, copy=False)
     if dtype is None:
         a_scalar, b_scalar = (isinstance(x, (int, float)) and not isinstance(x, np.generic) for x in (a, b))
         if a_arr.dtype != b_arr.dtype and not (a_scalar or b_scalar):
@@ -112,8 +113,8 @@ def compare(actual: Any, expected: Any, *, dtype: Any = None) -> Comparison:
     Raises:
         InvalidArgument: unsupported dtype.
     """
-    exp_arr = np.asarray(expected)
-    act_arr = np.asarray(actual)
+    exp_arr = as_array(expected, copy=False)
+    act_arr = as_array(actual, copy=False)
     fmt = float_format(exp_arr.dtype if dtype is None else dtype, argument="dtype of expected")
     act_arr, exp_arr = np.broadcast_arrays(act_arr.astype(fmt.dtype), exp_arr.astype(fmt.dtype))
     ulps = ulp_distance(act_arr, exp_arr, dtype=fmt.dtype)

@@ -85,3 +85,14 @@ def test_ulp_distance_refuses_mixed_dtypes():
     assert float(gc.ulp_distance(np.float64(0.1), np.float64(x32), dtype="float64")) > 1e8  # what was silent
     # a Python number takes the other side's dtype
     assert float(gc.ulp_distance(x32, 0.1)) == 0 and float(gc.ulp_distance(1.0, np.float16(1.0))) == 0
+
+
+def test_compare_and_ulp_distance_take_torch_tensors_bfloat16_and_requires_grad_included():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    import gradcheck as gc
+
+    z = torch.tensor([[1.0, 2.0, 0.5]], dtype=torch.bfloat16, requires_grad=True)
+    truth = gc.exact_grad(z, torch.tensor([1]))  # was: "Got unsupported ScalarType BFloat16"
+    got = torch.tensor(truth.astype(np.float32)).to(torch.bfloat16).requires_grad_(True)
+    assert gc.compare(got, truth).max_ulp == 0
+    assert gc.ulp_distance(torch.tensor([1.0, 2.0]), np.array([1.0, 2.0], dtype=np.float32)).tolist() == [0.0, 0.0]
