@@ -419,7 +419,7 @@ def test_importing_the_plugin_loads_no_numerics():
     # the control: the same probe sees them once the plugin's fixture object runs one check
     after_a_check = _loaded_after(
         "import gradcheck.pytest_plugin as p\n"
-        "settings = p.Settings(seed=0, dtypes=('float64',), max_examples=None, report=None)\n"
+        "settings = p.Settings(seed=0, dtypes=('float64',), defaults={}, report=None)\n"
         "checker = p.GradientChecker('t', settings, 'float64', {'max_examples': 2})\n"
         "import gradcheck\n"
         "assert checker.verify(gradcheck.cross_entropy_grad).passed and len(settings.records) == 1"
@@ -533,3 +533,24 @@ def test_device(gradcheck):
     if ini:
         pytester.makeini(f"[pytest]\n{ini}\n")
     pytester.runpytest(*args).assert_outcomes(passed=1)
+
+
+def test_every_check_option_is_a_session_flag_and_ini_setting(pytester):
+    from gradcheck.options import VERIFY
+    from gradcheck.pytest_plugin import SESSION_OPTIONS
+
+    assert {o.name for o in SESSION_OPTIONS} == {n for n, o in VERIFY.items() if o.parse} - {"dtype", "seed"}
+    pytester.makepyfile(GRADS + '''
+
+def test_defaults(gradcheck):
+    result = gradcheck.verify(good_grad)
+    assert (result.precision, result.arguments["reduction"], result.arguments["max_examples"]) == ("exact", "sum", 3)
+''')
+    pytester.makeini("[pytest]\ngradcheck_precision = exact\ngradcheck_reduction = sum\n")
+    pytester.runpytest("--gradcheck-max-examples=3", "--gradcheck-seed=1").assert_outcomes(passed=1)
+    result = pytester.runpytest("--gradcheck-precision=float64", "--gradcheck-max-examples=3", "--gradcheck-seed=1")
+    result.assert_outcomes(failed=1)  # the command line wins over the ini file
+    result.stdout.fnmatch_lines(["*('float64', 'sum', 3) == ('exact', 'sum', 3)*"])
+    bad = pytester.runpytest("--gradcheck-precision=float8")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--gradcheck-precision: precision must be one of*got 'float8'*"])

@@ -34,6 +34,8 @@ __all__ = ["CHECK_OPTIONS", "DTYPE_NAMES", "GradientChecker", "Settings", "check
 DTYPE_NAMES = VERIFY["dtype"].choices
 DEFAULT_DTYPES = (VERIFY["dtype"].default,)
 CHECK_OPTIONS = tuple(VERIFY)  # the keywords of gradcheck.verify after grad_fn, from the one option spec
+# the options a session may set for every check (the dtype has --gradcheck-dtypes, the seed is the session's)
+SESSION_OPTIONS = tuple(o for o in VERIFY.values() if o.parse is not None and o.name not in ("dtype", "seed"))
 MARKER = (
     "gradcheck(dtypes=None, **options): run the test once per dtype (default: --gradcheck-dtypes, "
     "else float64); the options (targets=, reduction=, max_examples=, ...) become the defaults of "
@@ -50,10 +52,14 @@ _RECORDS = "gradcheck_records"  # the attribute of an xdist worker's report that
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("gradcheck", "gradcheck: cross-entropy gradient checks")
-    group.addoption(
-        "--gradcheck-max-examples", metavar="N", default=None,
-        help="examples per check, unless a test says otherwise (default: ini gradcheck_max_examples, else 100).",
-    )
+    for option in SESSION_OPTIONS:  # generated from the one option spec: a flag and an ini setting each
+        group.addoption(
+            f"--gradcheck-{option.name.replace('_', '-')}", metavar=option.metavar, default=None,
+            help=f"default of every check's {option.name}= unless a test says otherwise: {option.help} "
+            f"(default: ini gradcheck_{option.name}, else {option.default}).",
+        )
+        parser.addini(f"gradcheck_{option.name}", f"default of --gradcheck-{option.name.replace('_', '-')}",
+                      default=None)
     group.addoption(
         "--gradcheck-seed", metavar="N", default=None,
         help="session seed from which every check's seed is derived (default: ini gradcheck_seed, else random; "
@@ -73,7 +79,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--gradcheck-report", metavar="PATH", default=None,
         help="write a report of every check of the session to PATH.json and PATH.md.",
     )
-    parser.addini("gradcheck_max_examples", "default of --gradcheck-max-examples", default=None)
     parser.addini("gradcheck_seed", "default of --gradcheck-seed", default=None)
     parser.addini("gradcheck_device", "default of --gradcheck-device", default=None)
     parser.addini("gradcheck_dtypes", "default of --gradcheck-dtypes (comma- or space-separated)", default=None)
@@ -111,6 +116,12 @@ def _dtypes(where: str, raw: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _session_defaults(config: pytest.Config) -> dict[str, Any]:
+    """The check options set for the whole session, each read by its one rule."""
+    values = {o.name: _option(config, f"gradcheck_{o.name}", o.name) for o in SESSION_OPTIONS}
+    return {name: value for name, value in values.items() if value is not None}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER)
     workerinput = getattr(config, "workerinput", None)
@@ -135,7 +146,7 @@ def pytest_configure(config: pytest.Config) -> None:
         except NotWritable as exc:
             raise pytest.UsageError(f"--gradcheck-report: {exc}") from None
     config.stash[_SETTINGS] = Settings(
-        seed=seed, dtypes=dtypes, max_examples=_option(config, "gradcheck_max_examples", "max_examples"),
+        seed=seed, dtypes=dtypes, defaults=_session_defaults(config),
         report=report, device=_setting(config, "gradcheck_device")[1],
     )
 
@@ -196,13 +207,12 @@ def gradcheck(request: pytest.FixtureRequest, gradcheck_dtype: str) -> Iterator[
     """An object with ``verify(grad_fn, **options)`` and ``assert_gradient(grad_fn, **options)``.
 
     They take the arguments of :func:`gradcheck.verify`; the defaults come from this item's dtype,
-    ``--gradcheck-max-examples`` (or ini ``gradcheck_max_examples``), the marker's options, and a seed
+    ``--gradcheck-<option>`` (or ini ``gradcheck_<option>``, for every option of verify but the dtype
+    and the seed, e.g. ``--gradcheck-max-examples``, ``--gradcheck-precision``), the marker's options, and a seed
     derived from the session seed and the test id.
     """
     settings = request.config.stash[_SETTINGS]
-    defaults: dict[str, Any] = {}
-    if settings.max_examples is not None:
-        defaults["max_examples"] = settings.max_examples
+    defaults = dict(settings.defaults)
     _, marker_options = _marker_options(request.node)
     defaults.update(marker_options)
     yield GradientChecker(request.node.nodeid, settings, gradcheck_dtype, defaults)

@@ -22,7 +22,7 @@ class Settings:
 
     seed: int
     dtypes: tuple[str, ...]
-    max_examples: int | None
+    defaults: dict[str, Any]  # check options set for the session (--gradcheck-<option>, ini gradcheck_<option>)
     report: str | None
     records: list[dict] = field(default_factory=list)
     device: str | None = None
