@@ -44,6 +44,7 @@ class Problem:
         ignore_index: rows whose index target equals it are skipped.
         reduction: "mean", "sum" or "none".
         label_smoothing: eps in [0, 1].
+        format: the float format of the logits (the checked dtype), fixed once here.
         vector: the logits were given as one row of shape ``(K,)``.
     """
 
@@ -53,6 +54,7 @@ class Problem:
     ignore_index: int
     reduction: str
     label_smoothing: float
+    format: FloatFormat
     vector: bool = False
 
     @property
@@ -62,10 +64,6 @@ class Problem:
     @property
     def k(self) -> int:
         return self.logits.shape[1]
-
-    @property
-    def format(self) -> FloatFormat:
-        return float_format(self.logits.dtype)
 
     @property
     def index_targets(self) -> bool:
@@ -181,7 +179,7 @@ def make_problem(logits: Any, targets: Any, *, copy: bool = True, **options: Any
     t.setflags(write=False)
     if w is not None:
         w.setflags(write=False)
-    problem = Problem(z, t, w, o["ignore_index"], o["reduction"], o["label_smoothing"], vector)
+    problem = Problem(z, t, w, o["ignore_index"], o["reduction"], o["label_smoothing"], float_format(z.dtype), vector)
     if problem.index_targets:
         _check_active(problem)
     return problem

@@ -24,7 +24,6 @@ Every value is exactly representable in the dtype (float64, float32, float16, bf
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import hypothesis.strategies as st

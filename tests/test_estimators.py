@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradcheck
-from gradcheck.dtypes import FLOAT64, float_format
+from gradcheck.dtypes import FLOAT64
 from gradcheck.errors import InvalidArgument
 from gradcheck.estimators import MethodResult, Status, estimate, gradient, methods, spec
 from gradcheck.exact import certified_grad

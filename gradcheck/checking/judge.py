@@ -19,7 +19,7 @@ from gradcheck.adapters import to_numpy
 from gradcheck.checking.deadline import Hung, call_with_deadline
 from gradcheck.checking.result import Failure, FailureKind
 from gradcheck.ulps import ulp_distance
-from gradcheck.dtypes import bit_pattern, float_format, is_supported_float, round_to_format
+from gradcheck.dtypes import bit_pattern, is_supported_float, round_to_format
 from gradcheck.exact import certified_grad
 from gradcheck.oracle import row_parts
 from gradcheck.reference import reference_grad
@@ -52,7 +52,7 @@ def check(grad_fn: Callable[..., Any], case: Case, *, timeout: float | None = No
             "first result); return a new array from each call", case,
         )
     del first_buffer, second_buffer
-    fmt = float_format(case.logits.dtype)
+    fmt = case.format
     a_bits, b_bits = first.view(fmt.int_dtype), second.view(fmt.int_dtype)
     if not np.array_equal(a_bits, b_bits):
         where = tuple(int(i) for i in np.argwhere(a_bits != b_bits)[0])
@@ -170,7 +170,7 @@ def _call(grad_fn: Callable[..., Any], case: Case, timeout: float | None = None,
         got = to_numpy(result)
     except Exception as exc:  # noqa: BLE001
         return Failure(FailureKind.TYPE, f"grad_fn returned {type(result).__name__}, not an array ({exc})", case)
-    fmt = float_format(case.logits.dtype)
+    fmt = case.format
     if got.shape != case.logits.shape:
         return Failure(
             FailureKind.SHAPE, f"grad_fn returned shape {got.shape} for logits of shape {case.logits.shape}", case,

@@ -21,7 +21,7 @@ def describe(result: Verification) -> str:
     if f is None:
         return str(result)
     case = f.case
-    fmt = float_format(case.logits.dtype)
+    fmt = case.format
     lines = [f"{result.function} is wrong ({f.kind}): {f.message}."]
     if f.kind == FailureKind.MISMATCH:
         tol_ulps = f.tolerance / float(fmt.ulp(f.expected))
