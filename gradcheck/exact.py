@@ -78,11 +78,16 @@ def exact_loss(
     return certified_loss(problem, fmt)
 
 
-def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True) -> np.ndarray:
-    """``(N, K)`` correctly rounded gradient of a validated problem."""
+def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True,
+                   where: np.ndarray | None = None) -> np.ndarray:
+    """``(N, K)`` correctly rounded gradient of a validated problem.
+
+    ``where``: a boolean ``(N, K)`` mask; only those elements are certified (the others are 0), so a
+    caller that needs a few elements pays for those (verify's "exact" contract, docs/tolerance.md).
+    """
     rows = _RowFacts(problem)
     out = np.zeros(problem.logits.shape)
-    todo = np.ones(problem.logits.shape, dtype=bool)
+    todo = np.ones(problem.logits.shape, dtype=bool) if where is None else np.array(where, dtype=bool)
     todo[rows.zero_rows] = False  # S_n = 0: the whole row is exactly 0
     if prefilter:
         # float64 enclosures are a few float64 ulps wide: for a float64 result use x87 extended

@@ -16,6 +16,7 @@ import pytest
 import gradcheck
 from gradcheck import GradientMismatch, InvalidArgument, assert_gradient, verify
 from gradcheck.checking.result import FailureKind
+import gradcheck.checking.result
 import gradcheck.tolerance
 import zoo
 from gradcheck.dtypes import float_format
@@ -422,3 +423,24 @@ def test_allowed_in_place_still_guards_targets_and_weights():
     assert not result.passed and result.failure.kind == FailureKind.MUTATION and "weight" in result.failure.message
     with pytest.raises(InvalidArgument, match=r"inplace must be 'flag' or 'allowed', got 'yes'"):
         verify(_in_place, inplace="yes")
+
+
+def test_exact_in_float64_is_decided_by_the_certified_truth_where_the_reference_cannot():
+    # after cancellation the float64 reference's band exceeds half an ULP: a value one ULP off passed
+    # the "exact" contract when only the band decided it
+    z = np.array([[30.0, 0.0, -1.0, 0.5]])
+    truth = gradcheck.exact_grad(z, np.array([0]))
+
+    def one_ulp_off(logits, targets, **options):
+        g = gradcheck.exact_grad(logits, targets, **options)
+        g[0, 0] = np.nextafter(g[0, 0], 0.0)
+        return g
+
+    case = gradcheck.Case.make(z, np.array([0]))
+    from gradcheck.checking.judge import compare_values
+
+    grades: dict = {}
+    assert not isinstance(compare_values(truth, case, precision="exact", grades=grades), gradcheck.checking.result.Failure)
+    assert grades["exact"][1] and grades["exact"][0] <= 1
+    outcome = compare_values(one_ulp_off(z, np.array([0])), case, precision="exact", grades=grades)
+    assert outcome.kind == FailureKind.MISMATCH and not grades["exact"][1] and grades["float64"][1]

@@ -26,7 +26,7 @@ from gradcheck.reference import reference_grad
 from gradcheck.tolerance import contracts, tolerances
 
 if TYPE_CHECKING:
-    from gradcheck.problem import Case
+    from gradcheck.problem import Case, Problem
 
 
 def check(grad_fn: Callable[..., Any], case: Case, *, timeout: float | None = None, precision: str | None = None,
@@ -100,12 +100,16 @@ def compare_values(got: np.ndarray, case: Case, *, precision: str | None = None,
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # "exact" of a zero truth: tolerance 0
         err = np.abs(got.astype(ref.dtype) - ref).astype(np.float64)
         ratios = {c: np.where(err == 0, 0.0, err / t) for c, t in tols.items()}  # inf where only 0 passes
+    ok = {c: err <= t + bound for c, t in tols.items()}
+    if "exact" in tols:
+        ok["exact"], certified = _exact_ok(got, problem, err, tols["exact"], bound)
+        ratios["exact"] = np.where(certified, 0.0, ratios["exact"])  # the certified truth itself: no error
     if grades is not None:
-        for c, t in tols.items():
-            grades[c] = (float(ratios[c].max(initial=0.0)), bool(np.all(err <= t + bound)))
+        for c in tols:
+            grades[c] = (float(ratios[c].max(initial=0.0)), bool(np.all(ok[c])))
     tol, ratio = tols[asked], ratios[asked]
     ulps = ulp_distance(got, round_to_format(g64, fmt))
-    wrong = err > tol + bound
+    wrong = ~ok[asked]
     if wrong.any():
         flat = np.where(wrong, ratio, -1.0)
         where = tuple(int(i) for i in np.unravel_index(int(np.argmax(flat)), flat.shape))
@@ -115,6 +119,24 @@ def compare_values(got: np.ndarray, case: Case, *, precision: str | None = None,
             tolerance=float(tol[where]), ratio=float(ratio[where]),
         )
     return float(ulps.max(initial=0.0)), float(ratio.max(initial=0.0))
+
+
+def _exact_ok(got: np.ndarray, problem: Problem, err: np.ndarray, tol: np.ndarray,
+              band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which elements are the correctly rounded truth (docs/tolerance.md, "Precision contracts"), and
+    which of them were found equal to the certified truth.
+
+    Within half an ULP less the reference's band: certainly a correct rounding; beyond half an ULP
+    plus the band: certainly not. In between the reference cannot tell (in float64 its band can exceed
+    half an ULP after cancellation), so those few elements are compared with the certified truth.
+    """
+    ok = err <= tol - band
+    unsure = ~ok & (err <= tol + band)
+    certified = np.zeros_like(ok)
+    if unsure.any():
+        truth = certified_grad(problem, problem.format, where=unsure)
+        certified = unsure & (got.astype(np.float64) == truth.astype(np.float64))
+    return ok | certified, certified
 
 
 def finalize(failure: Failure) -> Failure:
