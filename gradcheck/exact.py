@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from collections.abc import Callable
 from typing import Any
 
 import mpmath
@@ -28,6 +29,7 @@ from gradcheck.problem import Problem, make_problem
 
 MAX_PRECISION = 1 << 16  # bits; Ziv's loop is proven to end (docs/exact.md), this only makes a bug loud
 
+PROGRESS_BLOCK = 4096  # slow-path elements between two progress reports
 CUTOFF = 16384  # see _exp_shifted and docs/exact.md, "Cutoff"
 _IV = type(mpmath.iv)()  # a private interval context: the caller's mpmath.iv precision is untouched
 
@@ -38,6 +40,7 @@ def exact_grad(
     *,
     dtype: Any = None,
     prefilter: bool = True,
+    progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> np.ndarray:
     """The gradient of :func:`gradcheck.cross_entropy`, correctly rounded to ``dtype``.
@@ -50,6 +53,10 @@ def exact_grad(
         dtype: the format to round to; the logits' dtype when None.
         prefilter: use the float64 oracle's error bound where it decides the rounding (results
             are identical either way; False forces mpmath for every irrational element).
+        progress: called as ``progress(done, total)`` with the number of elements certified so far
+            and the number that need the slow (mpmath) path, once after the fast path (done 0)
+            and after each block of at most ``PROGRESS_BLOCK`` slow elements; the slow path costs
+            about 50-150 us per element, so ``total`` alone is an estimate of the time left.
         **options: the case options (``weight``, ``ignore_index``, ``reduction``,
             ``label_smoothing``; :data:`gradcheck.options.CASE`).
 
@@ -62,7 +69,7 @@ def exact_grad(
     """
     problem = make_problem(logits, targets, **options)
     fmt = float_format(problem.logits.dtype if dtype is None else dtype)
-    return problem.restore_shape(certified_grad(problem, fmt, prefilter=prefilter))
+    return problem.restore_shape(certified_grad(problem, fmt, prefilter=prefilter, progress=progress))
 
 
 def exact_loss(
@@ -79,7 +86,8 @@ def exact_loss(
 
 
 def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True,
-                   where: np.ndarray | None = None) -> np.ndarray:
+                   where: np.ndarray | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """``(N, K)`` correctly rounded gradient of a validated problem.
 
     ``where``: a boolean ``(N, K)`` mask; only those elements are certified (the others are 0), so a
@@ -97,9 +105,18 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
         use = todo & ~np.isnan(decided)
         out[use] = decided[use]
         todo &= ~use
+    total, done = int(todo.sum()), 0
+    if progress:
+        progress(0, total)
     for n in np.flatnonzero(todo.any(axis=1)):
         cols = np.flatnonzero(todo[n])
-        out[n, cols] = _grad_row(problem, rows, int(n), cols, fmt)
+        cache: dict[int, Any] = {}  # the row's exponentials, shared by its blocks
+        for start in range(0, cols.size, PROGRESS_BLOCK):
+            block = cols[start:start + PROGRESS_BLOCK]
+            out[n, block] = _grad_row(problem, rows, int(n), block, fmt, cache)
+            done += block.size
+            if progress:
+                progress(done, total)
     return round_to_format(out, fmt)
 
 
@@ -198,8 +215,13 @@ class _RowFacts:
                    Fraction(0))
 
 
-def _grad_row(problem: Problem, rows: _RowFacts, n: int, cols: np.ndarray, fmt: FloatFormat) -> list[float]:
-    """Correctly rounded g_nc for the given columns of row n."""
+def _grad_row(problem: Problem, rows: _RowFacts, n: int, cols: np.ndarray, fmt: FloatFormat,
+              cache: dict[int, Any] | None = None) -> list[float]:
+    """Correctly rounded g_nc for the given columns of row n.
+
+    ``cache`` keeps the row's exponentials and factor per precision across calls for the same row
+    (a row certified in blocks computes them once).
+    """
     wt = rows.wt(n)
     s = rows.s(n)
     d = rows.divisor
@@ -217,7 +239,7 @@ def _grad_row(problem: Problem, rows: _RowFacts, n: int, cols: np.ndarray, fmt: 
                 p, sign = Fraction(0), 1 if positive and rows.cut[n, c] else 0
             out.append(_round_fraction((p * s - wt[c]) / d, fmt, sign))
         return out
-    cache: dict[int, Any] = {}
+    cache = {} if cache is None else cache
 
     def partition(prec: int) -> tuple[list[Any], Any]:
         """The row's exponentials and its one factor ``S / (Z D)`` at ``prec``, shared by its elements.

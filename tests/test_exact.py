@@ -242,3 +242,14 @@ def test_a_row_shares_its_sum_and_factor(monkeypatch):
     assert calls["exp"] % k == 0 and precisions <= 3
     assert calls["interval"] <= 2 * precisions + 3  # S and D per precision, w_t t_t for the one target
     assert _same(g, independent(z, np.array([3]), {}, prec=400))
+
+
+def test_progress_reports_the_slow_elements_and_the_result_is_the_same():
+    rng = np.random.default_rng(5)
+    z, t = rng.standard_normal((2, 5000)), rng.integers(0, 5000, 2)
+    calls = []
+    got = gc.exact_grad(z, t, progress=lambda done, total: calls.append((done, total)))
+    assert np.array_equal(got, gc.exact_grad(z, t))
+    total = calls[0][1]
+    assert calls[0] == (0, total) and calls[-1] == (total, total) and total > 0  # float64: most go slow here
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and len(calls) >= 1 + total // 4096
