@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| library | dtype | options | grade | exact | float64 | float32 | dtype contract |")
     print("|---|---|---|---|---|---|---|---|")
     start = time.perf_counter()
+    failures = []
     for library in LIBRARIES:
         if not all(_installed(n) for n in library.needs):
             print(f"| {library.name} | | | not installed | | | | |")
@@ -215,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{_ratio(c.get('float64'))} | {_ratio(c.get('float32') if dtype in HALF else None)} | "
                       f"{_ratio(c.get(dtype))} |", flush=True)
                 if not r.passed:
-                    print(f"<!-- {r.failure.message.splitlines()[0]} -->")
+                    failures.append(f"- {library.name}, {dtype}, {label}: {r.failure.message.splitlines()[0]}")
+    if failures:
+        print("\nThe rows that met no contract fail with:\n")
+        print("\n".join(failures))
     print(f"\n{time.perf_counter() - start:.0f} s")
     return 0
 
