@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradcheck.dtypes import FLOAT32, FLOAT64, FloatFormat, float_format
+from gradcheck.errors import InvalidArgument
 from gradcheck.oracle import RowParts, gamma, grad_rows, row_parts
 from gradcheck.problem import Problem
 
@@ -86,6 +87,20 @@ def contracts(fmt: FloatFormat) -> tuple[str, ...]:
     return ("exact", *wider, fmt.name)
 
 
+def resolve_contract(fmt: FloatFormat, precision: str | None, *, where: str, fix: str = "") -> str:
+    """The contract checked for a dtype: ``precision``, or :func:`default_contract` when None.
+
+    Raises:
+        InvalidArgument: a precision narrower than the dtype (no implementation of the dtype computes
+            in it), naming ``where`` it was asked and, when given, ``fix``.
+    """
+    asked = default_contract(fmt) if precision is None else precision
+    if asked not in contracts(fmt):
+        raise InvalidArgument(f"precision must be one of {contracts(fmt)} for {where}, got {asked!r}: a {fmt.name} "
+                              f"result cannot have been computed in the narrower {asked}{fix}.")
+    return asked
+
+
 def default_contract(fmt: FloatFormat) -> str:
     """float32 for the half precisions (what real kernels promise: compute in float32, round once),
     the dtype itself otherwise."""
@@ -135,12 +150,9 @@ def grad_tolerance(problem: Problem, parts: RowParts | None = None, grad: np.nda
         Nonnegative float64 ``(N, K)``; rows with nothing to check (ignored rows) get the floor.
     """
     parts = row_parts(problem.logits) if parts is None else parts
-    fmt = problem.format
-    bound = np.zeros(problem.logits.shape)
-    for working in implementations(fmt, problem.k, fmt.name if precision is None else precision):
-        bound = np.maximum(bound, element_bound(problem, parts, working))
-    g = np.abs(grad_rows(problem) if grad is None else grad)
-    return bound + 0.5 * fmt.ulp(g + bound + band)
+    precision = problem.format.name if precision is None else precision
+    grad = grad_rows(problem) if grad is None else grad
+    return tolerances(problem, parts, grad, band, (precision,))[precision]
 
 
 def tolerances(problem: Problem, parts: RowParts, grad: np.ndarray, band: np.ndarray | float,

@@ -22,7 +22,7 @@ from gradcheck.checking.shrink import simplify
 from gradcheck.errors import GradientMismatch, InvalidArgument
 from gradcheck.dtypes import float_format
 from gradcheck.options import GENERATE, VERIFY
-from gradcheck.tolerance import contracts, default_contract
+from gradcheck.tolerance import contracts, resolve_contract
 from gradcheck.strategies import cases
 
 
@@ -79,11 +79,7 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
     o = VERIFY.validate(options, where="verify()")
     require_deadline(o["timeout"])
     fmt = float_format(o["dtype"])
-    precision = default_contract(fmt) if o["precision"] is None else o["precision"]
-    if precision not in contracts(fmt):
-        raise InvalidArgument(
-            f"precision must be one of {contracts(fmt)} for dtype={fmt.name!r}, got {precision!r}: a {fmt.name} "
-            f"result cannot have been computed in the narrower {precision}.")
+    precision = resolve_contract(fmt, o["precision"], where=f"dtype={fmt.name!r}")
     arguments = {k: v for k, v in VERIFY.non_defaults(o).items() if k != "seed"}  # the seed is printed apart
     seed = secrets.randbits(32) if o["seed"] is None else o["seed"]
     strategy = cases(**GENERATE.non_defaults(o))

@@ -120,16 +120,12 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
 def _contract(dtype: str, precision: str | None) -> str:
     """The contract of a group's dtype: the asked one, or verify's default; narrower than the dtype refused."""
     from gradcheck.dtypes import float_format
-    from gradcheck.errors import InvalidArgument
     from gradcheck.options import VERIFY
-    from gradcheck.tolerance import contracts, default_contract
+    from gradcheck.tolerance import resolve_contract
 
-    fmt = float_format(dtype)
-    asked = default_contract(fmt) if precision is None else VERIFY["precision"].validate(precision)
-    if asked not in contracts(fmt):
-        raise InvalidArgument(f"precision must be one of {contracts(fmt)} for the {dtype} tests, got {asked!r}; "
-                              "restrict the check to the dtypes it applies to (dtypes=, --dtype).")
-    return asked
+    asked = None if precision is None else VERIFY["precision"].validate(precision)
+    return resolve_contract(float_format(dtype), asked, where=f"the {dtype} tests",
+                            fix="; restrict the check to the dtypes it applies to (dtypes=, --dtype)")
 
 
 def _selected(group: Any, dtypes: tuple[str, ...] | None, targets: tuple[str, ...] | None) -> bool:
