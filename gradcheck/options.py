@@ -283,8 +283,19 @@ LABEL_SMOOTHING = Option("label_smoothing", 0.0, number(0.0, 1.0),
 WEIGHT = Option("weight", None, array_or_none, "class weights, K nonnegative numbers, or None")
 IGNORE_INDEX = Option("ignore_index", DEFAULT_IGNORE_INDEX, integer(),
                       "rows whose class-index target equals it are skipped")
+LSE_SQUARE_SCALE = Option("lse_square_scale", 0.0, number(0.0),
+                          "lambda >= 0: each counted row adds lambda * logsumexp(z)^2 (PaLM's z-loss), "
+                          "unweighted, divided under 'mean' by the number of counted rows",
+                          parse=float, metavar="LAMBDA")
+SOFTCAP = Option("softcap", None, number(0.0, low_open=True, allow_none=True),
+                 "c > 0: logits become c * tanh(z / c) before everything else (Gemma-2 softcapping; "
+                 "-inf maps to -c)", parse=float, metavar="C")
+GRAD_OUTPUT = Option("grad_output", None, array_or_none,
+                     "the upstream gradient: a number for 'mean'/'sum', N numbers for 'none' (None: ones); "
+                     "the gradient is grad_output times dL/dz")
 
-CASE = OptionTable("case options", (WEIGHT, IGNORE_INDEX, REDUCTION, LABEL_SMOOTHING))
+CASE = OptionTable("case options", (WEIGHT, IGNORE_INDEX, REDUCTION, LABEL_SMOOTHING, LSE_SQUARE_SCALE, SOFTCAP,
+                                    GRAD_OUTPUT))
 
 VERIFY = OptionTable("check options", (
     Option("dtype", "float64", dtype_name, "the dtype of the arrays given to grad_fn",
@@ -297,6 +308,8 @@ VERIFY = OptionTable("check options", (
            parse=str, metavar="KIND", choices=TARGET_KINDS),
     REDUCTION,
     LABEL_SMOOTHING,
+    LSE_SQUARE_SCALE,
+    SOFTCAP,
     Option("weighted", False, flag, "pass class weights (weight=, K values of the dtype)"),
     Option("ignore_index", None, integer(allow_none=True),
            "when set, passed to grad_fn and some rows take that target", parse=int, metavar="I"),

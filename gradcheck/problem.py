@@ -14,6 +14,15 @@ Semantics are those of ``torch.nn.functional.cross_entropy``:
 
 So the gradient is ``dL/dz_ni = r_n (p_ni S_n - w_i t_ni) / D`` with ``S_n = sum_c w_c t_nc``,
 ``r_n`` zero for ignored rows, and ``D`` the divisor above.
+
+The kernel options (Liger-Kernel's convention; torch has neither, docs/oracle.md "Kernel options"):
+
+* ``softcap`` c: every logit becomes ``z' = c tanh(z / c)`` first (``-inf`` becomes ``-c``, so it is
+  no longer masked), and everything above is computed on ``z'``;
+* ``lse_square_scale`` lambda: each counted row adds ``lambda * lse(z'_n)^2``, unweighted, divided
+  under "mean" by the number of counted rows (N for probability targets), not by D;
+* ``grad_output`` g: the gradient is the vector-Jacobian product ``g * dL/dz`` (g a number for
+  "mean"/"sum", one per row for "none"; ignored rows stay 0).
 """
 
 from __future__ import annotations
@@ -46,6 +55,10 @@ class Problem:
         label_smoothing: eps in [0, 1].
         format: the float format of the logits (the checked dtype), fixed once here.
         vector: the logits were given as one row of shape ``(K,)``.
+        lse_square_scale: the z-loss factor lambda >= 0 (0: no z-loss).
+        softcap: c > 0, or None (no softcapping).
+        grad_output: the upstream gradient as float64 (read-only): shape ``()`` for "mean"/"sum",
+            ``(N,)`` for "none"; None means ones.
     """
 
     logits: np.ndarray
@@ -56,6 +69,9 @@ class Problem:
     label_smoothing: float
     format: FloatFormat
     vector: bool = False
+    lse_square_scale: float = 0.0
+    softcap: float | None = None
+    grad_output: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -135,8 +151,39 @@ class Problem:
         active = self.targets[self.active_rows()]
         return kind(np.sum(self.weights()[active].astype(dtype)))
 
+    def upstream(self) -> np.ndarray:
+        """``(N,)`` float64: the upstream gradient of each row's loss (ones when none was given).
+
+        For "mean"/"sum" every row gets the one scalar; ignored rows keep theirs (their gradient is 0
+        whatever it is).
+        """
+        if self.grad_output is None:
+            return np.ones(self.n)
+        return np.broadcast_to(self.grad_output, (self.n,)).astype(np.float64)
+
+    def exact_upstream(self, n: int) -> Fraction:
+        """The upstream gradient of row n as an exact rational."""
+        return Fraction(float(self.upstream()[n]))
+
+    def zloss_divisor(self) -> int:
+        """The z-loss divisor: the number of counted rows under "mean" (N for probability targets), else 1."""
+        if self.reduction != "mean":
+            return 1
+        return int(np.count_nonzero(self.active_rows()))
+
+    def grad_output_for(self, dtype: Any) -> Any:
+        """The upstream gradient as a ``grad_fn`` gets it (``grad_output=``): a numpy scalar of ``dtype``
+        for "mean"/"sum", an ``(N,)`` array for "none" (a scalar for one vector of logits); None if unset."""
+        if self.grad_output is None:
+            return None
+        g = np.asarray(self.grad_output).astype(dtype)
+        return g[()] if g.ndim == 0 else g
+
     def options(self) -> dict[str, Any]:
-        """The options that differ from their defaults, as passed to a ``grad_fn``."""
+        """The options that differ from their defaults, as passed to a ``grad_fn``.
+
+        ``grad_output`` is not among them: it is passed only to a ``grad_fn`` that takes it
+        (see :meth:`grad_output_for`)."""
         out: dict[str, Any] = {}
         if self.weight is not None:
             out["weight"] = self.weight.astype(self.logits.dtype)
@@ -146,6 +193,10 @@ class Problem:
             out["label_smoothing"] = self.label_smoothing
         if self.reduction != "mean":
             out["reduction"] = self.reduction
+        if self.lse_square_scale:
+            out["lse_square_scale"] = self.lse_square_scale
+        if self.softcap is not None:
+            out["softcap"] = self.softcap
         return out
 
     def restore_shape(self, rows: np.ndarray) -> np.ndarray:
@@ -163,13 +214,14 @@ def make_problem(logits: Any, targets: Any, *, copy: bool = True, **options: Any
         copy: False keeps a read-only view of the logits instead of a copy, for callers that do not
             keep the Problem beyond the call (the oracle functions).
         **options: the case options of :data:`gradcheck.options.CASE` (``weight``, ``ignore_index``,
-            ``reduction``, ``label_smoothing``), each checked by its one rule there.
+            ``reduction``, ``label_smoothing``, ``lse_square_scale``, ``softcap``, ``grad_output``),
+            each checked by its one rule there.
 
     Raises:
         InvalidArgument: naming the argument, the expected and the given value.
     """
     o = CASE.validate(options, where="make_problem()")
-    z = validate_logits(logits, copy=copy)
+    z = validate_logits(logits, copy=copy, all_masked_ok=o["softcap"] is not None)
     vector = z.ndim == 1
     if vector:
         z = z[None, :]
@@ -179,7 +231,9 @@ def make_problem(logits: Any, targets: Any, *, copy: bool = True, **options: Any
     t.setflags(write=False)
     if w is not None:
         w.setflags(write=False)
-    problem = Problem(z, t, w, o["ignore_index"], o["reduction"], o["label_smoothing"], float_format(z.dtype), vector)
+    g = _check_grad_output(o["grad_output"], o["reduction"], n, vector)
+    problem = Problem(z, t, w, o["ignore_index"], o["reduction"], o["label_smoothing"], float_format(z.dtype), vector,
+                      o["lse_square_scale"], o["softcap"], g)
     if problem.index_targets:
         _check_active(problem)
     return problem
@@ -240,6 +294,19 @@ class Case:
         return self.problem.label_smoothing
 
     @property
+    def lse_square_scale(self) -> float:
+        return self.problem.lse_square_scale
+
+    @property
+    def softcap(self) -> float | None:
+        return self.problem.softcap
+
+    @property
+    def grad_output(self) -> Any:
+        """The upstream gradient in the logits' dtype, as a ``grad_fn`` gets it (None: not exercised)."""
+        return self.problem.grad_output_for(self.problem.logits.dtype)
+
+    @property
     def format(self) -> FloatFormat:
         return self.problem.format
 
@@ -259,7 +326,9 @@ class Case:
         """
         values: dict[str, Any] = {"logits": self.logits, "targets": self.targets, "weight": self.problem.weight,
                                   "ignore_index": self.ignore_index, "reduction": self.reduction,
-                                  "label_smoothing": self.label_smoothing}
+                                  "label_smoothing": self.label_smoothing,
+                                  "lse_square_scale": self.lse_square_scale, "softcap": self.softcap,
+                                  "grad_output": self.problem.grad_output}
         values.update(changes)
         if values["weight"] is not None:  # exact in float64 (a bfloat16 array is converted the same way)
             values["weight"] = np.asarray(values["weight"]).astype(np.float64)
@@ -303,7 +372,8 @@ def as_array(value: Any, *, copy: bool) -> np.ndarray:
 
 
 def validate_logits(
-    logits: Any, *, ndims: tuple[int, ...] | None = (1, 2), axis: int = -1, copy: bool = True
+    logits: Any, *, ndims: tuple[int, ...] | None = (1, 2), axis: int = -1, copy: bool = True,
+    all_masked_ok: bool = False,
 ) -> np.ndarray:
     """Check float logits and return a read-only private copy (or, ``copy=False``, a read-only view).
 
@@ -313,6 +383,7 @@ def validate_logits(
         axis: the class axis; every slice along it needs a finite entry.
         copy: False for callers that drop the result before returning (the oracle functions); the
             view is read-only, so nothing can write through it to the caller's array.
+        all_masked_ok: a slice of all -inf is valid (under softcapping -inf maps to -c, a finite value).
 
     Raises:
         InvalidArgument: non-float dtype, wrong rank (or 0-D), empty, NaN or +inf, a slice of all
@@ -351,7 +422,7 @@ def validate_logits(
         raise InvalidArgument(
             f"logits must be finite or -inf (a masked class), got {float(z64[where])!r} at index {where}."
         )
-    if z.ndim:
+    if z.ndim and not all_masked_ok:
         dead = np.all(np.isneginf(z64), axis=axis)
         if dead.any():
             where = tuple(int(i) for i in np.argwhere(np.atleast_1d(dead))[0])
@@ -422,6 +493,30 @@ def _check_weight(weight: Any, k: int) -> np.ndarray | None:
         c = int(np.flatnonzero(bad)[0])
         raise InvalidArgument(f"weight must be finite and nonnegative, got {float(w[c])!r} for class {c}.")
     return w
+
+
+def _check_grad_output(grad_output: Any, reduction: str, n: int, vector: bool) -> np.ndarray | None:
+    if grad_output is None:
+        return None
+    shape = (n,) if reduction == "none" and not vector else ()
+    expected = (f"{n} numbers, shape ({n},), one per row for reduction='none'" if shape
+                else f"one number for reduction={reduction!r}" if reduction != "none"
+                else "one number for one vector of logits")
+    try:
+        g = as_array(grad_output, copy=True)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"grad_output must be {expected}, got {type(grad_output).__name__}.") from None
+    if g.dtype == bool or not (g.dtype.kind in "iu" or is_supported_float(g.dtype)):
+        raise InvalidArgument(f"grad_output must be real numbers ({expected}), got dtype {g.dtype}.")
+    if g.shape != shape and not (shape == () and g.shape == (1,)):
+        raise InvalidArgument(f"grad_output must be {expected}, got shape {g.shape}.")
+    g = g.astype(np.float64).reshape(shape)
+    bad = ~np.isfinite(g)
+    if bad.any():
+        where = f" for row {int(np.flatnonzero(np.atleast_1d(bad))[0])}" if shape else ""
+        raise InvalidArgument(f"grad_output must be finite, got {float(np.atleast_1d(g)[np.atleast_1d(bad)][0])!r}{where}.")
+    g.setflags(write=False)
+    return g
 
 
 def _check_active(problem: Problem) -> None:

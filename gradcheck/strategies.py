@@ -114,12 +114,14 @@ def cases(dtype: Any = "float64", **options: Any) -> st.SearchStrategy[Case]:
     if o["ignore_index"] is not None and o["targets"] != "index":
         raise InvalidArgument(f"ignore_index applies to targets='index' only, got targets={o['targets']!r}.")
     return _cases(float_format(o["dtype"]), o["targets"], o["reduction"], o["label_smoothing"], o["weighted"],
-                  o["ignore_index"], o["regimes"] or REGIMES, o["max_shape"])
+                  o["ignore_index"], o["regimes"] or REGIMES, o["max_shape"],
+                  {"lse_square_scale": o["lse_square_scale"], "softcap": o["softcap"]})
 
 
 @st.composite
 def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoothing: float, weighted: bool,
-           ignore_index: int | None, regimes: tuple[str, ...], max_shape: tuple[int, int]) -> Case:
+           ignore_index: int | None, regimes: tuple[str, ...], max_shape: tuple[int, int],
+           kernel: dict[str, Any]) -> Case:
     usable = tuple(r for r in regimes if r != "many_classes" or max_shape[1] > MANY_CLASSES_TILE) or ("moderate",)
     regime = draw(st.sampled_from(usable))
     n, k = _shapes(draw, regime, max_shape)
@@ -138,7 +140,7 @@ def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoo
     weight = _weights(rng, k, fmt, t, ignore_index, reduction) if weighted else None
     return Case.make(
         z, t, weight=weight, ignore_index=DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index,
-        reduction=reduction, label_smoothing=label_smoothing, regime=regime, tags=tuple(tags),
+        reduction=reduction, label_smoothing=label_smoothing, regime=regime, tags=tuple(tags), **kernel,
     )
 
 
