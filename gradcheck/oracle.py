@@ -19,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from gradcheck.dtypes import EXTENDED, FLOAT64, float_format, round_to_format
+from gradcheck.dtypes import EXTENDED, FLOAT64, FloatFormat, float_format, round_to_format
 from gradcheck.problem import Problem, make_problem, validate_logits
 
 U = FLOAT64.unit_roundoff  # 2**-53
@@ -244,6 +245,9 @@ def cross_entropy_grad(
     array([[ 0.25, -0.25]])
     """
     problem = make_problem(logits, targets, copy=False, **options)
+    fmt = float_format(problem.logits.dtype if dtype is None else dtype)
+    if _one_hot_applies(problem):  # rounded block by block when narrower: bit for bit the same
+        return problem.restore_shape(_one_hot_grad(problem, fmt))
     g = grad_rows(problem)
     return _round(problem.restore_shape(g), dtype, problem.logits.dtype)
 
@@ -357,7 +361,7 @@ def grad_rows(problem: Problem) -> np.ndarray:
     """The float64 ``(N, K)`` gradient of a validated problem: ``grad_output`` times dL/dz (a VJP)."""
     if scale_of(problem).active or kernel_options(problem):  # rescaled, or softcap / z-loss: the blocked path
         return grad_bounded(problem, with_bound=False)[0]
-    if problem.index_targets and not problem.label_smoothing:
+    if _one_hot_applies(problem):
         return _one_hot_grad(problem)
     parts = row_parts(problem.logits)
     wt = problem.dense_targets() * problem.weights()
@@ -368,7 +372,13 @@ def grad_rows(problem: Problem) -> np.ndarray:
         return g if problem.grad_output is None else g * problem.upstream()[:, None]
 
 
-def _one_hot_grad(problem: Problem) -> np.ndarray:
+def _one_hot_applies(problem: Problem) -> bool:
+    """Index targets, no smoothing, no softcap or z-loss, nothing near overflow: :func:`_one_hot_grad`."""
+    return (problem.index_targets and not problem.label_smoothing and not kernel_options(problem)
+            and not scale_of(problem).active)
+
+
+def _one_hot_grad(problem: Problem, fmt: FloatFormat | None = None) -> np.ndarray:
     """Index targets without smoothing, in cache-sized row blocks, on :data:`THREADS` threads.
 
     ``g_i = e_i * (w_t / (D Z))`` for ``i != t`` and ``g_t = -w_t q_t / D``: the formulas of
@@ -376,18 +386,25 @@ def _one_hot_grad(problem: Problem) -> np.ndarray:
     3 roundings after exp (docs/oracle.md, "One-hot path"), fewer than the general path the bound of
     :func:`grad_bounded` is derived for. Rows are independent, so the result is bit-identical for any
     blocking and thread count.
+
+    With ``fmt`` (narrower than float64) each block's float64 values are rounded to ``fmt`` as they
+    are written, so no float64 array of the whole input is made: the result is ``round_to_format`` of
+    the float64 result, bit for bit (docs/oracle.md, "Cost: the float32 path").
     """
     n, k = problem.logits.shape
     active = problem.active_rows()
     factor = _one_hot_factor(problem, problem.divisor())
     up = None if problem.grad_output is None else problem.upstream()
-    out = np.empty((n, k))
+    narrow = fmt is not None and fmt.precision < 53
+    out = np.empty((n, k), dtype=fmt.dtype if narrow else np.float64)
+    cast = narrow and fmt.name in ("float32", "float16")  # numpy's cast rounds once (dtypes.round_to_format)
+    precision = problem.format.precision
 
     def block(lo: int, hi: int) -> None:
-        z64 = np.asarray(problem.logits[lo:hi], dtype=np.float64)
+        zb = problem.logits[lo:hi]
         rows = np.arange(hi - lo)
-        argmax = np.argmax(z64, axis=1)
-        _, _, g = shifted_exp(z64, argmax)
+        argmax = np.argmax(zb, axis=1)
+        g = _exp_shifted(zb, argmax, precision)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             g[rows, argmax] = 0.0
             r = g.sum(axis=1)
@@ -397,14 +414,75 @@ def _one_hot_grad(problem: Problem) -> np.ndarray:
             cls = problem.targets[lo:hi][live]
             e_t = g[live, cls]
             q_t = np.where(cls == argmax[live], r[live] / total[live], 1.0 - e_t / total[live])
-            np.multiply(g, (factor[lo:hi] / total)[:, None], out=out[lo:hi])
-            out[lo:hi][live, cls] = -(factor[lo:hi][live] * q_t)
+            f = (factor[lo:hi] / total)[:, None]
+            g_t = -(factor[lo:hi][live] * q_t)
+            if up is None and (cast or not narrow):  # straight into the result (rounded once when narrow)
+                np.multiply(g, f, out=out[lo:hi])
+                out[lo:hi][live, cls] = g_t
+                return None
+            np.multiply(g, f, out=g)
+            g[live, cls] = g_t
             if up is not None:  # the upstream gradient: one product, as in grad_bounded (step K6)
-                out[lo:hi] *= up[lo:hi, None]
+                g *= up[lo:hi, None]
+            out[lo:hi] = g if cast or not narrow else round_to_format(g, fmt)
         return None
 
     for_row_blocks(n, k, block)
     return out
+
+
+def _exp_shifted(zb: np.ndarray, argmax: np.ndarray, precision: int) -> np.ndarray:
+    """``e`` of :func:`shifted_exp` for a block of rows, bit for bit, with fewer passes and no allocation.
+
+    The result is one of this thread's scratch blocks (valid until the thread's next call).
+
+    * Inputs narrower than float64 whose nonzero magnitudes span at most ``52 - p`` binades: every
+      ``z - m`` is exact in float64 (both are multiples of ``2**(e_min - p)`` and ``|z - m| <
+      2**(e_max + 1)``), so ``s_lo = 0`` and the compensation ``e + e s_lo`` is the identity.
+    * Otherwise TwoSum and the compensation, as :func:`_shifted_exp` computes them (the same
+      operations, in place in scratch blocks: allocating each temporary cost more than the arithmetic).
+    (docs/oracle.md, "Cost: the float32 path".)
+    """
+    rows = np.arange(zb.shape[0])
+    s, a, b = _scratch(zb.shape)
+    if precision < 53:
+        np.copyto(s, zb)  # exact
+        m = s[rows, argmax][:, None]
+        mag = np.abs(zb if precision == 24 else s, out=b if precision < 24 else None)
+        big = float(mag.max())
+        if np.isfinite(big):
+            mag[mag == 0] = np.inf
+            small = float(mag.min())
+            if not np.isfinite(small) or np.frexp(big)[1] - np.frexp(small)[1] <= 52 - precision:
+                np.subtract(s, m, out=s)
+                return np.exp(s, out=s)
+        return _shifted_exp(s.copy(), m)[2]
+    m = zb[rows, argmax][:, None]
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        if not np.isfinite(np.subtract(zb.min(axis=1), m[:, 0])).all():
+            return _shifted_exp(zb, m)[2]  # masked or overflowing shifts
+        np.subtract(zb, m, out=s)  # TwoSum(z, -m), as in _shifted_exp
+        np.add(s, m, out=a)
+        np.subtract(s, a, out=b)
+        np.subtract(zb, a, out=a)
+        np.add(b, m, out=b)
+        np.subtract(a, b, out=a)  # s_lo = (z - a) + (-m - (s - a))
+        np.exp(s, out=s)
+        np.multiply(s, a, out=a)
+        s += a
+    return s
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three float64 scratch blocks of ``shape`` for the calling thread (kept for the next block)."""
+    cache = getattr(_SCRATCH, "blocks", None)
+    if cache is None or cache[0].shape != shape:
+        cache = tuple(np.empty(shape) for _ in range(3))
+        _SCRATCH.blocks = cache
+    return cache
 
 
 def for_row_blocks(n: int, k: int, work: Any) -> None:

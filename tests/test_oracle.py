@@ -728,3 +728,32 @@ def test_options_blocked_and_tiled_are_bit_identical_and_bounded(opts, monkeypat
     monkeypatch.setattr(oracle, "COLUMN_BLOCK", 512)
     tiled, tiled_bound = gc.cross_entropy_grad_bounded(z, t, **opts)
     assert np.all(np.abs(tiled - g) <= bound + tiled_bound)
+
+
+@pytest.mark.parametrize("case", ["moderate", "tiny_entries", "masked", "fast2sum", "general", "huge"])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_the_fast_one_hot_path_is_bit_identical_on_every_branch(case, dtype):
+    """cross_entropy_grad's blocked one-hot path (exact shifts certified, Fast2Sum, or TwoSum; rounded
+    block by block) gives round_to_format of the bounded path's float64 value, bit for bit."""
+    rng = np.random.default_rng(sum(map(ord, case + dtype)))
+    z = rng.standard_normal((300, 70)) * 3
+    if case == "tiny_entries":
+        z[::7, 3] = 1e-30  # a magnitude span beyond 52 - p binades: z - m is not certified exact
+    elif case == "masked":
+        z[::3, ::5] = -np.inf
+    elif case == "fast2sum":
+        z = np.abs(z) - 1.0
+        z[:, 0] = 10.0  # m >= |z| on every row
+    elif case == "general":
+        z[:, 1] = -50.0  # min z < -m
+    elif case == "huge":
+        z = z * (1e3 if dtype == "float16" else 1e4)
+    z = gc.round_to_format(z, dtype)
+    t = rng.integers(0, 70, 300)
+    t[::11] = -100
+    for opts in ({}, {"weight": rng.uniform(0.5, 2, 70)}, {"reduction": "none", "grad_output": rng.standard_normal(300)},
+                 {"reduction": "sum", "grad_output": -0.75}):
+        problem = gc.make_problem(z, t, **opts)
+        value, _ = grad_bounded(problem)
+        np.testing.assert_array_equal(gc.cross_entropy_grad(z, t, **opts), gc.round_to_format(value, dtype))
+        np.testing.assert_array_equal(gc.cross_entropy_grad(z, t, dtype="float64", **opts), value)
