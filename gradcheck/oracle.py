@@ -448,11 +448,13 @@ def _exp_shifted(zb: np.ndarray, argmax: np.ndarray, precision: int) -> np.ndarr
     if precision < 53:
         np.copyto(s, zb)  # exact
         m = s[rows, argmax][:, None]
-        mag = np.abs(zb if precision == 24 else s, out=b if precision < 24 else None)
-        big = float(mag.max())
+        big = max(abs(float(m.max())), abs(float(zb.min())))  # the largest magnitude (-inf: none)
         if np.isfinite(big):
-            mag[mag == 0] = np.inf
+            mag = np.abs(zb if precision == 24 else s, out=b if precision < 24 else None)
             small = float(mag.min())
+            if small == 0:  # exact zeros shift exactly; the smallest nonzero magnitude decides
+                mag[mag == 0] = np.inf
+                small = float(mag.min())
             if not np.isfinite(small) or np.frexp(big)[1] - np.frexp(small)[1] <= 52 - precision:
                 np.subtract(s, m, out=s)
                 return np.exp(s, out=s)
@@ -739,8 +741,10 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
     m = np.full(hi - lo, -np.inf, dtype=work.dtype)
     argmax = np.zeros(hi - lo, dtype=np.int64)
     big = np.zeros(hi - lo, dtype=work.dtype)
+    first = None  # the one tile's z' when the row is one tile (softcapping: tanh once per element)
     for c0, c1 in tiles:
         zc = _logits_tile(problem, lo, hi, c0, c1, work)
+        first = zc if len(tiles) == 1 else None
         am = np.argmax(zc, axis=1)
         mx = zc[rows, am]
         better = mx > m
@@ -755,7 +759,7 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
     positive = np.zeros(hi - lo, dtype=bool)
     cached = None
     for c0, c1 in tiles:
-        zc = _logits_tile(problem, lo, hi, c0, c1, work)
+        zc = _logits_tile(problem, lo, hi, c0, c1, work) if first is None else first
         s_hi, s_lo, e = _shifted_exp(zc, m)
         here = np.flatnonzero((argmax >= c0) & (argmax < c1))
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
