@@ -667,8 +667,8 @@ def grad_bounded(problem: Problem, work: Working = FLOAT64_WORK, *, with_bound: 
     """
     n, k = problem.logits.shape
     scale = scale_of(problem, work)
-    one_hot = (work is FLOAT64_WORK and problem.index_targets and not problem.label_smoothing and not scale.active
-               and not kernel_options(problem))
+    # the one-hot formulas also for the CE part under softcap / z-loss (their terms are added after, K4-K6)
+    one_hot = work is FLOAT64_WORK and problem.index_targets and not problem.label_smoothing and not scale.active
     factor = None
     if one_hot:
         factor = _one_hot_factor(problem, scale.d)
