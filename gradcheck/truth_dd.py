@@ -146,7 +146,21 @@ def _mid(x: Any) -> Fraction:
     return (ends[0] + ends[1]) / 2
 
 
+CHUNK = 1 << 13  # elementwise passes run on pieces of 8192 elements (64 KiB per array: cache-resident)
+
+
 def exp_dd(sh: np.ndarray, sl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_exp_dd` in cache-sized pieces (the same values)."""
+    if sh.size <= CHUNK:
+        return _exp_dd(sh, sl)
+    fh, fl = np.ravel(sh), np.ravel(sl)
+    oh, ol = np.empty(fh.size), np.empty(fh.size)
+    for i in range(0, fh.size, CHUNK):
+        oh[i:i + CHUNK], ol[i:i + CHUNK] = _exp_dd(fh[i:i + CHUNK], fl[i:i + CHUNK])
+    return oh.reshape(sh.shape), ol.reshape(sh.shape)
+
+
+def _exp_dd(sh: np.ndarray, sl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``exp(sh + sl)`` as a double-double within ``EXP_ERR`` relative, for ``MIN_SHIFT <= sh <= 0``.
 
     s = k ln2 / 2**16 + r, |r| <= ln2 / 2**17 (k * piece exact); exp(s) = 2**(k >> 16) T[k & 0xffff]
@@ -167,11 +181,11 @@ def exp_dd(sh: np.ndarray, sl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tail = wl + (rl + (0.5 * pl + rh * rl)) + f
     eh, el = fast_two_sum(1.0, wh)
     eh, el = fast_two_sum(eh, el + tail)
-    ki = k.astype(np.int64)
+    ki = k.astype(np.int32)  # |k| < 2**26
     j = ki & ((1 << TABLE_BITS) - 1)
     n = ki >> TABLE_BITS
-    vh, vl = dd_mul(th[j], tl[j], eh, el)
-    return np.ldexp(vh, n), np.ldexp(vl, n)
+    vh, vl = dd_mul(np.take(th, j), np.take(tl, j), eh, el)
+    return np.ldexp(vh, n, out=vh), np.ldexp(vl, n, out=vl)
 
 
 def dd_sum_rows(h: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -327,9 +341,13 @@ def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.nda
         # step 5: every element but the target: g_c = e_c G, G = (F + u B lse) / Z
         gh, gl = dd_mul(hh, hl, ih, il)
         g_err = (np.abs(gh) * (d_inv + MUL_ERR) + h_err * np.abs(ih) * (1 + d_inv)) * SAFE
-        vh, vl = dd_mul(eh, el, gh[:, None], gl[:, None])
-        bound = (np.abs(vh) * (EXP_ERR + MUL_ERR) + eh * g_err[:, None]) * SAFE + FLOOR
-        dec = decide(vh, vl, bound, fmt)
+        dec = np.empty(z.shape)
+        step = max(1, CHUNK // m)
+        for c0 in range(0, z.shape[1], step):
+            ec, lc = eh[:, c0:c0 + step], el[:, c0:c0 + step]
+            vh, vl = dd_mul(ec, lc, gh[:, None], gl[:, None])
+            bound = (np.abs(vh) * (EXP_ERR + MUL_ERR) + ec * g_err[:, None]) * SAFE + FLOOR
+            dec[:, c0:c0 + step] = decide(vh, vl, bound, fmt)
         # masked classes that are not the target: p = 0 and A = 0, exactly +0
         dec[masked] = 0.0
         # cut classes: 0 < e_c <= E_CUT, so |g_c| <= E_CUT (|G| + err): a signed zero when that underflows

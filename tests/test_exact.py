@@ -274,6 +274,24 @@ def _float(v):
     return float(_to_fraction(v))
 
 
+def _float_or_tie(v):
+    """:func:`_float`, but NaN where ``v`` is exactly halfway between two doubles: there the terms this
+    evaluation drops (below 2**-94548) decide, and only exact.py's cut-term signs see them."""
+    x = _float(v)
+    if math.isfinite(x) and x != 0 and mpmath.isfinite(v):
+        gap = Fraction(math.ulp(x))
+        if abs(_to_fraction(v) - Fraction(x)) * 2 == gap:
+            return math.nan
+    return x
+
+
+def _same_loss(got, expected):
+    """Equal where the independent evaluation is decided (see :func:`_float_or_tie`)."""
+    got, expected = np.atleast_1d(np.asarray(got, np.float64)), np.atleast_1d(np.asarray(expected, np.float64))
+    known = ~np.isnan(expected) | np.isnan(got)
+    return _same(got[known], expected[known])
+
+
 def independent_options(z, t, opts, what="grad", prec=3000):
     """Plain mpmath at ``prec`` bits straight from the definitions (common semantics, docs/exact.md):
     z' = c tanh(z / c), lse = log sum exp z', g = u_n sech^2(z / c) [(p S - A) / D + 2 lambda lse p / Dz],
@@ -295,7 +313,10 @@ def independent_options(z, t, opts, what="grad", prec=3000):
             else:
                 c = mpmath.mpf(cap)
                 zc = [-c if v == -mpmath.inf else c * mpmath.tanh(v / c) for v in zn]
-                chain = [mpmath.mpf(0) if v == -mpmath.inf else mpmath.sech(v / c) ** 2 for v in zn]
+                # sech^2 y < 4 e^{-2|y|} < 2**-28000 for |y| > 1e4: a stand-in of that size rounds the same
+                # (to a signed 0) and spares mpmath's cosh of 1e300
+                chain = [mpmath.mpf(0) if v == -mpmath.inf else mpmath.sech(v / c) ** 2 if abs(v / c) < 1e4
+                         else mpmath.mpf(2) ** -30000 for v in zn]
             top = max(zc)
             # exp(-65536) ~ 2**-94548 is below these 3000 bits: skipping it (and mpmath's exp(-1e300)) changes nothing
             e = [mpmath.exp(v - top) if v - top > -65536 else mpmath.mpf(0) for v in zc]
@@ -318,8 +339,8 @@ def independent_options(z, t, opts, what="grad", prec=3000):
         if what == "grad":
             return problem.restore_shape(np.array([[_float(v) for v in row] for row in grads]))
         if problem.reduction == "none":
-            return problem.restore_shape(np.array([_float(v) for v in losses]))
-        return np.array(_float(mpmath.fsum(losses)))
+            return problem.restore_shape(np.array([_float_or_tie(v) for v in losses]))
+        return np.array(_float_or_tie(mpmath.fsum(losses)))
 
 
 def _upstream(rng, reduction, n):
@@ -361,7 +382,7 @@ def test_options_correctly_rounded_against_independent_evaluation(seed, regime, 
     got = gc.exact_grad(z, t, **opts)
     safe = ~_midpoint(truth64, dtype)
     assert _same(got.astype(np.float64)[safe], gc.round_to_format(truth64, dtype).astype(np.float64)[safe])
-    assert _same(gc.exact_loss(z, t, dtype="float64", **opts), independent_options(z, t, opts, what="loss"))
+    assert _same_loss(gc.exact_loss(z, t, dtype="float64", **opts), independent_options(z, t, opts, what="loss"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -387,7 +408,7 @@ def test_hard_option_cases(dtype, options):
     got = gc.exact_grad(z, t, **options)
     safe = ~_midpoint(truth64, dtype)
     assert _same(got.astype(np.float64)[safe], gc.round_to_format(truth64, dtype).astype(np.float64)[safe])
-    assert _same(gc.exact_loss(z, t, dtype="float64", **options), independent_options(z, t, options, what="loss"))
+    assert _same_loss(gc.exact_loss(z, t, dtype="float64", **options), independent_options(z, t, options, what="loss"))
 
 
 def test_softcap_of_minus_infinity_is_minus_c_with_zero_derivative():
