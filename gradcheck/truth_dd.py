@@ -8,8 +8,9 @@ bound (docs/exact.md, "The fast path"); no libm function is trusted. Per row the
 cannot decide (an enclosure that straddles a rounding boundary, a value out of its range) is returned
 as NaN and goes to the mpmath slow path, which is exact.
 
-Scope: class-index targets without label smoothing and without softcap (z-loss, class weights of any
-sign, ignored rows and upstream gradients included). Other problems use the oracle prefilter.
+Scope: every problem without softcap (index or probability targets, label smoothing, z-loss, class
+weights of either sign, ignored rows, upstream gradients), weights and targets below 2**300 in
+magnitude. Softcapped problems use the mpmath path (after the oracle prefilter where it applies).
 
 Bounds: Joldes, Muller, Popescu, "Tight and rigorous error bounds for basic building blocks of
 double-word arithmetic", ACM TOMS 44(2), 2017 (JMP below): AccurateDWPlusDW (their Algorithm 6)
@@ -239,8 +240,18 @@ LIMIT = 2.0**400  # row factors (u S / D, u B, u B lse) beyond [2**-400, 2**400]
 
 
 def applies(problem: Any) -> bool:
-    """The problems this fast path covers (module docstring)."""
-    return problem.index_targets and not problem.label_smoothing and problem.softcap is None
+    """The problems this fast path covers (module docstring): no softcap, and weights and probability
+    targets below 2**300 in magnitude (so no product of them overflows or loses more than the floor)."""
+    if problem.softcap is not None:
+        return False
+    w = problem.weight
+    if w is not None and not np.all(np.abs(w) <= 2.0**300):
+        return False
+    return problem.index_targets or bool(np.all(problem.targets <= 2.0**300))
+
+
+def _one_hot(problem: Any) -> bool:
+    return problem.index_targets and not problem.label_smoothing
 
 
 def grad_decided(problem: Any, rows: Any, fmt: FloatFormat, todo: np.ndarray) -> np.ndarray:
@@ -262,19 +273,24 @@ def grad_decided(problem: Any, rows: Any, fmt: FloatFormat, todo: np.ndarray) ->
     ub = np.zeros((n, 2))
     ok = np.zeros(n, dtype=bool)
     weights = problem.weight
+    one_hot = _one_hot(problem)
     for r in live:
-        t = int(problem.targets[r])
         u = rows.upstream[r]
-        s = Fraction(1) if weights is None else Fraction(float(weights[t]))
-        fr, br = u * s / rows.divisor, u * rows.b
+        if one_hot:  # F = u w[t] / D
+            t = int(problem.targets[r])
+            fr = u * (Fraction(1) if weights is None else Fraction(float(weights[t]))) / rows.divisor
+        else:  # u / D, times the weighted targets elementwise
+            fr = u / rows.divisor
+        br = u * rows.b
         ok[r] = all(x == 0 or Fraction(1, 2**400) < abs(x) < 2**400 for x in (fr, br))
         f[r], ub[r] = dd_of(fr), dd_of(br)
     step = max(1, BLOCK // max(k, 1))
     blocks = [live[i:i + step] for i in range(0, live.size, step)]
+    block = _block if one_hot else _block_dense
 
     def work(lo: int, hi: int) -> None:
         for b in blocks[lo:hi]:
-            _block(problem, rows, fmt, b[ok[b]], f, ub, out)
+            block(problem, rows, fmt, b[ok[b]], f, ub, out)
 
     for_row_blocks(len(blocks), BLOCK, work)  # one block of rows per task, on the oracle's threads
     return out
@@ -283,11 +299,8 @@ def grad_decided(problem: Any, rows: Any, fmt: FloatFormat, todo: np.ndarray) ->
 BLOCK = 1 << 16
 
 
-def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.ndarray, ub: np.ndarray,
-           out: np.ndarray) -> None:
-    """Rows ``idx``: docs/exact.md, "The fast path", steps 1-5."""
-    if idx.size == 0:
-        return
+def _rows(problem: Any, idx: np.ndarray, ub: np.ndarray) -> tuple:
+    """Steps 1-4 for rows ``idx``: e, R, Z, 1/Z (and lse when a row has a z-loss), with their bounds."""
     z = problem.logits[idx].astype(np.float64)
     m = len(idx)
     rr = np.arange(m)
@@ -318,9 +331,8 @@ def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.nda
         ih, il = two_sum(y0, y0 * rho)
         d_inv = (rho * rho + MULD_ERR + ADD_ERR + 2 * U * np.abs(rho) + U2) * SAFE + d_z
         # step 4: lse = max z + log Z (z-loss only): log Z = y0' + log1p(Z exp(-y0') - 1)
-        fh, fl = f[idx, 0], f[idx, 1]
-        bh, bl = ub[idx, 0], ub[idx, 1]
-        if np.any(bh):
+        lh = ll = lse_err = None
+        if np.any(ub[idx, 0]):
             g0 = np.log(zh)
             xh, xl = exp_dd(-g0, np.zeros(m))
             qh, ql = dd_mul(zh, zl, xh, xl)
@@ -328,14 +340,28 @@ def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.nda
             l1h, l1l = dd_add(r0h, r0l, -0.5 * r0h * r0h, np.zeros(m))  # log1p(r0) ~ r0 - r0^2 / 2
             ah, al = two_sum(zmax, g0)
             lh, ll = dd_add(ah, al, l1h, l1l)
-            lse_err = (d_z * (1 + d_z) + np.abs(qh) * (EXP_ERR + MUL_ERR) + ADD_ERR * (2 * np.abs(r0h) + 2 * np.abs(lh))
-                       + np.abs(r0h) ** 3) * SAFE
+            lse_err = (d_z * (1 + d_z) + np.abs(qh) * (EXP_ERR + MUL_ERR)
+                       + ADD_ERR * (2 * np.abs(r0h) + 2 * np.abs(lh)) + np.abs(r0h) ** 3) * SAFE
+    return z, m, rr, a, masked, cut, off, eh, el, rh, rl, r_err, zh, zl, d_z, ih, il, d_inv, lh, ll, lse_err
+
+
+def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.ndarray, ub: np.ndarray,
+           out: np.ndarray) -> None:
+    """Rows ``idx``: docs/exact.md, "The fast path", steps 1-5."""
+    if idx.size == 0:
+        return
+    (z, m, rr, a, masked, cut, off, eh, el, rh, rl, r_err, zh, zl, d_z, ih, il, d_inv, lh, ll,
+     lse_err) = _rows(problem, idx, ub)
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        fh, fl = f[idx, 0], f[idx, 1]
+        bh, bl = ub[idx, 0], ub[idx, 1]
+        if lh is not None:
             th, tl = dd_mul(bh, bl, lh, ll)  # u B lse
             big = np.abs(th) > LIMIT
             hh, hl = dd_add(fh, fl, th, tl)  # F + u B lse
             h_err = (np.abs(bh) * (lse_err + MUL_ERR * np.abs(lh)) + ADD_ERR * np.abs(hh) + U2 * np.abs(fh)) * SAFE
         else:
-            lh = ll = lse_err = th = tl = None
+            th = tl = None
             big = np.zeros(m, dtype=bool)
             hh, hl, h_err = fh, fl, U2 * np.abs(fh)
         # step 5: every element but the target: g_c = e_c G, G = (F + u B lse) / Z
@@ -363,7 +389,7 @@ def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.nda
         x_err = np.where(at_max, r_err, d_z * zh + et_h * EXP_ERR + ADD_ERR * np.abs(xh2)) * SAFE
         yh, yl = dd_mul(-fh, -fl, xh2, xl2)
         y_err = np.abs(fh) * (x_err + np.abs(xh2) * (MUL_ERR + U2))
-        if lh is not None:
+        if th is not None:
             wh, wl = dd_mul(th, tl, et_h, et_l)
             y_err = y_err + np.abs(bh) * (lse_err * et_h + np.abs(lh * et_h) * (EXP_ERR + 2 * MUL_ERR + U2))
             yh, yl = dd_add(yh, yl, wh, wl)
@@ -373,5 +399,103 @@ def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.nda
         dec_t = decide(vth, vtl, t_bound, fmt)
         dec_t[off[rr, t]] = np.nan  # a masked or cut target: the slow path's rational cases
         dec[rr, t] = dec_t
+        dec[big] = np.nan
+    out[idx] = dec
+
+
+UNDER = 2.0**-1068  # absolute: the underflow of the few products that form w_c t_c (<= 2**-1075 each)
+
+
+def _block_dense(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.ndarray, ub: np.ndarray,
+                 out: np.ndarray) -> None:
+    """Rows ``idx`` with a weighted target on every class (smoothing, probabilities): docs/exact.md,
+    "The fast path", step 6. ``f`` holds ``u / D`` here."""
+    if idx.size == 0:
+        return
+    (z, m, rr, a, masked, cut, off, eh, el, rh, rl, r_err, zh, zl, d_z, ih, il, d_inv, lh, ll,
+     lse_err) = _rows(problem, idx, ub)
+    k = problem.k
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        # A_c = w_c ((1 - eps) t0_c + eps / K), t0 >= 0: relative error A_REL, plus UNDER absolute
+        if problem.index_targets:
+            t0 = np.zeros((m, k))
+            t0[rr, problem.targets[idx]] = 1.0
+        else:
+            t0 = np.array(problem.targets[idx], dtype=np.float64)
+        w = np.ones(k) if problem.weight is None else problem.weight
+        eps = Fraction(problem.label_smoothing)
+        if eps:
+            (alh, all_), (beh, bel) = dd_of(1 - eps), dd_of(eps / k)
+            th_, tl_ = dd_mul_d(np.full(t0.shape, alh), np.full(t0.shape, all_), t0)
+            th_, tl_ = dd_add(th_, tl_, beh, bel)
+            ah_, al_ = dd_mul_d(th_, tl_, w[None, :])
+            a_rel = 2 * U2 + MULD_ERR + ADD_ERR + MULD_ERR
+        else:
+            ah_, al_ = two_prod(t0, w[None, :])
+            a_rel = 0.0
+        abs_a = np.abs(ah_)
+        # S = sum_c A_c, pairwise (terms of both signs: each level errs by ADD_ERR of at most sum |A|)
+        sh_, sl_, levels = dd_sum_rows(ah_, al_)
+        sum_abs = abs_a.sum(axis=1) * SAFE
+        s_err = ((levels * ADD_ERR + a_rel) * sum_abs + k * UNDER) * SAFE
+        uh, ul = f[idx, 0], f[idx, 1]  # u / D
+        bh, bl = ub[idx, 0], ub[idx, 1]  # u B
+        # F = u S / D + u B lse, G = F / Z
+        f1h, f1l = dd_mul(uh, ul, sh_, sl_)
+        f_err = np.abs(uh) * s_err + (MUL_ERR + U2) * np.abs(f1h)
+        big = np.zeros(m, dtype=bool)
+        if lh is not None:
+            th, tl = dd_mul(bh, bl, lh, ll)
+            big = np.abs(th) > LIMIT
+            t_err = np.abs(bh) * lse_err + (MUL_ERR + U2) * np.abs(th)
+            fh, fl = dd_add(f1h, f1l, th, tl)
+            f_err = f_err + t_err + ADD_ERR * np.abs(fh)
+        else:
+            th = tl = None
+            t_err = 0.0
+            fh, fl = f1h, f1l
+        f_err = f_err * SAFE
+        gh, gl = dd_mul(fh, fl, ih, il)
+        g_err = (np.abs(gh) * (d_inv + MUL_ERR) + f_err * np.abs(ih) * (1 + d_inv)) * SAFE
+        # every element but the argmax: g_c = e_c G - H_c, H_c = (u / D) A_c
+        dec = np.empty(z.shape)
+        step = max(1, CHUNK // m)
+        for c0 in range(0, k, step):
+            sl_c = slice(c0, c0 + step)
+            ec, lc = eh[:, sl_c], el[:, sl_c]
+            hh, hl = dd_mul(uh[:, None], ul[:, None], ah_[:, sl_c], al_[:, sl_c])
+            h_err = np.abs(uh)[:, None] * (a_rel * abs_a[:, sl_c] + UNDER) + (MUL_ERR + U2) * np.abs(hh)
+            ph, pl = dd_mul(ec, lc, gh[:, None], gl[:, None])
+            vh, vl = dd_add(ph, pl, -hh, -hl)
+            cut_c = cut[:, sl_c]
+            bound = (np.abs(ph) * (EXP_ERR + MUL_ERR) + ec * g_err[:, None] + h_err + ADD_ERR * np.abs(vh)
+                     + np.where(cut_c, E_CUT * (np.abs(gh) + g_err)[:, None], 0.0)) * SAFE + FLOOR
+            dec[:, sl_c] = decide(vh, vl, bound, fmt)
+        exact_zero = masked & (ah_ == 0)  # p = 0 and A = 0
+        dec[exact_zero] = 0.0
+        # a cut class without target weight: 0 < g_c / G <= E_CUT, a signed zero when that underflows
+        tiny = E_CUT * (np.abs(gh) + g_err) * SAFE < fmt.smallest_subnormal / 2
+        sure = np.abs(gh) > g_err
+        lone = cut & (ah_ == 0)
+        dec[lone] = np.broadcast_to(np.where(tiny & sure, np.copysign(0.0, gh), np.nan)[:, None], cut.shape)[lone]
+        # the argmax: g_a = [(u / D)(S - A_a) + u B lse - H_a R] / Z  (q_a = R / Z, no cancellation)
+        aah, aal = ah_[rr, a], al_[rr, a]
+        xh, xl = dd_add(sh_, sl_, -aah, -aal)  # S - A_a
+        x_err = s_err + np.abs(uh) * 0 + a_rel * np.abs(aah) + UNDER + ADD_ERR * np.abs(xh)
+        y1h, y1l = dd_mul(uh, ul, xh, xl)
+        y_err = np.abs(uh) * x_err + (MUL_ERR + U2) * np.abs(y1h)
+        hah, hal = dd_mul(uh, ul, aah, aal)
+        ha_err = np.abs(uh) * (a_rel * np.abs(aah) + UNDER) + (MUL_ERR + U2) * np.abs(hah)
+        y3h, y3l = dd_mul(hah, hal, rh, rl)
+        y_err = y_err + ha_err * rh + np.abs(hah) * r_err + MUL_ERR * np.abs(y3h)
+        yh, yl = dd_add(y1h, y1l, -y3h, -y3l)
+        y_err = y_err + ADD_ERR * np.abs(yh)
+        if th is not None:
+            yh, yl = dd_add(yh, yl, th, tl)
+            y_err = y_err + t_err + ADD_ERR * np.abs(yh)
+        y_err = y_err * SAFE
+        vah, val = dd_mul(yh, yl, ih, il)
+        a_bound = (np.abs(vah) * (d_inv + MUL_ERR) + y_err * np.abs(ih) * (1 + d_inv)) * SAFE + FLOOR
+        dec[rr, a] = decide(vah, val, a_bound, fmt)
         dec[big] = np.nan
     out[idx] = dec
