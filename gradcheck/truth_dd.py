@@ -237,6 +237,8 @@ def decide(vh: np.ndarray, vl: np.ndarray, bound: np.ndarray, fmt: FloatFormat) 
 # ---- the gradient -----------------------------------------------------------------------------
 
 LIMIT = 2.0**400  # row factors (u S / D, u B, u B lse) beyond [2**-400, 2**400] go to the slow path
+F_REL = MUL_ERR + 2 * U2  # F = (u w[t]) * RN_dd(1 / D): one product and one rounding to double-double
+UB_REL = MULD_ERR + U2  # u B = RN_dd(B) * u
 
 
 def applies(problem: Any) -> bool:
@@ -268,22 +270,33 @@ def grad_decided(problem: Any, rows: Any, fmt: FloatFormat, todo: np.ndarray) ->
     live = np.flatnonzero(todo.any(axis=1))
     if live.size == 0:
         return out
-    # per row, exactly: F = u S / D and uB = u * 2 lambda / Dz, as double-doubles
-    f = np.zeros((n, 2))
-    ub = np.zeros((n, 2))
-    ok = np.zeros(n, dtype=bool)
-    weights = problem.weight
+    # per row: F = u w[t] / D (one-hot) or u / D, and u B (B = 2 lambda / Dz), as double-doubles from
+    # u w[t] exact (TwoProd) times 1/D and B rounded to double-double: F_REL and UB_REL relative
     one_hot = _one_hot(problem)
-    for r in live:
-        u = rows.upstream[r]
-        if one_hot:  # F = u w[t] / D
-            t = int(problem.targets[r])
-            fr = u * (Fraction(1) if weights is None else Fraction(float(weights[t]))) / rows.divisor
-        else:  # u / D, times the weighted targets elementwise
-            fr = u / rows.divisor
-        br = u * rows.b
-        ok[r] = all(x == 0 or Fraction(1, 2**400) < abs(x) < 2**400 for x in (fr, br))
-        f[r], ub[r] = dd_of(fr), dd_of(br)
+    u = problem.upstream()
+    if one_hot:
+        wt = np.ones(n) if problem.weight is None else np.zeros(n)
+        if problem.weight is not None:
+            act = problem.active_rows()
+            wt[act] = problem.weight[problem.targets[act]]
+        uh_, ul_ = two_prod(u, wt)
+    else:
+        uh_, ul_ = u, np.zeros(n)
+    inv_d = dd_of(1 / rows.divisor)
+    b_dd = dd_of(rows.b)
+    with np.errstate(under="ignore", over="ignore"):
+        fh_, fl_ = dd_mul(uh_, ul_, np.full(n, inv_d[0]), np.full(n, inv_d[1]))
+        bh_, bl_ = dd_mul_d(np.full(n, b_dd[0]), np.full(n, b_dd[1]), u)
+    f = np.stack([fh_, fl_], axis=1)
+    ub = np.stack([bh_, bl_], axis=1)
+    lim = 2.0**-390, 2.0**390  # inside [2**-400, 2**400] with room for the roundings above
+    # no underflow or overflow in what formed them: 1/D and B normal, u w[t] exact, u splittable
+    ok = (np.abs(u) < 2.0**990) & ((uh_ == 0) | (np.abs(uh_) > 2.0**-900))
+    if not (2.0**-900 < abs(inv_d[0]) < 2.0**900) or not (b_dd[0] == 0 or 2.0**-900 < abs(b_dd[0]) < 2.0**900):
+        ok[:] = False
+    for x in (fh_, bh_):
+        ax = np.abs(x)
+        ok &= (ax == 0) | ((ax > lim[0]) & (ax < lim[1]))
     step = max(1, BLOCK // max(k, 1))
     blocks = [live[i:i + step] for i in range(0, live.size, step)]
     block = _block if one_hot else _block_dense
@@ -359,11 +372,11 @@ def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.nda
             th, tl = dd_mul(bh, bl, lh, ll)  # u B lse
             big = np.abs(th) > LIMIT
             hh, hl = dd_add(fh, fl, th, tl)  # F + u B lse
-            h_err = (np.abs(bh) * (lse_err + MUL_ERR * np.abs(lh)) + ADD_ERR * np.abs(hh) + U2 * np.abs(fh)) * SAFE
+            h_err = (np.abs(bh) * (lse_err + MUL_ERR * np.abs(lh)) + ADD_ERR * np.abs(hh) + F_REL * np.abs(fh) + UB_REL * np.abs(th)) * SAFE
         else:
             th = tl = None
             big = np.zeros(m, dtype=bool)
-            hh, hl, h_err = fh, fl, U2 * np.abs(fh)
+            hh, hl, h_err = fh, fl, F_REL * np.abs(fh)
         # step 5: every element but the target: g_c = e_c G, G = (F + u B lse) / Z
         gh, gl = dd_mul(hh, hl, ih, il)
         g_err = (np.abs(gh) * (d_inv + MUL_ERR) + h_err * np.abs(ih) * (1 + d_inv)) * SAFE
@@ -388,10 +401,10 @@ def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.nda
         xh2, xl2 = np.where(at_max, rh, xh2), np.where(at_max, rl, xl2)
         x_err = np.where(at_max, r_err, d_z * zh + et_h * EXP_ERR + ADD_ERR * np.abs(xh2)) * SAFE
         yh, yl = dd_mul(-fh, -fl, xh2, xl2)
-        y_err = np.abs(fh) * (x_err + np.abs(xh2) * (MUL_ERR + U2))
+        y_err = np.abs(fh) * (x_err + np.abs(xh2) * (MUL_ERR + F_REL))
         if th is not None:
             wh, wl = dd_mul(th, tl, et_h, et_l)
-            y_err = y_err + np.abs(bh) * (lse_err * et_h + np.abs(lh * et_h) * (EXP_ERR + 2 * MUL_ERR + U2))
+            y_err = y_err + np.abs(bh) * (lse_err * et_h + np.abs(lh * et_h) * (EXP_ERR + 2 * MUL_ERR + UB_REL))
             yh, yl = dd_add(yh, yl, wh, wl)
         y_err = (y_err + ADD_ERR * np.abs(yh)) * SAFE
         vth, vtl = dd_mul(yh, yl, ih, il)
@@ -442,12 +455,12 @@ def _block_dense(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: 
         bh, bl = ub[idx, 0], ub[idx, 1]  # u B
         # F = u S / D + u B lse, G = F / Z
         f1h, f1l = dd_mul(uh, ul, sh_, sl_)
-        f_err = np.abs(uh) * s_err + (MUL_ERR + U2) * np.abs(f1h)
+        f_err = np.abs(uh) * s_err + (MUL_ERR + F_REL) * np.abs(f1h)
         big = np.zeros(m, dtype=bool)
         if lh is not None:
             th, tl = dd_mul(bh, bl, lh, ll)
             big = np.abs(th) > LIMIT
-            t_err = np.abs(bh) * lse_err + (MUL_ERR + U2) * np.abs(th)
+            t_err = np.abs(bh) * lse_err + (MUL_ERR + UB_REL) * np.abs(th)
             fh, fl = dd_add(f1h, f1l, th, tl)
             f_err = f_err + t_err + ADD_ERR * np.abs(fh)
         else:
@@ -464,7 +477,7 @@ def _block_dense(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: 
             sl_c = slice(c0, c0 + step)
             ec, lc = eh[:, sl_c], el[:, sl_c]
             hh, hl = dd_mul(uh[:, None], ul[:, None], ah_[:, sl_c], al_[:, sl_c])
-            h_err = np.abs(uh)[:, None] * (a_rel * abs_a[:, sl_c] + UNDER) + (MUL_ERR + U2) * np.abs(hh)
+            h_err = np.abs(uh)[:, None] * (a_rel * abs_a[:, sl_c] + UNDER) + (MUL_ERR + F_REL) * np.abs(hh)
             ph, pl = dd_mul(ec, lc, gh[:, None], gl[:, None])
             vh, vl = dd_add(ph, pl, -hh, -hl)
             cut_c = cut[:, sl_c]
@@ -483,9 +496,9 @@ def _block_dense(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: 
         xh, xl = dd_add(sh_, sl_, -aah, -aal)  # S - A_a
         x_err = s_err + np.abs(uh) * 0 + a_rel * np.abs(aah) + UNDER + ADD_ERR * np.abs(xh)
         y1h, y1l = dd_mul(uh, ul, xh, xl)
-        y_err = np.abs(uh) * x_err + (MUL_ERR + U2) * np.abs(y1h)
+        y_err = np.abs(uh) * x_err + (MUL_ERR + F_REL) * np.abs(y1h)
         hah, hal = dd_mul(uh, ul, aah, aal)
-        ha_err = np.abs(uh) * (a_rel * np.abs(aah) + UNDER) + (MUL_ERR + U2) * np.abs(hah)
+        ha_err = np.abs(uh) * (a_rel * np.abs(aah) + UNDER) + (MUL_ERR + F_REL) * np.abs(hah)
         y3h, y3l = dd_mul(hah, hal, rh, rl)
         y_err = y_err + ha_err * rh + np.abs(hah) * r_err + MUL_ERR * np.abs(y3h)
         yh, yl = dd_add(y1h, y1l, -y3h, -y3l)
