@@ -32,6 +32,7 @@ from gradcheck.problem import Problem, make_problem
 MAX_PRECISION = 1 << 16  # bits; Ziv's loop is proven to end (docs/exact.md), this only makes a bug loud
 
 PROGRESS_BLOCK = 4096  # slow-path elements between two progress reports
+ORACLE_FIRST_K = 4096  # see certified_grad
 CUTOFF = 16384  # see _exp_shifted and docs/exact.md, "Cutoff"
 _IV = type(mpmath.iv)()  # a private interval context: the caller's mpmath.iv precision is untouched
 
@@ -99,12 +100,11 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
     out = np.zeros(problem.logits.shape)
     todo = np.ones(problem.logits.shape, dtype=bool) if where is None else np.array(where, dtype=bool)
     todo[rows.zero_rows] = False  # ignored rows, a zero upstream gradient, or nothing to differentiate
-    if prefilter and truth_dd.applies(problem):  # double-double enclosures (docs/exact.md, "The fast path")
-        decided = truth_dd.grad_decided(problem, rows, fmt, todo)
-        use = todo & ~np.isnan(decided)
-        out[use] = decided[use]
-        todo &= ~use
-    elif prefilter and rows.oracle_applies:
+    fast = prefilter and truth_dd.applies(problem)
+    # the float64 oracle's bound first where it decides nearly every row (formats narrower than float64 and
+    # K <= ORACLE_FIRST_K: its relative width ~ K 2**-53 leaves ~ K^2 2**-28 elements of a row undecided
+    # in float32); the double-double fast path then evaluates only the rows it left undecided
+    if prefilter and rows.oracle_applies and (not fast or (fmt.precision < 53 and problem.k <= ORACLE_FIRST_K)):
         # float64 enclosures are a few float64 ulps wide: for a float64 result use x87 extended
         # precision (2**-11 ulp wide); docs/exact.md, "The prefilter"
         work = EXTENDED_WORK if fmt.precision == 53 and EXTENDED_WORK is not None else FLOAT64_WORK
@@ -112,6 +112,11 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
         if problem.grad_output is not None:  # the product with g_n: one more rounding (docs/exact.md)
             value, bound = _times_upstream(value, bound, problem.upstream().astype(value.dtype), work)
         decided = _decided(value, bound, fmt)
+        use = todo & ~np.isnan(decided)
+        out[use] = decided[use]
+        todo &= ~use
+    if fast and todo.any():  # double-double enclosures (docs/exact.md, "The fast path")
+        decided = truth_dd.grad_decided(problem, rows, fmt, todo)
         use = todo & ~np.isnan(decided)
         out[use] = decided[use]
         todo &= ~use
