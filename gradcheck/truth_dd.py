@@ -355,6 +355,8 @@ def _rows(problem: Any, idx: np.ndarray, ub: np.ndarray) -> tuple:
             lh, ll = dd_add(ah, al, l1h, l1l)
             lse_err = (d_z * (1 + d_z) + np.abs(qh) * (EXP_ERR + MUL_ERR)
                        + ADD_ERR * (2 * np.abs(r0h) + 2 * np.abs(lh)) + np.abs(r0h) ** 3) * SAFE
+            # |log1p(x) - (x - x^2/2)| <= |x|^3 holds for |x| <= 1/2; np.log is far closer than 2**-40
+            lse_err = np.where(np.abs(r0h) <= 2.0**-40, lse_err, np.inf)
     return z, m, rr, a, masked, cut, off, eh, el, rh, rl, r_err, zh, zl, d_z, ih, il, d_inv, lh, ll, lse_err
 
 
