@@ -212,12 +212,15 @@ def decide(vh: np.ndarray, vl: np.ndarray, bound: np.ndarray, fmt: FloatFormat) 
     """Where every number of ``[vh + vl - bound, vh + vl + bound]`` rounds to the same number of ``fmt``,
     that number (as float64, signed zeros included); NaN elsewhere.
 
-    ``d = RN_fmt(vh)`` is the candidate; ``t = (vh - d) + vl`` is the offset from it (``vh - d`` exact by
+    ``d = RN_fmt(vh)`` (vh nudged toward vl for narrower formats) is the candidate; ``t = (vh - d) + vl`` is the offset from it (``vh - d`` exact by
     Sterbenz, one rounding in the sum); the enclosure must lie strictly inside the half-gaps around d
     (the gap below a power of two is half the one above).
     """
     with np.errstate(invalid="ignore", over="ignore"):
-        d = round_to_format(vh, fmt).astype(np.float64)
+        # the candidate: vh nudged one float64 ulp toward vl (the value lies between them), so that a vh
+        # exactly on a midpoint of a narrower format still yields the right neighbour
+        near = vh if fmt.precision >= 53 else np.where(vl != 0, np.nextafter(vh, np.copysign(np.inf, vl)), vh)
+        d = round_to_format(near, fmt).astype(np.float64)
         t = (vh - d) + vl
         slack = bound * SAFE + 2 * U * np.abs(t)
         up, down = t + slack, t - slack
