@@ -1,0 +1,106 @@
+"""The double-double fast path of the certified truth: each building block within the bound it is charged."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import mpmath
+import numpy as np
+import pytest
+
+import gradcheck as gc
+from gradcheck import truth_dd as T
+
+
+def _fr(h, lo=0.0):
+    return Fraction(float(h)) + Fraction(float(lo))
+
+
+def _rel(got: Fraction, exact: Fraction) -> float:
+    return float(abs(got - exact) / abs(exact))
+
+
+def test_exp_dd_within_exp_err():
+    """Against mpmath at 300 bits, including the ends of the range and tiny shifts."""
+    rng = np.random.default_rng(0)
+    sh = np.concatenate([-rng.uniform(0, 600, 300), [0.0, -1e-300, -2.0**-40, -599.999, -0.34657, -1e-5]])
+    sl = np.where(sh != 0, sh * rng.uniform(-2.0**-53, 2.0**-53, sh.size), 0.0)
+    sh, sl = T.two_sum(sh, sl)  # a normalised double-double input
+    eh, el = T.exp_dd(sh, sl)
+    worst = 0.0
+    with mpmath.workprec(300):
+        for i in range(sh.size):
+            exact = mpmath.exp(mpmath.mpf(float(sh[i])) + mpmath.mpf(float(sl[i])))
+            got = mpmath.mpf(float(eh[i])) + mpmath.mpf(float(el[i]))
+            worst = max(worst, float(abs(got / exact - 1)))
+    assert worst <= T.EXP_ERR
+    assert eh[sh == 0][0] == 1.0 and el[sh == 0][0] == 0.0  # exp(0) = 1 exactly (the argmax)
+
+
+def test_double_double_operations_within_their_charges():
+    rng = np.random.default_rng(1)
+    n = 2000
+    xh = rng.standard_normal(n) * 2.0 ** rng.integers(-30, 30, n)
+    yh = rng.standard_normal(n) * 2.0 ** rng.integers(-30, 30, n)
+    xh, xl = T.two_sum(xh, xh * rng.uniform(-2.0**-53, 2.0**-53, n))
+    yh, yl = T.two_sum(yh, yh * rng.uniform(-2.0**-53, 2.0**-53, n))
+    for i in range(0, n, 7):
+        x, y = _fr(xh[i], xl[i]), _fr(yh[i], yl[i])
+        sh, sl = T.dd_add(xh[i:i + 1], xl[i:i + 1], yh[i:i + 1], yl[i:i + 1])
+        if x + y:
+            assert _rel(_fr(sh[0], sl[0]), x + y) <= T.ADD_ERR
+        ph, pl = T.dd_mul(xh[i:i + 1], xl[i:i + 1], yh[i:i + 1], yl[i:i + 1])
+        assert _rel(_fr(ph[0], pl[0]), x * y) <= T.MUL_ERR
+        qh, ql = T.dd_mul_d(xh[i:i + 1], xl[i:i + 1], yh[i:i + 1])
+        assert _rel(_fr(qh[0], ql[0]), x * Fraction(float(yh[i]))) <= T.MULD_ERR
+
+
+def test_pairwise_row_sum_within_its_levels():
+    rng = np.random.default_rng(2)
+    e = rng.random((3, 1001)) * 2.0 ** rng.integers(-40, 0, (3, 1001))
+    lo = e * rng.uniform(-2.0**-54, 2.0**-54, e.shape)
+    e, lo = T.two_sum(e, lo)
+    h, l, levels = T.dd_sum_rows(e, lo)
+    assert levels == 10
+    for r in range(3):
+        exact = sum((_fr(a, b) for a, b in zip(e[r], lo[r])), Fraction(0))
+        assert _rel(_fr(h[r], l[r]), exact) <= levels * T.ADD_ERR
+
+
+def test_decide_rounds_only_what_the_enclosure_settles():
+    f32 = gc.float_format("float32")
+    mid = np.array([1 + 2.0**-24])  # halfway between 1 and 1 + 2**-23 in float32
+    tiny = np.array([2.0**-90])
+    assert np.isnan(T.decide(mid, np.array([0.0]), tiny, f32))[0]
+    assert T.decide(mid, np.array([2.0**-60]), tiny, f32)[0] == 1 + 2.0**-23
+    assert T.decide(mid, np.array([-2.0**-60]), tiny, f32)[0] == 1.0
+    # below a power of two the gap is half: 1 - 2**-25 is the midpoint under 1
+    assert np.isnan(T.decide(np.array([1 - 2.0**-25]), np.array([0.0]), tiny, f32))[0]
+    assert T.decide(np.array([1 - 2.0**-25]), np.array([2.0**-70]), tiny, f32)[0] == 1.0
+    # zeros: the enclosure must exclude 0, and gives the sign
+    z = T.decide(np.array([1e-50, -1e-50, 1e-50]), np.zeros(3), np.array([1e-60, 1e-60, 2e-50]), f32)
+    assert z[0] == 0 and not np.signbit(z[0]) and z[1] == 0 and np.signbit(z[1]) and np.isnan(z[2])
+    # float64: the low part decides against the half ulp
+    f64 = gc.float_format("float64")
+    assert T.decide(np.array([1.0]), np.array([2.0**-54]), np.array([2.0**-100]), f64)[0] == 1.0
+    assert np.isnan(T.decide(np.array([1.0]), np.array([2.0**-53]), np.array([2.0**-100]), f64))[0]
+    assert T.decide(np.array([3.0]), np.array([2.0**-60]), np.array([2.0**-100]), f64)[0] == 3.0
+
+
+@pytest.mark.parametrize("options", [{}, {"lse_square_scale": 0.5, "reduction": "sum"},
+                                     {"label_smoothing": 0.25, "weight": [1.0, -2.0, 0.5, 4.0]}])
+def test_fast_path_matches_mpmath_where_it_decides(options):
+    """The values the fast path decides are the slow path's (which the independent tests check)."""
+    from gradcheck.exact import _RowFacts, certified_grad
+
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((6, 4)) * 5
+    t = rng.integers(0, 4, 6)
+    problem = gc.make_problem(z, t, **options)
+    for fmt in ("float64", "float32", "bfloat16"):
+        fmt = gc.float_format(fmt)
+        fast = T.grad_decided(problem, _RowFacts(problem), fmt, np.ones(z.shape, dtype=bool))
+        slow = certified_grad(problem, fmt, prefilter=False)
+        known = ~np.isnan(fast)
+        assert known.mean() > 0.9
+        np.testing.assert_array_equal(fast[known], slow.astype(np.float64)[known])
