@@ -12,7 +12,7 @@ import sympy as sp
 import gradcheck
 from gradcheck.errors import InvalidArgument
 from gradcheck.estimators import Status, gradient
-from gradcheck.estimators.sympy_symbolic import KINDS, MAX_K, _is_zero, cache_dir, prove, prove_all
+from gradcheck.estimators.sympy_symbolic import DEFAULT_KINDS, MAX_K, _is_zero, cache_dir, prove, prove_all
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +24,7 @@ def private_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("k_max", [pytest.param(4), pytest.param(8, marks=pytest.mark.slow)])
 def test_every_identity_is_proved_and_then_cached(private_cache, k_max):
     first = prove_all(k_max)
-    assert len(first) == k_max * len(KINDS)
+    assert len(first) == k_max * len(DEFAULT_KINDS)
     assert all(p.proved and not p.cached for p in first), [p for p in first if not p.proved]
     files = sorted((private_cache / "sympy_proofs").glob("*.json"))
     assert len(files) == len(first)

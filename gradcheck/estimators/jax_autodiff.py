@@ -15,8 +15,7 @@ import numpy as np
 from gradcheck.dtypes import FLOAT64, FloatFormat, float_format
 from gradcheck.errors import require
 from gradcheck.estimators.result import MethodResult, finish
-from gradcheck.estimators.terms import kernel_terms
-from gradcheck.oracle import gamma
+from gradcheck.estimators.terms import backward_error
 from gradcheck.problem import Problem
 
 jax = require("jax", extra="jax")
@@ -115,7 +114,7 @@ def jax_gradient(problem: Problem, *, x64: bool = False) -> MethodResult:
         out.block_until_ready()
         call_seconds = time.perf_counter() - start
         g = np.asarray(out).astype(np.float64)
-    error = _grad_error(problem, g, fmt)
+    error = backward_error(problem, g, fmt, exp_ulps=XLA_ELEMENTARY_ULPS, tanh_ulps=XLA_TANH_ULPS)
     return finish(problem, g, error, method=name, bound=False, evaluations=1,
                   details={"compile_seconds": compile_seconds, "call_seconds": call_seconds,
                            "dtype": fmt.name})
@@ -157,48 +156,6 @@ def _compile_loss_derivative(problem: Problem, fmt: FloatFormat, kind: str) -> t
 
     compiled, compile_seconds = _compiled(key, build, args)
     return compiled, compile_seconds, args
-
-
-def _grad_error(problem: Problem, g: np.ndarray, fmt: FloatFormat) -> np.ndarray:
-    """Estimate of |g - exact| for the backward pass (docs/methods.md, "JAX autodiff").
-
-    With A = |S| p / |D|, B = |wt| / |D| and Zt = 2 lambda |lse| p / Dz (float64 sizes from
-    :func:`~gradcheck.estimators.terms.kernel_terms`): A carries the errors of e_i (a_i), of Z (rho)
-    and of S/D (gamma_K + 2u), B that of wt (smoothing in the dtype), Zt those of p and of lse; the sum
-    one rounding; under a softcap a_i grows by the rounding of z', and the chain factor
-    ``(1 + t)(1 - t)`` has absolute error ``2 (XLA_TANH_ULPS + 1) u |t| + 3 u chi``; the upstream
-    factor (rounded to the dtype) and its product two u.
-    """
-    u = fmt.unit_roundoff
-    k = problem.k
-    c = XLA_ELEMENTARY_ULPS
-    terms = kernel_terms(problem)
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        zc = terms.zc
-        top = zc.max(axis=1, keepdims=True)
-        s = zc - top
-        alive = np.isfinite(s) & (s > np.log(fmt.tiny))
-        a = np.where(alive, (np.abs(s) + c) * u, 0.0)
-        if problem.softcap is not None:
-            a = a + (XLA_TANH_ULPS + 2) * u * (np.abs(zc) + np.abs(top))
-        rho = a.max(axis=1, keepdims=True) + gamma(k, u)
-        d = abs(terms.d)
-        big_a, b, big_z = (x / d for x in terms.sizes())
-        eps_wt = (5 * u if problem.label_smoothing else u) if fmt.precision < 53 or problem.label_smoothing else 0.0
-        lse = np.abs(terms.lse)[:, None]
-        e_lse = u * (np.abs(top) + lse) + rho + c * u * np.abs(terms.lse[:, None] - top)
-        zl = (big_z * (a + rho + 4 * u) + np.where(lse > 0, big_z / np.where(lse > 0, lse, 1.0), 0.0) * e_lse)
-        s_rows = np.abs(terms.s_rows)[:, None] + 2 * np.abs(terms.beta * terms.lse)[:, None]
-        floor = (k + 8) * fmt.tiny * np.maximum(1.0, s_rows) * max(1.0, 1.0 / d)
-        err = (big_a * (a + rho + 2 * gamma(k, u) + 5 * u + eps_wt) + (u + eps_wt) * b + u * (big_a + b + big_z)
-               + zl + floor)
-        zg = np.abs(terms.zgrad()) / d
-        err = err + 2 * u * zg
-        if problem.softcap is not None:
-            err = terms.chi * err + zg * (2 * (XLA_TANH_ULPS + 1) * u * np.abs(terms.t) + 3 * u * terms.chi)
-        up = np.abs(terms.up)[:, None]
-        err = up * err + 2 * u * np.abs(g)
-    return np.where(np.isfinite(err), err, np.inf)
 
 
 def softmax_jacobian(z: Any, *, mode: str = "rev", x64: bool = True) -> np.ndarray:

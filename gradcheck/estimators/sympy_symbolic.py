@@ -31,13 +31,20 @@ import numpy as np
 from gradcheck.dtypes import FLOAT64, FloatFormat
 from gradcheck.errors import InvalidArgument, require
 from gradcheck.estimators.result import MethodResult, Status, finish, unsupported
+from gradcheck.estimators.row_loss import TANH_ULPS
+from gradcheck.estimators.terms import backward_error, kernel_terms
 from gradcheck.oracle import gamma
 from gradcheck.problem import Problem
 
 sp = require("sympy", extra="proofs")
 
-PROOF_VERSION = 1  # bump when a statement or the decision procedure changes: old cache entries are ignored
-KINDS = ("gradient", "jacobian", "lse_gradient")
+PROOF_VERSION = 2  # bump when a statement or the decision procedure changes: old cache entries are ignored
+KINDS = ("gradient", "jacobian", "lse_gradient", "kernel_gradient", "kernel_jacobian", "kernel_hessian")
+KERNEL_KINDS = ("kernel_gradient", "kernel_jacobian", "kernel_hessian")
+# what prove_all (the study's report) proves by default: the three plain identities, as before the
+# kernel options (the study decides whether to add KERNEL_KINDS; the Hessian's K**2 second
+# derivatives take about 35 s at K = 6). ``gradcheck prove`` proves every kind.
+DEFAULT_KINDS = KINDS[:3]
 MAX_K = 32  # lambdify limit: SymPy's diff of the K-term loss grows like K**2 (about 5 s at K = 32)
 MAX_PRECISION = 4096  # bits, sympy_mpmath's cap
 NUMPY_ELEMENTARY_ULPS = 2.0  # numpy float64 exp, as in docs/oracle.md
@@ -49,10 +56,15 @@ class Proof:
 
     Attributes:
         kind: "gradient" (dL/dz_i = p_i sum_o w_o y_o - w_i y_i, textbook loss with weights, soft
-            targets and smoothing), "jacobian" (dp_i/dz_j = delta_ij p_i - p_i p_j) or
-            "lse_gradient" (the same gradient for the log-sum-exp form that is lambdified).
+            targets and smoothing), "jacobian" (dp_i/dz_j = delta_ij p_i - p_i p_j),
+            "lse_gradient" (the same gradient for the log-sum-exp form that is lambdified), and the
+            kernel options with softcap c, z-loss lambda and upstream factor g as symbols:
+            "kernel_gradient", "kernel_jacobian" (softmax of c tanh(z / c)) and "kernel_hessian"
+            (see :func:`_kernel_statement`).
         k: number of classes.
-        status: "proved", "timeout" or "failed" (a nonzero remainder: the closed form is wrong).
+        status: "proved", "timeout", "failed" (the closed form is wrong: a nonzero remainder, for the
+            kernel kinds also a nonzero value at a witness point) or "undecided" (kernel kinds: the
+            remainder did not cancel but vanished at the witness point; never cached).
         seconds: time the proof took when it was done (read from the cache when ``cached``).
         cached: the result came from the disk cache.
         statement: the identity, in words.
@@ -106,6 +118,137 @@ def _statement(kind: str, k: int) -> tuple[list[sp.Expr], tuple, str]:
     return diffs, z, words
 
 
+# ---- the kernel options: softcap, z-loss and an upstream factor as symbols ------------------------
+
+
+@dataclass(frozen=True)
+class KernelParts:
+    """Symbols and building blocks of the kernel loss for K classes (docs/methods.md, "SymPy proofs").
+
+    ``zc_j = c tanh(z_j / c)``, ``p = softmax(zc)``, ``lse = log sum_j exp(zc_j)``, ``y`` the smoothed
+    targets, ``S = sum_o w_o y_o``, ``chi_j = 1 - tanh(z_j / c)^2``, and ``loss = g (-sum_c w_c y_c
+    log p_c / D + lam lse^2 / Dz)`` with the upstream factor ``g`` and the divisors ``D``, ``Dz``.
+    Weights and ``g`` are real of either sign.
+    """
+
+    z: tuple
+    t: tuple
+    w: tuple
+    eps: Any
+    c: Any
+    lam: Any
+    g: Any
+    d: Any
+    dz: Any
+    y: list
+    zc: list
+    p: list
+    lse: Any
+    s: Any
+    chi: list
+    loss: Any
+
+    def zgrad(self, i: int) -> Any:
+        """The claimed dL/dz'_i: ``g ((p_i S - w_i y_i) / D + 2 lam lse p_i / Dz)``."""
+        return self.g * ((self.p[i] * self.s - self.w[i] * self.y[i]) / self.d
+                         + 2 * self.lam * self.lse * self.p[i] / self.dz)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_parts(k: int) -> KernelParts:
+    """The :class:`KernelParts` for K classes (cached: SymPy expressions are immutable)."""
+    z = sp.symbols(f"z0:{k}", real=True)
+    t = sp.symbols(f"t0:{k}", nonnegative=True)
+    w = sp.symbols(f"w0:{k}", real=True)
+    eps = sp.Symbol("epsilon", nonnegative=True)
+    c, lam = sp.Symbol("c", positive=True), sp.Symbol("lambda", nonnegative=True)
+    g, d, dz = sp.Symbol("g", real=True), sp.Symbol("D", nonzero=True), sp.Symbol("D_z", positive=True)
+    y = [(1 - eps) * t[i] + eps / k for i in range(k)]
+    zc = [c * sp.tanh(zi / c) for zi in z]
+    total = sum((sp.exp(x) for x in zc), sp.Integer(0))
+    p = [sp.exp(x) / total for x in zc]
+    lse = sp.log(total)
+    s = sum((w[i] * y[i] for i in range(k)), sp.Integer(0))
+    chi = [1 - sp.tanh(zi / c) ** 2 for zi in z]
+    loss = g * (-sum((w[i] * y[i] * sp.log(sp.exp(zc[i]) / total) for i in range(k)), sp.Integer(0)) / d
+                + lam * lse**2 / dz)
+    return KernelParts(z, t, w, eps, c, lam, g, d, dz, y, zc, p, lse, s, chi, loss)
+
+
+def _kernel_statement(kind: str, k: int) -> tuple[list[sp.Expr], str]:
+    kp = kernel_parts(k)
+    z, p, chi = kp.z, kp.p, kp.chi
+
+    def h(i: int, j: int) -> Any:  # the softmax Jacobian in z'
+        return (p[i] if i == j else 0) - p[i] * p[j]
+
+    if kind == "kernel_gradient":
+        diffs = [sp.diff(kp.loss, z[i]) - kp.zgrad(i) * chi[i] for i in range(k)]
+        words = (f"K={k}: d/dz_i of g (-sum_c w_c y_c log softmax_c(z') / D + lambda lse(z')^2 / D_z), "
+                 "z' = c tanh(z / c), equals g ((p_i S - w_i y_i) / D + 2 lambda lse p_i / D_z) (1 - tanh^2(z_i / c))")
+    elif kind == "kernel_jacobian":
+        diffs = [sp.diff(p[i], z[j]) - h(i, j) * chi[j] for i in range(k) for j in range(k)]
+        words = f"K={k}: d softmax_i(c tanh(z / c)) / dz_j equals (delta_ij p_i - p_i p_j) (1 - tanh^2(z_j / c))"
+    else:  # kernel_hessian
+        grads = [sp.diff(kp.loss, z[i]) for i in range(k)]
+        th = [sp.tanh(zi / kp.c) for zi in z]
+        diffs = [sp.diff(grads[i], z[j])
+                 - (kp.g * (kp.s * h(i, j) / kp.d + 2 * kp.lam * (p[i] * p[j] + kp.lse * h(i, j)) / kp.dz)
+                    * chi[i] * chi[j] + (kp.zgrad(i) * (-2 * th[i] * chi[i] / kp.c) if i == j else 0))
+                 for i in range(k) for j in range(k)]
+        words = (f"K={k}: the Hessian of the same loss equals g (S H_ij / D + 2 lambda (p_i p_j + lse H_ij) / D_z) "
+                 "chi_i chi_j - delta_ij 2 tanh(z_i / c) chi_i G_i / c, H = diag p - p p^T, G_i the z'-gradient")
+    return diffs, words
+
+
+def decide(expr: sp.Expr, k: int) -> str:
+    """Decide whether a difference built from :func:`kernel_parts` vanishes identically.
+
+    Replace ``tanh(z_j / c)`` by a symbol T_j, then ``exp(sum_j n_j c T_j)`` by ``prod_j E_j^n_j`` and
+    ``log(sum_j E_j)`` by a symbol Lambda: if the result, rational in independent symbols, cancels to
+    0, the identity holds for all values ("proved": substituting functions of z into a zero rational
+    function gives zero). Otherwise the difference is evaluated at a fixed rational point with 30
+    digits: a nonzero value refutes the identity ("failed"); a zero there decides nothing
+    ("undecided").
+    """
+    kp = kernel_parts(k)
+    tt = sp.symbols(f"T0:{k}", real=True)
+    ee = sp.symbols(f"E0:{k}", positive=True)
+    big_lambda = sp.Symbol("Lambda", real=True)
+
+    def to_powers(arg: sp.Expr) -> sp.Expr:
+        arg = sp.expand(arg)
+        out, rest = sp.Integer(1), arg
+        for tj, ej in zip(tt, ee):
+            n = sp.simplify(arg.coeff(tj) / kp.c)
+            if not n.is_integer:
+                return sp.exp(arg)
+            out, rest = out * ej**n, rest - n * kp.c * tj
+        rest = sp.simplify(rest)
+        return out if rest == 0 else out * sp.exp(rest)
+
+    rational = expr.xreplace({sp.tanh(zj / kp.c): tj for zj, tj in zip(kp.z, tt)})
+    rational = rational.replace(sp.exp, to_powers)
+    rational = rational.xreplace({sp.log(sum(ee, sp.Integer(0))): big_lambda})
+    if not (rational.has(sp.exp, sp.log, sp.tanh) or any(rational.has(zj) for zj in kp.z)):
+        if sp.cancel(sp.together(rational)) == 0:
+            return "proved"
+    value = sp.N(expr.subs(_witness_point(kp)), 30)
+    return "failed" if value.is_number and value != 0 and abs(value) > 1e-20 else "undecided"
+
+
+def _witness_point(kp: KernelParts) -> dict:
+    """A fixed point with rational coordinates at which a wrong identity is shown to fail."""
+    k = len(kp.z)
+    point = {kp.eps: sp.Rational(1, 10), kp.c: sp.Rational(3, 2), kp.lam: sp.Rational(1, 3),
+             kp.g: sp.Rational(-7, 4), kp.d: sp.Rational(5, 2), kp.dz: sp.Integer(3)}
+    for j in range(k):
+        point[kp.z[j]] = sp.Rational(7 * j - 9, 4 + j)
+        point[kp.t[j]] = sp.Rational(j + 1, k + 2)
+        point[kp.w[j]] = sp.Rational(3 + 2 * j, 5)
+    return point
+
+
 def _is_zero(expr: sp.Expr, z: tuple) -> bool:
     """Decide expr == 0: with z_j = log E_j (E_j > 0) it is rational in the symbols; ``cancel`` gives 0 iff it is."""
     e_syms = sp.symbols(f"E0:{len(z)}", positive=True)
@@ -133,7 +276,12 @@ def prove(kind: str, k: int, *, timeout: float = 120.0, use_cache: bool = True) 
         raise InvalidArgument(f"k must be an integer >= 1, got {k!r}.")
     k = int(k)
     start = time.perf_counter()
-    diffs, z, words = _statement(kind, k)
+    if kind in KERNEL_KINDS:
+        diffs, words = _kernel_statement(kind, k)
+        check = lambda expr: decide(expr, k)  # noqa: E731
+    else:
+        diffs, z, words = _statement(kind, k)
+        check = lambda expr: "proved" if _is_zero(expr, z) else "failed"  # noqa: E731
     digest = hashlib.sha256(
         f"{PROOF_VERSION}|{sp.__version__}|{kind}|{k}|{sp.srepr(diffs)}".encode()).hexdigest()[:20]
     path = cache_dir() / "sympy_proofs" / f"{kind}_k{k}_{digest}.json"
@@ -146,8 +294,9 @@ def prove(kind: str, k: int, *, timeout: float = 120.0, use_cache: bool = True) 
         if time.perf_counter() - start > timeout:
             status = "timeout"
             break
-        if not _is_zero(expr, z):
-            status = "failed"
+        outcome = check(expr)
+        if outcome != "proved":
+            status = outcome
             break
     seconds = time.perf_counter() - start
     if use_cache and status != "timeout":
@@ -185,7 +334,7 @@ def _write_cache(path: Path, entry: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def prove_all(k_max: int = 8, *, kinds: tuple[str, ...] = KINDS, timeout: float = 120.0,
+def prove_all(k_max: int = 8, *, kinds: tuple[str, ...] = DEFAULT_KINDS, timeout: float = 120.0,
               use_cache: bool = True) -> list[Proof]:
     """Every identity in ``kinds`` for K = 1 .. k_max."""
     return [prove(kind, k, timeout=timeout, use_cache=use_cache) for k in range(1, k_max + 1) for kind in kinds]
@@ -205,8 +354,34 @@ def derivative(k: int, module: str) -> Callable:
     return sp.lambdify((z, v), [sp.diff(loss, zi) for zi in z], modules=module, cse=True)
 
 
+@functools.lru_cache(maxsize=None)
+def kernel_derivative(k: int, module: str, softcap: bool) -> Callable:
+    """SymPy's derivative of ``F = -sum_c v_c (z'_c - lse) + beta lse^2``, lambdified for ``module``.
+
+    ``z' = cap tanh(z / cap)`` when ``softcap`` (else z), ``lse = m + log sum_j exp(z'_j - m)``: the
+    shift m is a symbol held constant (F does not depend on it), evaluated at the row's max z'.
+
+    Returns:
+        ``f(z, v, beta, cap, m) -> list of K values``.
+    """
+    z = sp.symbols(f"z0:{k}", real=True)
+    v = sp.symbols(f"v0:{k}", real=True)
+    beta, cap, m = sp.Symbol("beta", real=True), sp.Symbol("cap", positive=True), sp.Symbol("m", real=True)
+    zc = [cap * sp.tanh(zj / cap) for zj in z] if softcap else list(z)
+    lse = m + sp.log(sum((sp.exp(x - m) for x in zc), sp.Integer(0)))
+    loss = -sum((v[c] * (zc[c] - lse) for c in range(k)), sp.Integer(0)) + beta * lse**2
+    return sp.lambdify((z, v, beta, cap, m), [sp.diff(loss, zi) for zi in z], modules=module, cse=True)
+
+
+def _kernel(problem: Problem) -> bool:
+    return problem.softcap is not None or bool(problem.lse_square_scale)
+
+
 def sympy_gradient(problem: Problem, *, module: str = "numpy", precision: int | None = None) -> MethodResult:
     """The gradient from SymPy's lambdified derivative.
+
+    With a softcap or a z-loss the derivative is that of :func:`kernel_derivative`; the upstream
+    factor multiplies each row's result (in float64, or exactly at the working precision for mpmath).
 
     Args:
         problem: a validated case with at most :data:`MAX_K` classes (else UNSUPPORTED).
@@ -224,7 +399,10 @@ def sympy_gradient(problem: Problem, *, module: str = "numpy", precision: int | 
     if problem.k > MAX_K:
         return unsupported(problem, method=name, reason=(
             f"SymPy's derivative is lambdified for K <= {MAX_K} classes, got K={problem.k}"))
-    fn = derivative(problem.k, module)
+    if _kernel(problem):
+        fn = kernel_derivative(problem.k, module, problem.softcap is not None)
+    else:
+        fn = derivative(problem.k, module)
     if module == "numpy":
         return _numpy_gradient(problem, fn)
     return _mpmath_gradient(problem, fn, precision)
@@ -237,6 +415,18 @@ def _numpy_gradient(problem: Problem, fn: Callable) -> MethodResult:
     z = problem.logits.astype(np.float64)
     v = problem.dense_targets() * problem.weights()
     d = problem.divisor()
+    up = problem.upstream()[:, None]
+    if _kernel(problem):
+        terms = kernel_terms(problem)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            m = terms.zc.max(axis=1)
+            cap = 1.0 if problem.softcap is None else problem.softcap
+            g = np.stack([np.broadcast_to(np.asarray(col, dtype=np.float64), z.shape[:1])
+                          for col in fn(list(z.T), list(v.T), terms.beta, cap, m)], axis=1)
+            grad = up * g / d
+        err = backward_error(problem, grad, FLOAT64, exp_ulps=NUMPY_ELEMENTARY_ULPS, tanh_ulps=TANH_ULPS,
+                             chain_per_term=True)
+        return finish(problem, grad, err, method="sympy_numpy", bound=False, evaluations=1)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         s = z - z.max(axis=1, keepdims=True)
         g = np.stack([np.broadcast_to(np.asarray(col, dtype=np.float64), z.shape[:1])
@@ -251,17 +441,33 @@ def _numpy_gradient(problem: Problem, fn: Callable) -> MethodResult:
         big_b = v * np.abs(1.0 - p)
         err = v * (eps_p + 2 * u) + (big_a + big_b) * (eps_p + 2 * gamma(k, u) + u)
         err += (k + 8) * FLOAT64.smallest_subnormal * np.maximum(s_rows, 1.0)
-        grad = g / d
-        err = err / d + 2 * u * np.abs(grad)
+        grad = up * g / d
+        err = np.abs(up) * err / abs(d) + 2 * u * np.abs(grad)
     return finish(problem, grad, err, method="sympy_numpy", bound=False, evaluations=1)
 
 
 def _mpmath_gradient(problem: Problem, fn: Callable, precision: int | None) -> MethodResult:
-    """Per row: exact shift, evaluate at P bits, double P until the estimate decides the rounding."""
+    """Per row: exact shift, evaluate at P bits, double P until the estimate decides the rounding.
+
+    With the kernel options the logits enter unshifted (the derivative's own shift m is the row's
+    max z' at P bits), beta = lambda D / Dz and the upstream factor are exact rationals, and the
+    estimate adds the chain factor's cancellation ``1 - tanh^2`` (docs/methods.md, "SymPy numerics").
+    """
     fmt = problem.format
     n, k = problem.logits.shape
     z = problem.logits.astype(np.float64)
     d = problem.exact_divisor()
+    kernel = _kernel(problem)
+    if kernel:
+        terms = kernel_terms(problem)
+        big_a, big_b, big_z = (x / abs(terms.d) for x in terms.sizes())
+        zg = np.abs(terms.zgrad()) / abs(terms.d)
+        with np.errstate(invalid="ignore", over="ignore"):
+            x = (np.where(np.isfinite(z), np.abs(z), 0.0) / problem.softcap if problem.softcap is not None
+                 else np.zeros(z.shape))
+        active = problem.active_rows()
+        beta_exact = [Fraction(problem.lse_square_scale) * d / problem.zloss_divisor() if active[r] else Fraction(0)
+                      for r in range(n)]
     grad = np.zeros((n, k))
     err = np.zeros((n, k))
     status = Status.CONVERGED
@@ -269,23 +475,38 @@ def _mpmath_gradient(problem: Problem, fn: Callable, precision: int | None) -> M
     evaluations = 0
     for row in range(n):
         v_exact = [problem.exact_weight(c) * problem.exact_target(row, c) for c in range(k)]
-        if not any(v_exact):
-            continue  # S = 0: the row's gradient is exactly 0
+        up = problem.exact_upstream(row)
+        if up == 0 or (not any(v_exact) and not (kernel and beta_exact[row])):
+            continue  # the row's gradient is exactly 0
         prec = precision or 2 * fmt.precision + 20
         while True:
             evaluations += 1
             with mpmath.workprec(prec):
-                za = mpmath.mpf(float(np.max(z[row])))
-                s = [mpmath.fsub(mpmath.mpf(float(x)), za, exact=True) if np.isfinite(x) else mpmath.mpf("-inf")
-                     for x in z[row]]
                 v = [_mpf(x) for x in v_exact]
                 dd = _mpf(d)
-                vals = [x / dd for x in fn(s, v)]
+                if kernel:
+                    zs = [mpmath.mpf(float(x)) for x in z[row]]
+                    if problem.softcap is not None:
+                        cap = mpmath.mpf(problem.softcap)
+                        zc = [cap * mpmath.tanh(x / cap) for x in zs]
+                    else:
+                        cap, zc = mpmath.mpf(1), zs
+                    vals = [x * _mpf(up) / dd for x in fn(zs, v, _mpf(beta_exact[row]), cap, max(zc))]
+                else:
+                    za = mpmath.mpf(float(np.max(z[row])))
+                    s = [mpmath.fsub(mpmath.mpf(float(x)), za, exact=True) if np.isfinite(x) else mpmath.mpf("-inf")
+                         for x in z[row]]
+                    vals = [x * _mpf(up) / dd for x in fn(s, v)]
                 g = np.array([float(x) for x in vals])
                 # relative 2**-prec per operation over about 2K + 10 operations on terms of size
                 # (S p_i + v_i) / D (docs/methods.md, "SymPy numerics")
-                scale = np.array([float((abs(x) + 2 * abs(vi)) / dd) for x, vi in zip(vals, v)])
+                scale = np.array([float((abs(x) + 2 * abs(vi) * abs(_mpf(up))) / abs(dd)) for x, vi in zip(vals, v)])
                 e_prec = (2 * k + 10) * 2.0**-prec * scale
+                if kernel:
+                    a_up = abs(float(up))
+                    e_prec = e_prec + 2.0**-prec * a_up * (
+                        (2 * k + 10) * (big_a[row] + big_b[row] + 2 * big_z[row]) * terms.chi[row]
+                        + (8 + 2 * x[row]) * zg[row])
             if _small(g, e_prec, fmt) or prec >= MAX_PRECISION:
                 if not _small(g, e_prec, fmt):
                     status = Status.ITERATION_LIMIT

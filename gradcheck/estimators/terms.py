@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradcheck.dtypes import FloatFormat
+from gradcheck.oracle import gamma
 from gradcheck.problem import Problem
 
 
@@ -110,3 +112,55 @@ def kernel_terms(problem: Problem) -> Terms:
     wt = problem.dense_targets() * problem.weights()
     return Terms(zc, t, chain_factor(z, cap), p, lse, wt, wt.sum(axis=1), float(problem.divisor()),
                  kernel_beta(problem), problem.upstream(), cap)
+
+
+def backward_error(problem: Problem, g: np.ndarray, fmt: FloatFormat, *, exp_ulps: float, tanh_ulps: float,
+                   chain_per_term: bool = False) -> np.ndarray:
+    """Estimate of |g - exact| for a backward pass evaluated in ``fmt`` (docs/methods.md, "JAX autodiff").
+
+    The form is ``chi (p (S + 2 beta lse) - wt) g_n / D``, p from ``exp(z' - max z')`` and its sum,
+    ``chi`` computed as ``(1 + t)(1 - t)`` or ``1 - t^2``; JAX's backward pass and SymPy's lambdified
+    derivative both have it. ``exp_ulps``, ``tanh_ulps``: the accuracy of exp/log and of tanh.
+    ``chain_per_term``: the chain factor multiplies each term before the sum (SymPy's form
+    ``-v_i (1 - t^2 - chi p_i) + ...``), so its error is charged on ``A + B + Zt`` plus ``4 u`` of
+    them absolute (the sum ``1 - t^2 - chi p_i`` rounds at size 1), not on their sum.
+
+    With A = |S| p / |D|, B = |wt| / |D| and Zt = 2 lambda |lse| p / Dz (float64 sizes from
+    :func:`~gradcheck.estimators.terms.kernel_terms`): A carries the errors of e_i (a_i), of Z (rho)
+    and of S/D (gamma_K + 2u), B that of wt (smoothing in the dtype), Zt those of p and of lse; the sum
+    one rounding; under a softcap a_i grows by the rounding of z', and the chain factor
+    ``(1 + t)(1 - t)`` has absolute error ``2 (tanh_ulps + 1) u |t| + 3 u chi``; the upstream
+    factor (rounded to the dtype) and its product two u.
+    """
+    u = fmt.unit_roundoff
+    k = problem.k
+    c = exp_ulps
+    terms = kernel_terms(problem)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        zc = terms.zc
+        top = zc.max(axis=1, keepdims=True)
+        s = zc - top
+        alive = np.isfinite(s) & (s > np.log(fmt.tiny))
+        a = np.where(alive, (np.abs(s) + c) * u, 0.0)
+        if problem.softcap is not None:
+            a = a + (tanh_ulps + 2) * u * (np.abs(zc) + np.abs(top))
+        rho = a.max(axis=1, keepdims=True) + gamma(k, u)
+        d = abs(terms.d)
+        big_a, b, big_z = (x / d for x in terms.sizes())
+        eps_wt = (5 * u if problem.label_smoothing else u) if fmt.precision < 53 or problem.label_smoothing else 0.0
+        lse = np.abs(terms.lse)[:, None]
+        e_lse = u * (np.abs(top) + lse) + rho + c * u * np.abs(terms.lse[:, None] - top)
+        zl = (big_z * (a + rho + 4 * u) + np.where(lse > 0, big_z / np.where(lse > 0, lse, 1.0), 0.0) * e_lse)
+        s_rows = np.abs(terms.s_rows)[:, None] + 2 * np.abs(terms.beta * terms.lse)[:, None]
+        floor = (k + 8) * fmt.tiny * np.maximum(1.0, s_rows) * max(1.0, 1.0 / d)
+        err = (big_a * (a + rho + 2 * gamma(k, u) + 5 * u + eps_wt) + (u + eps_wt) * b + u * (big_a + b + big_z)
+               + zl + floor)
+        zg = np.abs(terms.zgrad()) / d
+        err = err + 2 * u * zg
+        if problem.softcap is not None and chain_per_term:
+            err = terms.chi * err + (big_a + b + big_z) * (2 * (tanh_ulps + 1) * u * np.abs(terms.t) + 4 * u)
+        elif problem.softcap is not None:
+            err = terms.chi * err + zg * (2 * (tanh_ulps + 1) * u * np.abs(terms.t) + 3 * u * terms.chi)
+        up = np.abs(terms.up)[:, None]
+        err = up * err + 2 * u * np.abs(g)
+    return np.where(np.isfinite(err), err, np.inf)
