@@ -143,9 +143,10 @@ def cross_entropy_difference(problem: Problem, *, scheme: str = "central", max_l
     up = terms.up[:, None]
     with np.errstate(invalid="ignore", over="ignore"):
         grad = up * g / d
-        # the function actually differentiated uses wt, S and beta rounded to the dtype: S p_k and wt_k
-        # move by (gamma_K + u_wt) relative, the z-loss term by u + 2 u64 (docs/methods.md, "Model error")
-        model = (gamma(problem.k, u) + (u if fmt.precision < 53 else 0.0)) * (np.abs(g) + 2 * np.abs(wt))
+        # the function actually differentiated uses wt, S and beta rounded to the dtype: S p_k moves by
+        # (gamma_K + u_wt) sum|wt| p_k, wt_k by u_wt |wt_k|, the z-loss term by u + 2 u64 relative
+        # (docs/methods.md, "Model error")
+        model = (gamma(problem.k, u) + (u if fmt.precision < 53 else 0.0)) * (big_a + 3 * np.abs(wt))
         model = model + (u + 2 * FLOAT64.unit_roundoff) * big_z * terms.chi
         error = np.abs(up) * (err + model + point) / abs(d) + 2 * FLOAT64.unit_roundoff * np.abs(grad)
     reason = "" if status == Status.CONVERGED else details.pop("reason", "")
@@ -290,7 +291,9 @@ def _complex_step(z: np.ndarray, wt_d: np.ndarray, s_rows: np.ndarray, fmt: Floa
     g = np.empty((n, k))
     err = np.empty((n, k))
     eps1 = 2 * rows.amax + 2 * gamma(k, u) + (rows.c + 6) * u + gamma(k, u)
-    floor = np.abs(s_rows) * k * fmt.smallest_subnormal / h
+    abs_w = np.abs(wt_d.astype(np.float64))
+    abs_s = abs_w.sum(axis=1)  # S and the sums over c != a round at the size of sum |wt| (signed weights)
+    floor = abs_s * k * fmt.smallest_subnormal / h
     _, f3 = curv.bounds(h)
     b64 = np.zeros(n) if rows.beta is None else np.abs(rows.beta.astype(np.float64))
     z64 = z.astype(np.float64)
@@ -299,7 +302,9 @@ def _complex_step(z: np.ndarray, wt_d: np.ndarray, s_rows: np.ndarray, fmt: Floa
         parts = rows.imag_parts(c, h)
         t1, t2, t3, chi = parts["t1"], parts["t2"], parts["t3"], parts["chi"]
         g[:, c] = t1 + t2 + t3
-        e = np.abs(t1) * eps1 + gamma(k, u) * np.abs(t2) + u * np.abs(t1 + t2) + f3 * h * h / 6 + floor
+        others = np.where(rows.a == c, abs_s - abs_w[:, c], abs_w[:, c])
+        e = (np.abs(t1) * eps1 + gamma(k, u) * (others * np.abs(chi) + abs_s * np.abs(parts["log_im"]))
+             + u * np.abs(t1 + t2) + f3 * h * h / 6 + floor)
         if rows.beta is not None:
             at = rows.a == c
             re, im, log_im = parts["lse_re"], parts["lse_im"], parts["log_im"]

@@ -431,16 +431,18 @@ def _numpy_gradient(problem: Problem, fn: Callable) -> MethodResult:
         s = z - z.max(axis=1, keepdims=True)
         g = np.stack([np.broadcast_to(np.asarray(col, dtype=np.float64), z.shape[:1])
                       for col in fn(list(s.T), list(v.T))], axis=1)
-        # estimate (docs/methods.md): p_i from s, with relative error eps_p = a_i + rho + 2u
+        # estimate (docs/methods.md): p_i from s, with relative error eps_p = a_i + rho + 2u; the sizes
+        # with |v| (signed weights) and p from the float64 softmax
         a = np.where(np.isfinite(s), (np.abs(s) + NUMPY_ELEMENTARY_ULPS) * u, 0.0)
         rho = a.max(axis=1, keepdims=True) + gamma(k, u)
         eps_p = a + rho + 2 * u
-        s_rows = v.sum(axis=1, keepdims=True)
-        p = np.where(s_rows > 0, (g + v) / np.where(s_rows > 0, s_rows, 1.0), 0.0)
-        big_a = np.abs(p) * np.maximum(s_rows - v, 0.0)
-        big_b = v * np.abs(1.0 - p)
-        err = v * (eps_p + 2 * u) + (big_a + big_b) * (eps_p + 2 * gamma(k, u) + u)
-        err += (k + 8) * FLOAT64.smallest_subnormal * np.maximum(s_rows, 1.0)
+        p = kernel_terms(problem).p
+        av = np.abs(v)
+        s_abs = av.sum(axis=1, keepdims=True)
+        big_a = p * (s_abs - av)
+        big_b = av * np.abs(1.0 - p)
+        err = av * (eps_p + 2 * u) + (big_a + big_b) * (eps_p + 2 * gamma(k, u) + u)
+        err += (k + 8) * FLOAT64.smallest_subnormal * np.maximum(s_abs, 1.0)
         grad = up * g / d
         err = np.abs(up) * err / abs(d) + 2 * u * np.abs(grad)
     return finish(problem, grad, err, method="sympy_numpy", bound=False, evaluations=1)

@@ -80,8 +80,12 @@ class Terms:
                 + 2.0 * (self.beta * self.lse)[:, None] * self.p)
 
     def sizes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(A, B, Zt)``: the magnitudes ``|S| p``, ``|wt|``, ``2 |beta lse| p`` of F''s three terms."""
-        return (np.abs(self.s_rows)[:, None] * self.p, np.abs(self.wt),
+        """``(A, B, Zt)``: the magnitudes ``sum_c |wt_c| p``, ``|wt|``, ``2 |beta lse| p`` of F''s three terms.
+
+        A is ``|S| p`` for nonnegative weights; with signed weights S is a sum of terms of either sign
+        whose rounding scales with ``sum_c |wt_c|``, so A uses that.
+        """
+        return (np.abs(self.wt).sum(axis=1)[:, None] * self.p, np.abs(self.wt),
                 2.0 * np.abs(self.beta * self.lse)[:, None] * self.p)
 
     def grad(self) -> np.ndarray:
@@ -151,7 +155,7 @@ def backward_error(problem: Problem, g: np.ndarray, fmt: FloatFormat, *, exp_ulp
         lse = np.abs(terms.lse)[:, None]
         e_lse = u * (np.abs(top) + lse) + rho + c * u * np.abs(terms.lse[:, None] - top)
         zl = (big_z * (a + rho + 4 * u) + np.where(lse > 0, big_z / np.where(lse > 0, lse, 1.0), 0.0) * e_lse)
-        s_rows = np.abs(terms.s_rows)[:, None] + 2 * np.abs(terms.beta * terms.lse)[:, None]
+        s_rows = np.abs(terms.wt).sum(axis=1)[:, None] + 2 * np.abs(terms.beta * terms.lse)[:, None]
         floor = (k + 8) * fmt.tiny * np.maximum(1.0, s_rows) * max(1.0, 1.0 / d)
         err = (big_a * (a + rho + 2 * gamma(k, u) + 5 * u + eps_wt) + (u + eps_wt) * b + u * (big_a + b + big_z)
                + zl + floor)
