@@ -32,13 +32,16 @@ _COMPILED: dict[tuple, Any] = {}
 
 
 def row_losses(z: jax.Array, targets: jax.Array, weight: jax.Array, label_smoothing: jax.Array,
-               lse_square_scale: jax.Array, cap: jax.Array, *, index: bool, ignore_index: int, reduction: str,
-               softcap: bool, zloss: bool) -> jax.Array:
+               lse_square_scale: jax.Array, cap: jax.Array, softcap: jax.Array, *, index: bool, ignore_index: int,
+               reduction: str) -> jax.Array:
     """``(N,)`` row contributions: ``l_n / D + lambda lse_n^2 / Dz`` (mean), ``l_n + lambda lse_n^2`` otherwise.
 
     ``torch.nn.functional.cross_entropy`` with the kernel options (see :mod:`gradcheck.problem`):
-    ``z' = cap tanh(z / cap)`` through ``jnp.tanh`` when ``softcap``, and the z-loss on the rows that
-    count when ``zloss``. The loss is the sum of the contributions for "mean"/"sum" and the vector
+    ``z' = cap tanh(z / cap)`` through ``jnp.tanh`` where the traced flag ``softcap`` is set (``z``
+    itself otherwise), and the z-loss on the rows that count. The flags are traced, not static, so one
+    compiled function serves every option layout; without the options the backward pass only adds
+    exact zeros (the unselected branch of ``where`` gets a zero cotangent and every value is finite:
+    ``tanh(-inf) = -1``). The loss is the sum of the contributions for "mean"/"sum" and the vector
     itself for "none". ``weight`` is always given (ones when unweighted).
     """
     k = z.shape[1]
@@ -52,7 +55,7 @@ def row_losses(z: jax.Array, targets: jax.Array, weight: jax.Array, label_smooth
         denominator = jnp.asarray(z.shape[0], dtype=z.dtype)
     t = jnp.where(active[:, None], (1 - label_smoothing) * t + label_smoothing / k, 0)
     wt = weight[None, :] * t
-    zc = cap * jnp.tanh(z / cap) if softcap else z
+    zc = jnp.where(softcap, cap * jnp.tanh(z / cap), z)
     m = jax.lax.stop_gradient(jnp.max(zc, axis=1, keepdims=True))
     s = zc - m
     log_z = jnp.log(jnp.sum(jnp.exp(s), axis=1, keepdims=True))
@@ -60,13 +63,11 @@ def row_losses(z: jax.Array, targets: jax.Array, weight: jax.Array, label_smooth
     rows = -jnp.sum(jnp.where(wt != 0, wt * logp, 0), axis=1)
     if reduction == "mean":
         rows = rows / denominator
-    if zloss:
-        lse = (m + log_z)[:, 0]
-        zrows = jnp.where(active, lse_square_scale * lse * lse, 0)
-        if reduction == "mean":
-            zrows = zrows / jnp.sum(active).astype(z.dtype)
-        rows = rows + zrows
-    return rows
+    lse = (m + log_z)[:, 0]
+    zrows = jnp.where(active, lse_square_scale * lse * lse, 0)
+    if reduction == "mean":
+        zrows = zrows / jnp.sum(active).astype(z.dtype)
+    return rows + zrows
 
 
 def cross_entropy(z: jax.Array, targets: jax.Array, weight: jax.Array, label_smoothing: jax.Array,
@@ -75,9 +76,9 @@ def cross_entropy(z: jax.Array, targets: jax.Array, weight: jax.Array, label_smo
     """The scalar loss: the sum of :func:`row_losses` (for "none" the sum of the row losses)."""
     cap = jnp.asarray(1.0 if softcap is None else softcap, dtype=z.dtype)
     lam = jnp.asarray(lse_square_scale, dtype=z.dtype)
-    return jnp.sum(row_losses(z, targets, weight, label_smoothing, lam, cap, index=index,
-                              ignore_index=ignore_index, reduction=reduction, softcap=softcap is not None,
-                              zloss=bool(lse_square_scale)))
+    flag = jnp.asarray(softcap is not None)
+    return jnp.sum(row_losses(z, targets, weight, label_smoothing, lam, cap, flag, index=index,
+                              ignore_index=ignore_index, reduction=reduction))
 
 
 def _compiled(key: tuple, build: Callable[[], Callable], args: tuple) -> tuple[Any, float]:
@@ -122,7 +123,7 @@ def jax_gradient(problem: Problem, *, x64: bool = False) -> MethodResult:
 
 def _compile_loss_derivative(problem: Problem, fmt: FloatFormat, kind: str) -> tuple[Callable, float, tuple]:
     """The VJP (``kind="vjp"``) or the Hessian (``"hessian"``) of the loss for this problem, jitted and
-    cached per shape, dtype and option layout; returns it, its compile seconds (0 when cached) and its
+    cached per shape, dtype, target kind and reduction (softcap and z-loss are traced); returns it, its compile seconds (0 when cached) and its
     arguments. Call inside the caller's ``jax.enable_x64`` block.
 
     The Hessian is that of ``sum_n g_n L_n`` (the scalar whose gradient is the VJP).
@@ -137,22 +138,22 @@ def _compile_loss_derivative(problem: Problem, fmt: FloatFormat, kind: str) -> t
     scalar = problem.reduction != "none" or problem.vector
     up = problem.upstream()
     g = np.asarray(up[0] if scalar else up, dtype=fmt.dtype)
-    softcap, zloss = problem.softcap is not None, bool(problem.lse_square_scale)
-    key = (kind, z.shape, fmt.name, index, problem.ignore_index, problem.reduction, softcap, zloss)
-    args = tuple(jnp.asarray(a) for a in (z, targets, weight, eps, lam, cap, g))
+    flag = np.asarray(problem.softcap is not None)
+    key = (kind, z.shape, fmt.name, index, problem.ignore_index, problem.reduction)
+    args = tuple(jnp.asarray(a) for a in (z, targets, weight, eps, lam, cap, flag, g))
 
-    def rows_of(z_, t_, w_, e_, l_, c_):
-        out = row_losses(z_, t_, w_, e_, l_, c_, index=index, ignore_index=problem.ignore_index,
-                         reduction=problem.reduction, softcap=softcap, zloss=zloss)
+    def rows_of(z_, t_, w_, e_, l_, c_, f_):
+        out = row_losses(z_, t_, w_, e_, l_, c_, f_, index=index, ignore_index=problem.ignore_index,
+                         reduction=problem.reduction)
         return jnp.sum(out) if scalar else out
 
     def build() -> Callable:
         if kind == "vjp":
-            def vjp(z_, t_, w_, e_, l_, c_, g_):
-                _, pull = jax.vjp(lambda zz: rows_of(zz, t_, w_, e_, l_, c_), z_)
+            def vjp(z_, t_, w_, e_, l_, c_, f_, g_):
+                _, pull = jax.vjp(lambda zz: rows_of(zz, t_, w_, e_, l_, c_, f_), z_)
                 return pull(g_)[0]
             return vjp
-        return jax.hessian(lambda z_, t_, w_, e_, l_, c_, g_: jnp.sum(g_ * rows_of(z_, t_, w_, e_, l_, c_)))
+        return jax.hessian(lambda z_, t_, w_, e_, l_, c_, f_, g_: jnp.sum(g_ * rows_of(z_, t_, w_, e_, l_, c_, f_)))
 
     compiled, compile_seconds = _compiled(key, build, args)
     return compiled, compile_seconds, args
