@@ -102,3 +102,77 @@ def test_a_corrupt_cache_entry_is_recomputed_and_overwritten(private_cache, corr
     assert json.loads(entry.read_text())["status"] == "proved"  # overwritten with a good entry
     assert prove("gradient", 1).cached
     assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]  # no temporary file left
+
+
+# ---- the kernel options (issue 12) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["kernel_gradient", "kernel_jacobian"])
+def test_the_kernel_identities_are_proved_for_k_1_to_6(kind):
+    proofs = [prove(kind, k) for k in range(1, 7)]
+    assert all(p.proved and not p.cached for p in proofs), [p for p in proofs if not p.proved]
+    assert all(p.seconds > 0 for p in proofs)
+    assert "tanh" in proofs[0].statement
+
+
+@pytest.mark.parametrize("k_max", [pytest.param(3), pytest.param(6, marks=pytest.mark.slow)])
+def test_the_kernel_hessian_is_proved(k_max):
+    proofs = [prove("kernel_hessian", k) for k in range(1, k_max + 1)]
+    assert all(p.proved for p in proofs), [p for p in proofs if not p.proved]
+
+
+def _claim(k, i, *, zloss=None, chain=None):
+    from gradcheck.estimators.sympy_symbolic import kernel_parts
+
+    kp = kernel_parts(k)
+    ce = (kp.p[i] * kp.s - kp.w[i] * kp.y[i]) / kp.d
+    z_term = 2 * kp.lam * kp.lse * (kp.p[i] if zloss is None else zloss(kp, i)) / kp.dz
+    factor = kp.chi[i] if chain is None else chain(kp, i)
+    return kp, sp.diff(kp.loss, kp.z[i]) - kp.g * (ce + z_term) * factor
+
+
+@pytest.mark.parametrize("slip", ["z-loss 2 lambda lse (p - eps/K)", "softcap x tanh(x/c)", "no chain factor",
+                                  "z-loss over D", "upstream factor dropped"])
+def test_a_wrong_kernel_closed_form_is_refuted(slip):
+    from gradcheck.estimators.sympy_symbolic import decide
+
+    k = 3
+    _, right = _claim(k, 1)
+    assert decide(right, k) == "proved"
+    if slip.startswith("z-loss 2"):
+        kp, wrong = _claim(k, 1, zloss=lambda kp, i: kp.p[i] - kp.eps / k)
+    elif slip.startswith("softcap"):
+        kp, wrong = _claim(k, 1, chain=lambda kp, i: sp.tanh(kp.z[i] / kp.c)
+                           + kp.z[i] / kp.c * (1 - sp.tanh(kp.z[i] / kp.c) ** 2))
+    elif slip == "no chain factor":
+        kp, wrong = _claim(k, 1, chain=lambda kp, i: sp.Integer(1))
+    elif slip == "z-loss over D":
+        kp, wrong = _claim(k, 1, zloss=lambda kp, i: kp.p[i] * kp.dz / kp.d)
+    else:
+        kp, wrong = _claim(k, 1, chain=lambda kp, i: kp.chi[i] / kp.g)
+    assert decide(wrong, k) == "failed"
+
+
+def test_the_softcap_bug_as_a_loss_is_refuted_too():
+    """unsloth-zoo #593 as the kernel computes it: the loss on x tanh(x / c) against the closed form of c tanh(x / c)."""
+    from gradcheck.estimators.sympy_symbolic import decide, kernel_parts
+
+    k = 2
+    kp = kernel_parts(k)
+    bad_loss = kp.loss.xreplace({kp.c * sp.tanh(zj / kp.c): zj * sp.tanh(zj / kp.c) for zj in kp.z})
+    assert bad_loss != kp.loss
+    assert decide(sp.diff(bad_loss, kp.z[0]) - kp.zgrad(0) * kp.chi[0], k) == "failed"
+
+
+def test_kernel_proofs_are_cached_and_time_bounded(private_cache):
+    first = prove("kernel_gradient", 2)
+    again = prove("kernel_gradient", 2)
+    assert again.cached and again.seconds == first.seconds
+    assert prove("kernel_hessian", 4, timeout=0.0).status == "timeout"
+
+
+def test_gradcheck_prove_runs_the_kernel_kinds(capsys):
+    from gradcheck import cli
+
+    assert cli.main(["prove", "--max-classes", "2", "--kinds", "kernel_gradient", "kernel_jacobian"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[ proved]") == 4 and "(1 - tanh^2(z_i / c))" in out
