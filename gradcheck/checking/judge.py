@@ -1,6 +1,8 @@
 """Judging one case: call ``grad_fn`` on private copies and compare its result with the truth.
 
-The call must return (within ``timeout``, when set) without raising, ``SystemExit`` included. The
+The call gets the case's arrays and options, and its upstream gradient as ``grad_output=`` when the
+case has one (verify draws one for a ``grad_fn`` that takes it). It must return (within ``timeout``,
+when set) without raising, ``SystemExit`` included. The
 result must have the logits' shape and dtype (a list or tuple: values exact in the dtype), be a new
 buffer on each call (not a view of an input or of the previous result), leave the inputs untouched,
 repeat bit for bit, be finite where the truth is, and lie within the per-element tolerance of
@@ -168,6 +170,14 @@ def _call(grad_fn: Callable[..., Any], case: Case, timeout: float | None = None,
     options = case.options()
     weight = options.get("weight")
     weight_before = None if weight is None else weight.copy()
+    grad_output = case.grad_output  # a fresh scalar or (N,) array of the dtype; None: not exercised
+    upstream_before = None
+    if grad_output is not None:
+        options["grad_output"] = grad_output
+        if isinstance(grad_output, np.ndarray):
+            upstream_before = grad_output.copy()
+        else:
+            grad_output = None  # a numpy scalar cannot be written to
     try:
         result = call_with_deadline(grad_fn, timeout, logits, targets, **options)
     except Hung:
@@ -179,7 +189,7 @@ def _call(grad_fn: Callable[..., Any], case: Case, timeout: float | None = None,
         return Failure(FailureKind.EXCEPTION, f"grad_fn raised {type(exc).__name__}: {exc}", case)
     own = ("logits",) if inplace == "allowed" else ()
     for name, now, before in (("logits", logits, case.logits), ("targets", targets, case.targets),
-                              ("weight", weight, weight_before)):
+                              ("weight", weight, weight_before), ("grad_output", grad_output, upstream_before)):
         if name not in own and now is not None and not same_bits(now, before):
             where = tuple(int(i) for i in np.argwhere(_bits(now) != _bits(before))[0])
             return Failure(
@@ -210,7 +220,7 @@ def _call(grad_fn: Callable[..., Any], case: Case, timeout: float | None = None,
                 f"{inexact} is not exact in {fmt.name}; return an array of dtype {fmt.name}", case, inexact,
             )
         got = got.astype(fmt.dtype)
-    for name, array in (("logits", logits), ("targets", targets), ("weight", weight)):
+    for name, array in (("logits", logits), ("targets", targets), ("weight", weight), ("grad_output", grad_output)):
         if name not in own and array is not None and np.may_share_memory(got, array):
             return Failure(
                 FailureKind.ALIASING, f"grad_fn returned a view of its {name} argument; return a new array", case,
