@@ -444,3 +444,88 @@ def test_exact_in_float64_is_decided_by_the_certified_truth_where_the_reference_
     assert grades["exact"][1] and grades["exact"][0] <= 1
     outcome = compare_values(one_ulp_off(z, np.array([0])), case, precision="exact", grades=grades)
     assert outcome.kind == FailureKind.MISMATCH and not grades["exact"][1] and grades["float64"][1]
+
+
+# ---- the upstream gradient (issue 12): grad_output= for a grad_fn that names it ------------------
+
+from gradcheck.adapters import torch_grad_fn, torch_loss_grad  # noqa: E402
+from gradcheck.checking.api import takes_grad_output  # noqa: E402
+from gradcheck.checking.messages import describe  # noqa: E402
+
+
+def test_only_a_named_grad_output_parameter_counts_as_taking_the_upstream_gradient():
+    def keyword(logits, targets, *, grad_output=None, **options): ...
+
+    def positional(logits, targets, grad_output=None): ...
+
+    def forwards(logits, targets, **options): ...  # forwards to what verify cannot see: not counted
+
+    def positional_only(logits, targets, grad_output, /): ...
+
+    class Unreadable:
+        __signature__ = "not a signature"  # inspect.signature raises TypeError
+
+        def __call__(self, logits, targets, **options): ...
+
+    assert takes_grad_output(keyword) and takes_grad_output(positional)
+    assert not takes_grad_output(forwards) and not takes_grad_output(positional_only)
+    assert not takes_grad_output(Unreadable())
+    assert takes_grad_output(torch_grad_fn(keyword)) and not takes_grad_output(torch_grad_fn(forwards))
+    assert takes_grad_output(torch_loss_grad())  # the torch loss adapter always passes it to backward
+
+
+def test_a_grad_fn_without_grad_output_is_checked_as_before_and_told_so():
+    result = verify(numpy_stable, dtype="float32", seed=5, max_examples=20)
+    assert result.passed and not result.upstream
+    assert "upstream gradient NOT exercised (grad_fn takes no grad_output= parameter" in str(result)
+    failed = verify(sign_flipped, dtype="float32", seed=3)
+    assert "upstream gradient NOT exercised" in describe(failed)
+
+
+def _recording(calls, fail=lambda logits, grad_output: True):
+    def grad_fn(logits, targets, *, grad_output=None, **options):
+        calls.append((logits.shape, options.get("reduction", "mean"), grad_output))
+        if fail(logits, grad_output):
+            raise ZeroDivisionError("planted")
+        return np.zeros_like(logits)
+
+    return grad_fn
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_every_example_passes_an_upstream_gradient_of_the_dtype(dtype, reduction):
+    calls = []
+    result = verify(_recording(calls), dtype=dtype, reduction=reduction, seed=2, max_examples=30)
+    assert not result.passed and result.upstream and result.failure.kind == "exception"
+    fmt = float_format(dtype)
+    for shape, _, g in calls:
+        assert g is not None and g.dtype == fmt.dtype
+        if reduction == "none":
+            assert isinstance(g, np.ndarray) and g.shape == (shape[0],)
+        else:
+            assert np.ndim(g) == 0 and not isinstance(g, np.ndarray)  # a numpy scalar of the dtype
+    assert "upstream gradient exercised (grad_output= on every example)" in str(result)
+
+
+def test_the_shrunk_case_keeps_its_upstream_gradient_simplified_towards_one_and_prints_it():
+    calls = []
+    fails_on_two_rows = _recording(calls, fail=lambda logits, g: logits.shape[0] >= 2)
+    result = verify(fails_on_two_rows, dtype="float32", reduction="none", seed=4, max_examples=60)
+    case = result.failure.case
+    assert case.logits.shape[0] == 2 and case.grad_output.shape == (2,)
+    assert np.all(case.grad_output == 1.0)  # the failure does not depend on it: simplified to ones
+    message = describe(result)
+    assert "grad_output = np.array([1.0, 1.0], dtype=np.float32)" in message
+    assert "(logits, targets, grad_output=grad_output, **options) with the arrays above" in message
+    scalar = verify(_recording([]), dtype="bfloat16", seed=4, max_examples=5)
+    assert "grad_output = ml_dtypes.bfloat16(1.0)" in describe(scalar)
+
+
+def test_writing_to_grad_output_is_a_mutation():
+    def zeroes_upstream(logits, targets, *, grad_output=None, **options):
+        grad_output[...] = 0
+        return np.zeros_like(logits)
+
+    failure = verify(zeroes_upstream, reduction="none", seed=0, max_examples=10).failure
+    assert failure.kind == "mutation" and "grad_fn modified its grad_output argument in place" in failure.message
