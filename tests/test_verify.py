@@ -483,11 +483,12 @@ def test_a_grad_fn_without_grad_output_is_checked_as_before_and_told_so():
 
 
 def _recording(calls, fail=lambda logits, grad_output: True):
+    """Records its calls; raises where ``fail`` says, else returns the oracle's VJP rounded to the dtype."""
     def grad_fn(logits, targets, *, grad_output=None, **options):
         calls.append((logits.shape, options.get("reduction", "mean"), grad_output))
         if fail(logits, grad_output):
             raise ZeroDivisionError("planted")
-        return np.zeros_like(logits)
+        return gradcheck.cross_entropy_grad(logits, targets, grad_output=grad_output, dtype=logits.dtype, **options)
 
     return grad_fn
 
@@ -529,3 +530,46 @@ def test_writing_to_grad_output_is_a_mutation():
 
     failure = verify(zeroes_upstream, reduction="none", seed=0, max_examples=10).failure
     assert failure.kind == "mutation" and "grad_fn modified its grad_output argument in place" in failure.message
+
+
+def _oracle_vjp(slip=None):
+    def grad_fn(logits, targets, *, grad_output=None, **options):
+        g = np.asarray(grad_output, dtype=np.float64)
+        if slip == "ignored":
+            g = np.ones_like(g)
+        elif slip == "first_row":
+            g = np.full_like(g, g.reshape(-1)[0])
+        return gradcheck.cross_entropy_grad(logits, targets, grad_output=g, dtype=logits.dtype, **options)
+
+    grad_fn.__name__ = grad_fn.__qualname__ = f"vjp_{slip}"
+    return grad_fn
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_correct_vjp_passes_and_a_mishandled_upstream_gradient_is_caught_and_named(reduction):
+    good = verify(_oracle_vjp(), dtype="float32", reduction=reduction, ignore_index=-100, seed=11, max_examples=60)
+    assert good.passed and good.upstream, str(good)
+    bad = verify(_oracle_vjp("ignored"), dtype="float32", reduction=reduction, ignore_index=-100, seed=11)
+    assert not bad.passed and bad.failure.kind == "mismatch"
+    assert "it matches the loss's own gradient: grad_output was ignored" in bad.failure.diagnosis
+    assert "diagnosis: it matches the loss's own gradient" in describe(bad)
+    if reduction == "none":
+        first = verify(_oracle_vjp("first_row"), dtype="float32", reduction=reduction, seed=11)
+        assert not first.passed and "grad_output[0] for every row" in first.failure.diagnosis, str(first)
+        assert first.failure.case.logits.shape[0] >= 2  # it takes two rows to tell
+
+
+def test_the_diagnosis_variants_apply_only_where_they_differ():
+    from gradcheck.checking.diagnose import variants
+    from gradcheck.problem import Case
+
+    z, t = np.zeros((2, 3)), np.array([0, 1])
+    assert variants(Case.make(z, t)) == []
+    ones = variants(Case.make(z, t, reduction="none", grad_output=np.ones(2)))
+    assert ones == []  # ones: nothing to tell apart from an ignored upstream gradient
+    texts = [text for text, _ in variants(Case.make(z, t, reduction="none", grad_output=np.array([2.0, -1.0]),
+                                                    lse_square_scale=1e-4, softcap=3.0, label_smoothing=0.1,
+                                                    weight=np.ones(3)))]
+    assert len(texts) == 7 and any("grad_output[0]" in x for x in texts)
+    scalar = [text for text, _ in variants(Case.make(z, t, grad_output=np.array(-1.0)))]
+    assert len(scalar) == 2 and "twice" in scalar[1]  # a scalar has no rows to confuse

@@ -6,7 +6,10 @@ commonly gets wrong (issue 12): the upstream gradient ignored, its first row use
 (TransformerEngine #2139), applied twice, the z-loss term left out, softcapping left out, label
 smoothing or class weights ignored. A variant is named only when the result passes it under the
 same contract, and only when the variant is a different problem (an upstream gradient of ones cannot
-be told from an ignored one). No variant passing says nothing: most bugs match none of these.
+be told from an ignored one). It is evidence, not proof: on a small shrunk case two conventions can
+agree (an upstream gradient of -1 applied twice is one ignored; both are named then), and a result
+can match a variant by accident where the variant hardly changes the truth. No variant passing says
+nothing: most bugs match none of these.
 """
 
 from __future__ import annotations
@@ -31,21 +34,21 @@ def variants(case: Case) -> list[tuple[str, dict[str, Any]]]:
     if g is not None:
         active = p.active_rows() if g.ndim else np.ones(1, dtype=bool)
         if not np.all(np.broadcast_to(g, active.shape)[active] == 1.0):
-            out.append(("the result is the loss's own gradient: grad_output was ignored (taken as ones)",
+            out.append(("it matches the loss's own gradient: grad_output was ignored (taken as ones)",
                         {"grad_output": None}))
         if g.ndim == 1 and np.any(g[active] != g[0]):
-            out.append(("the result uses grad_output[0] for every row (TransformerEngine #2139), not one value "
+            out.append(("it matches grad_output[0] for every row (TransformerEngine #2139) instead of one value "
                         "per row", {"grad_output": np.full_like(g, g[0])}))
         if np.any(np.isin(g, (0.0, 1.0), invert=True)):
-            out.append(("the result has grad_output applied twice (grad_output**2 * dL/dz)", {"grad_output": g * g}))
+            out.append(("it matches grad_output applied twice (grad_output**2 * dL/dz)", {"grad_output": g * g}))
     if p.lse_square_scale:
-        out.append(("the result leaves out the z-loss term (lse_square_scale ignored)", {"lse_square_scale": 0.0}))
+        out.append(("it matches the gradient without the z-loss term (lse_square_scale ignored)", {"lse_square_scale": 0.0}))
     if p.softcap is not None:
-        out.append(("the result ignores softcap (no tanh capping, no chain factor)", {"softcap": None}))
+        out.append(("it matches the gradient without softcapping (no tanh, no chain factor)", {"softcap": None}))
     if p.label_smoothing:
-        out.append(("the result ignores label_smoothing", {"label_smoothing": 0.0}))
+        out.append(("it matches the gradient without label smoothing", {"label_smoothing": 0.0}))
     if p.weight is not None:
-        out.append(("the result ignores the class weights", {"weight": None}))
+        out.append(("it matches the gradient without the class weights", {"weight": None}))
     return out
 
 
