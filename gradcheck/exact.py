@@ -132,7 +132,8 @@ def certified_loss(problem: Problem, fmt: FloatFormat) -> np.ndarray:
             if kind == "irrational" and not np.isnan(decided[n]):
                 values.append(decided[n])
             elif kind == "rational":
-                values.append(_round_fraction(rows.shifted(n), fmt, 1 if rows.has_cut[n] else 0))
+                # the cut terms add S log(1 + tiny): the sign of S (negative weights: torch accepts them)
+                values.append(_round_fraction(rows.shifted(n), fmt, _sign(rows.s(n)) if rows.has_cut[n] else 0))
             else:
                 values.append(_round_interval(lambda prec, n=n: _row_loss(problem, rows, n, prec), kind, fmt))
         return problem.restore_shape(round_to_format(np.array(values), fmt))
@@ -140,11 +141,13 @@ def certified_loss(problem: Problem, fmt: FloatFormat) -> np.ndarray:
     kind = "inf" if "inf" in kinds else ("irrational" if "irrational" in kinds else "rational")
     if kind == "irrational" and not np.isnan(decided[0]):
         return round_to_format(np.array(decided[0]), fmt)
-    if kind == "rational":
-        live = [n for n in range(problem.n) if rows.loss_kind(n) == "rational"]
+    live = [n for n in range(problem.n) if rows.loss_kind(n) == "rational"]
+    signs = {_sign(rows.s(n)) for n in live if rows.has_cut[n]}
+    if kind == "rational" and len(signs) <= 1:  # rows of mixed signs (negative weights): the enclosure decides
         exact = sum((rows.shifted(n) for n in live), Fraction(0)) / rows.divisor
-        sign = 1 if any(rows.has_cut[n] for n in live) else 0
+        sign = signs.pop() * _sign(rows.divisor) if signs else 0
         return round_to_format(np.array(_round_fraction(exact, fmt, sign)), fmt)
+    kind = "irrational" if kind == "rational" else kind
 
     def total(prec: int) -> Any:
         acc = _IV.mpf(0)
@@ -154,6 +157,10 @@ def certified_loss(problem: Problem, fmt: FloatFormat) -> np.ndarray:
         return acc / _interval(rows.divisor)
 
     return round_to_format(np.array(_round_interval(total, kind, fmt)), fmt)
+
+
+def _sign(x: Fraction) -> int:
+    return (x > 0) - (x < 0)
 
 
 class _RowFacts:
@@ -226,7 +233,9 @@ def _grad_row(problem: Problem, rows: _RowFacts, n: int, cols: np.ndarray, fmt: 
     s = rows.s(n)
     d = rows.divisor
     out = []
-    positive = s > 0
+    # the sign of S / D: the direction the cut terms move p_c S / D (1 when no weight is negative and
+    # S > 0; torch accepts negative class weights, so S and D may be negative)
+    positive = (s > 0) - (s < 0) if d > 0 else (s < 0) - (s > 0)
     if rows.tie[n]:
         # With the cut terms at 0, p_c is 1/m on the main classes and 0 elsewhere: rational. The cut
         # terms make p_c a little smaller on the main classes and a little larger than 0 on their
@@ -234,9 +243,9 @@ def _grad_row(problem: Problem, rows: _RowFacts, n: int, cols: np.ndarray, fmt: 
         m = int(rows.nmain[n])
         for c in cols:
             if rows.main[n, c]:
-                p, sign = Fraction(1, m), -1 if positive and rows.has_cut[n] else 0
+                p, sign = Fraction(1, m), -positive if rows.has_cut[n] else 0
             else:
-                p, sign = Fraction(0), 1 if positive and rows.cut[n, c] else 0
+                p, sign = Fraction(0), positive if rows.cut[n, c] else 0
             out.append(_round_fraction((p * s - wt[c]) / d, fmt, sign))
         return out
     cache = {} if cache is None else cache
@@ -260,7 +269,7 @@ def _grad_row(problem: Problem, rows: _RowFacts, n: int, cols: np.ndarray, fmt: 
 
     for c in cols:
         if not rows.main[n, c]:  # masked (p = 0: exact) or cut (p tiny and positive: the sign decides)
-            out.append(_round_fraction(-wt[c] / d, fmt, 1 if positive and rows.cut[n, c] else 0))
+            out.append(_round_fraction(-wt[c] / d, fmt, positive if rows.cut[n, c] else 0))
             continue
 
         def element(prec: int, c: int = int(c)) -> Any:
