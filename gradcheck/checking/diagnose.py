@@ -52,21 +52,21 @@ def variants(case: Case) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def diagnose(grad_fn: Callable[..., Any], failure: Failure, *, timeout: float | None = None,
-             precision: str | None = None, inplace: str = "flag") -> Failure:
-    """The failure with its :attr:`Failure.diagnosis` set when its result matches one variant of the case.
+def matches(grad_fn: Callable[..., Any], failure: Failure, *, timeout: float | None = None,
+            precision: str | None = None, inplace: str = "flag") -> list[str]:
+    """The variants of the failing case that ``grad_fn``'s result passes (their descriptions).
 
-    Only a mismatch is diagnosed; the ``grad_fn`` is called once more (a call that fails now leaves
-    the failure as it was).
+    Only a mismatch is diagnosed; the ``grad_fn`` is called once more (a call that fails now matches
+    nothing).
     """
     if failure.kind != FailureKind.MISMATCH:
-        return failure
+        return []
     candidates = variants(failure.case)
     if not candidates:
-        return failure
+        return []
     outcome = _call(grad_fn, failure.case, timeout, inplace)
     if isinstance(outcome, Failure):
-        return failure
+        return []
     got = outcome[1]
     found = []
     for text, changes in candidates:
@@ -76,7 +76,25 @@ def diagnose(grad_fn: Callable[..., Any], failure: Failure, *, timeout: float | 
             continue
         if not isinstance(compare_values(got, variant, precision=precision), Failure):
             found.append(text)
-    if not found:
+    return found
+
+
+def diagnose(grad_fn: Callable[..., Any], failure: Failure, before: Failure | None = None, **rules: Any) -> Failure:
+    """The failure with its :attr:`Failure.diagnosis` set when its result matches variants of the case.
+
+    Simplifying a case's values can make two conventions agree (an upstream gradient simplified to
+    ``[1, 3]`` is ignored and first-row-broadcast alike), so the case ``before`` simplification (the
+    one Hypothesis shrank, with its drawn values) is diagnosed too, and the answer that names fewer
+    conventions is kept (the simplified case's on a tie; then it says on which case it was found).
+    ``rules``: ``timeout``, ``precision``, ``inplace`` as for the search.
+    """
+    after = matches(grad_fn, failure, **rules)
+    earlier = matches(grad_fn, before, **rules) if before is not None and before is not failure else []
+    if earlier and (not after or len(earlier) < len(after)):
+        text = "; ".join(earlier) + " (on the case before its values were simplified)"
+    elif after:
+        text = "; ".join(after)
+    else:
         return failure
     return Failure(failure.kind, failure.message, failure.case, failure.index, failure.expected, failure.got,
-                   failure.ulps, failure.tolerance, failure.ratio, diagnosis="; ".join(found))
+                   failure.ulps, failure.tolerance, failure.ratio, diagnosis=text)
