@@ -207,6 +207,10 @@ def _torch_kernel_loss(z, t, *, weight=None, ignore_index=-100, reduction="mean"
     import torch
     import torch.nn.functional as F
 
+    if z.dtype in (torch.float16, torch.bfloat16):  # float32 inside (as Liger's kernels): autograd rounds once
+        z = z.float()
+        weight = None if weight is None else weight.float()
+        t = t if t.dim() == 1 else t.float()
     zc = z if softcap is None else softcap * torch.tanh(z / softcap)
     ce = F.cross_entropy(zc, t, weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing)
@@ -227,7 +231,7 @@ KERNEL_CORRECT: dict[str, Entry] = {
         Entry("kernel_f64", kernel_f64, kernel_f64.__doc__, configs=KERNEL_CONFIGS),
         Entry("kernel_native", kernel_native, kernel_native.__doc__, configs=KERNEL_CONFIGS),
         Entry("torch_kernel", torch_kernel, "torch.autograd (with grad_output) of F.cross_entropy on c tanh(z / c) "
-              "plus the z-loss, in the dtype", configs=KERNEL_CONFIGS, in_dtype=True),
+              "plus the z-loss, in the dtype (float32 inside for float16 and bfloat16)", configs=KERNEL_CONFIGS),
     )
 }
 
