@@ -363,3 +363,37 @@ def test_a_modelled_bug_is_outside_every_estimate():
         assert np.all(np.abs(r.grad - ref) <= r.error + 0.5 * FLOAT64.ulp(ref)), method
         assert np.any(np.abs(slip - r.grad) > r.error), method
         assert np.any(np.abs(wrong_cap - r.grad) > r.error), method
+
+
+@st.composite
+def kernel_regime_cases(draw, dtypes=DTYPES):
+    """A case of one of the study's regimes with drawn kernel options: softcap (None, 0.5, 5, 30),
+    z-loss (0, 1e-4, 0.1, 1) and an upstream gradient (none, a scalar, or per row for 'none')."""
+    dtype = draw(st.sampled_from(dtypes))
+    regime = draw(st.sampled_from(REGIMES))
+    seed = draw(st.integers(0, 2**32 - 1))
+    logits, targets, options = make_case(seed, regime, dtype)
+    cap = draw(st.sampled_from([None, 0.5, 5.0, 30.0]))
+    lam = draw(st.sampled_from([0.0, 1e-4, 0.1, 1.0]))
+    if cap is not None:
+        options["softcap"] = cap
+    if lam:
+        options["lse_square_scale"] = lam
+    if draw(st.booleans()):
+        n = np.atleast_2d(logits).shape[0]
+        per_row = options.get("reduction") == "none" and np.ndim(logits) == 2
+        values = draw(st.lists(st.sampled_from([-1.5, -0.25, 0.0, 0.5, 2.0, 3.0]), min_size=n, max_size=n))
+        options["grad_output"] = np.array(values) if per_row else values[0]
+    return make_problem(logits, targets, **options), regime
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_every_method_agrees_with_the_certified_truth_under_the_kernel_options(method):
+    @settings(AGREEMENT, max_examples=EXAMPLES.get(method, 40) // 2 + 10)
+    @given(case=kernel_regime_cases())
+    def agrees(case):
+        problem, _ = case
+        result = estimate(problem, method=method)
+        check_agreement(problem, result)
+
+    agrees()
