@@ -33,16 +33,17 @@ _COMPILED: dict[tuple, Any] = {}
 
 def row_losses(z: jax.Array, targets: jax.Array, weight: jax.Array, label_smoothing: jax.Array,
                lse_square_scale: jax.Array, cap: jax.Array, softcap: jax.Array, *, index: bool, ignore_index: int,
-               reduction: str) -> jax.Array:
+               reduction: str, kernel: bool = True) -> jax.Array:
     """``(N,)`` row contributions: ``l_n / D + lambda lse_n^2 / Dz`` (mean), ``l_n + lambda lse_n^2`` otherwise.
 
     ``torch.nn.functional.cross_entropy`` with the kernel options (see :mod:`gradcheck.problem`):
     ``z' = cap tanh(z / cap)`` through ``jnp.tanh`` where the traced flag ``softcap`` is set (``z``
-    itself otherwise), and the z-loss on the rows that count. The flags are traced, not static, so one
-    compiled function serves every option layout; without the options the backward pass only adds
-    exact zeros (the unselected branch of ``where`` gets a zero cotangent and every value is finite:
-    ``tanh(-inf) = -1``). The loss is the sum of the contributions for "mean"/"sum" and the vector
-    itself for "none". ``weight`` is always given (ones when unweighted).
+    itself otherwise), and the z-loss on the rows that count. With the static ``kernel=False`` neither
+    is traced (the plain loss, compiled as before the options). Otherwise the flags are traced, not
+    static, so one compiled function serves every layout of the options; where an option is off the
+    backward pass only adds exact zeros (the unselected branch of ``where`` gets a zero cotangent and
+    every value is finite: ``tanh(-inf) = -1``). The loss is the sum of the contributions for
+    "mean"/"sum" and the vector itself for "none". ``weight`` is always given (ones when unweighted).
     """
     k = z.shape[1]
     if index:
@@ -55,7 +56,7 @@ def row_losses(z: jax.Array, targets: jax.Array, weight: jax.Array, label_smooth
         denominator = jnp.asarray(z.shape[0], dtype=z.dtype)
     t = jnp.where(active[:, None], (1 - label_smoothing) * t + label_smoothing / k, 0)
     wt = weight[None, :] * t
-    zc = jnp.where(softcap, cap * jnp.tanh(z / cap), z)
+    zc = jnp.where(softcap, cap * jnp.tanh(z / cap), z) if kernel else z
     m = jax.lax.stop_gradient(jnp.max(zc, axis=1, keepdims=True))
     s = zc - m
     log_z = jnp.log(jnp.sum(jnp.exp(s), axis=1, keepdims=True))
@@ -63,6 +64,8 @@ def row_losses(z: jax.Array, targets: jax.Array, weight: jax.Array, label_smooth
     rows = -jnp.sum(jnp.where(wt != 0, wt * logp, 0), axis=1)
     if reduction == "mean":
         rows = rows / denominator
+    if not kernel:
+        return rows
     lse = (m + log_z)[:, 0]
     zrows = jnp.where(active, lse_square_scale * lse * lse, 0)
     if reduction == "mean":
@@ -78,7 +81,8 @@ def cross_entropy(z: jax.Array, targets: jax.Array, weight: jax.Array, label_smo
     lam = jnp.asarray(lse_square_scale, dtype=z.dtype)
     flag = jnp.asarray(softcap is not None)
     return jnp.sum(row_losses(z, targets, weight, label_smoothing, lam, cap, flag, index=index,
-                              ignore_index=ignore_index, reduction=reduction))
+                              ignore_index=ignore_index, reduction=reduction,
+                              kernel=softcap is not None or bool(lse_square_scale)))
 
 
 def _compiled(key: tuple, build: Callable[[], Callable], args: tuple) -> tuple[Any, float]:
@@ -123,7 +127,8 @@ def jax_gradient(problem: Problem, *, x64: bool = False) -> MethodResult:
 
 def _compile_loss_derivative(problem: Problem, fmt: FloatFormat, kind: str) -> tuple[Callable, float, tuple]:
     """The VJP (``kind="vjp"``) or the Hessian (``"hessian"``) of the loss for this problem, jitted and
-    cached per shape, dtype, target kind and reduction (softcap and z-loss are traced); returns it, its compile seconds (0 when cached) and its
+    cached per shape, dtype, target kind, reduction and whether any kernel option is set (which ones, and
+    their values, are traced); returns it, its compile seconds (0 when cached) and its
     arguments. Call inside the caller's ``jax.enable_x64`` block.
 
     The Hessian is that of ``sum_n g_n L_n`` (the scalar whose gradient is the VJP).
@@ -139,12 +144,13 @@ def _compile_loss_derivative(problem: Problem, fmt: FloatFormat, kind: str) -> t
     up = problem.upstream()
     g = np.asarray(up[0] if scalar else up, dtype=fmt.dtype)
     flag = np.asarray(problem.softcap is not None)
-    key = (kind, z.shape, fmt.name, index, problem.ignore_index, problem.reduction)
+    kernel = problem.softcap is not None or bool(problem.lse_square_scale)
+    key = (kind, z.shape, fmt.name, index, problem.ignore_index, problem.reduction, kernel)
     args = tuple(jnp.asarray(a) for a in (z, targets, weight, eps, lam, cap, flag, g))
 
     def rows_of(z_, t_, w_, e_, l_, c_, f_):
         out = row_losses(z_, t_, w_, e_, l_, c_, f_, index=index, ignore_index=problem.ignore_index,
-                         reduction=problem.reduction)
+                         reduction=problem.reduction, kernel=kernel)
         return jnp.sum(out) if scalar else out
 
     def build() -> Callable:
