@@ -357,7 +357,7 @@ def _outputs(args: argparse.Namespace, document: dict[str, Any], cases: list[tup
 
 
 def _prove(args: argparse.Namespace) -> int:
-    from gradcheck.estimators.sympy_symbolic import KINDS, prove
+    from gradcheck.estimators.sympy_proofs import KINDS, prove
 
     kinds = tuple(args.kinds or KINDS)
     print(f"SymPy proofs for K = 1 .. {args.max_classes}: after differentiation the difference with the closed "
