@@ -287,6 +287,7 @@ def _verify(args: argparse.Namespace) -> int:
                 "worstUlps": _finite(result.worst_ulps), "worstRatio": _finite(result.worst_ratio), "seed": result.seed,
                 "precision": result.precision, "grade": result.grade,
                 "contractRatios": {c: _finite(r) for c, r in result.contract_ratios.items()},
+                "upstream": result.upstream,  # the grad_fn took grad_output= (issue 12)
                 "reproduction": result.reproduction, "failure": None if result.passed else describe(result),
             })
             cases.append((f"{dtype}-{targets}", result.elapsed, None if result.passed else describe(result)))
@@ -356,11 +357,13 @@ def _outputs(args: argparse.Namespace, document: dict[str, Any], cases: list[tup
 
 
 def _prove(args: argparse.Namespace) -> int:
-    from gradcheck.estimators.sympy_symbolic import KINDS, prove
+    from gradcheck.estimators.sympy_proofs import KINDS, prove
 
     kinds = tuple(args.kinds or KINDS)
     print(f"SymPy proofs for K = 1 .. {args.max_classes}: after differentiation the difference with the closed "
-          "form is rational in E_j = exp(z_j), and cancel() reduces it to 0 (a decision procedure).")
+          "form is rational in E_j = exp(z_j), and cancel() reduces it to 0 (a decision procedure); with the "
+          "kernel options tanh(z_j/c), exp and log(sum E) become symbols first (a zero proves the identity, "
+          "a nonzero value at a rational witness point refutes it).")
     ok = True
     for k in range(1, args.max_classes + 1):
         for kind in kinds:
@@ -554,12 +557,16 @@ def _add_prove(sub: Any) -> None:
         help="print the SymPy proofs of the gradient and softmax-Jacobian closed forms",
         description="Prove with SymPy, for K = 1 .. MAX_CLASSES, that the derivative of the textbook and of "
         "the log-sum-exp cross-entropy (with weights, soft targets and smoothing) equals p_i S - w_i y_i, "
-        "and that the softmax Jacobian is delta_ij p_i - p_i p_j. Results are cached on disk. Exit 1 "
-        "when an identity is not proved.",
+        "and that the softmax Jacobian is delta_ij p_i - p_i p_j; and, with softcap c, z-loss lambda and an "
+        "upstream factor g as symbols, the kernel gradient g ((p_i S - w_i y_i)/D + 2 lambda lse p_i/D_z) "
+        "(1 - tanh^2(z_i/c)), the softcapped softmax Jacobian and the kernel Hessian. Results are cached on "
+        "disk. Exit 1 when an identity is not proved.",
         epilog="example: gradcheck prove --max-classes 6",
     )
     p.add_argument("--max-classes", type=_positive, default=4, help="largest K (default 4)")
-    p.add_argument("--kinds", nargs="+", choices=["gradient", "jacobian", "lse_gradient"], help="identities (default: all)")
+    p.add_argument("--kinds", nargs="+", choices=["gradient", "jacobian", "lse_gradient", "kernel_gradient",
+                                                  "kernel_jacobian", "kernel_hessian"],
+                   help="identities (default: all)")
     p.add_argument("--timeout", type=_positive_seconds, default=120.0, help="seconds per proof (default 120)")
     p.add_argument("--no-cache", action="store_true", help="redo the proofs instead of reading the cache")
     p.set_defaults(run=_prove)

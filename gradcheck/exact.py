@@ -109,8 +109,9 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
         # precision (2**-11 ulp wide); docs/exact.md, "The prefilter"
         work = EXTENDED_WORK if fmt.precision == 53 and EXTENDED_WORK is not None else FLOAT64_WORK
         value, bound = grad_bounded(problem, work)
-        if problem.grad_output is not None:  # the product with g_n: one more rounding (docs/exact.md)
-            value, bound = _times_upstream(value, bound, problem.upstream().astype(value.dtype), work)
+        # GLUE (helper upstream, merging oracle a0b2225 and exact 651317f): the oracle's grad_bounded now
+        # includes the product with g_n and its bound, so it is not applied a second time here
+        # (_times_upstream was the exact branch's own product, written before the oracle had it).
         decided = _decided(value, bound, fmt)
         use = todo & ~np.isnan(decided)
         out[use] = decided[use]

@@ -178,3 +178,126 @@ def test_taylor_test_is_inconclusive_without_curvature():
     p = make_problem(np.zeros((2, 3)), np.array([-100, -100]), reduction="sum")
     result = taylor_test(p, np.zeros((2, 3)))
     assert result.passed is None and math.isnan(result.order)
+
+
+# ---- the kernel options (issue 12) ----------------------------------------------------------------
+
+def test_softcap_derivative_bounds_are_the_sups():
+    """|phi''| <= 4 / (3 sqrt(3) c) and |phi'''| <= 2 / c^2 for phi = c tanh(x / c) (Curvature's constants)."""
+    x = sp.Symbol("x", real=True)
+    phi = sp.tanh(x)  # c = 1; phi_c^(n)(x) = c^(1-n) phi^(n)(x/c)
+    for order, constant in ((2, 4 / (3 * math.sqrt(3))), (3, 2.0)):
+        deriv = sp.diff(phi, x, order)
+        grid = np.linspace(-20, 20, 400001)
+        values = np.abs(sp.lambdify(x, deriv, "numpy")(grid))
+        assert np.max(values) <= constant * (1 + 1e-12) and np.max(values) >= constant * (1 - 1e-6)
+
+
+def test_curvature_bounds_hold_along_a_line():
+    """f(x) = F(softcap(z with z_k = x)) with the z-loss: |f''|, |f'''| from mpmath.diff stay below the bounds."""
+    from gradcheck.estimators.finite_difference import Curvature
+
+    rng = np.random.default_rng(11)
+    for trial in range(6):
+        k, cap, beta = 4, float(rng.choice([0.5, 3.0])), float(rng.choice([0.0, 0.3, 2.0]))
+        z = rng.normal(scale=3.0, size=k)
+        wt = rng.uniform(0.0, 1.5, size=k)
+        col = int(rng.integers(0, k))
+
+        def f(x):
+            zz = [mpmath.mpf(float(v)) for v in z]
+            zz[col] = x
+            zc = [cap * mpmath.tanh(v / cap) for v in zz]
+            lse = mpmath.log(mpmath.fsum(mpmath.exp(v) for v in zc))
+            return -mpmath.fsum(mpmath.mpf(float(w)) * (v - lse) for w, v in zip(wt, zc)) + beta * lse**2
+
+        with mpmath.workdps(40):
+            xs = np.linspace(z[col] - 1, z[col] + 1, 21)
+            d2 = max(abs(float(mpmath.diff(f, mpmath.mpf(float(x)), 2))) for x in xs)
+            d3 = max(abs(float(mpmath.diff(f, mpmath.mpf(float(x)), 3))) for x in xs)
+            lse0 = float(mpmath.log(mpmath.fsum(mpmath.exp(cap * mpmath.tanh(mpmath.mpf(float(v)) / cap)) for v in z)))
+        curv = Curvature(np.array([wt.sum()]), np.array([wt.max()]), np.array([beta]), np.array([abs(lse0)]), cap)
+        b2, b3 = curv.bounds(1.0)
+        assert d2 <= b2[0] and d3 <= b3[0], (trial, d2, b2, d3, b3)
+
+
+def test_numpy_tanh_real_and_complex_are_within_the_assumed_ulps():
+    from gradcheck.estimators.row_loss import CTANH_ULPS, TANH_ULPS
+
+    x = np.concatenate([np.linspace(-25, 25, 4000), np.geomspace(1e-8, 25, 600), -np.geomspace(1e-30, 1e-3, 60)])
+    for dtype, cdtype in ((np.float64, np.complex128), (np.float32, np.complex64)):
+        fmt = gradcheck.float_format(dtype)
+        u = fmt.unit_roundoff
+        xd = x.astype(dtype)
+        ref = np.array([float(mpmath.tanh(mpmath.mpf(float(v)))) for v in xd])
+        assert np.max(np.abs(np.tanh(xd).astype(np.float64) - ref) / np.abs(ref)) <= TANH_ULPS * u
+        h = dtype(u)
+        w = np.tanh(xd.astype(cdtype) + cdtype(1j * h))
+        cref = [mpmath.tanh(mpmath.mpc(float(v), float(h))) for v in xd]
+        for got, want in ((w.real, [c.real for c in cref]), (w.imag, [c.imag for c in cref])):
+            want = np.array([float(v) for v in want])
+            assert np.max(np.abs(got.astype(np.float64) - want) / np.abs(want)) <= CTANH_ULPS * u
+
+
+def kernel_problem(dtype=np.float64, **options):
+    rng = np.random.default_rng(RNG_SEED)
+    z = rng.normal(scale=3.0, size=(6, 7)).astype(dtype)
+    return make_problem(z, rng.integers(0, 7, size=6), **options)
+
+
+def test_row_functions_include_the_z_loss_and_the_softcap_and_column_matches_full():
+    p = kernel_problem(lse_square_scale=0.25, softcap=2.0, label_smoothing=0.1)
+    from gradcheck.estimators.terms import kernel_terms
+
+    terms = kernel_terms(p)
+    rows = RealRows(p.logits, terms.wt, FLOAT64, beta=terms.beta, cap=2.0)
+    # F = l(z') + beta lse(z')^2, computed independently in mpmath
+    for n in range(p.n):
+        zc = [2 * mpmath.tanh(mpmath.mpf(float(v)) / 2) for v in p.logits[n]]
+        lse = mpmath.log(mpmath.fsum(mpmath.exp(v) for v in zc))
+        want = -mpmath.fsum(mpmath.mpf(float(w)) * (v - lse) for w, v in zip(terms.wt[n], zc)) + terms.beta[n] * lse**2
+        assert abs(rows.value[n] - float(want)) <= rows.delta[n] + rows.spread[n]
+    z2 = p.logits.copy()
+    z2[:, 3] += 0.25
+    assert np.array_equal(rows.column(3, z2[:, 3])[0], rows.full(z2)[0])  # same operations, same bits
+
+
+def test_the_step_follows_the_softcaps_curvature():
+    plain = cross_entropy_difference(kernel_problem(), scheme="central").details["step_per_row"]
+    tight = cross_entropy_difference(kernel_problem(softcap=0.5), scheme="central").details["step_per_row"]
+    assert np.all(tight < plain)  # f''' grows like 1/c^2: a smaller step
+    from gradcheck.estimators.finite_difference import richardson_start
+
+    assert richardson_start(None) == 0.5 and richardson_start(30.0) == 0.5 and richardson_start(0.5) == 0.125
+    r = cross_entropy_difference(kernel_problem(softcap=0.5), scheme="richardson")
+    assert r.details["first_step"] == 0.125 and r.status in (Status.CONVERGED, Status.ERROR_INCREASED)
+
+
+def test_complex_step_with_softcap_through_a_masked_logit():
+    z = np.array([[0.0, -np.inf, 1.0], [0.5, 0.2, 40.0]])
+    r = gradient(z, np.array([1, 2]), method="fd_complex_step", softcap=3.0, lse_square_scale=0.1)
+    assert r.status is Status.CONVERGED and r.grad[0, 1] == 0.0  # -inf -> -c, derivative 0
+    from test_estimators import mp_kernel_grad
+
+    ref = mp_kernel_grad(z, np.array([1, 2]), softcap=3.0, lse_square_scale=0.1)
+    assert np.all(np.abs(r.grad - ref) <= r.error + 0.5 * FLOAT64.ulp(ref))
+    # a target on the masked class is finite under a softcap: no NON_FINITE
+    c = gradient(z, np.array([1, 2]), method="fd_central", softcap=3.0)
+    assert c.status is Status.CONVERGED
+
+
+@pytest.mark.parametrize("options", [dict(softcap=1.5), dict(lse_square_scale=0.3),
+                                     dict(softcap=4.0, lse_square_scale=0.1, reduction="none",
+                                          grad_output=np.array([2.0, -1.0, 0.0, 0.5, 1.0, -3.0]))])
+def test_directional_check_and_taylor_test_with_the_kernel_options(options):
+    from test_estimators import mp_kernel_grad
+
+    p = kernel_problem(**options)
+    truth = mp_kernel_grad(p.logits, p.targets, **options)
+    check = directional_check(p, truth, probes=6, seed=2)
+    assert check.passed
+    plain = gradcheck.exact_grad(p.logits, p.targets, **{k: v for k, v in options.items() if k == "reduction"})
+    assert not directional_check(p, plain, probes=6, seed=2).passed  # the options matter
+    good = taylor_test(p, truth, seed=3)
+    assert good.passed is True and 1.8 < good.order < 2.2
+    assert taylor_test(p, plain, seed=3).passed is False

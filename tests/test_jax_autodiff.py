@@ -110,3 +110,55 @@ def test_hessian_blocks_match_the_oracle():
     allowed = (eps[:, :, None] + eps[:, None, :] + 16 * u) * size * scale
     assert hess.shape == (3, 4, 4)
     assert np.all(np.abs(hess - ref) <= allowed)
+
+
+# ---- the kernel options (issue 12) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_xla_tanh_is_within_the_assumed_ulps(dtype):
+    from gradcheck.estimators.jax_autodiff import XLA_TANH_ULPS
+
+    fmt = float_format(dtype)
+    x = np.concatenate([np.linspace(-25, 25, 4000), np.geomspace(1e-8, 25, 600), -np.geomspace(1e-30, 1e-3, 60)])
+    x = x.astype(dtype)
+    with jax.enable_x64(dtype == "float64"):
+        got = np.asarray(jax.jit(jnp.tanh)(jnp.asarray(x))).astype(np.float64)
+    ref = np.array([float(mpmath.tanh(mpmath.mpf(float(v)))) for v in x])
+    assert np.max(np.abs(got - ref) / (np.abs(ref) * fmt.unit_roundoff)) <= XLA_TANH_ULPS
+
+
+def test_the_vjp_uses_each_rows_upstream_gradient():
+    """Liger-Kernel #678 / TransformerEngine #2139: for reduction='none' row n's gradient is g_n dl_n/dz."""
+    g = np.array([2.0, -0.5, 0.0, 3.0])
+    p = problem(reduction="none", grad_output=g, softcap=5.0, lse_square_scale=0.1)
+    ones = problem(reduction="none", softcap=5.0, lse_square_scale=0.1)
+    r, base = jax_gradient(p, x64=True), jax_gradient(ones, x64=True)
+    assert np.allclose(r.grad, g[:, None] * base.grad, rtol=1e-14, atol=0) and np.all(r.grad[2] == 0)
+    assert not np.allclose(r.grad, g[0] * base.grad)  # not grad_output[0] for every row
+    scalar = jax_gradient(problem(reduction="sum", grad_output=-0.75, lse_square_scale=0.1), x64=True)
+    plain = jax_gradient(problem(reduction="sum", lse_square_scale=0.1), x64=True)
+    assert np.allclose(scalar.grad, -0.75 * plain.grad, rtol=1e-14, atol=0)
+
+
+def test_kernel_hessian_matches_the_proved_formula():
+    """jax.hessian of sum g_n L_n with softcap and z-loss against the formula SymPy proves (kernel_hessian):
+    g (S H / D + 2 lambda (p p^T + lse H) / Dz) chi chi^T - diag(2 t chi G / c), H = diag p - p p^T."""
+    from gradcheck.estimators.terms import kernel_terms
+
+    cap, lam = 2.5, 0.2
+    p = problem(n=3, k=4, label_smoothing=0.1, weight=np.array([1.0, 2.0, 0.5, 1.5]), softcap=cap,
+                lse_square_scale=lam, grad_output=-1.25)
+    hess = cross_entropy_hessian(p)
+    t = kernel_terms(p)
+    eye = np.eye(4)[None]
+    h = t.p[:, :, None] * eye - t.p[:, :, None] * t.p[:, None, :]
+    dz = p.zloss_divisor()
+    core = (t.s_rows[:, None, None] * h / t.d
+            + 2 * lam * (t.p[:, :, None] * t.p[:, None, :] + t.lse[:, None, None] * h) / dz)
+    zgrad = (t.p * t.s_rows[:, None] - t.wt) / t.d + 2 * lam * t.lse[:, None] * t.p / dz
+    ref = -1.25 * (core * t.chi[:, :, None] * t.chi[:, None, :]
+                   - eye * (2 * t.t * t.chi * zgrad / cap)[:, :, None])
+    assert hess.shape == (3, 4, 4)
+    assert np.allclose(hess, ref, rtol=1e-12, atol=1e-14)
+    assert np.max(np.abs(hess - cross_entropy_hessian(problem(n=3, k=4, label_smoothing=0.1,
+                                                               weight=np.array([1.0, 2.0, 0.5, 1.5]))))) > 1e-2

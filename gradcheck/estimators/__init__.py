@@ -93,8 +93,10 @@ def gradient(
         logits, targets: as for :func:`gradcheck.make_problem`.
         method: one of :func:`methods`.
         **options: the case options (:data:`gradcheck.options.CASE`: ``weight``, ``ignore_index``,
-            ``reduction``, ``label_smoothing``); every other keyword is passed to the method (each
-            method's docstring lists its own).
+            ``reduction``, ``label_smoothing``, ``lse_square_scale``, ``softcap``, ``grad_output``, ...);
+            every method honours all of them (docs/methods.md, "Kernel options"): the result is the
+            VJP ``grad_output * dL/dz``. Every other keyword is passed to the method (each method's
+            docstring lists its own).
 
     Returns:
         A :class:`MethodResult`; ``.grad`` has the logits' shape and dtype, ``.error`` the
