@@ -39,7 +39,8 @@ from gradcheck.dtypes import DTYPE_NAMES, FloatFormat, float_format, is_supporte
 from gradcheck.errors import InvalidArgument
 from gradcheck.options import CASE, DEFAULT_IGNORE_INDEX, REDUCTIONS
 
-__all__ = ["DEFAULT_IGNORE_INDEX", "REDUCTIONS", "Case", "Problem", "as_array", "make_problem", "validate_logits"]
+__all__ = ["DEFAULT_IGNORE_INDEX", "REDUCTIONS", "Case", "Layout", "Problem", "as_array", "layout_of", "make_problem",
+           "validate_logits"]
 
 
 @dataclass(frozen=True)
@@ -523,11 +524,19 @@ def validate_logits(
 
 
 def _layout(logits: Any, class_axis: int | None) -> Layout:
-    """The caller's layout: its shape and class axis, which N-D logits must name (never guessed)."""
     try:
         shape = tuple(int(s) for s in (logits.shape if hasattr(logits, "shape") else np.shape(logits)))
     except (TypeError, ValueError):  # not array-like: validate_logits names it
         return Layout(())
+    return layout_of(shape, class_axis)
+
+
+def layout_of(shape: tuple[int, ...], class_axis: int | None) -> Layout:
+    """The layout of logits of ``shape``: its class axis, which 3-D and larger logits must name (never guessed).
+
+    Raises:
+        InvalidArgument: no class_axis for 3-D or more, or one out of range.
+    """
     if class_axis is None:
         if len(shape) >= 3:
             raise InvalidArgument(

@@ -32,7 +32,7 @@ import numpy as np
 from gradcheck.dtypes import FloatFormat, float_format, round_to_format
 from gradcheck.errors import InvalidArgument
 from gradcheck.options import DEFAULT_IGNORE_INDEX, GENERATE
-from gradcheck.problem import Case
+from gradcheck.problem import Case, Layout, layout_of
 from gradcheck.regimes import drawn_by, param
 
 REGIMES = drawn_by("verify")
@@ -104,7 +104,9 @@ def cases(dtype: Any = "float64", **options: Any) -> st.SearchStrategy[Case]:
             ``label_smoothing`` passed through; ``weighted``: nonnegative class weights, some zero;
             ``ignore_index``: some index-target rows take it, never all for "mean"; ``regimes``:
             drawn from, shrinking towards the first; ``max_shape``: the largest ``(N, K)``,
-            "many_classes" needs K > 64 and is skipped below that).
+            "many_classes" needs K > 64 and is skipped below that; ``shapes``: every case has one
+            of exactly these logits shapes instead, in the layout ``class_axis`` names for 3-D and
+            more, and "single", which is about shapes, is not drawn).
 
     Raises:
         InvalidArgument: a bad option, or ignore_index with probability targets (checked eagerly,
@@ -113,18 +115,29 @@ def cases(dtype: Any = "float64", **options: Any) -> st.SearchStrategy[Case]:
     o = GENERATE.validate({"dtype": dtype, **options}, where="cases()")
     if o["ignore_index"] is not None and o["targets"] != "index":
         raise InvalidArgument(f"ignore_index applies to targets='index' only, got targets={o['targets']!r}.")
+    layouts = None
+    if o["shapes"] is not None:
+        layouts = tuple(layout_of(s, o["class_axis"]) for s in o["shapes"])  # eager: a 3-D shape needs class_axis
+    elif o["class_axis"] is not None:
+        raise InvalidArgument(f"class_axis applies to shapes=, got class_axis={o['class_axis']} without shapes.")
     return _cases(float_format(o["dtype"]), o["targets"], o["reduction"], o["label_smoothing"], o["weighted"],
                   o["ignore_index"], o["regimes"] or REGIMES, o["max_shape"],
-                  {"lse_square_scale": o["lse_square_scale"], "softcap": o["softcap"]})
+                  {"lse_square_scale": o["lse_square_scale"], "softcap": o["softcap"]}, layouts)
 
 
 @st.composite
 def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoothing: float, weighted: bool,
            ignore_index: int | None, regimes: tuple[str, ...], max_shape: tuple[int, int],
-           kernel: dict[str, Any]) -> Case:
-    usable = tuple(r for r in regimes if r != "many_classes" or max_shape[1] > MANY_CLASSES_TILE) or ("moderate",)
+           kernel: dict[str, Any], layouts: tuple[Layout, ...] | None = None) -> Case:
+    layout = None if layouts is None else draw(st.sampled_from(layouts))
+    largest_k = max_shape[1] if layout is None else layout.shape[layout.axis]
+    usable = tuple(r for r in regimes if (r != "many_classes" or largest_k > MANY_CLASSES_TILE)
+                   and (r != "single" or layout is None)) or ("moderate",)
     regime = draw(st.sampled_from(usable))
-    n, k = _shapes(draw, regime, max_shape)
+    if layout is None:
+        n, k = _shapes(draw, regime, max_shape)
+    else:  # the asked shape, as rows: the class axis last, the other axes flattened
+        n, k = int(np.prod(layout.batch_shape)), layout.shape[layout.axis]
     if ignore_index == 0 and k == 1 and reduction == "mean":
         k = 2  # with one class every row would be ignored: the mean would be 0/0
     seed = draw(st.integers(0, 2**32 - 1))
@@ -138,6 +151,8 @@ def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoo
     else:
         t = _probability_targets(rng, z, fmt, tags)
     weight = _weights(rng, k, fmt, t, ignore_index, reduction) if weighted else None
+    if layout is not None and not layout.plain:
+        z, t, kernel = layout.restore(z), layout.restore(t), {**kernel, "class_axis": layout.class_axis}
     return Case.make(
         z, t, weight=weight, ignore_index=DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index,
         reduction=reduction, label_smoothing=label_smoothing, regime=regime, tags=tuple(tags), **kernel,
