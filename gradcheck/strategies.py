@@ -15,6 +15,9 @@ Regimes (``REGIMES``):
 * ``confident``: the target's logit far above the rest, so ``p_t - 1`` cancels;
 * ``offset``: a large common offset on every logit of a row;
 * ``many_classes``: K up to 32831, often not a multiple of 64, with the row maximum in a late tile;
+* ``llm_vocab``: LLM vocabularies (32000, 50257, 128256, 151936, 262144 and 2**j +- 1), the row maximum in the
+  last block, up to thousands of rows, most of them ignored (only when ``max_shape`` reaches K = 32000, or
+  at the asked ``shapes``);
 * ``single``: a single row, a single class, or both;
 * ``masked``: some logits are -inf (at least one finite per row).
 
@@ -40,6 +43,10 @@ GAP = param("large_gap", "gap")
 HUGE = param("huge", "huge")
 MANY_CLASSES_TILE = int(param("many_classes", "tile"))
 MAX_SHAPE = GENERATE["max_shape"].default
+LLM = {name: param("llm_vocab", name) for name in ("vocabularies", "min_power", "max_power", "block", "ignored",
+                                                  "max_elements")}
+LLM_CLASSES = tuple(sorted({int(k) for k in LLM["vocabularies"]} | {
+    2**j + d for j in range(int(LLM["min_power"]), int(LLM["max_power"]) + 1) for d in (-1, 1)}))
 
 
 def dtype_floats(
@@ -132,7 +139,8 @@ def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoo
     layout = None if layouts is None else draw(st.sampled_from(layouts))
     largest_k = max_shape[1] if layout is None else layout.shape[layout.axis]
     usable = tuple(r for r in regimes if (r != "many_classes" or largest_k > MANY_CLASSES_TILE)
-                   and (r != "single" or layout is None)) or ("moderate",)
+                   and (r != "single" or layout is None)
+                   and (r != "llm_vocab" or layout is not None or largest_k >= LLM_CLASSES[0])) or ("moderate",)
     regime = draw(st.sampled_from(usable))
     if layout is None:
         n, k = _shapes(draw, regime, max_shape)
@@ -146,7 +154,10 @@ def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoo
     tags: list[str] = []
     if targets == "index":
         t = _index_targets(rng, z, favourite, regime)
-        if ignore_index is not None:
+        if regime == "llm_vocab":  # most rows are padding or prompt: ignored (torch's default -100 if unset)
+            t = _ignore_rows(rng, t, k, DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index, reduction,
+                             tags, share=float(LLM["ignored"]))
+        elif ignore_index is not None:
             t = _ignore_rows(rng, t, k, ignore_index, reduction, tags)
     else:
         t = _probability_targets(rng, z, fmt, tags)
@@ -169,6 +180,9 @@ def _shapes(draw: Any, regime: str, max_shape: tuple[int, int]) -> tuple[int, in
         if kind == "row":
             return 1, draw(st.integers(1, min(max_k, 64)))
         return draw(st.integers(1, min(max_n, 64))), 1
+    if regime == "llm_vocab":
+        k = draw(st.sampled_from(tuple(c for c in LLM_CLASSES if c <= max_k)))
+        return draw(st.integers(1, max(1, min(max_n, int(LLM["max_elements"]) // k)))), k
     if regime == "many_classes":
         tiles = draw(st.integers(1, 512))
         tiles = tiles if tiles <= 8 or tiles % 8 == 0 else tiles % 8 + 1  # mostly few tiles, some many
@@ -217,6 +231,10 @@ def _build_logits(regime: str, rng: np.random.Generator, n: int, k: int, fmt: Fl
         late = max(0, (k - 1) // tile * tile - tile)  # the last full tile or the partial one
         top = rng.integers(late, k, n)
         z[rows, top] = z.max(axis=1) + rng.uniform(0.0, 3.0, n)
+    elif regime == "llm_vocab":
+        block = min(int(LLM["block"]), k)
+        top = np.where(rng.random(n) < 0.5, k - 1, rng.integers(k - block, k, n))  # often the very last class
+        z[rows, top] = z.max(axis=1) + rng.uniform(0.0, 3.0, n)
     elif regime == "masked":
         mask = rng.random((n, k)) < 0.3
         mask[rows, np.argmax(z, axis=1)] = False
@@ -241,9 +259,9 @@ def _index_targets(rng: np.random.Generator, z: np.ndarray, favourite: np.ndarra
 
 
 def _ignore_rows(rng: np.random.Generator, t: np.ndarray, k: int, ignore_index: int, reduction: str,
-                 tags: list[str]) -> np.ndarray:
+                 tags: list[str], share: float = 0.3) -> np.ndarray:
     t = t.copy()
-    t[rng.random(t.shape[0]) < 0.3] = ignore_index
+    t[rng.random(t.shape[0]) < share] = ignore_index
     active = t != ignore_index
     if reduction == "mean" and not active.any():
         choices = [c for c in range(k) if c != ignore_index]

@@ -92,3 +92,63 @@ def test_a_wrong_element_is_reported_in_the_callers_layout_and_the_asked_shape_i
     assert failure.index == (1, 3, 66)
     assert "at (1, 3, 66)" in failure.message
     assert "shapes=((2, 4, 67),), class_axis=-1" in result.reproduction
+
+
+# ---- the LLM-scale regime ------------------------------------------------------------------------------------------
+
+from gradcheck.checking.judge import check  # noqa: E402
+from gradcheck.checking.result import Failure  # noqa: E402
+from gradcheck.regimes import param  # noqa: E402
+from gradcheck.strategies import LLM_CLASSES  # noqa: E402
+
+@pytest.fixture(scope="module")
+def llm_draws():
+    drawn = []
+
+    @settings(max_examples=25, database=None, deadline=None)
+    @given(cases(max_shape=(4096, 262145), regimes=("llm_vocab",), dtype="float32"))
+    def draw(case):
+        drawn.append(case)
+
+    draw()
+    return drawn
+
+
+def test_llm_vocab_draws_llm_vocabularies_late_maxima_and_mostly_ignored_rows(llm_draws):
+    assert {32000, 50257, 128256, 151936, 262144, 2**15 - 1, 2**15 + 1, 2**18 + 1} <= set(LLM_CLASSES)
+    LLM_DRAWS = llm_draws
+    block = int(param("llm_vocab", "block"))
+    ignored = []
+    for case in LLM_DRAWS:
+        p = case.problem
+        assert p.k in LLM_CLASSES and p.n * p.k <= param("llm_vocab", "max_elements")
+        assert np.all(np.argmax(p.logits.astype(np.float64), axis=1) >= p.k - block)
+        assert p.active_rows().any()  # the mean's divisor is not 0
+        ignored.append(1 - p.active_rows().mean())
+    many = [share for case, share in zip(LLM_DRAWS, ignored) if case.problem.n >= 20]
+    assert many and np.mean(many) > 0.75
+    assert max(case.problem.n for case in LLM_DRAWS) >= 100
+
+
+def test_llm_vocab_is_drawn_only_when_max_shape_reaches_llm_vocabularies():
+    @settings(max_examples=30, database=None, deadline=None)
+    @given(cases())
+    def default_draw(case):
+        assert case.regime != "llm_vocab" and case.problem.k <= 4096
+
+    default_draw()
+
+
+def test_a_tail_of_block_bug_is_caught_at_llm_scale(llm_draws):
+    case = next(c for c in llm_draws if c.problem.n >= 4)
+    assert not isinstance(check(_oracle, case), Failure)
+
+    def last_class_dropped(logits, targets, **options):  # a kernel that never loads the last, partial block
+        k = logits.shape[1]
+        keep = k // 1024 * 1024 if k % 1024 else k - 1024
+        g = np.zeros_like(logits)
+        t = np.where(targets == -100, -100, np.minimum(targets, keep - 1))
+        g[:, :keep] = gc.cross_entropy_grad(logits[:, :keep], t, **options)
+        return g
+
+    assert isinstance(check(last_class_dropped, case), Failure)
