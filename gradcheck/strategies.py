@@ -43,6 +43,11 @@ GAP = param("large_gap", "gap")
 HUGE = param("huge", "huge")
 MANY_CLASSES_TILE = int(param("many_classes", "tile"))
 MAX_SHAPE = GENERATE["max_shape"].default
+# the few shapes drawn for a grad_fn that compiles once per shape (``compiles_per_shape``, the JAX adapters), each
+# with its share in percent, about as often as _shapes draws such sizes: single rows and classes, odd and
+# power-of-two sizes, a block tail (2049), the default max_shape, a late tile (32831), an LLM vocabulary
+SHAPE_BUCKETS = (((1, 1), 10), ((1, 33), 5), ((7, 1), 5), ((3, 5), 20), ((8, 32), 20), ((17, 129), 15),
+                 ((32, 512), 15), ((33, 2049), 6), ((64, 4096), 2), ((4, 32831), 1), ((16, 32000), 1))
 LLM = {name: param("llm_vocab", name) for name in ("vocabularies", "min_power", "max_power", "block", "ignored",
                                                   "max_elements")}
 LLM_CLASSES = tuple(sorted({int(k) for k in LLM["vocabularies"]} | {
@@ -113,7 +118,8 @@ def cases(dtype: Any = "float64", **options: Any) -> st.SearchStrategy[Case]:
             drawn from, shrinking towards the first; ``max_shape``: the largest ``(N, K)``,
             "many_classes" needs K > 64 and is skipped below that; ``shapes``: every case has one
             of exactly these logits shapes instead, in the layout ``class_axis`` names for 3-D and
-            more, and "single", which is about shapes, is not drawn).
+            more; each regime is drawn at the shapes that suit it: "single" where N or K is 1,
+            "many_classes" where K > 64, "llm_vocab" where K >= 32000).
 
     Raises:
         InvalidArgument: a bad option, or ignore_index with probability targets (checked eagerly,
@@ -136,12 +142,15 @@ def cases(dtype: Any = "float64", **options: Any) -> st.SearchStrategy[Case]:
 def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoothing: float, weighted: bool,
            ignore_index: int | None, regimes: tuple[str, ...], max_shape: tuple[int, int],
            kernel: dict[str, Any], layouts: tuple[Layout, ...] | None = None) -> Case:
-    layout = None if layouts is None else draw(st.sampled_from(layouts))
-    largest_k = max_shape[1] if layout is None else layout.shape[layout.axis]
-    usable = tuple(r for r in regimes if (r != "many_classes" or largest_k > MANY_CLASSES_TILE)
-                   and (r != "single" or layout is None)
-                   and (r != "llm_vocab" or layout is not None or largest_k >= LLM_CLASSES[0])) or ("moderate",)
-    regime = draw(st.sampled_from(usable))
+    if layouts is None:
+        layout = None
+        usable = tuple(r for r in regimes if _fits(r, max_shape)) or ("moderate",)
+        regime = draw(st.sampled_from(usable))
+    else:  # each regime at the asked shapes that suit it ("single": a 1 in the shape; ...)
+        fitting = {r: tuple(lay for lay in layouts if _fits(r, _rows_of(lay), asked=True)) for r in regimes}
+        usable = tuple(r for r in regimes if fitting[r]) or ("moderate",)
+        regime = draw(st.sampled_from(usable))
+        layout = draw(st.sampled_from(fitting.get(regime) or layouts))
     if layout is None:
         n, k = _shapes(draw, regime, max_shape)
     else:  # the asked shape, as rows: the class axis last, the other axes flattened
@@ -168,6 +177,27 @@ def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoo
         z, t, weight=weight, ignore_index=DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index,
         reduction=reduction, label_smoothing=label_smoothing, regime=regime, tags=tuple(tags), **kernel,
     )
+
+
+def _rows_of(layout: Layout) -> tuple[int, int]:
+    return int(np.prod(layout.batch_shape)), layout.shape[layout.axis]
+
+
+def _fits(regime: str, shape: tuple[int, int], *, asked: bool = False) -> bool:
+    """Whether a regime can be drawn within ``max_shape``, or at an ``asked`` shape (both as (rows, K))."""
+    n, k = shape
+    if regime == "single":
+        return not asked or n == 1 or k == 1
+    if regime == "many_classes":
+        return k > MANY_CLASSES_TILE
+    if regime == "llm_vocab":
+        return k >= LLM_CLASSES[0]
+    return True
+
+
+def shape_buckets(max_shape: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """The :data:`SHAPE_BUCKETS` within ``max_shape``, each repeated by its share (never empty: (1, 1) fits)."""
+    return tuple(s for s, share in SHAPE_BUCKETS if s[0] <= max_shape[0] and s[1] <= max_shape[1] for _ in range(share))
 
 
 def _shapes(draw: Any, regime: str, max_shape: tuple[int, int]) -> tuple[int, int]:

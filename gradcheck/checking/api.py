@@ -23,7 +23,7 @@ from gradcheck.errors import GradientMismatch, InvalidArgument
 from gradcheck.dtypes import float_format
 from gradcheck.options import GENERATE, VERIFY
 from gradcheck.tolerance import contracts, resolve_contract
-from gradcheck.strategies import cases
+from gradcheck.strategies import cases, shape_buckets
 
 
 def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
@@ -45,7 +45,15 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
         max_examples: the number of examples Hypothesis generates.
         seed: the Hypothesis seed; a random one (recorded in the result) when None.
         max_shape: the largest ``(N, K)`` generated (default ``(64, 4096)``; "many_classes" reaches
-            K = 32831 when ``max_shape`` allows it).
+            K = 32831 and "llm_vocab" K = 262145 when ``max_shape`` allows it). A ``grad_fn`` with
+            ``compiles_per_shape = True`` (the JAX adapters) gets the few shapes of
+            :data:`gradcheck.strategies.SHAPE_BUCKETS` within it instead (each compiled once).
+        shapes: draw every regime at exactly these logits shapes (a list of tuples, e.g.
+            ``[(8, 128256), (2, 1024, 32000)]``; replaces ``max_shape``); 3-D and larger shapes need
+            ``class_axis``.
+        class_axis: the class axis of those shapes: 1 for torch's layout ``(N, C, d1, ..., dk)``
+            with targets ``(N, d1, ..., dk)``, -1 for the LLM layout ``(B, T, V)`` with targets
+            ``(B, T)``; ``grad_fn`` gets the arrays in that layout and ``class_axis=`` among its options.
         regimes: the logits regimes drawn from (see :mod:`gradcheck.strategies`).
         precision: the contract checked, the narrowest working precision a correct implementation
             may use before rounding its result once to the dtype: "exact" (the correctly rounded
@@ -82,7 +90,10 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
     precision = resolve_contract(fmt, o["precision"], where=f"dtype={fmt.name!r}")
     arguments = {k: v for k, v in VERIFY.non_defaults(o).items() if k != "seed"}  # the seed is printed apart
     seed = secrets.randbits(32) if o["seed"] is None else o["seed"]
-    strategy = cases(**GENERATE.non_defaults(o))
+    drawn = GENERATE.non_defaults(o)
+    if o["shapes"] is None and getattr(grad_fn, "compiles_per_shape", False):  # JAX: a few shapes, each compiled once
+        drawn["shapes"] = shape_buckets(o["max_shape"])
+    strategy = cases(**drawn)
     max_examples = o["max_examples"]
     start = time.perf_counter()
     stats = {"examples": 0, "ulps": 0.0, "ratio": 0.0, "failed": False}
