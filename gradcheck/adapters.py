@@ -69,16 +69,20 @@ def to_torch(array: np.ndarray, *, requires_grad: bool = False, device: Any = No
 
 def _torch_options(options: dict[str, Any], device: Any = None) -> dict[str, Any]:
     out = dict(options)
-    if out.get("weight") is not None:
-        out["weight"] = to_torch(np.asarray(out["weight"]), device=device)
+    for name in ("weight", "grad_output"):  # the upstream gradient: a scalar of the dtype or (N,)
+        if out.get(name) is not None:
+            array = np.asarray(out[name])
+            out[name] = to_torch(array, device=device).reshape(array.shape)  # a 0-d array stays 0-d
     return out
 
 
 def torch_grad_fn(fn: GradFn, *, device: Any = None) -> GradFn:
     """Wrap a torch gradient function ``fn(logits, targets, **options) -> tensor`` for ``verify``.
 
-    Logits, probability targets and ``weight`` become tensors of the checked dtype on ``device``
-    (default the CPU; "cuda", "cuda:1", ...), class indices int64; the result comes back to numpy.
+    Logits, probability targets, ``weight`` and ``grad_output`` become tensors of the checked dtype
+    on ``device`` (default the CPU; "cuda", "cuda:1", ...), class indices int64; the result comes
+    back to numpy. The wrapper has ``fn``'s signature (``functools.wraps``), so verify passes
+    ``grad_output=`` exactly when ``fn`` names that parameter.
     """
 
     @functools.wraps(fn)
@@ -93,11 +97,14 @@ def torch_loss_grad(loss_fn: GradFn | None = None, *, device: Any = None) -> Gra
     """The gradient of a torch loss through ``torch.autograd``; default ``F.cross_entropy``.
 
     ``loss_fn(logits, targets, **options)`` returns a scalar, or per-row losses for
-    ``reduction="none"`` (they are summed before differentiating). The inputs are created on
-    ``device`` (default the CPU; "cuda", "cuda:1", ...), the gradient comes back to numpy.
+    ``reduction="none"``. The gradient is the vector-Jacobian product with ``grad_output`` (what
+    ``loss.backward(grad_output)`` computes): a scalar for a scalar loss, one value per row for
+    per-row losses; None (the default) means ones, so per-row losses are summed. The returned
+    ``grad_fn`` always takes ``grad_output=``, so verify always exercises it. The inputs are created
+    on ``device`` (default the CPU; "cuda", "cuda:1", ...), the gradient comes back to numpy.
     """
 
-    def grad_fn(logits: np.ndarray, targets: np.ndarray, **options: Any) -> np.ndarray:
+    def grad_fn(logits: np.ndarray, targets: np.ndarray, *, grad_output: Any = None, **options: Any) -> np.ndarray:
         require("torch", extra="torch")
         import torch
         import torch.nn.functional as F
@@ -105,7 +112,11 @@ def torch_loss_grad(loss_fn: GradFn | None = None, *, device: Any = None) -> Gra
         fn = F.cross_entropy if loss_fn is None else loss_fn
         z = to_torch(logits, requires_grad=True, device=device)
         loss = fn(z, to_torch(targets, device=device), **_torch_options(options, device))
-        (grad,) = torch.autograd.grad(loss.sum(), z)
+        if grad_output is None:
+            upstream = torch.ones_like(loss)
+        else:
+            upstream = to_torch(np.asarray(grad_output), device=device).to(loss.dtype).reshape(loss.shape)
+        (grad,) = torch.autograd.grad(loss, z, grad_outputs=upstream)
         return to_numpy(grad)
 
     grad_fn.__name__ = grad_fn.__qualname__ = f"torch_loss_grad({getattr(loss_fn, '__name__', 'cross_entropy')})"

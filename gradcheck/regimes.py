@@ -35,12 +35,16 @@ class Regime:
         exercises: what it exercises, in one line.
         drawn_by: the generators that draw it ("verify", "study", "vectors").
         params: named parameters, each a value per dtype (or a plain number).
+        needs: the case option (``"softcap"``, ``"lse_square_scale"``) without which the regime
+            exercises nothing of its own: a generator draws it by default only when that option is
+            set, and refuses it when asked for without the option (None: always drawn).
     """
 
     name: str
     exercises: str
     drawn_by: frozenset[str]
     params: Mapping[str, PerDtype | float | tuple[float, ...]] = field(default_factory=dict)
+    needs: str | None = None
 
 
 def _by(*generators: str) -> frozenset[str]:
@@ -99,6 +103,22 @@ CATALOGUE: tuple[Regime, ...] = (
     Regime("soft_unnormalized", "probability targets, some rows not summing to one", _by("study")),
     Regime("smoothed_weighted", "label smoothing with class weights", _by("study")),
     Regime("ignored", "rows whose target is ignore_index", _by("study")),
+    # the kernel options' own regimes (issue 12), drawn only when their option is set
+    Regime("saturated", "softcap saturation: |z| up to many times c, so tanh(z / c) is near +-1 and the chain "
+           "factor 1 - tanh^2 tiny (a small c seen from the logits), with rows across the knee |z| ~ c",
+           _by("verify"), {
+               # |z| / c is drawn log-uniformly in [ratio_low, ratio_high]: 1 - tanh^2 ~ 4 exp(-2 |z| / c)
+               # goes from about 0.8 to 4 exp(-100) ~ 1.5e-43 (below float32's smallest subnormal, so the
+               # chain factor decides whether an element is 0)
+               "ratio_low": 0.25, "ratio_high": 50.0,
+           }, needs="softcap"),
+    Regime("large_lse", "z-loss with large |lse|: every logit of a row near +-level, so lambda * lse^2 and "
+           "its gradient 2 lambda lse p are large and signed", _by("verify"), {
+               # the rows' common level (drawn in [level/2, level] with either sign), and the spread of
+               # the logits around it; 300 is issue 12's "logits near +-300", exact in every dtype
+               "level": {"float64": 300.0, "float32": 300.0, "float16": 300.0, "bfloat16": 300.0},
+               "spread": 4.0,
+           }, needs="lse_square_scale"),
 )
 
 BY_NAME: dict[str, Regime] = {r.name: r for r in CATALOGUE}
@@ -107,6 +127,26 @@ BY_NAME: dict[str, Regime] = {r.name: r for r in CATALOGUE}
 def drawn_by(generator: str) -> tuple[str, ...]:
     """The names of the regimes a generator draws, in catalogue order."""
     return tuple(r.name for r in CATALOGUE if generator in r.drawn_by)
+
+
+def default_regimes(generator: str, options: Mapping[str, object]) -> tuple[str, ...]:
+    """The regimes a generator draws by default given the case options set: those that need no
+    option, and those whose option (:attr:`Regime.needs`) is set (not None and not 0)."""
+    return tuple(r.name for r in CATALOGUE if generator in r.drawn_by
+                 and (r.needs is None or options.get(r.needs) not in (None, 0, 0.0)))
+
+
+def require_options(regimes: tuple[str, ...], options: Mapping[str, object]) -> None:
+    """Refuse a regime asked for without the option it needs.
+
+    Raises:
+        InvalidArgument: naming the regime and the option.
+    """
+    for name in regimes:
+        needs = BY_NAME[name].needs
+        if needs is not None and options.get(needs) in (None, 0, 0.0):
+            raise InvalidArgument(f"regime {name!r} exercises {needs}, so it needs {needs}= set, got "
+                                  f"{needs}={options.get(needs)!r}; pass {needs}= or drop the regime.")
 
 
 def param(regime: str, name: str) -> PerDtype | float | tuple[float, ...]:

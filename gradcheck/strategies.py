@@ -19,7 +19,13 @@ Regimes (``REGIMES``):
   last block, up to thousands of rows, most of them ignored (only when ``max_shape`` reaches K = 32000, or
   at the asked ``shapes``);
 * ``single``: a single row, a single class, or both;
-* ``masked``: some logits are -inf (at least one finite per row).
+* ``masked``: some logits are -inf (at least one finite per row);
+* ``saturated`` (drawn when ``softcap`` is set): |z| / c up to 50, tanh saturated, the chain factor tiny;
+* ``large_lse`` (drawn when ``lse_square_scale`` is set): rows near +-300, so the z-loss term is large.
+
+With ``upstream=True`` every case also carries an upstream gradient (``Case.grad_output``): for
+"mean"/"sum" a scalar other than 1 (negative, fractional, sometimes 0), for "none" one value per row,
+the rows' values distinct (zeros and negatives among them). See :func:`upstream_gradient`.
 
 Every value is exactly representable in the dtype (float64, float32, float16, bfloat16).
 """
@@ -36,9 +42,9 @@ from gradcheck.dtypes import FloatFormat, float_format, round_to_format
 from gradcheck.errors import InvalidArgument
 from gradcheck.options import DEFAULT_IGNORE_INDEX, GENERATE
 from gradcheck.problem import Case, Layout, layout_of
-from gradcheck.regimes import drawn_by, param
+from gradcheck.regimes import default_regimes, drawn_by, param, require_options
 
-REGIMES = drawn_by("verify")
+REGIMES = drawn_by("verify")  # every regime verify may draw; by default those whose option is set
 GAP = param("large_gap", "gap")
 HUGE = param("huge", "huge")
 MANY_CLASSES_TILE = int(param("many_classes", "tile"))
@@ -102,46 +108,55 @@ def logits(
     regime: str | None = None,
     max_shape: tuple[int, int] = MAX_SHAPE,
 ) -> st.SearchStrategy[np.ndarray]:
-    """``(N, K)`` logits of one regime (drawn from ``REGIMES`` when None), exact in ``dtype``."""
-    return cases(dtype, regimes=REGIMES if regime is None else (regime,), max_shape=max_shape).map(lambda c: c.logits)
+    """``(N, K)`` logits of one regime (drawn from those that need no option when None), exact in ``dtype``."""
+    chosen = {} if regime is None else {"regimes": (regime,)}
+    return cases(dtype, max_shape=max_shape, **chosen).map(lambda c: c.logits)
 
 
-def cases(dtype: Any = "float64", **options: Any) -> st.SearchStrategy[Case]:
+def cases(dtype: Any = "float64", *, upstream: bool = False, **options: Any) -> st.SearchStrategy[Case]:
     """Whole cases: logits of a regime, targets, weights and ignored rows, exact in ``dtype``.
 
     Args:
         dtype: float64, float32, float16 or bfloat16.
+        upstream: give every case an upstream gradient (``grad_output``, :func:`upstream_gradient`);
+            False: none (the gradient of the loss itself).
         **options: the generation options of :data:`gradcheck.options.GENERATE` (``targets``:
             "index" or "probs", some probability rows not summing to one; ``reduction`` and
             ``label_smoothing`` passed through; ``weighted``: nonnegative class weights, some zero;
             ``ignore_index``: some index-target rows take it, never all for "mean"; ``regimes``:
             drawn from, shrinking towards the first; ``max_shape``: the largest ``(N, K)``,
-            "many_classes" needs K > 64 and is skipped below that; ``shapes``: every case has one
-            of exactly these logits shapes instead, in the layout ``class_axis`` names for 3-D and
-            more; each regime is drawn at the shapes that suit it: "single" where N or K is 1,
-            "many_classes" where K > 64, "llm_vocab" where K >= 32000).
+            "many_classes" needs K > 64 and is skipped below that; default: every regime that
+            needs no option, plus "saturated" when ``softcap`` is set and "large_lse" when
+            ``lse_square_scale`` is; ``lse_square_scale`` and ``softcap``: passed through;
+            ``shapes``: every case has one of exactly these logits shapes instead, in the layout
+            ``class_axis`` names for 3-D and more; each regime is drawn at the shapes that suit it:
+            "single" where N or K is 1, "many_classes" where K > 64, "llm_vocab" where K >= 32000).
 
     Raises:
-        InvalidArgument: a bad option, or ignore_index with probability targets (checked eagerly,
-            when the strategy is built).
+        InvalidArgument: a bad option, ignore_index with probability targets, or a regime asked for
+            without the option it needs (checked eagerly, when the strategy is built).
     """
     o = GENERATE.validate({"dtype": dtype, **options}, where="cases()")
     if o["ignore_index"] is not None and o["targets"] != "index":
         raise InvalidArgument(f"ignore_index applies to targets='index' only, got targets={o['targets']!r}.")
+    if not isinstance(upstream, bool):
+        raise InvalidArgument(f"upstream must be True or False, got {upstream!r}.")
     layouts = None
     if o["shapes"] is not None:
         layouts = tuple(layout_of(s, o["class_axis"]) for s in o["shapes"])  # eager: a 3-D shape needs class_axis
     elif o["class_axis"] is not None:
         raise InvalidArgument(f"class_axis applies to shapes=, got class_axis={o['class_axis']} without shapes.")
+    kernel = {"lse_square_scale": o["lse_square_scale"], "softcap": o["softcap"]}
+    regimes = o["regimes"] or default_regimes("verify", kernel)
+    require_options(regimes, kernel)
     return _cases(float_format(o["dtype"]), o["targets"], o["reduction"], o["label_smoothing"], o["weighted"],
-                  o["ignore_index"], o["regimes"] or REGIMES, o["max_shape"],
-                  {"lse_square_scale": o["lse_square_scale"], "softcap": o["softcap"]}, layouts)
+                  o["ignore_index"], regimes, o["max_shape"], kernel, upstream, layouts)
 
 
 @st.composite
 def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoothing: float, weighted: bool,
            ignore_index: int | None, regimes: tuple[str, ...], max_shape: tuple[int, int],
-           kernel: dict[str, Any], layouts: tuple[Layout, ...] | None = None) -> Case:
+           kernel: dict[str, Any], upstream: bool = False, layouts: tuple[Layout, ...] | None = None) -> Case:
     if layouts is None:
         layout = None
         usable = tuple(r for r in regimes if _fits(r, max_shape)) or ("moderate",)
@@ -159,7 +174,7 @@ def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoo
         k = 2  # with one class every row would be ignored: the mean would be 0/0
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    z, favourite = _build_logits(regime, rng, n, k, fmt)
+    z, favourite = _build_logits(regime, rng, n, k, fmt, kernel["softcap"])
     tags: list[str] = []
     if targets == "index":
         t = _index_targets(rng, z, favourite, regime)
@@ -171,11 +186,15 @@ def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoo
     else:
         t = _probability_targets(rng, z, fmt, tags)
     weight = _weights(rng, k, fmt, t, ignore_index, reduction) if weighted else None
+    # drawn last, so the arrays above are the same with and without an upstream gradient
+    grad_output = upstream_gradient(rng, n, reduction, fmt) if upstream else None
     if layout is not None and not layout.plain:
         z, t, kernel = layout.restore(z), layout.restore(t), {**kernel, "class_axis": layout.class_axis}
+        grad_output = None if grad_output is None or grad_output.ndim == 0 else layout.restore(grad_output)
     return Case.make(
         z, t, weight=weight, ignore_index=DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index,
         reduction=reduction, label_smoothing=label_smoothing, regime=regime, tags=tuple(tags), **kernel,
+        grad_output=grad_output,
     )
 
 
@@ -198,6 +217,39 @@ def _fits(regime: str, shape: tuple[int, int], *, asked: bool = False) -> bool:
 def shape_buckets(max_shape: tuple[int, int]) -> tuple[tuple[int, int], ...]:
     """The :data:`SHAPE_BUCKETS` within ``max_shape``, each repeated by its share (never empty: (1, 1) fits)."""
     return tuple(s for s, share in SHAPE_BUCKETS if s[0] <= max_shape[0] and s[1] <= max_shape[1] for _ in range(share))
+
+
+UPSTREAM_SCALARS = (-1.0, 0.5, -0.5, 2.0, -3.0, 0.375, 1.5, -0.125, 0.0)  # exact in every dtype; 0 one draw in 12
+UPSTREAM_GRID = 8  # per-row values are distinct multiples of 1/UPSTREAM_GRID in [-8, 8], times a power of two
+UPSTREAM_POWERS = (-8, 4)  # the range of that power of two's exponent
+
+
+def upstream_gradient(rng: np.random.Generator, n: int, reduction: str, fmt: FloatFormat) -> np.ndarray:
+    """An upstream gradient exact in ``fmt``: shape ``()`` for "mean"/"sum", ``(n,)`` for "none".
+
+    A scalar is never 1 (that is the loss's own gradient): one of ``UPSTREAM_SCALARS`` (negative,
+    fractional, 0) or, a quarter of the time, a random value of the dtype in [-4, 4]. Per-row values
+    are distinct (so a kernel that uses one row's value for every row, or ignores them, differs):
+    multiples of 1/8 in [-8, 8] drawn without replacement (with replacement beyond 129 rows) times one
+    power of two in [2**-8, 2**4] (so 0 and negatives occur), and half the time one row is 0. Every
+    value has at most 8 significant bits and a small exponent: exact in float16 and bfloat16.
+    """
+    if reduction != "none":
+        if rng.random() < 0.25:
+            value = float(round_to_format(np.array(rng.uniform(-4.0, 4.0)), fmt))
+            if value != 1.0:
+                return np.array(value)
+        return np.array(UPSTREAM_SCALARS[int(rng.integers(0, len(UPSTREAM_SCALARS)))] if rng.random() < 11 / 12
+                        else 0.0)
+    grid = np.arange(-8 * UPSTREAM_GRID, 8 * UPSTREAM_GRID + 1) / UPSTREAM_GRID
+    values = rng.choice(grid, size=n, replace=n > grid.size)
+    if n > 1 and rng.random() < 0.5 and not np.any(values == 0.0):
+        values[rng.integers(1, n)] = 0.0  # a row whose upstream gradient is 0 (not the first: see below)
+    if values[0] == 0.0 or np.count_nonzero(values == values[0]) > 1:  # row 0 nonzero and unlike the rest
+        unused = np.setdiff1d(grid[grid != 0.0], values[1:])
+        values[0] = unused[-1] if unused.size else grid[-1]
+    scale = 2.0 ** int(rng.integers(UPSTREAM_POWERS[0], UPSTREAM_POWERS[1] + 1))
+    return round_to_format(values * scale, fmt).astype(np.float64)
 
 
 def _shapes(draw: Any, regime: str, max_shape: tuple[int, int]) -> tuple[int, int]:
@@ -225,7 +277,8 @@ def _shapes(draw: Any, regime: str, max_shape: tuple[int, int]) -> tuple[int, in
     return n, k
 
 
-def _build_logits(regime: str, rng: np.random.Generator, n: int, k: int, fmt: FloatFormat) -> tuple[np.ndarray, np.ndarray]:
+def _build_logits(regime: str, rng: np.random.Generator, n: int, k: int, fmt: FloatFormat,
+                  softcap: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Logits of a regime (rounded to ``fmt``) and each row's favoured class (its argmax)."""
     name = fmt.name
     z = rng.standard_normal((n, k))
@@ -265,6 +318,14 @@ def _build_logits(regime: str, rng: np.random.Generator, n: int, k: int, fmt: Fl
         block = min(int(LLM["block"]), k)
         top = np.where(rng.random(n) < 0.5, k - 1, rng.integers(k - block, k, n))  # often the very last class
         z[rows, top] = z.max(axis=1) + rng.uniform(0.0, 3.0, n)
+    elif regime == "saturated":  # needs softcap (cases() checks): |z| / c log-uniform, either sign
+        low, high = np.log(param("saturated", "ratio_low")), np.log(param("saturated", "ratio_high"))
+        ratio = np.exp(rng.uniform(low, high, (n, k)))
+        z = np.where(rng.random((n, k)) < 0.5, -1.0, 1.0) * np.minimum(ratio * softcap, fmt.max / 2)
+    elif regime == "large_lse":
+        level = param("large_lse", "level")[name]
+        z = (np.where(rng.random(n) < 0.5, -1.0, 1.0) * rng.uniform(0.5, 1.0, n) * level)[:, None] \
+            + param("large_lse", "spread") * z
     elif regime == "masked":
         mask = rng.random((n, k)) < 0.3
         mask[rows, np.argmax(z, axis=1)] = False

@@ -64,5 +64,6 @@ def test_large_gap_reaches_the_catalogues_gap():
 def test_unknown_regimes_are_named():
     with pytest.raises(InvalidArgument, match=r"regime must be one of \('moderate'"):
         make_case(0, "gentle")
-    with pytest.raises(InvalidArgument, match=r"regimes must be a non-empty subset of \('moderate'.*'masked'\)"):
+    with pytest.raises(InvalidArgument, match=r"regimes must be a non-empty subset of \('moderate'.*'masked', "
+                       r"'saturated', 'large_lse'\)"):
         VERIFY["regimes"].validate(("gentle",))

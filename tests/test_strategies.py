@@ -11,9 +11,12 @@ from hypothesis import strategies as st
 
 from gradcheck.dtypes import float_format, round_to_format
 from gradcheck.errors import InvalidArgument
-from gradcheck.strategies import GAP, HUGE, MANY_CLASSES_TILE, REGIMES, Case, cases, dtype_floats, logits
+from gradcheck.regimes import default_regimes, param
+from gradcheck.strategies import (GAP, HUGE, MANY_CLASSES_TILE, REGIMES, UPSTREAM_SCALARS, Case, cases, dtype_floats,
+                                  logits, upstream_gradient)
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
+NEEDS = {"saturated": {"softcap": 3.0}, "large_lse": {"lse_square_scale": 1e-4}}  # the option each regime needs
 
 
 def _exact(x: np.ndarray) -> bool:
@@ -28,7 +31,7 @@ def _exact(x: np.ndarray) -> bool:
 @settings(max_examples=15)
 @given(data=st.data())
 def test_every_regime_gives_valid_exact_cases(dtype, regime, data):
-    case = data.draw(cases(dtype, regimes=(regime,)))
+    case = data.draw(cases(dtype, regimes=(regime,), **NEEDS.get(regime, {})))
     assert case.regime == regime and case.dtype == dtype
     assert case.logits.dtype == float_format(dtype).dtype
     assert _exact(case.logits)
@@ -52,7 +55,85 @@ def test_every_regime_gives_valid_exact_cases(dtype, regime, data):
         assert np.all(np.argmax(z, axis=1) >= late)
     if regime == "single":
         assert n == 1 or k == 1
+    if regime == "saturated":  # |z| / c within the catalogue's ratios (up to rounding to the dtype)
+        ratio = np.abs(z) / 3.0
+        assert np.all(ratio >= param("saturated", "ratio_low") * 0.99)
+        assert np.all(ratio <= param("saturated", "ratio_high") * 1.01)
+    if regime == "large_lse":  # every row near +-level
+        level = param("large_lse", "level")[dtype]
+        centre = np.abs(np.median(z, axis=1))
+        assert np.all(centre >= level / 2 - 30) and np.all(centre <= level + 30)
     assert problem.options() == case.options()
+    assert case.grad_output is None  # no upstream gradient unless asked for
+
+
+def test_option_regimes_are_drawn_when_their_option_is_set_and_refused_without_it():
+    assert default_regimes("verify", {}) == tuple(r for r in REGIMES if r not in NEEDS)
+    assert set(default_regimes("verify", {"softcap": 30.0, "lse_square_scale": 1e-4})) == set(REGIMES)
+    assert "saturated" not in default_regimes("verify", {"softcap": None, "lse_square_scale": 0.0})
+    with pytest.raises(InvalidArgument, match=r"regime 'saturated' exercises softcap, so it needs softcap= set, "
+                       r"got softcap=None"):
+        cases("float32", regimes=("saturated",))
+    with pytest.raises(InvalidArgument, match=r"regime 'large_lse' exercises lse_square_scale"):
+        cases("float32", regimes=("moderate", "large_lse"))
+    drawn = set()
+
+    @settings(max_examples=150)
+    @given(cases("bfloat16", softcap=1.0, lse_square_scale=1e-3))
+    def collect(case: Case) -> None:
+        drawn.add(case.regime)
+        assert case.softcap == 1.0 and case.lse_square_scale == 1e-3
+
+    collect()
+    assert {"saturated", "large_lse", "moderate"} <= drawn
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_upstream_gradients_are_exact_never_one_and_differ_between_rows(dtype, reduction):
+    fmt = float_format(dtype)
+    rng = np.random.default_rng(7)
+    scalars, rows_seen = [], []
+    for _ in range(400):
+        n = int(rng.integers(1, 70))
+        g = upstream_gradient(rng, n, reduction, fmt)
+        assert _exact(g.astype(fmt.dtype)) and np.all(np.isfinite(g))
+        if reduction == "none":
+            assert g.shape == (n,) and len(np.unique(g)) == n  # distinct rows: first-row or ignored bugs show
+            assert g[0] != 0
+            rows_seen.append(g)
+        else:
+            assert g.shape == () and float(g) != 1.0
+            scalars.append(float(g))
+    if reduction == "none":
+        every = np.concatenate(rows_seen)
+        assert (every == 0).any() and (every < 0).any() and (np.abs(every) < 1).any() and (np.abs(every) > 1).any()
+    else:
+        assert 0.0 in scalars and min(scalars) < 0 and any(0 < abs(v) < 1 for v in scalars)
+        assert set(UPSTREAM_SCALARS) <= set(scalars)
+
+
+@settings(max_examples=40)
+@given(cases("float16", reduction="none", ignore_index=-1, upstream=True), cases("float16", upstream=True))
+def test_cases_carry_their_upstream_gradient_in_the_dtype(per_row, scalar):
+    assert per_row.grad_output.dtype == np.float16 and per_row.grad_output.shape == (per_row.logits.shape[0],)
+    assert scalar.grad_output.dtype == np.float16 and np.ndim(scalar.grad_output) == 0
+    assert "grad_output" not in per_row.options()  # passed apart, only to a grad_fn that takes it
+
+
+def test_the_upstream_gradient_leaves_the_other_draws_unchanged():
+    plain, with_g = [], []
+    for out, upstream in ((plain, False), (with_g, True)):
+        @settings(max_examples=30, derandomize=True, database=None)
+        @given(cases("float32", reduction="none", weighted=True, upstream=upstream))
+        def collect(case: Case) -> None:
+            out.append(case)
+
+        collect()
+    assert len(plain) == len(with_g)
+    for a, b in zip(plain, with_g):
+        assert np.array_equal(a.logits, b.logits) and np.array_equal(a.targets, b.targets)
+        assert np.array_equal(a.weight, b.weight)
 
 
 def test_regimes_reach_their_extremes():
@@ -156,6 +237,8 @@ def test_invalid_arguments_are_named():
         cases(regimes=("gentle",)).example()
     with pytest.raises(InvalidArgument, match="ignore_index applies to targets='index' only"):
         cases(targets="probs", ignore_index=3).example()
+    with pytest.raises(InvalidArgument, match="upstream must be True or False, got 1"):
+        cases(upstream=1)
     with pytest.raises(InvalidArgument, match="min_value must be <= max_value"):
         dtype_floats("float32", min_value=2.0, max_value=1.0)
     with pytest.raises(InvalidArgument, match="dtype must be one of"):

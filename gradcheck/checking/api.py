@@ -9,11 +9,13 @@ values are simplified (rows and classes dropped, numbers rounded) while it keeps
 
 from __future__ import annotations
 
+import inspect
 import secrets
 import time
 from typing import Any, Callable
 
 from gradcheck.checking.deadline import require_deadline
+from gradcheck.checking.diagnose import diagnose
 from gradcheck.checking.judge import finalize
 from gradcheck.checking.messages import _name, describe
 from gradcheck.checking.result import Verification
@@ -33,7 +35,13 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
         grad_fn: returns the gradient of ``torch.nn.functional.cross_entropy`` with respect to the
             logits (an array-like of the logits' shape and dtype: numpy, torch or jax). It receives
             numpy arrays of ``dtype`` and, as keywords, the options that differ from their defaults
-            (``weight``, ``ignore_index``, ``label_smoothing``, ``reduction``).
+            (``weight``, ``ignore_index``, ``label_smoothing``, ``reduction``, ``lse_square_scale``,
+            ``softcap``). When its signature names a ``grad_output`` parameter (see
+            :func:`takes_grad_output`), every example also passes an upstream gradient
+            ``grad_output=`` (a scalar of ``dtype`` for "mean"/"sum", an ``(N,)`` array for "none")
+            and the result must be the vector-Jacobian product ``grad_output * dL/dz`` (ignored rows
+            0); otherwise it is checked as the gradient of the loss itself and the result says the
+            upstream gradient was not exercised (``Verification.upstream``).
         **options: the check options of :data:`gradcheck.options.VERIFY`, each checked by its one
             rule there (the same for the pytest marker and ``gradcheck verify``):
 
@@ -90,17 +98,18 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
     precision = resolve_contract(fmt, o["precision"], where=f"dtype={fmt.name!r}")
     arguments = {k: v for k, v in VERIFY.non_defaults(o).items() if k != "seed"}  # the seed is printed apart
     seed = secrets.randbits(32) if o["seed"] is None else o["seed"]
+    upstream = takes_grad_output(grad_fn)  # inspected once, here
     drawn = GENERATE.non_defaults(o)
     if o["shapes"] is None and getattr(grad_fn, "compiles_per_shape", False):  # JAX: a few shapes, each compiled once
         drawn["shapes"] = shape_buckets(o["max_shape"])
-    strategy = cases(**drawn)
+    strategy = cases(upstream=upstream, **drawn)
     max_examples = o["max_examples"]
     start = time.perf_counter()
     stats = {"examples": 0, "ulps": 0.0, "ratio": 0.0, "failed": False}
     rules = {"timeout": o["timeout"], "precision": precision, "inplace": o["inplace"]}
     failure = _search(grad_fn, strategy, seed, max_examples, stats, **rules)
     if failure is not None:
-        failure = finalize(simplify(grad_fn, failure, **rules))
+        failure = diagnose(grad_fn, finalize(simplify(grad_fn, failure, **rules)), before=failure, **rules)
     met = stats.get("met", {})
     graded = not stats.get("ungraded") and stats["examples"] > 0
     grade = next((c for c in contracts(fmt) if met.get(c)), None) if graded else None
@@ -109,7 +118,26 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
         passed=failure is None, examples=stats["examples"], worst_ulps=stats["ulps"], worst_ratio=stats["ratio"],
         seed=seed, dtype=o["dtype"], function=_name(grad_fn), arguments=arguments, failure=failure,
         elapsed=time.perf_counter() - start, precision=precision, grade=grade, contract_ratios=ratios,
+        upstream=upstream,
     )
+
+
+def takes_grad_output(grad_fn: Callable[..., Any]) -> bool:
+    """Whether verify passes ``grad_fn`` an upstream gradient: its signature names ``grad_output``.
+
+    A parameter called ``grad_output`` that can be given by keyword counts; ``**kwargs`` alone does
+    not. A ``**kwargs`` function usually forwards its options to a function verify cannot see,
+    which may drop an unknown keyword silently or raise on it; either way the result would be judged
+    as a wrong VJP although the function never claimed to take one. Declare it to be checked:
+    ``def grad_fn(logits, targets, *, grad_output=None, **options)``. A callable whose signature
+    cannot be read (some builtins and C extensions) is taken not to accept it.
+    """
+    try:
+        parameter = inspect.signature(grad_fn).parameters.get("grad_output")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                        inspect.Parameter.KEYWORD_ONLY)
 
 
 def assert_gradient(grad_fn: Callable[..., Any], **kwargs: Any) -> None:

@@ -31,14 +31,23 @@ def describe(result: Verification) -> str:
             f"{abs(f.got - f.expected):.3g}, {f.ulps:g} ULP; the tolerance is {tol_ulps:.3g} ULP, docs/tolerance.md)"
         )
         lines += contract_lines(result, fmt.name)
+    if f.diagnosis:
+        lines.append(f"  diagnosis: {f.diagnosis}.")
+    upstream = case.grad_output
     lines += [
         f"  minimal failing input (regime {case.regime!r}, {fmt.name}, found after {result.examples} examples):",
         f"    logits = {format_array(case.logits)}",
         f"    targets = {format_array(case.targets)}",
         f"    options = {format_options(case.options())}",
+    ]
+    if upstream is not None:
+        lines.append(f"    grad_output = {format_value(upstream)}")
+    call = "logits, targets, grad_output=grad_output, **options" if upstream is not None else "logits, targets, **options"
+    lines += [
+        f"  {result.upstream_text}.",
         f"  seed {result.seed}; reproduce with:",
         f"    {result.reproduction}",
-        f"    or call {result.function}(logits, targets, **options) with the arrays above",
+        f"    or call {result.function}({call}) with the arrays above",
     ]
     return "\n".join(lines)
 
@@ -82,6 +91,15 @@ def format_array(x: np.ndarray) -> str:
         return {float("inf"): "np.inf", float("-inf"): "-np.inf"}.get(v, repr(v))
 
     return f"np.array({render(x.astype(np.float64).tolist())}, dtype={dtype})"
+
+
+def format_value(x: Any) -> str:
+    """Python source for an array, or for a numpy scalar of a float dtype (``np.float16(0.5)``)."""
+    if isinstance(x, np.ndarray):
+        return format_array(x)
+    fmt = float_format(np.asarray(x).dtype)
+    dtype = "ml_dtypes.bfloat16" if fmt.name == "bfloat16" else f"np.{fmt.name}"
+    return f"{dtype}({float(x)!r})"
 
 
 def format_options(options: dict[str, Any]) -> str:

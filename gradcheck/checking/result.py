@@ -19,7 +19,7 @@ class FailureKind(StrEnum):
         EXCEPTION: ``grad_fn`` raised (``SystemExit`` too: ``sys.exit()`` in a ``grad_fn`` is a failure, never
             a pass; ``KeyboardInterrupt`` propagates).
         TIMEOUT: a call did not return within ``timeout`` seconds (the case is the one that hung, not shrunk).
-        MUTATION: it modified an argument (logits, targets or weight) in place.
+        MUTATION: it modified an argument (logits, targets, weight or grad_output) in place.
         TYPE: its result is not an array.
         SHAPE: the result does not have the logits' shape.
         DTYPE: the result does not have the logits' dtype (a list or tuple: a value not exact in it).
@@ -57,6 +57,8 @@ class Failure:
         ulps: their distance in ULPs of the dtype.
         tolerance: the absolute tolerance of that element (docs/tolerance.md).
         ratio: the error as a multiple of the tolerance.
+        diagnosis: for a mismatch, the convention the result matches instead, when one does (for
+            example "grad_output ignored"); see :mod:`gradcheck.checking.diagnose`. None otherwise.
     """
 
     kind: FailureKind
@@ -68,6 +70,7 @@ class Failure:
     ulps: float | None = None
     tolerance: float | None = None
     ratio: float | None = None
+    diagnosis: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,6 +94,10 @@ class Verification:
             or met none.
         contract_ratios: per contract of the dtype, tightest first, the worst error seen as a
             multiple of that contract's tolerance.
+        upstream: the upstream gradient was exercised: ``grad_fn`` names a ``grad_output``
+            parameter, so every example passed one and the result was checked as the VJP
+            ``grad_output * dL/dz``. False: only the gradient of the loss itself was checked
+            (``grad_output`` all ones), so a mishandled upstream gradient cannot have been found.
     """
 
     passed: bool
@@ -106,6 +113,15 @@ class Verification:
     precision: str = ""
     grade: str | None = None
     contract_ratios: dict[str, float] = field(default_factory=dict)
+    upstream: bool = False
+
+    @property
+    def upstream_text(self) -> str:
+        """One phrase saying whether the upstream gradient was exercised."""
+        if self.upstream:
+            return "upstream gradient exercised (grad_output= on every example)"
+        return ("upstream gradient NOT exercised (grad_fn takes no grad_output= parameter; only the loss's own "
+                "gradient was checked)")
 
     @property
     def reproduction(self) -> str:
@@ -119,6 +135,7 @@ class Verification:
         head = (
             f"verify({self.function}, {self.dtype}): {'passed' if self.passed else 'FAILED'} after "
             f"{self.examples} examples in {self.elapsed:.2f} s; worst {self.worst_ratio:.3g} x tolerance "
-            f"({self.precision} contract; {self.worst_ulps:g} ULP); grade {self.grade or 'none'}; seed {self.seed}"
+            f"({self.precision} contract; {self.worst_ulps:g} ULP); grade {self.grade or 'none'}; seed {self.seed}; "
+            f"{self.upstream_text}"
         )
         return head if self.failure is None else f"{head}\n{describe(self)}"

@@ -1,4 +1,5 @@
-"""Simplifying a failing case: drop rows and classes, round values, while it fails the same way.
+"""Simplifying a failing case: drop rows and classes, round values (the upstream gradient's too), while
+it fails the same way.
 
 Hypothesis has already shrunk the regime, the shape and the seed; this works on the values it drew,
 within a bounded budget of ``grad_fn`` checks.
@@ -94,7 +95,9 @@ def _variant(case: Case, **changes: Any) -> Case | None:
 
 def _subset(case: Case, keep: np.ndarray, axis: int) -> Case | None:
     if axis == 0:
-        return _variant(case, logits=case.logits[keep], targets=case.targets[keep])
+        g = case.problem.grad_output
+        rows = {} if g is None or g.ndim == 0 else {"grad_output": g[keep]}  # one upstream value per row ("none")
+        return _variant(case, logits=case.logits[keep], targets=case.targets[keep], **rows)
     if case.targets.ndim == 1:
         if 0 <= case.ignore_index < case.logits.shape[1]:
             return None  # shifting class numbers would change which rows are ignored
@@ -110,17 +113,28 @@ def _subset(case: Case, keep: np.ndarray, axis: int) -> Case | None:
     return _variant(case, logits=case.logits[:, keep], targets=targets, weight=weight)
 
 
+def _values(case: Case, field_name: str) -> np.ndarray | None:
+    if field_name == "grad_output":  # a scalar or (N,) of the dtype, as the grad_fn gets it
+        g = case.grad_output
+        return None if g is None else np.array(g)
+    return getattr(case, field_name)
+
+
 def _round_values(failure: Failure, attempt: Callable[[Case], Failure | None]) -> Failure:
-    """Replace each logit (then soft target, then weight) by a simpler number when it still fails."""
-    for field_name in ("logits", "targets", "weight"):
-        array = getattr(failure.case, field_name)
+    """Replace each logit (then soft target, weight and upstream gradient) by a simpler number when it
+    still fails; an upstream gradient is tried at 1 first (the loss's own gradient)."""
+    for field_name in ("logits", "targets", "weight", "grad_output"):
+        array = _values(failure.case, field_name)
         if array is None or not is_supported_float(array.dtype) or array.size > PRINT_LIMIT:
             continue
         fmt = float_format(array.dtype)
         for flat in range(array.size):
-            current = getattr(failure.case, field_name)
+            current = _values(failure.case, field_name)
             value = float(current.reshape(-1)[flat].astype(np.float64))
-            for simple in _simpler(value):
+            simpler = _simpler(value)
+            if field_name == "grad_output":
+                simpler = [1.0] + [v for v in simpler if v != 1.0] if value != 1.0 else simpler
+            for simple in simpler:
                 trial = current.copy()
                 trial.reshape(-1)[flat] = round_to_format(np.array(simple), fmt)
                 if same_bits(trial, current):
