@@ -152,3 +152,32 @@ def test_a_tail_of_block_bug_is_caught_at_llm_scale(llm_draws):
         return g
 
     assert isinstance(check(last_class_dropped, case), Failure)
+
+
+# ---- progress ------------------------------------------------------------------------------------------------------
+
+
+def test_verify_reports_progress_after_each_example_and_is_quiet_by_default(capsys):
+    calls = []
+    result = gc.verify(_oracle, max_examples=12, seed=0, progress=lambda done, total: calls.append((done, total)))
+    assert result.passed and calls == [(i, 12) for i in range(1, 13)]
+    gc.verify(_oracle, max_examples=3, seed=0)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_the_cli_bar_appears_only_after_its_delay():
+    import io
+
+    rich_console = pytest.importorskip("rich.console")
+    from gradcheck.cli import _Progress
+
+    out = io.StringIO()
+    console = rich_console.Console(file=out, force_terminal=True)
+    quick = _Progress(console, "verify", 10, delay=3600.0)
+    with quick:
+        quick.update(5, 10)
+    assert out.getvalue() == ""  # shorter than its delay: nothing drawn
+    shown = _Progress(console, "verify", 10, delay=0.0)
+    with shown:
+        shown.update(7, 10)
+    assert "7/10" in out.getvalue()

@@ -28,7 +28,8 @@ from gradcheck.tolerance import contracts, resolve_contract
 from gradcheck.strategies import cases, shape_buckets
 
 
-def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
+def verify(grad_fn: Callable[..., Any], *, progress: Callable[[int, int], None] | None = None,
+           **options: Any) -> Verification:
     """Check ``grad_fn(logits, targets, **options)`` on Hypothesis-generated cases.
 
     Args:
@@ -42,6 +43,9 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
             and the result must be the vector-Jacobian product ``grad_output * dL/dz`` (ignored rows
             0); otherwise it is checked as the gradient of the loss itself and the result says the
             upstream gradient was not exercised (``Verification.upstream``).
+        progress: called as ``progress(done, max_examples)`` after each example (not while a failure
+            is shrunk); None (the default) is quiet. ``gradcheck verify`` shows a rich bar on a
+            terminal once a check has run for 2 s; the pytest plugin passes none.
         **options: the check options of :data:`gradcheck.options.VERIFY`, each checked by its one
             rule there (the same for the pytest marker and ``gradcheck verify``):
 
@@ -107,7 +111,7 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
     start = time.perf_counter()
     stats = {"examples": 0, "ulps": 0.0, "ratio": 0.0, "failed": False}
     rules = {"timeout": o["timeout"], "precision": precision, "inplace": o["inplace"]}
-    failure = _search(grad_fn, strategy, seed, max_examples, stats, **rules)
+    failure = _search(grad_fn, strategy, seed, max_examples, stats, progress=progress, **rules)
     if failure is not None:
         failure = diagnose(grad_fn, finalize(simplify(grad_fn, failure, **rules)), before=failure, **rules)
     met = stats.get("met", {})
