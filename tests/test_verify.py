@@ -595,3 +595,16 @@ def test_the_torch_adapters_pass_the_upstream_gradient(reduction):
     import torch
 
     assert seen == [("Tensor", g.shape, torch.float32)]  # a 0-d tensor stays 0-d
+
+
+def test_a_contract_without_an_error_model_is_not_met_and_refused_when_asked():
+    """bfloat16 arithmetic under softcap=30: the perturbation of z' = 30 tanh(z / 30) alone is about
+    6 ULP * 30 ~ 0.7, so the in-dtype error model is vacuous (docs/tolerance.md)."""
+    from zoo_kernel import kernel_native
+
+    result = verify(kernel_native, dtype="bfloat16", softcap=30.0, seed=3, max_examples=30)
+    assert result.passed and result.grade in ("exact", "float64", "float32"), str(result)
+    assert result.contract_ratios["bfloat16"] == float("inf")
+    with pytest.raises(InvalidArgument, match=r"precision='bfloat16' cannot be checked on this case .*softcap=30.0.*"
+                       r"check a wider contract \(precision='float32'\)"):
+        verify(kernel_native, dtype="bfloat16", softcap=30.0, precision="bfloat16", seed=3, max_examples=30)

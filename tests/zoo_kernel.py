@@ -217,7 +217,12 @@ def _torch_kernel_loss(z, t, *, weight=None, ignore_index=-100, reduction="mean"
     if not lse_square_scale:
         return ce
     active = (t != ignore_index) if t.dim() == 1 else torch.ones(z.shape[0], dtype=torch.bool)
-    zrows = torch.where(active, lse_square_scale * torch.logsumexp(zc, dim=1) ** 2, torch.zeros((), dtype=z.dtype))
+    # lse = m + log sum exp(z' - m) with m detached, so that autograd's d lse / dz' is the stable softmax
+    # exp(z' - m) / sum; torch.logsumexp's backward is exp(z' - lse), which loses p's accuracy once lse
+    # is rounded at a large |lse| (zoo.logsumexp_recombined: offsets of 1e10 in float64)
+    m = zc.detach().max(dim=1, keepdim=True).values
+    lse = m[:, 0] + torch.log(torch.exp(zc - m).sum(dim=1))
+    zrows = torch.where(active, lse_square_scale * lse ** 2, torch.zeros((), dtype=z.dtype))
     if reduction == "none":
         return ce + zrows
     return ce + (zrows.sum() if reduction == "sum" else zrows.sum() / active.sum())

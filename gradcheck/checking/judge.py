@@ -89,6 +89,9 @@ def compare_values(got: np.ndarray, case: Case, *, precision: str | None = None,
     problem = case.problem
     fmt = problem.format
     asked = fmt.name if precision is None else precision
+    # the truth is the problem's (N, K) rows; indices in messages are the caller's (scale: layouts)
+    layout = problem.caller_layout
+    got = layout.rows(got) if problem.layout is not None else got
     parts = row_parts(problem.logits)
     ref, bound = reference_grad(problem, parts)
     g64 = ref.astype(np.float64)
@@ -96,8 +99,8 @@ def compare_values(got: np.ndarray, case: Case, *, precision: str | None = None,
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         return Failure(
-            FailureKind.NONFINITE, f"grad_fn returned {float(got[where])!r} at {where} where the truth is finite "
-            f"({g64[where]!r})", case, where, expected=float(g64[where]), got=float(got[where]),
+            FailureKind.NONFINITE, f"grad_fn returned {float(got[where])!r} at {layout.index(where)} where the truth "
+            f"is finite ({g64[where]!r})", case, layout.index(where), expected=float(g64[where]), got=float(got[where]),
         )
     wanted = contracts(fmt) if grades is not None else (asked,)
     tols, vacuous = _tolerances(problem, parts, g64, bound, wanted, asked)
@@ -120,8 +123,9 @@ def compare_values(got: np.ndarray, case: Case, *, precision: str | None = None,
         flat = np.where(wrong, ratio, -1.0)
         where = tuple(int(i) for i in np.unravel_index(int(np.argmax(flat)), flat.shape))
         return Failure(
-            FailureKind.MISMATCH, f"gradient differs from the truth by {ratio[where]:.3g} x the tolerance at {where}",
-            case, where, expected=float(g64[where]), got=float(got[where]), ulps=float(ulps[where]),
+            FailureKind.MISMATCH, f"gradient differs from the truth by {ratio[where]:.3g} x the tolerance at "
+            f"{layout.index(where)}", case, layout.index(where), expected=float(g64[where]), got=float(got[where]),
+            ulps=float(ulps[where]),
             tolerance=float(tol[where]), ratio=float(ratio[where]),
         )
     return float(ulps.max(initial=0.0)), float(ratio.max(initial=0.0))
@@ -188,7 +192,7 @@ def finalize(failure: Failure) -> Failure:
     fmt = problem.format
     if fmt.name == "float64" and problem.logits.size > 4096:
         return failure  # the float64 oracle value (within its bound) is reported
-    expected = float(certified_grad(problem, fmt)[failure.index])
+    expected = float(problem.restore_shape(certified_grad(problem, fmt))[failure.index])  # the caller's index
     ulps = float(ulp_distance(np.array(failure.got, dtype=fmt.dtype), np.array(expected, dtype=fmt.dtype)))
     return Failure(
         failure.kind, failure.message, failure.case, failure.index, expected, failure.got, ulps,
