@@ -420,11 +420,12 @@ def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
             df = f * np.expm1(np.minimum(SOFTCAP_LOG_SLOPE * dz / c, 700.0)) + (2 * TANH_U + 5) * ua
         else:
             f, df = 1.0, 0.0
-        # step K5: the upstream factor (one rounding), then G stored in the dtype once
+        # step K5: the upstream factor (one rounding), then G stored in the dtype once; a kernel may store G
+        # before a scalar upstream factor is applied (Liger), so the storage's underflow is charged |g| times
         gn = np.abs(problem.upstream())[:, None]
         g_abs = gn * np.abs(f * a_val)
         eg = gn * ((f + df) * a_err + np.abs(a_val) * df) + 3 * ua * (g_abs + gn * ((f + df) * a_err + np.abs(a_val) * df))
-        eg = eg + ud * (g_abs + eg) + sub_d
+        eg = eg + ud * (g_abs + eg) + sub_d * np.maximum(1.0, gn)
         gs = g_abs + eg  # |G as stored| <= |G| + E
         # step K6: the products in acc (any order, chunked), per-chunk partials stored in the dtype once
         th = eg @ w + gamma(v, ua) * (gs @ w) + (v + 1) * model.acc.tiny

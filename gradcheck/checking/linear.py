@@ -359,7 +359,8 @@ def _call(grad_fn: Callable[..., Any], case: LinearCase, timeout: float | None,
     if case.grad_output is not None:
         g = case.grad_output
         extra["grad_output"] = g.copy() if isinstance(g, np.ndarray) else g
-    before = {**args, **extra, **({"ce_weight": kwargs["ce_weight"].copy()} if "ce_weight" in kwargs else {})}
+    before = {k: np.array(x, copy=True) for k, x in
+              {**args, **extra, **({"ce_weight": kwargs["ce_weight"]} if "ce_weight" in kwargs else {})}.items()}
     try:
         result = call_with_deadline(grad_fn, timeout, args["hidden"], args["weight"], args["targets"], **kwargs, **extra)
     except Hung:
