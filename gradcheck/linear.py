@@ -131,9 +131,6 @@ def make_linear_problem(hidden: Any, weight: Any, targets: Any, *, bias: Any = N
     Raises:
         InvalidArgument: naming the argument, the expected and the given value.
     """
-    if "weight" in options:  # only reachable through **{"weight": ...}
-        raise InvalidArgument("class weights of the linear family are named ce_weight= (weight is the classifier "
-                              "matrix), got weight= among the options.")
     case_options = dict(options)
     if "ce_weight" in case_options:
         case_options["weight"] = case_options.pop("ce_weight")
