@@ -17,6 +17,7 @@ Every bound is derived in docs/linear.md; the step numbers below are its section
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -85,6 +86,43 @@ class LinearProblem:
     def shape(self) -> tuple[int, int, int]:
         """``(N, V, D)``."""
         return (self.hidden.shape[0], self.weight.shape[0], self.hidden.shape[1])
+
+    @cached_property
+    def h64(self) -> np.ndarray:
+        return self.hidden.astype(np.float64)
+
+    @cached_property
+    def w64(self) -> np.ndarray:
+        return self.weight.astype(np.float64)
+
+    @cached_property
+    def b64(self) -> np.ndarray | None:
+        return None if self.bias is None else self.bias.astype(np.float64)
+
+    @cached_property
+    def magnitude(self) -> np.ndarray:
+        """``|h| @ |W|.T + |b|``: the scale of the logits' dot products' errors (O1, K1)."""
+        mag = np.abs(self.h64) @ np.abs(self.w64).T
+        if self.b64 is not None:
+            mag += np.abs(self.b64)
+        return mag
+
+    @cached_property
+    def capped(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """``(z / c, c tanh(z / c))`` in float64 under softcap, else ``(None, z)``."""
+        z, c = self.logits.logits, self.logits.softcap
+        if c is None:
+            return None, z
+        with np.errstate(under="ignore"):
+            x = z / c
+            return x, c * np.tanh(x)
+
+    @cached_property
+    def ce(self) -> tuple[Problem, np.ndarray, np.ndarray, Any]:
+        """The CE case at the float64 z', the oracle's CE gradient there, its bound, and the row parts."""
+        ce_problem = _ce_problem(self.logits, self.capped[1])
+        value, err = grad_bounded(ce_problem)
+        return ce_problem, value, err, row_parts(ce_problem.logits)
 
     def grad_fn_options(self) -> dict[str, Any]:
         """The non-default options as a ``grad_fn`` gets them (``ce_weight=`` in the dtype; no grad_output)."""
@@ -217,7 +255,7 @@ def bounded(lp: LinearProblem) -> LinearBounded:
     g, e = logits_grad_bounded(lp)
     values = products(lp, g)
     n, v, d = lp.shape
-    h, w = np.abs(lp.hidden.astype(np.float64)), np.abs(lp.weight.astype(np.float64))
+    h, w = np.abs(lp.h64), np.abs(lp.w64)
     ga = np.abs(g)
     eta = FLOAT64.smallest_subnormal
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
@@ -232,8 +270,8 @@ def bounded(lp: LinearProblem) -> LinearBounded:
 def products(lp: LinearProblem, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``(G @ W, G.T @ h, sum_n G_n)`` in float64."""
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        dh = g @ lp.weight.astype(np.float64)
-        dw = g.T @ lp.hidden.astype(np.float64)
+        dh = g @ lp.w64
+        dw = g.T @ lp.h64
         db = None if lp.bias is None else g.sum(axis=0)
     return dh, dw, db
 
@@ -241,12 +279,8 @@ def products(lp: LinearProblem, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 def logits_error64(lp: LinearProblem) -> np.ndarray:
     """Step O1: ``|fl(h @ W.T + b) - (h @ W.T + b)| <= gamma_{D+1} (|h| @ |W|.T + |b|)`` (products exact or not,
     any summation order; Higham, Accuracy and Stability, eq. 3.5), plus an underflow floor."""
-    h, w = np.abs(lp.hidden.astype(np.float64)), np.abs(lp.weight.astype(np.float64))
-    mag = h @ w.T
-    if lp.bias is not None:
-        mag += np.abs(lp.bias.astype(np.float64))
     d = lp.hidden.shape[1]
-    return SECOND_ORDER * gamma(d + 1) * mag + (d + 1) * FLOAT64.smallest_subnormal
+    return SECOND_ORDER * gamma(d + 1) * lp.magnitude + (d + 1) * FLOAT64.smallest_subnormal
 
 
 def logits_grad_bounded(lp: LinearProblem) -> tuple[np.ndarray, np.ndarray]:
@@ -256,17 +290,12 @@ def logits_grad_bounded(lp: LinearProblem) -> tuple[np.ndarray, np.ndarray]:
     z = problem.logits
     dz = logits_error64(lp)
     c = problem.softcap
+    x, zc = lp.capped
     if c is not None:  # step O2: z' = c tanh(z / c); Lipschitz 1, plus its own evaluation
-        with np.errstate(under="ignore"):
-            x = z / c
-            t = np.tanh(x)
-            zc = c * t
         dzc = dz + (TANH64_U + 3) * U * np.abs(zc) + FLOAT64.smallest_subnormal
     else:
-        x, zc, dzc = None, z, dz
-    ce_problem = _ce_problem(problem, zc)
-    ce, ce_err = grad_bounded(ce_problem)  # the CE part at z' (docs/oracle.md)
-    parts = row_parts(zc)
+        dzc = dz
+    ce_problem, ce, ce_err, parts = lp.ce  # the CE part at z' (docs/oracle.md)
     rho, eps_p, _ = _row_error(parts)
     a_val, a_err = _sensitive_part(problem, ce_problem, parts, ce, ce_err, dzc, rho[:, None] + U * (parts.log_z[:, None] + 1),
                                    eps_p, U)
@@ -316,7 +345,7 @@ def _sensitive_part(problem: Problem, ce_problem: Problem, parts: Any, ce: np.nd
         lam = problem.lse_square_scale
         if lam:
             dzl = problem.zloss_divisor()
-            lse = np.max(ce_problem.logits.astype(np.float64), axis=1, keepdims=True) + parts.log_z[:, None]
+            lse = np.max(ce_problem.logits, axis=1, keepdims=True) + parts.log_z[:, None]
             scale = 2 * lam / dzl
             zl = np.where(active, scale * lse * p, 0.0)
             zl_err = scale * (p * (np.abs(lse) * move + delta * np.exp(spread))          # sensitivity
@@ -370,15 +399,12 @@ def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
     ua, ud = model.acc.unit_roundoff, model.store.unit_roundoff
     sub_d = model.store.smallest_subnormal
     problem = lp.logits
-    h = np.abs(lp.hidden.astype(np.float64))
-    w = np.abs(lp.weight.astype(np.float64))
+    h, w = np.abs(lp.h64), np.abs(lp.w64)
     z = problem.logits
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         # step K1: the logits: a (D+1)-term dot product in acc, the matmul stored in the dtype, the bias added in it
-        mag = h @ w.T
-        zhw = np.abs(z if lp.bias is None else z - lp.bias.astype(np.float64))
-        if lp.bias is not None:
-            mag += np.abs(lp.bias.astype(np.float64))
+        mag = lp.magnitude
+        zhw = np.abs(z if lp.bias is None else z - lp.b64)
         dz = gamma(d + 1, ua) * mag + (d + 1) * model.acc.tiny
         dz = dz + ud * (zhw + dz) + sub_d
         if lp.bias is not None:
@@ -386,17 +412,14 @@ def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
         dz = dz + logits_error64(lp)  # the float64 logits the model is evaluated at are a rounding too
         # step K2: softcap in acc
         c = problem.softcap
+        x, zc = lp.capped
         if c is not None:
-            x = z / c
-            zc = c * np.tanh(x)
             dzc = dz + (TANH_U + 3) * ua * np.abs(zc) + model.acc.tiny
         else:
-            zc, dzc = z, dz
+            dzc = dz
         # step K3: the CE gradient's evaluation error in acc: the logits contract (docs/tolerance.md), at the
         # perturbed logits (p moves by at most exp(2 delta), which scales every term of element_bound)
-        ce_problem = _ce_problem(problem, zc)
-        parts = row_parts(zc)
-        ce = reference_ce(ce_problem)
+        ce_problem, ce, _, parts = lp.ce
         depth = max(tiled_depth(v), tree_depth(v))
         working = Implementation(f"{model.acc.name}, tiled", model.acc, depth, model.acc.tiny)
         delta = dzc.max(axis=1, keepdims=True)
@@ -443,11 +466,6 @@ def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
             # step K8: the final rounding, half an ULP where the truth may be
             out.append(tol + 0.5 * model.store.ulp(np.abs(ref.value) + tol + ref.bound))
     return LinearGrad(*out)
-
-
-def reference_ce(ce_problem: Problem) -> np.ndarray:
-    """The CE part of the logits gradient at float64 logits (the oracle's value)."""
-    return grad_bounded(ce_problem)[0]
 
 
 def gamma_terms(n: int, fmt: FloatFormat) -> float:
