@@ -113,7 +113,32 @@ def test_bias_expected_back():
     ({"bias": 1}, r"bias"),
     ({"dtype": "int8"}, r"dtype"),
     ({"colour": 1}, r"unknown option 'colour'"),
+    ({"targets": "probs", "ignore_index": 0}, r"ignore_index applies to class-index targets only"),
 ])
 def test_invalid_check_options(options, match):
     with pytest.raises(InvalidArgument, match=match):
         verify_linear(liger_correct, **options)
+
+
+def test_expected_value_in_the_message_is_the_certified_truth():
+    from gradcheck.linear_exact import certified_linear_grad
+
+    result = verify_linear(ZOO_LINEAR_BUGGY["sum_as_mean"].fn, dtype="bfloat16", reduction="sum", seed=2)
+    f = result.failure
+    truth = certified_linear_grad(f.case.problem, f.case.format)
+    assert f.expected == float(getattr(truth, f.gradient[2:])[f.index])
+
+
+def test_torch_tensors_and_probability_targets():
+    torch = pytest.importorskip("torch")
+
+    def as_torch(hidden, weight, targets, **options):
+        return tuple(torch.from_numpy(np.asarray(x)) for x in liger_correct(hidden, weight, targets, **options))
+
+    def soft(hidden, weight, targets, **options):  # probability targets through torch autograd
+        from zoo_linear import torch_upcast
+
+        return torch_upcast(hidden, weight, targets, **options)
+
+    assert verify_linear(as_torch, dtype="float32", max_examples=10, seed=1).passed
+    assert verify_linear(soft, dtype="float32", targets="probs", max_examples=10, seed=1).passed
