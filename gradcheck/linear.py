@@ -124,6 +124,18 @@ class LinearProblem:
         value, err = grad_bounded(ce_problem)
         return ce_problem, value, err, row_parts(ce_problem.logits)
 
+    @cached_property
+    def grad(self) -> tuple[np.ndarray, np.ndarray]:
+        """The oracle's logits gradient G and its bound E (:func:`logits_grad_bounded`)."""
+        return logits_grad_bounded(self)
+
+    @cached_property
+    def abs_products(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(|G| @ |W|, |G|.T @ |h|)``, shared by the oracle's bound and the tolerance."""
+        ga = np.abs(self.grad[0])
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            return ga @ np.abs(self.w64), ga.T @ np.abs(self.h64)
+
     def grad_fn_options(self) -> dict[str, Any]:
         """The non-default options as a ``grad_fn`` gets them (``ce_weight=`` in the dtype; no grad_output)."""
         out = self.logits.options()
@@ -238,7 +250,7 @@ def linear_cross_entropy_grad(hidden: Any, weight: Any, targets: Any, *, bias: A
     """
     lp = make_linear_problem(hidden, weight, targets, bias=bias, **options)
     fmt = float_format(lp.format.dtype if dtype is None else dtype)
-    g = logits_grad_bounded(lp)[0]
+    g = lp.grad[0]
     dh, dw, db = products(lp, g)
     return LinearGrad(round_to_format(dh, fmt), round_to_format(dw, fmt), None if db is None else round_to_format(db, fmt))
 
@@ -252,16 +264,17 @@ def linear_cross_entropy_grad_bounded(hidden: Any, weight: Any, targets: Any, *,
 
 def bounded(lp: LinearProblem) -> LinearBounded:
     """:func:`linear_cross_entropy_grad_bounded` of a validated case."""
-    g, e = logits_grad_bounded(lp)
+    g, e = lp.grad
     values = products(lp, g)
     n, v, d = lp.shape
     h, w = np.abs(lp.h64), np.abs(lp.w64)
     ga = np.abs(g)
+    gw, gh = lp.abs_products
     eta = FLOAT64.smallest_subnormal
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         # step O4: sum_c E_c |x_c| + gamma_terms sum_c |g_c| |x_c|, and an underflow floor per term
-        bh = SECOND_ORDER * (e @ w + gamma(v) * (ga @ w)) + (v + 1) * eta
-        bw = SECOND_ORDER * (e.T @ h + gamma(n) * (ga.T @ h)) + (n + 1) * eta
+        bh = SECOND_ORDER * (e @ w + gamma(v) * gw) + (v + 1) * eta
+        bw = SECOND_ORDER * (e.T @ h + gamma(n) * gh) + (n + 1) * eta
         bb = None if lp.bias is None else SECOND_ORDER * (e.sum(axis=0) + gamma(n) * ga.sum(axis=0)) + (n + 1) * eta
     return LinearBounded(Bounded(values[0], bh), Bounded(values[1], bw),
                          None if bb is None else Bounded(values[2], bb))
@@ -447,9 +460,12 @@ def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
         eg = gn * ((f + df) * a_err + np.abs(a_val) * df) + 3 * ua * (g_abs + gn * ((f + df) * a_err + np.abs(a_val) * df))
         eg = eg + ud * (g_abs + eg) + sub_d * np.maximum(1.0, gn)
         gs = g_abs + eg  # |G as stored| <= |G| + E
-        # step K6: the products in acc (any order, chunked), per-chunk partials stored in the dtype once
-        th = eg @ w + gamma(v, ua) * (gs @ w) + (v + 1) * model.acc.tiny
-        tw = eg.T @ h + (gamma(n, ua) + ud) * (gs.T @ h) + (n + 1) * (model.acc.tiny + sub_d)
+        # step K6: the products in acc (any order, chunked), per-chunk partials stored in the dtype once;
+        # |G| is the oracle's (the same float64 numbers), so (|G| + E) @ |x| = |G| @ |x| + E @ |x|
+        gw, gh = lp.abs_products
+        ew, eh = eg @ w, eg.T @ h
+        th = ew + gamma(v, ua) * (gw + ew) + (v + 1) * model.acc.tiny
+        tw = eh + (gamma(n, ua) + ud) * (gh + eh) + (n + 1) * (model.acc.tiny + sub_d)
         tb = None
         if lp.bias is not None:
             tb = eg.sum(axis=0) + (gamma(n, ua) + ud) * gs.sum(axis=0) + (n + 1) * (model.acc.tiny + sub_d)
