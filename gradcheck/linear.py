@@ -464,7 +464,7 @@ def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
         # |G| is the oracle's (the same float64 numbers), so (|G| + E) @ |x| = |G| @ |x| + E @ |x|
         gw, gh = lp.abs_products
         ew, eh = eg @ w, eg.T @ h
-        th = ew + gamma(v, ua) * (gw + ew) + (v + 1) * model.acc.tiny
+        th = ew + (gamma(v, ua) + ud) * (gw + ew) + (v + 1) * (model.acc.tiny + sub_d)
         tw = eh + (gamma(n, ua) + ud) * (gh + eh) + (n + 1) * (model.acc.tiny + sub_d)
         tb = None
         if lp.bias is not None:
