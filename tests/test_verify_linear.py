@@ -142,3 +142,30 @@ def test_torch_tensors_and_probability_targets():
 
     assert verify_linear(as_torch, dtype="float32", max_examples=10, seed=1).passed
     assert verify_linear(soft, dtype="float32", targets="probs", max_examples=10, seed=1).passed
+
+
+def test_strategy_draws_the_features_of_the_brief():
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from gradcheck.checking.linear import linear_cases
+
+    seen = {"n_off_chunk": False, "v_off_block": False, "d1": False, "some": False, "most": False, "large": False,
+            "grad_output": False}
+
+    @settings(max_examples=300, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(linear_cases(dtype="bfloat16", bias=True, ignore_index=-100, upstream=True, max_shape=(64, 300, 40)))
+    def draw(case):
+        n, v, d = case.problem.shape
+        seen["n_off_chunk"] |= n % 4 != 0 and n > 4
+        seen["v_off_block"] |= v % 64 != 0 and v > 64
+        seen["d1"] |= d == 1
+        seen["some"] |= "some ignored rows" in case.tags
+        seen["most"] |= "most ignored rows" in case.tags
+        seen["large"] |= case.regime == "large" and float(np.abs(case.problem.logits.logits).max()) > 20
+        seen["grad_output"] |= case.grad_output is not None
+        for x in (case.hidden, case.weight, case.bias):  # exact in every dtype: the same numbers in float16
+            x64 = x.astype(np.float64)
+            assert np.array_equal(x64.astype(np.float16).astype(np.float64), x64)
+
+    draw()
+    assert all(seen.values()), seen
