@@ -169,3 +169,26 @@ def test_strategy_draws_the_features_of_the_brief():
 
     draw()
     assert all(seen.values()), seen
+
+
+def test_regression_storage_underflow_scaled_by_grad_output():
+    """verify_linear once failed liger_correct here (float16, seed 1): an element of G below half float16's
+    smallest subnormal, stored before the scalar grad_output -3.578 was applied; the contract now charges the
+    storage's underflow |g| times (docs/linear.md, K5)."""
+    from gradcheck.checking.linear import LinearCase, compare_linear
+
+    f16 = np.float16
+    hidden = np.array([[-13.1875, 3.875, -1.0, -1.5078125, 5.1875, 10.625, 3.0]], dtype=f16)
+    weight = np.array([
+        [0.11083984375, 0.3203125, -0.578125, 0.240234375, -0.11279296875, 0.00800323486328125, -0.171875],
+        [-0.7001953125, 0.39990234375, -0.7001953125, 0.199951171875, -0.0200042724609375, 0.199951171875,
+         0.08001708984375],
+        [0.0] * 7,
+        [0.199951171875, -0.39990234375, 0.0, -0.5, 1.0, 0.98828125, 0.300048828125],
+        [-1.2265625, 0.98046875, 0.2373046875, 0.361328125, 0.06591796875, -0.39453125, 0.2890625]], dtype=f16)
+    targets = np.array([2])
+    case = LinearCase.make(hidden, weight, targets, grad_output=f16(-3.578))
+    got = liger_correct(hidden, weight, targets, grad_output=case.grad_output)
+    assert got[1][0, 0] == 0  # the flushed element
+    outcome = compare_linear(got, case)
+    assert isinstance(outcome, tuple), outcome.message
