@@ -482,9 +482,3 @@ def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
             # step K8: the final rounding, half an ULP where the truth may be
             out.append(tol + 0.5 * model.store.ulp(np.abs(ref.value) + tol + ref.bound))
     return LinearGrad(*out)
-
-
-def gamma_terms(n: int, fmt: FloatFormat) -> float:
-    """Higham's gamma_n in ``fmt`` (for docs and tests)."""
-    return float(gamma(n, fmt.unit_roundoff))
-

@@ -145,7 +145,7 @@ def test_torch_tensors_and_probability_targets():
 
 
 def test_strategy_draws_the_features_of_the_brief():
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
 
     from gradcheck.checking.linear import linear_cases
 
