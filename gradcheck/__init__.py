@@ -40,6 +40,14 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "Verification": ("gradcheck.checking.result", "Verification"),
     "Case": ("gradcheck.problem", "Case"),
     "strategies": ("gradcheck.strategies", None),
+    # the fused linear family (issue 13)
+    **{name: ("gradcheck.linear", name) for name in (
+        "LinearGrad", "LinearBounded", "LinearProblem", "linear_cross_entropy_grad",
+        "linear_cross_entropy_grad_bounded", "make_linear_problem")},
+    "exact_linear_grad": ("gradcheck.linear_exact", "exact_linear_grad"),
+    "verify_linear": ("gradcheck.checking.linear", "verify_linear"),
+    "assert_linear_gradient": ("gradcheck.checking.linear", "assert_linear_gradient"),
+    "LinearVerification": ("gradcheck.checking.linear", "LinearVerification"),
 }
 
 __all__ = sorted([*_EAGER, *_LAZY])

@@ -57,7 +57,8 @@ class _Stop(BaseException):
 
 def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples: int, stats: dict, *,
             timeout: float | None = None, precision: str | None = None, inplace: str = "flag",
-            progress: Callable[[int, int], None] | None = None) -> Failure | None:
+            progress: Callable[[int, int], None] | None = None,
+            judge: Callable[..., Any] = check) -> Failure | None:
     """Run Hypothesis; return the shrunk failure or None.
 
     ``progress(done, max_examples)`` is called after each example of the search (not of shrinking).
@@ -65,7 +66,8 @@ def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples:
     ``stats`` counts the examples up to and including the first failure and keeps, over those, the
     worst ULPs and ratio under the asked contract (the failing example's included) and, per contract,
     the worst ratio and whether every example met it (keys ``examples``, ``ulps``, ``ratio``,
-    ``failed``, ``ratios``, ``met``; see :func:`record`).
+    ``failed``, ``ratios``, ``met``; see :func:`record`). ``judge`` checks one case (default
+    :func:`gradcheck.checking.judge.check`; ``verify_linear`` passes its own, same signature).
     """
     from hypothesis import HealthCheck, Phase, Verbosity, given, settings
     from hypothesis import seed as hypothesis_seed
@@ -75,7 +77,7 @@ def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples:
 
     def test(case: Case) -> None:
         grades: dict[str, tuple[float, bool]] = {}
-        outcome = check(grad_fn, case, timeout=timeout, precision=precision, grades=grades, inplace=inplace)
+        outcome = judge(grad_fn, case, timeout=timeout, precision=precision, grades=grades, inplace=inplace)
         if not stats["failed"]:
             record(stats, outcome, grades)
             if progress is not None:
