@@ -40,6 +40,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "Verification": ("gradcheck.checking.result", "Verification"),
     "Case": ("gradcheck.problem", "Case"),
     "strategies": ("gradcheck.strategies", None),
+    # issue 13 (linearx): the fused linear cross-entropy family's torch and JAX loss adapters
+    **{name: ("gradcheck.adapters_linear", name) for name in ("torch_linear_loss_grad", "jax_linear_loss_grad")},
 }
 
 __all__ = sorted([*_EAGER, *_LAZY])
