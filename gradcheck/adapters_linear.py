@@ -11,8 +11,9 @@ upstream gradient ``grad_output`` g (torch: ``torch.autograd.grad(loss, ..., gra
 ``jax.vjp``), g = 1 when it is not given. For ``reduction="none"`` the loss is per row and g has one
 value per row (ones by default), which is the gradient of ``sum_n g_n l_n``.
 
-The classifier weight is the second *positional* argument: the keyword ``weight=`` among the options
-is torch's class weights (K = V values), as for ``F.cross_entropy``.
+The classifier weight is the second argument; class weights (V values) are the option ``ce_weight=``,
+Liger-Kernel's name and gradcheck.linear's (``weight`` is the classifier): a ``loss_fn`` receives
+them as ``ce_weight=``, and the default torch loss passes them to ``F.cross_entropy`` as ``weight=``.
 
 torch and jax are imported when a wrapper is called, never at import time (gradcheck/adapters.py).
 """
@@ -23,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gradcheck.adapters import _jax_put, _torch_options, to_numpy, to_torch
+from gradcheck.adapters import _jax_put, to_numpy, to_torch
 from gradcheck.errors import require
 
 GradFn = Callable[..., Any]
@@ -45,6 +46,13 @@ def _upstream(grad_output: Any, loss: Any, torch: Any) -> Any:
     return to_torch(g, device=loss.device).to(loss.dtype).reshape(loss.shape)  # to_torch makes a () array (1,)
 
 
+def _torch_options(options: dict[str, Any], device: Any) -> dict[str, Any]:
+    out = dict(options)
+    if out.get("ce_weight") is not None:
+        out["ce_weight"] = to_torch(np.asarray(out["ce_weight"]), device=device)
+    return out
+
+
 def torch_linear_loss_grad(loss_fn: GradFn | None = None, *, device: Any = None) -> GradFn:
     """The gradients (d_hidden, d_weight[, d_bias]) of a torch loss through ``torch.autograd``.
 
@@ -53,20 +61,21 @@ def torch_linear_loss_grad(loss_fn: GradFn | None = None, *, device: Any = None)
             losses for ``reduction="none"``; it gets ``bias=`` (a tensor of V values) when a bias is
             checked. Default: ``F.cross_entropy(F.linear(hidden, classifier, bias), targets, **options)``,
             which computes in the inputs' dtype and has no z-loss or softcap (asking for them is a
-            TypeError naming the option).
+            TypeError naming the option); class weights ``ce_weight=`` become its ``weight=``.
         device: where the tensors are created ("cpu", "cuda", "cuda:1", a ``torch.device``;
             default the CPU); the gradients come back to numpy.
 
     Returns:
         ``grad_fn(hidden, weight, targets, *, bias=None, grad_output=None, **options)`` for
         ``verify_linear``: h, W and b become tensors of their dtype with ``requires_grad``, class
-        indices int64, class weights (``weight=``) tensors; ``grad_output`` (g) is the cotangent of the
+        indices int64, class weights (``ce_weight=``) tensors; ``grad_output`` (g) is the cotangent of the
         loss (torch's ``loss.backward(g)``). A loss that does not use an input gets a zero gradient
         for it (``materialize_grads``), which the checker then judges.
 
     >>> import torch.nn.functional as F  # doctest: +SKIP
-    >>> def upcast(h, W, t, bias=None, **o):  # float32 inside, gradients rounded once to the dtype
-    ...     return F.cross_entropy(F.linear(h.float(), W.float(), None if bias is None else bias.float()), t, **o)
+    >>> def upcast(h, W, t, bias=None, ce_weight=None, **o):  # float32 inside, gradients rounded once to the dtype
+    ...     b, w = (None if x is None else x.float() for x in (bias, ce_weight))
+    ...     return F.cross_entropy(F.linear(h.float(), W.float(), b), t, weight=w, **o)
     >>> grad_fn = torch_linear_loss_grad(upcast)  # doctest: +SKIP
     """
     name = f"torch_linear_loss_grad({_name(loss_fn, 'linear_cross_entropy')})"
@@ -87,6 +96,8 @@ def torch_linear_loss_grad(loss_fn: GradFn | None = None, *, device: Any = None)
             if unsupported:
                 raise TypeError(f"{name}: torch's F.cross_entropy has no {unsupported[0]}= (pass a loss_fn that "
                                 "computes it, or check without that option)")
+            if "ce_weight" in kwargs:
+                kwargs["weight"] = kwargs.pop("ce_weight")
             loss = F.cross_entropy(F.linear(h, W, b), t, **kwargs)
         else:
             loss = loss_fn(h, W, t, **({} if b is None else {"bias": b}), **kwargs)
@@ -105,7 +116,7 @@ def jax_linear_loss_grad(loss_fn: GradFn, *, accepts: tuple[str, ...] | None = N
 
     Args:
         loss_fn: ``loss_fn(hidden, classifier, targets, **options)`` returns a scalar, or per-row
-            losses for ``reduction="none"``; it gets ``bias=`` when a bias is checked and ``weight=``
+            losses for ``reduction="none"``; it gets ``bias=`` when a bias is checked and ``ce_weight=``
             (class weights, traced) when they are.
         accepts: the options ``loss_fn`` takes (default: every option verify_linear passes). Another
             option is a TypeError naming it (the loss cannot compute that case), except ``reduction``
@@ -138,13 +149,13 @@ def jax_linear_loss_grad(loss_fn: GradFn, *, accepts: tuple[str, ...] | None = N
             if extra:
                 raise TypeError(f"{name} takes the options {accepts}, got {extra[0]}= (the loss cannot compute this "
                                 "case; check it without that option)")
-        class_weight = options.pop("weight", None)
+        class_weight = options.pop("ce_weight", None)
         static = tuple(sorted(options.items()))
         with_bias = bias is not None
         key = (static, reduction, with_bias, class_weight is not None, grad_output is not None)
         if key not in compiled:
             def loss(h: Any, W: Any, b: Any, t: Any, w: Any) -> Any:
-                extra = {} if w is None else {"weight": w}
+                extra = {} if w is None else {"ce_weight": w}
                 if with_bias:
                     extra["bias"] = b
                 value = loss_fn(h, W, t, **extra, **dict(static))

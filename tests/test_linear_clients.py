@@ -40,8 +40,8 @@ def _inputs(dtype: str = "float64", seed: int = 0, *, identity: bool = False):
     return h, W, b, t
 
 
-def _jax_linear(h, W, t, *, bias=None, **options):
-    return _jax_cross_entropy(h @ W.T if bias is None else h @ W.T + bias, t, **options)
+def _jax_linear(h, W, t, *, bias=None, ce_weight=None, **options):
+    return _jax_cross_entropy(h @ W.T if bias is None else h @ W.T + bias, t, weight=ce_weight, **options)
 
 
 OPTIONS = {
@@ -49,7 +49,7 @@ OPTIONS = {
     "sum": {"reduction": "sum"},
     "none": {"reduction": "none"},
     "smoothed": {"label_smoothing": 0.25},
-    "weighted_ignored": {"weight": np.array([1.0, 2.0, 0.5, 1.0, 3.0, 0.25]), "ignore_index": 2},
+    "weighted_ignored": {"ce_weight": np.array([1.0, 2.0, 0.5, 1.0, 3.0, 0.25]), "ignore_index": 2},
 }
 
 
@@ -65,7 +65,8 @@ def test_torch_adapter_d_hidden_is_torchs_logits_gradient_when_w_is_the_identity
     options = OPTIONS[config]
     d_hidden, d_weight = torch_linear_loss_grad()(h, W, t, **options)
     assert d_hidden.shape == h.shape and d_weight.shape == W.shape
-    assert np.array_equal(d_hidden, torch_loss_grad()(h, t, **options))  # z = h @ I is h exactly
+    logits_options = {"weight" if k == "ce_weight" else k: v for k, v in options.items()}
+    assert np.array_equal(d_hidden, torch_loss_grad()(h, t, **logits_options))  # z = h @ I is h exactly
 
 
 @pytest.mark.parametrize("config", list(OPTIONS))
@@ -73,8 +74,8 @@ def test_torch_adapter_d_hidden_is_torchs_logits_gradient_when_w_is_the_identity
 def test_torch_adapter_passes_grad_output_as_the_cotangent(torch, config, dtype):
     h, W, b, t = _inputs(dtype, seed=1)
     options = OPTIONS[config]
-    if "weight" in options:
-        options = {**options, "weight": options["weight"].astype(h.dtype)}
+    if "ce_weight" in options:
+        options = {**options, "ce_weight": options["ce_weight"].astype(h.dtype)}
     grad_fn = torch_linear_loss_grad()
     ones = grad_fn(h, W, t, bias=b, **options)
     fours = grad_fn(h, W, t, bias=b, grad_output=_upstream(options, 4.0).astype(h.dtype), **options)
