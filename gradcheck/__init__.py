@@ -40,6 +40,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "Verification": ("gradcheck.checking.result", "Verification"),
     "Case": ("gradcheck.problem", "Case"),
     "strategies": ("gradcheck.strategies", None),
+    # the fused linear family (issue 13)
+    **{name: ("gradcheck.linear", name) for name in (
+        "LinearGrad", "LinearBounded", "LinearProblem", "linear_cross_entropy_grad",
+        "linear_cross_entropy_grad_bounded", "make_linear_problem")},
     # issue 13 (linearx): the fused linear cross-entropy family's torch and JAX loss adapters
     **{name: ("gradcheck.adapters_linear", name) for name in ("torch_linear_loss_grad", "jax_linear_loss_grad")},
 }

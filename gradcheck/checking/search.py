@@ -56,13 +56,15 @@ class _Stop(BaseException):
 
 
 def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples: int, stats: dict, *,
-            timeout: float | None = None, precision: str | None = None, inplace: str = "flag") -> Failure | None:
+            timeout: float | None = None, precision: str | None = None, inplace: str = "flag",
+            judge: Callable[..., Any] = check) -> Failure | None:
     """Run Hypothesis; return the shrunk failure or None.
 
     ``stats`` counts the examples up to and including the first failure and keeps, over those, the
     worst ULPs and ratio under the asked contract (the failing example's included) and, per contract,
     the worst ratio and whether every example met it (keys ``examples``, ``ulps``, ``ratio``,
-    ``failed``, ``ratios``, ``met``; see :func:`record`).
+    ``failed``, ``ratios``, ``met``; see :func:`record`). ``judge`` checks one case (default
+    :func:`gradcheck.checking.judge.check`; ``verify_linear`` passes its own, same signature).
     """
     from hypothesis import HealthCheck, Phase, Verbosity, given, settings
     from hypothesis import seed as hypothesis_seed
@@ -72,7 +74,7 @@ def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples:
 
     def test(case: Case) -> None:
         grades: dict[str, tuple[float, bool]] = {}
-        outcome = check(grad_fn, case, timeout=timeout, precision=precision, grades=grades, inplace=inplace)
+        outcome = judge(grad_fn, case, timeout=timeout, precision=precision, grades=grades, inplace=inplace)
         if not stats["failed"]:
             record(stats, outcome, grades)
         if isinstance(outcome, Failure):
