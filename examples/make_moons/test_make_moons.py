@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import gradcheck
+from gradcheck.checking.linear import assert_linear_gradient, verify_linear
 from moons import Network, logits_grad, loss, make_moons, output_layer_grad, train
 
 SEED = 13
@@ -39,13 +40,14 @@ def test_training_separates_the_moons():
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_the_logits_gradient_is_right(dtype):
-    gradcheck.assert_gradient(logits_grad, dtype=dtype, **CHECK)
+    # up to 512 classes (the network has 2): the default (64, 4096) costs ten times more here
+    gradcheck.assert_gradient(logits_grad, dtype=dtype, max_shape=(32, 512), **CHECK)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_the_output_layer_gradients_are_right(dtype, bias):
-    gradcheck.assert_linear_gradient(output_layer_grad, dtype=dtype, bias=bias, **CHECK)
+    assert_linear_gradient(output_layer_grad, dtype=dtype, bias=bias, **CHECK)
 
 
 def divides_by_n_twice(hidden, weight, targets, *, bias=None):
@@ -55,10 +57,10 @@ def divides_by_n_twice(hidden, weight, targets, *, bias=None):
 
 
 def test_a_wrong_backprop_is_caught():
-    result = gradcheck.verify_linear(divides_by_n_twice, dtype="float64", bias=True, **CHECK)
+    result = verify_linear(divides_by_n_twice, dtype="float64", bias=True, **CHECK)
     assert not result.passed
     with pytest.raises(gradcheck.GradientMismatch, match="weight"):
-        gradcheck.assert_linear_gradient(divides_by_n_twice, dtype="float64", bias=True, **CHECK)
+        assert_linear_gradient(divides_by_n_twice, dtype="float64", bias=True, **CHECK)
 
 
 def test_the_wrong_backprop_still_trains_but_more_slowly():
