@@ -191,7 +191,7 @@ def _vectors(args: argparse.Namespace) -> int:
 # rich.py there cannot stand in for them (optional ones may be missing: verify says so where it needs them)
 DEPENDENCIES = ("numpy", "ml_dtypes", "mpmath", "hypothesis", "rich.console", "rich.progress", "jsonschema",
                 "gradcheck.options", "gradcheck.checking.api", "gradcheck.checking.messages", "gradcheck.strategies",
-                "gradcheck.vectors", "gradcheck.report.jsonio", "gradcheck.report.junit")
+                "gradcheck.vectors", "gradcheck.report.jsonio", "gradcheck.report.junit", "gradcheck.checking.linear")
 
 
 def import_dependencies() -> None:
@@ -262,7 +262,11 @@ def _verify(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _err(str(exc))
         return 2
+    linear = getattr(args, "linear", False)
     if args.vectors:
+        if linear:
+            _err("--vectors checks a logits gradient; there are no golden vectors for --linear (check without --vectors)")
+            return 2
         return _verify_vectors(args, fn)
     from gradcheck.errors import InvalidArgument
     from gradcheck.checking.api import verify
@@ -270,6 +274,10 @@ def _verify(args: argparse.Namespace) -> int:
 
     from gradcheck.options import VERIFY
 
+    if linear:  # issue 13: a fused linear cross-entropy grad_fn(hidden, weight, targets, **options)
+        from gradcheck.checking.linear import LINEAR_VERIFY as VERIFY  # noqa: N811 - the same role, its table
+        from gradcheck.checking.linear import describe_linear as describe
+        from gradcheck.checking.linear import verify_linear as verify
     options = {k: v for k, v in vars(args).items() if k in VERIFY and k not in MANY}
     runs, cases = [], []
     for dtype in args.dtype or [VERIFY["dtype"].default]:
@@ -291,7 +299,8 @@ def _verify(args: argparse.Namespace) -> int:
             })
             cases.append((f"{dtype}-{targets}", result.elapsed, None if result.passed else describe(result)))
     passed = all(r["passed"] for r in runs)
-    _outputs(args, {"mode": "property", "function": args.function, "passed": passed, "runs": runs}, cases)
+    _outputs(args, {"mode": "linear" if linear else "property", "function": args.function, "passed": passed,
+                    "runs": runs}, cases)
     return 0 if passed else 1
 
 
@@ -402,8 +411,12 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``gradcheck`` parser: one subcommand per builder below, each setting ``run`` to its handler."""
+def build_parser(*, linear: bool = False) -> argparse.ArgumentParser:
+    """The ``gradcheck`` parser: one subcommand per builder below, each setting ``run`` to its handler.
+
+    ``linear``: ``verify``'s check options are verify_linear's (``--bias``, ``--max-shape N,V,D``; no
+    ``--precision`` or ``--regimes``), for ``gradcheck verify --linear MODULE:FUNC``.
+    """
     parser = argparse.ArgumentParser(
         prog="gradcheck",
         description="Reference oracle and verification harness for the softmax cross-entropy gradient.",
@@ -413,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_selfcheck, _add_report, _add_vectors, _add_verify, _add_prove):
-        add(sub)
+        add(sub, linear=linear) if add is _add_verify else add(sub)
     return parser
 
 
@@ -484,7 +497,7 @@ def _add_vectors(sub: Any) -> None:
     p.set_defaults(run=_vectors)
 
 
-def _add_verify(sub: Any) -> None:
+def _add_verify(sub: Any, *, linear: bool = False) -> None:
     p = sub.add_parser(
         "verify", formatter_class=_Formatter,
         help="check an implementation MODULE:FUNC against the truth or a vectors file",
@@ -496,11 +509,16 @@ def _add_verify(sub: Any) -> None:
         "error, or a vectors file with no test of the asked dtype and targets (zero tests is not a pass).",
         epilog="examples:\n  gradcheck verify mykernel:ce_grad --dtype float32 bfloat16 --max-examples 200\n"
                "  gradcheck verify mykernel:ce_grad --targets probs --label-smoothing 0.1 --junit-xml out.xml\n"
-               "  gradcheck verify mykernel:ce_grad --vectors reports/vectors.json --json result.json",
+               "  gradcheck verify mykernel:ce_grad --vectors reports/vectors.json --json result.json\n"
+               "  gradcheck verify --linear mykernel:flce_grad --bias --dtype bfloat16 --max-shape 64,4096,256",
     )
     p.add_argument("function", metavar="MODULE:FUNC", help="the gradient function, e.g. mykernel:ce_grad")
     p.add_argument("--vectors", metavar="FILE", help="check against this vectors file instead")
-    _add_verify_options(p)
+    p.add_argument("--linear", action="store_true",
+                   help="FUNC is a fused linear cross-entropy gradient FUNC(hidden, weight, targets, **options) "
+                   "returning (d_hidden, d_weight) or, with --bias, (d_hidden, d_weight, d_bias); checked by "
+                   "verify_linear, whose options then apply: --bias, --max-shape N,V,D (no --precision, --regimes)")
+    _add_verify_options(p, linear=linear)
     p.add_argument("--json", metavar="PATH", help="write the result as JSON")
     p.add_argument("--junit-xml", metavar="PATH", help="write the result as JUnit XML")
     p.set_defaults(run=_verify)
@@ -510,8 +528,9 @@ def _add_verify(sub: Any) -> None:
 MANY = ("dtype", "targets")
 
 
-def _add_verify_options(p: argparse.ArgumentParser) -> None:
-    """One flag per check option of :data:`gradcheck.options.VERIFY`, generated from it.
+def _add_verify_options(p: argparse.ArgumentParser, *, linear: bool = False) -> None:
+    """One flag per check option of :data:`gradcheck.options.VERIFY` (``linear``: of verify_linear's
+    :data:`gradcheck.checking.linear.LINEAR_VERIFY`), generated from it.
 
     Each value goes through the option's one rule (``Option.from_text``), so a bad value gets the
     message the Python API gives, as a usage error (exit 2). Flags not given are left out of the
@@ -520,6 +539,8 @@ def _add_verify_options(p: argparse.ArgumentParser) -> None:
     from gradcheck.options import VERIFY
     from gradcheck.regimes import drawn_by
 
+    if linear:
+        from gradcheck.checking.linear import LINEAR_VERIFY as VERIFY  # noqa: N811 - the same role, its table
     for o in VERIFY.values():
         if o.is_flag:
             p.add_argument(o.flag, action="store_true", default=argparse.SUPPRESS, help=o.help)
@@ -647,7 +668,11 @@ def _run_stoppable(run: Callable[[], int]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    linear = "verify" in argv and "--linear" in argv  # verify's flags are then verify_linear's
+    if linear:
+        import_dependencies()  # the linear table imports numpy: not from the user's folder
+    parser = build_parser(linear=linear)
     args = parser.parse_args(argv)
     return _run_stoppable(lambda: args.run(args))
 
