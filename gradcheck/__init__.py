@@ -44,6 +44,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     **{name: ("gradcheck.linear", name) for name in (
         "LinearGrad", "LinearBounded", "LinearProblem", "linear_cross_entropy_grad",
         "linear_cross_entropy_grad_bounded", "make_linear_problem")},
+    "exact_linear_grad": ("gradcheck.linear_exact", "exact_linear_grad"),
+    "verify_linear": ("gradcheck.checking.linear", "verify_linear"),
+    "assert_linear_gradient": ("gradcheck.checking.linear", "assert_linear_gradient"),
+    "LinearVerification": ("gradcheck.checking.linear", "LinearVerification"),
     # issue 13 (linearx): the fused linear cross-entropy family's torch and JAX loss adapters
     **{name: ("gradcheck.adapters_linear", name) for name in ("torch_linear_loss_grad", "jax_linear_loss_grad")},
 }

@@ -17,6 +17,7 @@ Every bound is derived in docs/linear.md; the step numbers below are its section
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -86,6 +87,55 @@ class LinearProblem:
         """``(N, V, D)``."""
         return (self.hidden.shape[0], self.weight.shape[0], self.hidden.shape[1])
 
+    @cached_property
+    def h64(self) -> np.ndarray:
+        return self.hidden.astype(np.float64)
+
+    @cached_property
+    def w64(self) -> np.ndarray:
+        return self.weight.astype(np.float64)
+
+    @cached_property
+    def b64(self) -> np.ndarray | None:
+        return None if self.bias is None else self.bias.astype(np.float64)
+
+    @cached_property
+    def magnitude(self) -> np.ndarray:
+        """``|h| @ |W|.T + |b|``: the scale of the logits' dot products' errors (O1, K1)."""
+        mag = np.abs(self.h64) @ np.abs(self.w64).T
+        if self.b64 is not None:
+            mag += np.abs(self.b64)
+        return mag
+
+    @cached_property
+    def capped(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """``(z / c, c tanh(z / c))`` in float64 under softcap, else ``(None, z)``."""
+        z, c = self.logits.logits, self.logits.softcap
+        if c is None:
+            return None, z
+        with np.errstate(under="ignore"):
+            x = z / c
+            return x, c * np.tanh(x)
+
+    @cached_property
+    def ce(self) -> tuple[Problem, np.ndarray, np.ndarray, Any]:
+        """The CE case at the float64 z', the oracle's CE gradient there, its bound, and the row parts."""
+        ce_problem = _ce_problem(self.logits, self.capped[1])
+        value, err = grad_bounded(ce_problem)
+        return ce_problem, value, err, row_parts(ce_problem.logits)
+
+    @cached_property
+    def grad(self) -> tuple[np.ndarray, np.ndarray]:
+        """The oracle's logits gradient G and its bound E (:func:`logits_grad_bounded`)."""
+        return logits_grad_bounded(self)
+
+    @cached_property
+    def abs_products(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(|G| @ |W|, |G|.T @ |h|)``, shared by the oracle's bound and the tolerance."""
+        ga = np.abs(self.grad[0])
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            return ga @ np.abs(self.w64), ga.T @ np.abs(self.h64)
+
     def grad_fn_options(self) -> dict[str, Any]:
         """The non-default options as a ``grad_fn`` gets them (``ce_weight=`` in the dtype; no grad_output)."""
         out = self.logits.options()
@@ -131,9 +181,6 @@ def make_linear_problem(hidden: Any, weight: Any, targets: Any, *, bias: Any = N
     Raises:
         InvalidArgument: naming the argument, the expected and the given value.
     """
-    if "weight" in options:  # only reachable through **{"weight": ...}
-        raise InvalidArgument("class weights of the linear family are named ce_weight= (weight is the classifier "
-                              "matrix), got weight= among the options.")
     case_options = dict(options)
     if "ce_weight" in case_options:
         case_options["weight"] = case_options.pop("ce_weight")
@@ -203,7 +250,7 @@ def linear_cross_entropy_grad(hidden: Any, weight: Any, targets: Any, *, bias: A
     """
     lp = make_linear_problem(hidden, weight, targets, bias=bias, **options)
     fmt = float_format(lp.format.dtype if dtype is None else dtype)
-    g = logits_grad_bounded(lp)[0]
+    g = lp.grad[0]
     dh, dw, db = products(lp, g)
     return LinearGrad(round_to_format(dh, fmt), round_to_format(dw, fmt), None if db is None else round_to_format(db, fmt))
 
@@ -217,16 +264,17 @@ def linear_cross_entropy_grad_bounded(hidden: Any, weight: Any, targets: Any, *,
 
 def bounded(lp: LinearProblem) -> LinearBounded:
     """:func:`linear_cross_entropy_grad_bounded` of a validated case."""
-    g, e = logits_grad_bounded(lp)
+    g, e = lp.grad
     values = products(lp, g)
     n, v, d = lp.shape
-    h, w = np.abs(lp.hidden.astype(np.float64)), np.abs(lp.weight.astype(np.float64))
+    h, w = np.abs(lp.h64), np.abs(lp.w64)
     ga = np.abs(g)
+    gw, gh = lp.abs_products
     eta = FLOAT64.smallest_subnormal
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         # step O4: sum_c E_c |x_c| + gamma_terms sum_c |g_c| |x_c|, and an underflow floor per term
-        bh = SECOND_ORDER * (e @ w + gamma(v) * (ga @ w)) + (v + 1) * eta
-        bw = SECOND_ORDER * (e.T @ h + gamma(n) * (ga.T @ h)) + (n + 1) * eta
+        bh = SECOND_ORDER * (e @ w + gamma(v) * gw) + (v + 1) * eta
+        bw = SECOND_ORDER * (e.T @ h + gamma(n) * gh) + (n + 1) * eta
         bb = None if lp.bias is None else SECOND_ORDER * (e.sum(axis=0) + gamma(n) * ga.sum(axis=0)) + (n + 1) * eta
     return LinearBounded(Bounded(values[0], bh), Bounded(values[1], bw),
                          None if bb is None else Bounded(values[2], bb))
@@ -235,8 +283,8 @@ def bounded(lp: LinearProblem) -> LinearBounded:
 def products(lp: LinearProblem, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``(G @ W, G.T @ h, sum_n G_n)`` in float64."""
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        dh = g @ lp.weight.astype(np.float64)
-        dw = g.T @ lp.hidden.astype(np.float64)
+        dh = g @ lp.w64
+        dw = g.T @ lp.h64
         db = None if lp.bias is None else g.sum(axis=0)
     return dh, dw, db
 
@@ -244,12 +292,8 @@ def products(lp: LinearProblem, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 def logits_error64(lp: LinearProblem) -> np.ndarray:
     """Step O1: ``|fl(h @ W.T + b) - (h @ W.T + b)| <= gamma_{D+1} (|h| @ |W|.T + |b|)`` (products exact or not,
     any summation order; Higham, Accuracy and Stability, eq. 3.5), plus an underflow floor."""
-    h, w = np.abs(lp.hidden.astype(np.float64)), np.abs(lp.weight.astype(np.float64))
-    mag = h @ w.T
-    if lp.bias is not None:
-        mag += np.abs(lp.bias.astype(np.float64))
     d = lp.hidden.shape[1]
-    return SECOND_ORDER * gamma(d + 1) * mag + (d + 1) * FLOAT64.smallest_subnormal
+    return SECOND_ORDER * gamma(d + 1) * lp.magnitude + (d + 1) * FLOAT64.smallest_subnormal
 
 
 def logits_grad_bounded(lp: LinearProblem) -> tuple[np.ndarray, np.ndarray]:
@@ -259,17 +303,12 @@ def logits_grad_bounded(lp: LinearProblem) -> tuple[np.ndarray, np.ndarray]:
     z = problem.logits
     dz = logits_error64(lp)
     c = problem.softcap
+    x, zc = lp.capped
     if c is not None:  # step O2: z' = c tanh(z / c); Lipschitz 1, plus its own evaluation
-        with np.errstate(under="ignore"):
-            x = z / c
-            t = np.tanh(x)
-            zc = c * t
         dzc = dz + (TANH64_U + 3) * U * np.abs(zc) + FLOAT64.smallest_subnormal
     else:
-        x, zc, dzc = None, z, dz
-    ce_problem = _ce_problem(problem, zc)
-    ce, ce_err = grad_bounded(ce_problem)  # the CE part at z' (docs/oracle.md)
-    parts = row_parts(zc)
+        dzc = dz
+    ce_problem, ce, ce_err, parts = lp.ce  # the CE part at z' (docs/oracle.md)
     rho, eps_p, _ = _row_error(parts)
     a_val, a_err = _sensitive_part(problem, ce_problem, parts, ce, ce_err, dzc, rho[:, None] + U * (parts.log_z[:, None] + 1),
                                    eps_p, U)
@@ -319,7 +358,7 @@ def _sensitive_part(problem: Problem, ce_problem: Problem, parts: Any, ce: np.nd
         lam = problem.lse_square_scale
         if lam:
             dzl = problem.zloss_divisor()
-            lse = np.max(ce_problem.logits.astype(np.float64), axis=1, keepdims=True) + parts.log_z[:, None]
+            lse = np.max(ce_problem.logits, axis=1, keepdims=True) + parts.log_z[:, None]
             scale = 2 * lam / dzl
             zl = np.where(active, scale * lse * p, 0.0)
             zl_err = scale * (p * (np.abs(lse) * move + delta * np.exp(spread))          # sensitivity
@@ -373,15 +412,12 @@ def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
     ua, ud = model.acc.unit_roundoff, model.store.unit_roundoff
     sub_d = model.store.smallest_subnormal
     problem = lp.logits
-    h = np.abs(lp.hidden.astype(np.float64))
-    w = np.abs(lp.weight.astype(np.float64))
+    h, w = np.abs(lp.h64), np.abs(lp.w64)
     z = problem.logits
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         # step K1: the logits: a (D+1)-term dot product in acc, the matmul stored in the dtype, the bias added in it
-        mag = h @ w.T
-        zhw = np.abs(z if lp.bias is None else z - lp.bias.astype(np.float64))
-        if lp.bias is not None:
-            mag += np.abs(lp.bias.astype(np.float64))
+        mag = lp.magnitude
+        zhw = np.abs(z if lp.bias is None else z - lp.b64)
         dz = gamma(d + 1, ua) * mag + (d + 1) * model.acc.tiny
         dz = dz + ud * (zhw + dz) + sub_d
         if lp.bias is not None:
@@ -389,17 +425,14 @@ def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
         dz = dz + logits_error64(lp)  # the float64 logits the model is evaluated at are a rounding too
         # step K2: softcap in acc
         c = problem.softcap
+        x, zc = lp.capped
         if c is not None:
-            x = z / c
-            zc = c * np.tanh(x)
             dzc = dz + (TANH_U + 3) * ua * np.abs(zc) + model.acc.tiny
         else:
-            zc, dzc = z, dz
+            dzc = dz
         # step K3: the CE gradient's evaluation error in acc: the logits contract (docs/tolerance.md), at the
         # perturbed logits (p moves by at most exp(2 delta), which scales every term of element_bound)
-        ce_problem = _ce_problem(problem, zc)
-        parts = row_parts(zc)
-        ce = reference_ce(ce_problem)
+        ce_problem, ce, _, parts = lp.ce
         depth = max(tiled_depth(v), tree_depth(v))
         working = Implementation(f"{model.acc.name}, tiled", model.acc, depth, model.acc.tiny)
         delta = dzc.max(axis=1, keepdims=True)
@@ -420,15 +453,19 @@ def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
             df = f * np.expm1(np.minimum(SOFTCAP_LOG_SLOPE * dz / c, 700.0)) + (2 * TANH_U + 5) * ua
         else:
             f, df = 1.0, 0.0
-        # step K5: the upstream factor (one rounding), then G stored in the dtype once
+        # step K5: the upstream factor (one rounding), then G stored in the dtype once; a kernel may store G
+        # before a scalar upstream factor is applied (Liger), so the storage's underflow is charged |g| times
         gn = np.abs(problem.upstream())[:, None]
         g_abs = gn * np.abs(f * a_val)
         eg = gn * ((f + df) * a_err + np.abs(a_val) * df) + 3 * ua * (g_abs + gn * ((f + df) * a_err + np.abs(a_val) * df))
-        eg = eg + ud * (g_abs + eg) + sub_d
+        eg = eg + ud * (g_abs + eg) + sub_d * np.maximum(1.0, gn)
         gs = g_abs + eg  # |G as stored| <= |G| + E
-        # step K6: the products in acc (any order, chunked), per-chunk partials stored in the dtype once
-        th = eg @ w + gamma(v, ua) * (gs @ w) + (v + 1) * model.acc.tiny
-        tw = eg.T @ h + (gamma(n, ua) + ud) * (gs.T @ h) + (n + 1) * (model.acc.tiny + sub_d)
+        # step K6: the products in acc (any order, chunked), per-chunk partials stored in the dtype once;
+        # |G| is the oracle's (the same float64 numbers), so (|G| + E) @ |x| = |G| @ |x| + E @ |x|
+        gw, gh = lp.abs_products
+        ew, eh = eg @ w, eg.T @ h
+        th = ew + (gamma(v, ua) + ud) * (gw + ew) + (v + 1) * (model.acc.tiny + sub_d)
+        tw = eh + (gamma(n, ua) + ud) * (gh + eh) + (n + 1) * (model.acc.tiny + sub_d)
         tb = None
         if lp.bias is not None:
             tb = eg.sum(axis=0) + (gamma(n, ua) + ud) * gs.sum(axis=0) + (n + 1) * (model.acc.tiny + sub_d)
@@ -445,11 +482,6 @@ def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
             # step K8: the final rounding, half an ULP where the truth may be
             out.append(tol + 0.5 * model.store.ulp(np.abs(ref.value) + tol + ref.bound))
     return LinearGrad(*out)
-
-
-def reference_ce(ce_problem: Problem) -> np.ndarray:
-    """The CE part of the logits gradient at float64 logits (the oracle's value)."""
-    return grad_bounded(ce_problem)[0]
 
 
 def gamma_terms(n: int, fmt: FloatFormat) -> float:

@@ -191,7 +191,7 @@ def torch_upcast(hidden, weight, targets, *, bias=None, grad_output=None, ce_wei
     h = to_torch(hidden).to(work).requires_grad_(True)
     w = to_torch(weight).to(work).requires_grad_(True)
     b = None if bias is None else to_torch(bias).to(work).requires_grad_(True)
-    t = torch.from_numpy(np.asarray(targets))
+    t = torch.from_numpy(np.array(targets))  # a writable copy
     z = torch.nn.functional.linear(h, w, b)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -273,8 +273,8 @@ ZOO_LINEAR_BUGGY: dict[str, Entry] = {e.name: e for e in (
     Entry("bias_last_chunk_only", _variant("bias_last_chunk_only"),
           "d_bias overwritten by each chunk instead of accumulated (bias path)", configs=({"bias": True},)),
     Entry("dw_accumulated_in_dtype", _variant("dw_accumulated_in_dtype"),
-          "d_weight and d_bias accumulated in bfloat16 across chunks (Liger's accum_dtype=None; axolotl #1601, "
-          "Liger #1391)", dtypes=("bfloat16",), configs=({"bias": True},)),
+          "d_weight and d_bias accumulated in the (half) dtype across chunks (Liger's accum_dtype=None; axolotl #1601, "
+          "Liger #1391)", dtypes=HALF, configs=({"bias": True},)),
     Entry("tail_chunk_dropped", _variant("tail_chunk_dropped", chunk=4),
           "the last partial row chunk skipped when N is not a multiple of the chunk"),
     Entry("vocab_tail", _variant("vocab_tail"),
