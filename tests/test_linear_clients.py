@@ -181,7 +181,7 @@ ALL_OPTIONS = {"bias": True, "weighted": True, "ignore_index": -100, "label_smoo
 def _verify_linear(grad_fn, dtype, **options):
     from gradcheck.checking.linear import verify_linear
 
-    return verify_linear(grad_fn, dtype=dtype, **CLIENT, **options)
+    return verify_linear(grad_fn, dtype=dtype, **{**CLIENT, **options})
 
 
 def torch_upcast(h, W, t, bias=None, ce_weight=None, **options):
@@ -201,13 +201,15 @@ def test_torch_f_linear_cross_entropy_keeps_the_kernel_contract(torch, dtype):
     assert result.passed and result.grade == "kernel", result
 
 
-# In float16 and bfloat16 it computes in the half dtype and rounds to it more than once along the chain
-# (the logits, the log-probabilities, their gradient): it misses the contract, by a small factor only
-# (measured 1.01 to 2.5 x the tolerance with seed 11, 30 examples: the rounding the contract does not
-# allow, not a wrong formula).
+# In float16 and bfloat16 it computes in the half dtype and rounds to it more than once along the chain:
+# the logits, then the log-probabilities, which log_softmax's backward exponentiates (p then carries a
+# relative error of about |log p| half-precision ULPs). It misses the contract by a small factor only:
+# measured 1.01 to 2.1 x the tolerance over seeds 0 and 11, four option sets, 100 examples each (the
+# rounding the contract does not allow, not a wrong formula). float16 needs more examples than bfloat16
+# to show it (with seed 11 and these options: example 27, against 3).
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_torch_in_half_precision_misses_the_kernel_contract_by_a_small_factor(torch, dtype):
-    result = _verify_linear(torch_linear_loss_grad(), dtype, **ALL_OPTIONS)
+    result = _verify_linear(torch_linear_loss_grad(), dtype, **{**ALL_OPTIONS, "max_examples": 60})
     assert not result.passed and result.grade is None, result
     assert result.failure.kind == "mismatch" and 1.0 < result.failure.ratio < 4.0, result
 

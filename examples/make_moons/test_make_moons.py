@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import gradcheck
-from gradcheck.checking.linear import assert_linear_gradient, verify_linear
 from moons import Network, logits_grad, loss, make_moons, output_layer_grad, train
 
 SEED = 13
@@ -47,7 +46,7 @@ def test_the_logits_gradient_is_right(dtype):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_the_output_layer_gradients_are_right(dtype, bias):
-    assert_linear_gradient(output_layer_grad, dtype=dtype, bias=bias, **CHECK)
+    gradcheck.assert_linear_gradient(output_layer_grad, dtype=dtype, bias=bias, **CHECK)
 
 
 def divides_by_n_twice(hidden, weight, targets, *, bias=None):
@@ -57,10 +56,10 @@ def divides_by_n_twice(hidden, weight, targets, *, bias=None):
 
 
 def test_a_wrong_backprop_is_caught():
-    result = verify_linear(divides_by_n_twice, dtype="float64", bias=True, **CHECK)
+    result = gradcheck.verify_linear(divides_by_n_twice, dtype="float64", bias=True, **CHECK)
     assert not result.passed
     with pytest.raises(gradcheck.GradientMismatch, match="weight"):
-        assert_linear_gradient(divides_by_n_twice, dtype="float64", bias=True, **CHECK)
+        gradcheck.assert_linear_gradient(divides_by_n_twice, dtype="float64", bias=True, **CHECK)
 
 
 def test_the_wrong_backprop_still_trains_but_more_slowly():
