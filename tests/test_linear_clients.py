@@ -347,3 +347,67 @@ def test_plugin_fixture_checks_linear_gradients_and_records_them(pytester):
     assert by_test["test_good[float32]"]["max_examples"] == 5  # the session's default reached the linear check
     assert by_test["test_bad[float32]"]["verdict"] == "failed"
     assert "in d_weight" in by_test["test_bad[float32]"]["failure"]["message"]
+
+
+# --- cut-cross-entropy (Apple), impl="torch_compile" on CPU --------------------------------------------
+# cut_cross_entropy 25.1.1 (the release on PyPI), torch_compile.py: `logits = e @ c.T` in the input
+# dtype, optional softcap `tanh(logits / softcap) * softcap`, then `F.cross_entropy(logits.float(), ...)`;
+# no bias, class weights or label smoothing in this release. So float16 and bfloat16 are the kernel
+# structure (logits stored in the dtype once, float32 inside), and float64 inputs are computed in float32
+# by design. Gradient filtering (`filter_eps`) belongs to the Triton "cce" implementation only (GPU).
+# It needs the triton package even on CPU (its package imports it); it is not in the locks.
+# torch.compile(dynamic=True) still recompiles for new dtypes and for sizes 0 and 1: the recompile
+# limit (8) is raised for these checks and the compile cache reset between them. Measured with seed 11,
+# 10 examples, shapes up to (16, 128, 32), four option sets each (default; ignore_index with "sum";
+# "none" with upstream gradients; softcap 20): float32, float16, bfloat16 keep the kernel contract (worst
+# 0.13, 0.57, 0.65 x the tolerance); float64 is rejected by 7e6 to 1.5e7 x (float32 inside). Each check
+# compiles for about a minute here, hence slow.
+
+CCE_CHECK = {"max_examples": 8, "max_shape": (16, 128, 32), "seed": SEED}
+
+
+@pytest.fixture(scope="module")
+def cce_loss():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as exc:  # the package, or the triton it imports even on CPU
+        pytest.skip(f"cut-cross-entropy cannot be imported ({exc}); pip install cut-cross-entropy triton")
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    previous = config.recompile_limit
+    config.recompile_limit = 64
+
+    def cce(h, W, t, *, ignore_index=-100, reduction="mean", softcap=None):
+        return linear_cross_entropy(h, W, t, ignore_index=ignore_index, softcap=softcap, reduction=reduction,
+                                    impl="torch_compile")
+
+    yield torch_linear_loss_grad(cce)
+    config.recompile_limit = previous
+    torch._dynamo.reset()
+
+
+def _verify_cce(grad_fn, dtype, **options):
+    import torch._dynamo
+    from gradcheck.checking.linear import verify_linear
+
+    torch._dynamo.reset()  # each check starts from an empty compile cache
+    return verify_linear(grad_fn, dtype=dtype, **CCE_CHECK, **options)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("dtype", "options"), [
+    ("float32", {"ignore_index": -100, "reduction": "sum"}),
+    ("bfloat16", {"reduction": "none"}),
+    ("float16", {"softcap": 20.0}),
+], ids=["float32-ignored-sum", "bfloat16-none", "float16-softcap"])
+def test_cut_cross_entropy_torch_compile_keeps_the_kernel_contract(cce_loss, dtype, options):
+    result = _verify_cce(cce_loss, dtype, **options)
+    assert result.passed and result.grade == "kernel", result
+
+
+@pytest.mark.slow
+def test_cut_cross_entropy_computes_float64_in_float32(cce_loss):
+    result = _verify_cce(cce_loss, "float64")
+    assert not result.passed and result.failure.kind == "mismatch" and result.failure.ratio > 1e5, result

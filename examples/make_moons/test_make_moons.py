@@ -43,6 +43,20 @@ def test_the_logits_gradient_is_right(dtype):
     gradcheck.assert_gradient(logits_grad, dtype=dtype, max_shape=(32, 512), **CHECK)
 
 
+def test_a_softmax_without_the_row_maximum_is_caught():
+    """exp(z) overflows on the large logits verify draws: inf / inf is NaN."""
+
+    def naive_logits_grad(logits, targets):
+        with np.errstate(over="ignore", invalid="ignore"):
+            e = np.exp(logits)
+            G = e / e.sum(axis=1, keepdims=True)
+        G[np.arange(len(targets)), targets] -= 1
+        return G / len(targets)
+
+    result = gradcheck.verify(naive_logits_grad, dtype="float64", max_shape=(32, 512), **CHECK)
+    assert not result.passed and result.failure.kind == "nonfinite", result
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_the_output_layer_gradients_are_right(dtype, bias):
