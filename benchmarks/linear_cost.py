@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from zoo_linear import ZOO_LINEAR_BUGGY, runs, torch_upcast  # noqa: E402
 
-from gradcheck.checking.linear import check_linear, compare_linear, draw_case, verify_linear  # noqa: E402
+from gradcheck.checking.linear import compare_linear, draw_case, verify_linear  # noqa: E402
 from gradcheck.dtypes import float_format  # noqa: E402
 from gradcheck.linear_exact import exact_linear_grad  # noqa: E402
 

@@ -142,3 +142,53 @@ def test_torch_tensors_and_probability_targets():
 
     assert verify_linear(as_torch, dtype="float32", max_examples=10, seed=1).passed
     assert verify_linear(soft, dtype="float32", targets="probs", max_examples=10, seed=1).passed
+
+
+def test_strategy_draws_the_features_of_the_brief():
+    from hypothesis import HealthCheck, given, settings
+
+    from gradcheck.checking.linear import linear_cases
+
+    seen = {"n_off_chunk": False, "v_off_block": False, "d1": False, "some": False, "most": False, "large": False,
+            "grad_output": False}
+
+    @settings(max_examples=300, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(linear_cases(dtype="bfloat16", bias=True, ignore_index=-100, upstream=True, max_shape=(64, 300, 40)))
+    def draw(case):
+        n, v, d = case.problem.shape
+        seen["n_off_chunk"] |= n % 4 != 0 and n > 4
+        seen["v_off_block"] |= v % 64 != 0 and v > 64
+        seen["d1"] |= d == 1
+        seen["some"] |= "some ignored rows" in case.tags
+        seen["most"] |= "most ignored rows" in case.tags
+        seen["large"] |= case.regime == "large" and float(np.abs(case.problem.logits.logits).max()) > 20
+        seen["grad_output"] |= case.grad_output is not None
+        for x in (case.hidden, case.weight, case.bias):  # exact in every dtype: the same numbers in float16
+            x64 = x.astype(np.float64)
+            assert np.array_equal(x64.astype(np.float16).astype(np.float64), x64)
+
+    draw()
+    assert all(seen.values()), seen
+
+
+def test_regression_storage_underflow_scaled_by_grad_output():
+    """verify_linear once failed liger_correct here (float16, seed 1): an element of G below half float16's
+    smallest subnormal, stored before the scalar grad_output -3.578 was applied; the contract now charges the
+    storage's underflow |g| times (docs/linear.md, K5)."""
+    from gradcheck.checking.linear import LinearCase, compare_linear
+
+    f16 = np.float16
+    hidden = np.array([[-13.1875, 3.875, -1.0, -1.5078125, 5.1875, 10.625, 3.0]], dtype=f16)
+    weight = np.array([
+        [0.11083984375, 0.3203125, -0.578125, 0.240234375, -0.11279296875, 0.00800323486328125, -0.171875],
+        [-0.7001953125, 0.39990234375, -0.7001953125, 0.199951171875, -0.0200042724609375, 0.199951171875,
+         0.08001708984375],
+        [0.0] * 7,
+        [0.199951171875, -0.39990234375, 0.0, -0.5, 1.0, 0.98828125, 0.300048828125],
+        [-1.2265625, 0.98046875, 0.2373046875, 0.361328125, 0.06591796875, -0.39453125, 0.2890625]], dtype=f16)
+    targets = np.array([2])
+    case = LinearCase.make(hidden, weight, targets, grad_output=f16(-3.578))
+    got = liger_correct(hidden, weight, targets, grad_output=case.grad_output)
+    assert got[1][0, 0] == 0  # the flushed element
+    outcome = compare_linear(got, case)
+    assert isinstance(outcome, tuple), outcome.message

@@ -122,6 +122,9 @@ class LinearCase:
         return LinearCase.make(values.pop("hidden"), values.pop("weight"), values.pop("targets"),
                                regime=self.regime, tags=self.tags, **values)
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # Hypothesis' printer: this line, not every array
+        printer.text(repr(self))
+
     def __repr__(self) -> str:
         n, v, d = self.problem.shape
         return (f"LinearCase(regime={self.regime!r}, N={n}, V={v}, D={d}, dtype={self.dtype}, "
