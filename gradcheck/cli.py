@@ -155,12 +155,49 @@ def _report(args: argparse.Namespace) -> int:
 # --- vectors ------------------------------------------------------------------------------------
 
 
+def _linear_vectors(args: argparse.Namespace) -> int:
+    """``gradcheck vectors --linear``: the fused linear family's golden vectors (gradcheck.vectors.linear)."""
+    from pathlib import Path
+
+    from gradcheck.report.jsonio import write_atomic
+    from gradcheck.vectors.linear import build_linear_suite, render_linear_vectors
+
+    out = args.out if args.out is not None else os.path.join("reports", "linear_vectors.json")
+    if not args.check and _unwritable(out):
+        return 2
+    start = time.perf_counter()
+    groups = build_linear_suite(args.seed)
+    text = render_linear_vectors(groups, args.seed)
+    tests = sum(len(g.tests) for g in groups)
+    if args.check:
+        try:
+            current = Path(out).read_text(encoding="utf-8")
+        except OSError as exc:
+            _err(f"cannot read {out}: {exc.strerror}")
+            return 2
+        if current != text:
+            _err(f"{out} differs from the linear vectors generated with seed {args.seed}; regenerate it with "
+                 f"`gradcheck vectors --linear --out {out}`")
+            return 1
+        print(f"{out} is up to date ({tests} tests, seed {args.seed})")
+        return 0
+    path = write_atomic(out, text)
+    print(f"wrote {path} ({_size(path.stat().st_size)}): {tests} tests in {len(groups)} groups, seed {args.seed}, "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def _vectors(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    if getattr(args, "linear", False):
+        return _linear_vectors(args)
 
     from gradcheck.report import write_vectors
     from gradcheck.vectors import build_suite, render_vectors
 
+    if args.out is None:
+        args.out = os.path.join("reports", "vectors.json")
     if not args.check and _unwritable(args.out):
         return 2
     start = time.perf_counter()
@@ -264,10 +301,7 @@ def _verify(args: argparse.Namespace) -> int:
         return 2
     linear = getattr(args, "linear", False)
     if args.vectors:
-        if linear:
-            _err("--vectors checks a logits gradient; there are no golden vectors for --linear (check without --vectors)")
-            return 2
-        return _verify_vectors(args, fn)
+        return _verify_linear_vectors(args, fn) if linear else _verify_vectors(args, fn)
     from gradcheck.errors import InvalidArgument
     from gradcheck.checking.api import verify
     from gradcheck.checking.messages import describe
@@ -349,6 +383,50 @@ def _verify_vectors(args: argparse.Namespace, fn: Any) -> int:
              if o.implementation_ok is not None or not o.classified]
     _outputs(args, document, cases)
     return 0 if result.passed else 1
+
+
+def _verify_linear_vectors(args: argparse.Namespace, fn: Any) -> int:
+    """``gradcheck verify --linear FUNC --vectors FILE``: FUNC on every valid test's inputs, and the checker on
+    every test (valid gradients accepted, invalid ones rejected)."""
+    from pathlib import Path
+
+    from gradcheck.errors import InvalidArgument
+    from gradcheck.vectors.linear import check_linear_vectors, parse_linear_vectors
+
+    try:
+        groups = parse_linear_vectors(Path(args.vectors).read_text(encoding="utf-8"))
+    except OSError as exc:
+        _err(f"cannot read {args.vectors}: {exc.strerror}")
+        return 2
+    except InvalidArgument as exc:
+        _err(f"{args.vectors}: {exc}")
+        return 2
+    if args.dtype:
+        groups = tuple(g for g in groups if g.dtype in args.dtype)
+    if not any(g.tests for g in groups):
+        _err(f"{args.vectors} has no test{' of dtype ' + ', '.join(args.dtype) if args.dtype else ''}: zero tests "
+             "checked is not a pass")
+        return 2
+    start = time.perf_counter()
+    outcomes = check_linear_vectors(fn, groups)
+    failures = [o for o in outcomes if o.implementation_ok is False]
+    misclassified = [o for o in outcomes if not o.classified]
+    for o in failures:
+        print(f"FAIL {o.message}", file=sys.stderr)
+    for o in misclassified:
+        print(f"CHECKER tcId {o.tc_id} ({o.result}) is misjudged by verify_linear's judge", file=sys.stderr)
+    passed = not failures and not misclassified
+    ran = sum(o.implementation_ok is not None for o in outcomes)
+    print(f"verify_linear({args.function}) against {args.vectors}: {'passed' if passed else 'FAILED'}; "
+          f"{len(outcomes)} tests, {ran} inputs run, {len(failures)} failed, {len(misclassified)} misclassified by "
+          f"the checker; {time.perf_counter() - start:.1f} s")
+    document = {"mode": "linear-vectors", "function": args.function, "file": str(args.vectors), "passed": passed,
+                "tests": len(outcomes), "inputsRun": ran,
+                "failures": [{"tcId": o.tc_id, "message": o.message} for o in failures],
+                "misclassified": [{"tcId": o.tc_id, "result": o.result} for o in misclassified]}
+    _outputs(args, document, [(f"tcId {o.tc_id}", 0.0, o.message or None) for o in outcomes
+                              if o.implementation_ok is not None])
+    return 0 if passed else 1
 
 
 def _outputs(args: argparse.Namespace, document: dict[str, Any], cases: list[tuple[str, float, str | None]]) -> None:
@@ -491,9 +569,12 @@ def _add_vectors(sub: Any) -> None:
         epilog="examples:\n  gradcheck vectors --out reports/vectors.json\n"
                "  gradcheck vectors --out reports/vectors.json --check   # exit 1 if the file is stale",
     )
-    p.add_argument("--out", default=os.path.join("reports", "vectors.json"), help="the file to write (default reports/vectors.json)")
+    p.add_argument("--out", default=None, help="the file to write (default reports/vectors.json; with --linear "
+                   "reports/linear_vectors.json)")
     p.add_argument("--seed", type=_nonnegative, default=0, help="seed of the vectors (default 0)")
     p.add_argument("--check", action="store_true", help="compare with OUT byte for byte instead of writing")
+    p.add_argument("--linear", action="store_true", help="the fused linear family's vectors (hidden, weight, bias "
+                   "and their certified gradients) instead")
     p.set_defaults(run=_vectors)
 
 
@@ -517,7 +598,8 @@ def _add_verify(sub: Any, *, linear: bool = False) -> None:
     p.add_argument("--linear", action="store_true",
                    help="FUNC is a fused linear cross-entropy gradient FUNC(hidden, weight, targets, **options) "
                    "returning (d_hidden, d_weight) or, with --bias, (d_hidden, d_weight, d_bias); checked by "
-                   "verify_linear, whose options then apply: --bias, --max-shape N,V,D (no --precision, --regimes)")
+                   "verify_linear, whose options then apply: --bias, --max-shape N,V,D (no --precision, --regimes); with "
+                   "--vectors, FILE is a linear vectors file (gradcheck vectors --linear)")
     _add_verify_options(p, linear=linear)
     p.add_argument("--json", metavar="PATH", help="write the result as JSON")
     p.add_argument("--junit-xml", metavar="PATH", help="write the result as JUnit XML")

@@ -300,7 +300,7 @@ def test_cli_verify_linear_fails_with_exit_1_naming_the_gradient(project, capsys
 @pytest.mark.parametrize(("flags", "message"), [
     (["--precision", "float32"], "unrecognized arguments: --precision"),
     (["--max-shape", "3,4"], "max_shape must be three positive integers (N, V, D), got (3, 4)"),
-    (["--vectors", "v.json"], "there are no golden vectors for --linear"),
+    (["--vectors", "missing.json"], "cannot read missing.json"),
 ])
 def test_cli_verify_linear_usage_errors_exit_2(project, capsys, flags, message):
     from gradcheck import cli
@@ -311,6 +311,49 @@ def test_cli_verify_linear_usage_errors_exit_2(project, capsys, flags, message):
     except SystemExit as exc:  # argparse's usage errors
         code = exc.code
     assert code == 2 and message in capsys.readouterr().err
+
+
+def nobias_source() -> str:
+    return LINEAR_GRADS + '''
+
+def zero_bias(hidden, weight, targets, *, bias=None, **options):
+    out = grad(hidden, weight, targets, bias=bias, **options)
+    return out if bias is None else (out[0], out[1], np.zeros_like(out[2]))
+'''
+
+
+def test_cli_linear_vectors_write_check_and_verify(project, capsys, monkeypatch):
+    import json
+
+    import gradcheck.vectors.linear as vectors_linear
+    from gradcheck import cli
+
+    path, name = project
+    (path / f"{name}.py").write_text(nobias_source())
+    small = vectors_linear.build_linear_suite(0, dtypes=("float32", "bfloat16"))
+    monkeypatch.setattr(vectors_linear, "build_linear_suite", lambda seed: small if seed == 0 else None)
+    assert cli.main(["vectors", "--linear", "--out", "lv.json"]) == 0
+    tests = sum(len(g.tests) for g in small)
+    assert f"{tests} tests in {len(small)} groups, seed 0" in capsys.readouterr().out
+    assert cli.main(["vectors", "--linear", "--out", "lv.json", "--check"]) == 0
+    (path / "lv.json").write_text((path / "lv.json").read_text().replace('"seed": 0', '"seed": 1', 1))
+    assert cli.main(["vectors", "--linear", "--out", "lv.json", "--check"]) == 1
+    assert "differs from the linear vectors" in capsys.readouterr().err
+    assert cli.main(["vectors", "--linear", "--out", "lv.json"]) == 0
+    capsys.readouterr()
+
+    assert cli.main(["verify", "--linear", f"{name}:grad", "--vectors", "lv.json", "--json", "ok.json"]) == 0
+    out = capsys.readouterr().out
+    assert f"passed; {tests} tests" in out and "0 failed, 0 misclassified" in out
+    assert json.loads((path / "ok.json").read_text())["mode"] == "linear-vectors"
+    assert cli.main(["verify", "--linear", f"{name}:zero_bias", "--vectors", "lv.json", "--dtype", "bfloat16"]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL tcId" in err and "d_bias differs from the truth" in err and "(bfloat16, linear_bias" in err
+    assert cli.main(["verify", "--linear", f"{name}:grad", "--vectors", "lv.json", "--dtype", "float16"]) == 2
+    assert "has no test of dtype float16: zero tests checked is not a pass" in capsys.readouterr().err
+    (path / "other.json").write_text('{"schema": "gradcheck-vectors"}')
+    assert cli.main(["verify", "--linear", f"{name}:grad", "--vectors", "other.json"]) == 2
+    assert "must have schema 'gradcheck-linear-vectors', got 'gradcheck-vectors'" in capsys.readouterr().err
 
 
 def test_cli_bias_is_a_linear_flag_only(project, capsys):

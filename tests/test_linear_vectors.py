@@ -19,8 +19,10 @@ from gradcheck.vectors.linear import (
     SHAPES,
     build_linear_suite,
     check_linear_vectors,
+    parse_linear_vectors,
     render_linear_vectors,
 )
+from gradcheck.errors import InvalidArgument
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -119,3 +121,21 @@ def test_the_report_section_counts_the_tests(suite):
     assert cells[-2:] == [f"{len(group.tests)}/{len(group.tests)}", f"{len(SHAPES)}/{len(SHAPES)}"]
     for flag in LINEAR_BUGS:
         assert f"- `{flag}`:" in text
+
+
+def test_the_file_reads_back_bit_for_bit(suite):
+    f16 = tuple(g for g in suite if g.dtype == "float16")
+    text = render_linear_vectors(f16)
+    back = parse_linear_vectors(text)
+    assert render_linear_vectors(back) == text
+    assert [o.classified for o in check_linear_vectors(None, back)] == [True] * sum(len(g.tests) for g in f16)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("not json", "must be JSON"),
+    ('{"schema": "gradcheck-vectors"}', "must have schema 'gradcheck-linear-vectors', got 'gradcheck-vectors'"),
+    ('{"schema": "gradcheck-linear-vectors", "testGroups": [{"name": "x"}]}', "malformed linear vectors file: KeyError"),
+])
+def test_a_file_that_is_not_linear_vectors_is_refused(text, message):
+    with pytest.raises(InvalidArgument, match=message):
+        parse_linear_vectors(text)

@@ -218,3 +218,52 @@ def render_linear_vectors(groups: tuple[LinearVectorGroup, ...], seed: int = DEF
         } for g in groups],
     }
     return dumps(document)
+
+
+def parse_linear_vectors(text: str) -> tuple[LinearVectorGroup, ...]:
+    """The groups of a file written by :func:`render_linear_vectors` (floats from their hex, bit for bit).
+
+    Raises:
+        InvalidArgument: not such a file (not JSON, another schema, a malformed test), naming what is wrong.
+    """
+    import json
+
+    from gradcheck.errors import InvalidArgument
+    from gradcheck.report.floats import decode_floats
+
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"a linear vectors file must be JSON, got a parse error: {exc}.") from None
+    if not isinstance(document, dict) or document.get("schema") != SCHEMA_NAME:
+        got = document.get("schema") if isinstance(document, dict) else type(document).__name__
+        raise InvalidArgument(f"a linear vectors file must have schema {SCHEMA_NAME!r}, got {got!r} (write one with "
+                              "render_linear_vectors or `gradcheck vectors --linear`).")
+    groups = []
+    try:
+        for g in document["testGroups"]:
+            spec = LinearGroupSpec(g["name"], bool(g["bias"]), g["reduction"], float(g["labelSmoothing"]),
+                                   bool(g["weighted"]), g["ignoreIndex"], bool(g["upstream"]))
+            tests = []
+            for t in g["tests"]:
+                where = f"tcId {t['tcId']}"
+                options: dict[str, Any] = {"reduction": spec.reduction, "label_smoothing": spec.label_smoothing}
+                if spec.ignore_index is not None:
+                    options["ignore_index"] = spec.ignore_index
+                if "ceWeight" in t:
+                    options["ce_weight"] = decode_floats(t["ceWeight"], where=f"{where}.ceWeight")
+                if "gradOutput" in t:
+                    options["grad_output"] = decode_floats(t["gradOutput"], where=f"{where}.gradOutput")
+                case = LinearCase.make(decode_floats(t["hidden"], where=f"{where}.hidden"),
+                                       decode_floats(t["weight"], where=f"{where}.weight"),
+                                       np.array(t["targets"], dtype=np.int64),
+                                       bias=decode_floats(t["bias"], where=f"{where}.bias") if "bias" in t else None,
+                                       regime=t["regime"], **options)
+                keys = ("dHidden", "dWeight", "dBias") if spec.bias else ("dHidden", "dWeight")
+                grad = tuple(decode_floats(t[k], where=f"{where}.{k}") for k in keys)
+                flags = t["flags"]
+                tests.append(LinearVector(int(t["tcId"]), case, grad, t["result"], flags[0] if flags else None))
+            groups.append(LinearVectorGroup(g["dtype"], spec, tuple(tests)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidArgument(f"a malformed linear vectors file: {type(exc).__name__}: {exc}.") from None
+    return tuple(groups)
