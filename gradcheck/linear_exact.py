@@ -21,8 +21,8 @@ import numpy as np
 
 from gradcheck.dtypes import FloatFormat, float_format, round_to_format
 from gradcheck.errors import CertificationError
-from gradcheck.exact import _round_dyadic, _round_fraction
-from gradcheck.linear import LinearGrad, LinearProblem, make_linear_problem
+from gradcheck.exact import _decided, _round_dyadic, _round_fraction
+from gradcheck.linear import LinearGrad, LinearProblem, bounded, make_linear_problem
 
 __all__ = ["exact_linear_grad", "certified_linear_grad"]
 
@@ -31,12 +31,14 @@ _IV = type(mpmath.iv)()  # a private interval context
 
 
 def exact_linear_grad(hidden: Any, weight: Any, targets: Any, *, bias: Any = None, dtype: Any = None,
-                      **options: Any) -> LinearGrad:
+                      prefilter: bool = True, **options: Any) -> LinearGrad:
     """The three gradients, each element correctly rounded to ``dtype`` (default: the inputs' dtype).
 
     Args:
         hidden, weight, targets, bias, **options: as for :func:`gradcheck.linear.make_linear_problem`.
         dtype: the format to round to.
+        prefilter: use the float64 oracle's rigorous bound where it decides the rounding (the results are the
+            same; False computes every element with mpmath).
 
     Returns:
         :class:`gradcheck.linear.LinearGrad`.
@@ -47,7 +49,7 @@ def exact_linear_grad(hidden: Any, weight: Any, targets: Any, *, bias: Any = Non
     """
     lp = make_linear_problem(hidden, weight, targets, bias=bias, **options)
     fmt = float_format(lp.format.dtype if dtype is None else dtype)
-    return certified_linear_grad(lp, fmt)
+    return certified_linear_grad(lp, fmt, prefilter=prefilter)
 
 
 def _integers(x: np.ndarray) -> tuple[np.ndarray, int]:
@@ -105,8 +107,10 @@ def _iv(x: Fraction) -> Any:
     return _IV.mpf(x.numerator) / _IV.mpf(x.denominator) if x.denominator != 1 else _IV.mpf(x.numerator)
 
 
-def _grad_rows(lp: LinearProblem, rows: _Rows, zint: np.ndarray, ze: int, prec: int) -> list[list[Any]]:
-    """Interval enclosures of ``G_nv`` at precision ``prec`` (None for an exact zero)."""
+def _grad_rows(lp: LinearProblem, rows: _Rows, zint: np.ndarray, ze: int, prec: int,
+               need: np.ndarray) -> list[list[Any]]:
+    """Interval enclosures of ``G_nv`` at precision ``prec`` for the rows in ``need`` (None: an exact zero, or a
+    row not needed)."""
     _IV.prec = prec
     p = lp.logits
     lam, c = p.lse_square_scale, p.softcap
@@ -114,7 +118,7 @@ def _grad_rows(lp: LinearProblem, rows: _Rows, zint: np.ndarray, ze: int, prec: 
     scale = _IV.mpf(2) ** ze
     d_iv, dz_iv = _iv(rows.d), _iv(rows.dz) if rows.dz else None  # D > 0 (make_problem)
     for n in range(p.n):
-        if not rows.active[n] or rows.g[n] == 0:
+        if not need[n] or not rows.active[n] or rows.g[n] == 0:
             out.append([None] * p.k)
             continue
         z = [_IV.mpf(int(v)) * scale for v in zint[n]]
@@ -168,36 +172,43 @@ def _exponent(x: Any) -> int:
     return max(r[2] + r[3] for r in ends)
 
 
-def _enclose(lp: LinearProblem, g: list[list[Any]], prec: int) -> tuple[tuple[np.ndarray, np.ndarray, Any], ...]:
-    """Integer enclosures ``[lo, hi] * 2**e`` of ``G @ W`` (per row e), ``G.T @ h`` and ``sum_n G`` (per class e)."""
+def _enclose(lp: LinearProblem, g: list[list[Any]], prec: int, todo: list[np.ndarray]) -> tuple[Any, ...]:
+    """Integer enclosures ``[lo, hi] * 2**e`` of ``G @ W`` (per row e), ``G.T @ h`` and ``sum_n G`` (per class e),
+    computed for the rows of dh and the classes of dW and db that ``todo`` still asks for (0 elsewhere)."""
     n, v, d = lp.shape
     w, ew = _integers(lp.weight)
     h, eh = _integers(lp.hidden)
     exps = np.array([[(_exponent(x) if x is not None else -(1 << 30)) for x in row] for row in g])
     row_top = exps.max(axis=1)
     col_top = exps.max(axis=0)
-    lo_r = np.zeros((n, v), dtype=object)
-    hi_r = np.zeros((n, v), dtype=object)
-    lo_c = np.zeros((n, v), dtype=object)
-    hi_c = np.zeros((n, v), dtype=object)
-    for i in range(n):
+    rows_h = np.flatnonzero(todo[0].any(axis=1))
+    cols = np.flatnonzero(todo[1].any(axis=1) | (todo[2] if len(todo) > 2 else False))
+    lo_r, hi_r = np.zeros((rows_h.size, v), dtype=object), np.zeros((rows_h.size, v), dtype=object)
+    lo_c, hi_c = np.zeros((n, cols.size), dtype=object), np.zeros((n, cols.size), dtype=object)
+    for a, i in enumerate(rows_h):
         for j in range(v):
-            x = g[i][j]
-            if x is None:
-                continue
-            lo_r[i, j], hi_r[i, j] = _fixed(x, prec - int(row_top[i]))
-            lo_c[i, j], hi_c[i, j] = _fixed(x, prec - int(col_top[j]))
-    wpos = np.where(w > 0, w, 0)
-    wneg = np.where(w < 0, w, 0)
-    hpos = np.where(h > 0, h, 0)
-    hneg = np.where(h < 0, h, 0)
-    dh = (lo_r.dot(wpos) + hi_r.dot(wneg), hi_r.dot(wpos) + lo_r.dot(wneg),
+            if g[i][j] is not None:
+                lo_r[a, j], hi_r[a, j] = _fixed(g[i][j], prec - int(row_top[i]))
+    for i in range(n):
+        for b, j in enumerate(cols):
+            if g[i][j] is not None:
+                lo_c[i, b], hi_c[i, b] = _fixed(g[i][j], prec - int(col_top[j]))
+    wpos, wneg = np.where(w > 0, w, 0), np.where(w < 0, w, 0)
+    hpos, hneg = np.where(h > 0, h, 0), np.where(h < 0, h, 0)
+
+    def spread(shape: tuple[int, ...], at: np.ndarray, values: np.ndarray) -> np.ndarray:
+        out = np.zeros(shape, dtype=object)
+        out[at] = values
+        return out
+
+    dh = (spread((n, d), rows_h, lo_r.dot(wpos) + hi_r.dot(wneg)), spread((n, d), rows_h, hi_r.dot(wpos) + lo_r.dot(wneg)),
           np.array([ew - (prec - int(t)) for t in row_top])[:, None])
-    dw = (lo_c.T.dot(hpos) + hi_c.T.dot(hneg), hi_c.T.dot(hpos) + lo_c.T.dot(hneg),
+    dw = (spread((v, d), cols, lo_c.T.dot(hpos) + hi_c.T.dot(hneg)), spread((v, d), cols, hi_c.T.dot(hpos) + lo_c.T.dot(hneg)),
           np.array([eh - (prec - int(t)) for t in col_top])[:, None])
     db = None
     if lp.bias is not None:
-        db = (lo_c.sum(axis=0), hi_c.sum(axis=0), np.array([-(prec - int(t)) for t in col_top]))
+        db = (spread((v,), cols, lo_c.sum(axis=0)), spread((v,), cols, hi_c.sum(axis=0)),
+              np.array([-(prec - int(t)) for t in col_top]))
     return dh, dw, db
 
 
@@ -217,18 +228,30 @@ def _rational_row(lp: LinearProblem, rows: _Rows, zint: np.ndarray, n: int) -> l
     return [rows.g[n] * (s / p.k - wt[v]) / rows.d for v in range(p.k)]
 
 
-def certified_linear_grad(lp: LinearProblem, fmt: FloatFormat) -> LinearGrad:
-    """The correctly rounded gradients of a validated case (see the module docstring)."""
+def certified_linear_grad(lp: LinearProblem, fmt: FloatFormat, *, prefilter: bool = True) -> LinearGrad:
+    """The correctly rounded gradients of a validated case (see the module docstring).
+
+    ``prefilter``: first take every element whose float64 enclosure (the oracle's value and rigorous bound,
+    :func:`gradcheck.linear.bounded`) rounds to one number of ``fmt`` (docs/linear.md, "The certified truth",
+    step 0); the results are the same either way, False computes every element with mpmath.
+    """
     n, v, d = lp.shape
     rows = _Rows(lp)
     zint, ze = exact_logits(lp)
     shapes = ((n, d), (v, d), (v,))
     results = [np.full(s, np.nan) for s in shapes[:2 if lp.bias is None else 3]]
     todo = [np.ones(s, dtype=bool) for s in shapes[:len(results)]]
+    if prefilter:
+        for res, left, b in zip(results, todo, bounded(lp)):
+            decided = _decided(b.value, b.bound, fmt)
+            use = ~np.isnan(decided)
+            res[use] = decided[use]
+            left &= ~use
     prec = 2 * fmt.precision + 30
     while prec <= MAX_PRECISION and any(t.any() for t in todo):
-        g = _grad_rows(lp, rows, zint, ze, prec)
-        encl = _enclose(lp, g, prec)
+        need = todo[0].any(axis=1) if not any(t.any() for t in todo[1:]) else np.ones(n, dtype=bool)
+        g = _grad_rows(lp, rows, zint, ze, prec, need)
+        encl = _enclose(lp, g, prec, todo)
         for k, (res, left) in enumerate(zip(results, todo)):
             lo, hi, ex = encl[k]
             ex = np.broadcast_to(ex, lo.shape)
@@ -236,9 +259,6 @@ def certified_linear_grad(lp: LinearProblem, fmt: FloatFormat) -> LinearGrad:
                 a, b = _round_int(lo[idx], ex[idx], fmt), _round_int(hi[idx], ex[idx], fmt)
                 if a == b and np.copysign(1.0, a) == np.copysign(1.0, b):
                     res[idx] = b
-                    left[idx] = False
-                elif lo[idx] == 0 == hi[idx]:
-                    res[idx] = 0.0
                     left[idx] = False
         prec *= 2
     if any(t.any() for t in todo):
