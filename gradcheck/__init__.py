@@ -48,6 +48,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "verify_linear": ("gradcheck.checking.linear", "verify_linear"),
     "assert_linear_gradient": ("gradcheck.checking.linear", "assert_linear_gradient"),
     "LinearVerification": ("gradcheck.checking.linear", "LinearVerification"),
+    # issue 13 (linearx): the fused linear cross-entropy family's torch and JAX loss adapters
+    **{name: ("gradcheck.adapters_linear", name) for name in ("torch_linear_loss_grad", "jax_linear_loss_grad")},
 }
 
 __all__ = sorted([*_EAGER, *_LAZY])

@@ -164,12 +164,49 @@ def _report(args: argparse.Namespace) -> int:
 # --- vectors ------------------------------------------------------------------------------------
 
 
+def _linear_vectors(args: argparse.Namespace) -> int:
+    """``gradcheck vectors --linear``: the fused linear family's golden vectors (gradcheck.vectors.linear)."""
+    from pathlib import Path
+
+    from gradcheck.report.jsonio import write_atomic
+    from gradcheck.vectors.linear import build_linear_suite, render_linear_vectors
+
+    out = args.out if args.out is not None else os.path.join("reports", "linear_vectors.json")
+    if not args.check and _unwritable(out):
+        return 2
+    start = time.perf_counter()
+    groups = build_linear_suite(args.seed)
+    text = render_linear_vectors(groups, args.seed)
+    tests = sum(len(g.tests) for g in groups)
+    if args.check:
+        try:
+            current = Path(out).read_text(encoding="utf-8")
+        except OSError as exc:
+            _err(f"cannot read {out}: {exc.strerror}")
+            return 2
+        if current != text:
+            _err(f"{out} differs from the linear vectors generated with seed {args.seed}; regenerate it with "
+                 f"`gradcheck vectors --linear --out {out}`")
+            return 1
+        print(f"{out} is up to date ({tests} tests, seed {args.seed})")
+        return 0
+    path = write_atomic(out, text)
+    print(f"wrote {path} ({_size(path.stat().st_size)}): {tests} tests in {len(groups)} groups, seed {args.seed}, "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def _vectors(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    if getattr(args, "linear", False):
+        return _linear_vectors(args)
 
     from gradcheck.report import write_vectors
     from gradcheck.vectors import build_suite, render_vectors
 
+    if args.out is None:
+        args.out = os.path.join("reports", "vectors.json")
     if not args.check and _unwritable(args.out):
         return 2
     start = time.perf_counter()
@@ -200,7 +237,7 @@ def _vectors(args: argparse.Namespace) -> int:
 # rich.py there cannot stand in for them (optional ones may be missing: verify says so where it needs them)
 DEPENDENCIES = ("numpy", "ml_dtypes", "mpmath", "hypothesis", "rich.console", "rich.progress", "jsonschema",
                 "gradcheck.options", "gradcheck.checking.api", "gradcheck.checking.messages", "gradcheck.strategies",
-                "gradcheck.vectors", "gradcheck.report.jsonio", "gradcheck.report.junit")
+                "gradcheck.vectors", "gradcheck.report.jsonio", "gradcheck.report.junit", "gradcheck.checking.linear")
 
 
 def import_dependencies() -> None:
@@ -271,14 +308,19 @@ def _verify(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _err(str(exc))
         return 2
+    linear = getattr(args, "linear", False)
     if args.vectors:
-        return _verify_vectors(args, fn)
+        return _verify_linear_vectors(args, fn) if linear else _verify_vectors(args, fn)
     from gradcheck.errors import InvalidArgument
     from gradcheck.checking.api import verify
     from gradcheck.checking.messages import describe
 
     from gradcheck.options import VERIFY
 
+    if linear:  # issue 13: a fused linear cross-entropy grad_fn(hidden, weight, targets, **options)
+        from gradcheck.checking.linear import LINEAR_VERIFY as VERIFY  # noqa: N811 - the same role, its table
+        from gradcheck.checking.linear import describe_linear as describe
+        from gradcheck.checking.linear import verify_linear as verify
     options = {k: v for k, v in vars(args).items() if k in VERIFY and k not in MANY}
     runs, cases = [], []
     for dtype in args.dtype or [VERIFY["dtype"].default]:
@@ -312,7 +354,8 @@ def _verify(args: argparse.Namespace) -> int:
             })
             cases.append((f"{dtype}-{targets}", result.elapsed, None if result.passed else describe(result)))
     passed = all(r["passed"] for r in runs)
-    _outputs(args, {"mode": "property", "function": args.function, "passed": passed, "runs": runs}, cases)
+    _outputs(args, {"mode": "linear" if linear else "property", "function": args.function, "passed": passed,
+                    "runs": runs}, cases)
     return 0 if passed else 1
 
 
@@ -361,6 +404,50 @@ def _verify_vectors(args: argparse.Namespace, fn: Any) -> int:
              if o.implementation_ok is not None or not o.classified]
     _outputs(args, document, cases)
     return 0 if result.passed else 1
+
+
+def _verify_linear_vectors(args: argparse.Namespace, fn: Any) -> int:
+    """``gradcheck verify --linear FUNC --vectors FILE``: FUNC on every valid test's inputs, and the checker on
+    every test (valid gradients accepted, invalid ones rejected)."""
+    from pathlib import Path
+
+    from gradcheck.errors import InvalidArgument
+    from gradcheck.vectors.linear import check_linear_vectors, parse_linear_vectors
+
+    try:
+        groups = parse_linear_vectors(Path(args.vectors).read_text(encoding="utf-8"))
+    except OSError as exc:
+        _err(f"cannot read {args.vectors}: {exc.strerror}")
+        return 2
+    except InvalidArgument as exc:
+        _err(f"{args.vectors}: {exc}")
+        return 2
+    if args.dtype:
+        groups = tuple(g for g in groups if g.dtype in args.dtype)
+    if not any(g.tests for g in groups):
+        _err(f"{args.vectors} has no test{' of dtype ' + ', '.join(args.dtype) if args.dtype else ''}: zero tests "
+             "checked is not a pass")
+        return 2
+    start = time.perf_counter()
+    outcomes = check_linear_vectors(fn, groups)
+    failures = [o for o in outcomes if o.implementation_ok is False]
+    misclassified = [o for o in outcomes if not o.classified]
+    for o in failures:
+        print(f"FAIL {o.message}", file=sys.stderr)
+    for o in misclassified:
+        print(f"CHECKER tcId {o.tc_id} ({o.result}) is misjudged by verify_linear's judge", file=sys.stderr)
+    passed = not failures and not misclassified
+    ran = sum(o.implementation_ok is not None for o in outcomes)
+    print(f"verify_linear({args.function}) against {args.vectors}: {'passed' if passed else 'FAILED'}; "
+          f"{len(outcomes)} tests, {ran} inputs run, {len(failures)} failed, {len(misclassified)} misclassified by "
+          f"the checker; {time.perf_counter() - start:.1f} s")
+    document = {"mode": "linear-vectors", "function": args.function, "file": str(args.vectors), "passed": passed,
+                "tests": len(outcomes), "inputsRun": ran,
+                "failures": [{"tcId": o.tc_id, "message": o.message} for o in failures],
+                "misclassified": [{"tcId": o.tc_id, "result": o.result} for o in misclassified]}
+    _outputs(args, document, [(f"tcId {o.tc_id}", 0.0, o.message or None) for o in outcomes
+                              if o.implementation_ok is not None])
+    return 0 if passed else 1
 
 
 def _outputs(args: argparse.Namespace, document: dict[str, Any], cases: list[tuple[str, float, str | None]]) -> None:
@@ -425,8 +512,12 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``gradcheck`` parser: one subcommand per builder below, each setting ``run`` to its handler."""
+def build_parser(*, linear: bool = False) -> argparse.ArgumentParser:
+    """The ``gradcheck`` parser: one subcommand per builder below, each setting ``run`` to its handler.
+
+    ``linear``: ``verify``'s check options are verify_linear's (``--bias``, ``--max-shape N,V,D``; no
+    ``--precision`` or ``--regimes``), for ``gradcheck verify --linear MODULE:FUNC``.
+    """
     parser = argparse.ArgumentParser(
         prog="gradcheck",
         description="Reference oracle and verification harness for the softmax cross-entropy gradient.",
@@ -436,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_selfcheck, _add_report, _add_vectors, _add_verify, _add_prove):
-        add(sub)
+        add(sub, linear=linear) if add is _add_verify else add(sub)
     return parser
 
 
@@ -501,13 +592,16 @@ def _add_vectors(sub: Any) -> None:
         epilog="examples:\n  gradcheck vectors --out reports/vectors.json\n"
                "  gradcheck vectors --out reports/vectors.json --check   # exit 1 if the file is stale",
     )
-    p.add_argument("--out", default=os.path.join("reports", "vectors.json"), help="the file to write (default reports/vectors.json)")
+    p.add_argument("--out", default=None, help="the file to write (default reports/vectors.json; with --linear "
+                   "reports/linear_vectors.json)")
     p.add_argument("--seed", type=_nonnegative, default=0, help="seed of the vectors (default 0)")
     p.add_argument("--check", action="store_true", help="compare with OUT byte for byte instead of writing")
+    p.add_argument("--linear", action="store_true", help="the fused linear family's vectors (hidden, weight, bias "
+                   "and their certified gradients) instead")
     p.set_defaults(run=_vectors)
 
 
-def _add_verify(sub: Any) -> None:
+def _add_verify(sub: Any, *, linear: bool = False) -> None:
     p = sub.add_parser(
         "verify", formatter_class=_Formatter,
         help="check an implementation MODULE:FUNC against the truth or a vectors file",
@@ -519,11 +613,17 @@ def _add_verify(sub: Any) -> None:
         "error, or a vectors file with no test of the asked dtype and targets (zero tests is not a pass).",
         epilog="examples:\n  gradcheck verify mykernel:ce_grad --dtype float32 bfloat16 --max-examples 200\n"
                "  gradcheck verify mykernel:ce_grad --targets probs --label-smoothing 0.1 --junit-xml out.xml\n"
-               "  gradcheck verify mykernel:ce_grad --vectors reports/vectors.json --json result.json",
+               "  gradcheck verify mykernel:ce_grad --vectors reports/vectors.json --json result.json\n"
+               "  gradcheck verify --linear mykernel:flce_grad --bias --dtype bfloat16 --max-shape 64,4096,256",
     )
     p.add_argument("function", metavar="MODULE:FUNC", help="the gradient function, e.g. mykernel:ce_grad")
     p.add_argument("--vectors", metavar="FILE", help="check against this vectors file instead")
-    _add_verify_options(p)
+    p.add_argument("--linear", action="store_true",
+                   help="FUNC is a fused linear cross-entropy gradient FUNC(hidden, weight, targets, **options) "
+                   "returning (d_hidden, d_weight) or, with --bias, (d_hidden, d_weight, d_bias); checked by "
+                   "verify_linear, whose options then apply: --bias, --max-shape N,V,D (no --precision, --regimes); with "
+                   "--vectors, FILE is a linear vectors file (gradcheck vectors --linear)")
+    _add_verify_options(p, linear=linear)
     p.add_argument("--json", metavar="PATH", help="write the result as JSON")
     p.add_argument("--junit-xml", metavar="PATH", help="write the result as JUnit XML")
     p.set_defaults(run=_verify)
@@ -533,8 +633,9 @@ def _add_verify(sub: Any) -> None:
 MANY = ("dtype", "targets")
 
 
-def _add_verify_options(p: argparse.ArgumentParser) -> None:
-    """One flag per check option of :data:`gradcheck.options.VERIFY`, generated from it.
+def _add_verify_options(p: argparse.ArgumentParser, *, linear: bool = False) -> None:
+    """One flag per check option of :data:`gradcheck.options.VERIFY` (``linear``: of verify_linear's
+    :data:`gradcheck.checking.linear.LINEAR_VERIFY`), generated from it.
 
     Each value goes through the option's one rule (``Option.from_text``), so a bad value gets the
     message the Python API gives, as a usage error (exit 2). Flags not given are left out of the
@@ -543,6 +644,8 @@ def _add_verify_options(p: argparse.ArgumentParser) -> None:
     from gradcheck.options import VERIFY
     from gradcheck.regimes import drawn_by
 
+    if linear:
+        from gradcheck.checking.linear import LINEAR_VERIFY as VERIFY  # noqa: N811 - the same role, its table
     for o in VERIFY.values():
         if o.is_flag:
             p.add_argument(o.flag, action="store_true", default=argparse.SUPPRESS, help=o.help)
@@ -674,7 +777,11 @@ def _run_stoppable(run: Callable[[], int]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    linear = "verify" in argv and "--linear" in argv  # verify's flags are then verify_linear's
+    if linear:
+        import_dependencies()  # the linear table imports numpy: not from the user's folder
+    parser = build_parser(linear=linear)
     args = parser.parse_args(argv)
     return _run_stoppable(lambda: args.run(args))
 

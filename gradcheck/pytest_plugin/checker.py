@@ -39,8 +39,19 @@ def _checking() -> ModuleType:
     return importlib.import_module("gradcheck.checking.api")
 
 
+def _linear() -> ModuleType:
+    """:mod:`gradcheck.checking.linear` (``verify_linear``, ``describe_linear``), imported on the first linear check."""
+    return importlib.import_module("gradcheck.checking.linear")
+
+
+# the defaults a linear check takes from the session and the marker: the options verify and verify_linear
+# share (max_shape is (N, K) for verify and (N, V, D) for verify_linear; precision: verify_linear has one contract)
+_NOT_LINEAR = ("max_shape", "precision", "regimes")
+
+
 class GradientChecker:
-    """What the ``gradcheck`` fixture yields: ``verify`` and ``assert_gradient`` with this test's defaults.
+    """What the ``gradcheck`` fixture yields: ``verify`` and ``assert_gradient`` with this test's defaults,
+    and ``verify_linear`` and ``assert_linear_gradient`` for the fused linear family (issue 13).
 
     Attributes:
         dtype: the dtype this test item checks (its id, e.g. ``test_grad[float32]``).
@@ -91,12 +102,51 @@ class GradientChecker:
         if not result.passed:
             raise GradientMismatch(_checking().describe(result))
 
+    def verify_linear(self, grad_fn: Callable[..., Any], /, **options: Any) -> Any:
+        """:func:`gradcheck.checking.linear.verify_linear` with this test's defaults; recorded for the report.
+
+        The defaults it takes are this item's dtype and the session's and marker's options that
+        verify_linear shares with verify (not ``max_shape``, ``precision`` or ``regimes``: pass a linear
+        ``max_shape=(N, V, D)`` here).
+
+        Returns:
+            A :class:`gradcheck.checking.linear.LinearVerification`; it never raises because a gradient is wrong.
+
+        Raises:
+            InvalidArgument: a bad argument.
+        """
+        __tracebackhide__ = True
+        linear = _linear()
+        defaults = {k: v for k, v in self.defaults.items() if k in linear.LINEAR_VERIFY and k not in _NOT_LINEAR}
+        options = {**defaults, **options}
+        call = len(self.results)
+        options.setdefault("seed", check_seed(self._settings.seed, self._nodeid, call))
+        result = linear.verify_linear(grad_fn, **options)
+        self.results.append(result)
+        self._settings.records.append(_record(self._nodeid, call, result, options, describe=linear.describe_linear))
+        return result
+
+    def assert_linear_gradient(self, grad_fn: Callable[..., Any], /, **options: Any) -> None:
+        """:func:`gradcheck.checking.linear.assert_linear_gradient` with this test's defaults.
+
+        Raises:
+            GradientMismatch: a gradient is wrong; the message names which (d_hidden, d_weight, d_bias) and
+                the element, expected and got, the minimal h, W, b and targets, the seed and the reproduction.
+            InvalidArgument: a bad argument.
+        """
+        __tracebackhide__ = True
+        result = self.verify_linear(grad_fn, **options)
+        if not result.passed:
+            raise GradientMismatch(_linear().describe_linear(result))
+
     def __repr__(self) -> str:
         return f"<gradcheck fixture: dtype {self.dtype}, session seed {self.seed}, checks run {len(self.results)}>"
 
 
-def _record(nodeid: str, call: int, result: Any, options: dict[str, Any]) -> dict:
-    """The session report's record of one check (see :mod:`gradcheck.pytest_plugin.session_report`)."""
+def _record(nodeid: str, call: int, result: Any, options: dict[str, Any],
+            describe: Callable[[Any], str] | None = None) -> dict:
+    """The session report's record of one check (see :mod:`gradcheck.pytest_plugin.session_report`);
+    ``describe`` writes the failure message (default :func:`gradcheck.checking.messages.describe`)."""
     failure = result.failure
     worst_ulps, worst_ratio = result.worst_ulps, result.worst_ratio
     if failure is not None:  # the failing element is the worst seen (worst_* cover the passing examples)
@@ -122,7 +172,7 @@ def _record(nodeid: str, call: int, result: Any, options: dict[str, Any]) -> dic
         "verdict": "passed" if result.passed else "failed",
         "failure": None if failure is None else {
             "kind": getattr(failure, "kind", None),
-            "message": _checking().describe(result),
+            "message": (describe or _checking().describe)(result),
             "ulps": getattr(failure, "ulps", None),
             "ratio": getattr(failure, "ratio", None),
         },

@@ -68,8 +68,9 @@ def summarize(records: Iterable[dict]) -> list[dict]:
     return out
 
 
-# tightest first: a function's grade in a dtype is the loosest grade of its checks there
-_ORDER = ("exact", "float64", "float32", "float16", "bfloat16")
+# tightest first: a function's grade in a dtype is the loosest grade of its checks there; "kernel" is
+# verify_linear's one contract (docs/linear.md), a grade of the linear family's checks only
+_ORDER = ("exact", "float64", "float32", "float16", "bfloat16", "kernel")
 
 
 def grades(group: list[dict]) -> dict[str, str | None]:
