@@ -21,7 +21,7 @@ import numpy as np
 from gradcheck.dtypes import DTYPE_NAMES, FLOAT64
 from gradcheck.errors import InvalidArgument
 from gradcheck.options import integer
-from gradcheck.regimes import REGIMES, make_case
+from gradcheck.regimes import OPTION_REGIMES, REGIMES, make_case
 from gradcheck.study.executors import Task, run_dask, run_local
 from gradcheck.study.model import CaseResult, MethodInfo, Outcome, ProofRow, Study, StudyConfig
 from gradcheck.study.summary import summarize, totals
@@ -107,7 +107,7 @@ def chunks(config: StudyConfig, methods: tuple[str, ...]) -> list[Chunk]:
     out = []
     for dtype in config.dtypes:
         for s in range(len(config.shapes)):
-            items = [(r, i) for r in config.regimes for i in range(s, config.examples, len(config.shapes))]
+            items = [(r, i) for r in config.all_regimes for i in range(s, config.examples, len(config.shapes))]
             for start in range(0, len(items), CHUNK):
                 out.append(Chunk(config, methods, dtype, tuple(items[start:start + CHUNK])))
     return out
@@ -161,7 +161,7 @@ def run_study(
     seconds = time.perf_counter() - start
     proofs = tuple(results[0])
     extras = results[1:1 + len(extra)]
-    position = {(d, r): (a, b) for a, d in enumerate(config.dtypes) for b, r in enumerate(config.regimes)}
+    position = {(d, r): (a, b) for a, d in enumerate(config.dtypes) for b, r in enumerate(config.all_regimes)}
     cases = tuple(sorted((case for chunk in results[1 + len(extra):] for case in chunk),
                          key=lambda c: (*position[c.dtype, c.regime], c.index)))
     infos = tuple(MethodInfo(n, spec(n).summary, spec(n).bound) for n in names)
@@ -170,7 +170,7 @@ def run_study(
         for outcome in case.outcomes:
             method_seconds[outcome.method] += outcome.seconds
     study = Study(config, infos, cases, summarize(config, names, cases), totals(config, names, cases), proofs,
-                  seconds, method_seconds, workers)
+                  seconds, method_seconds, workers, summarize(config, names, cases, config.option_regimes))
     return study, extras
 
 
@@ -181,6 +181,10 @@ def _check(config: StudyConfig, jobs: int | None) -> None:
     if bad or not config.dtypes:
         raise InvalidArgument(f"dtypes must be a non-empty subset of {DTYPE_NAMES}, got {config.dtypes!r}.")
     bad = [r for r in config.regimes if r not in REGIMES]
-    if bad or not config.regimes:
+    if bad or not (config.regimes or config.option_regimes):
         raise InvalidArgument(f"regimes must be a non-empty subset of {REGIMES}, got {config.regimes!r}.")
+    bad = [r for r in config.option_regimes if r not in OPTION_REGIMES]
+    if bad or len(set(config.option_regimes)) < len(config.option_regimes):
+        raise InvalidArgument(f"option_regimes must be distinct regimes of {OPTION_REGIMES} (or none), got "
+                              f"{config.option_regimes!r}.")
     integer(0)("seed", config.seed)
