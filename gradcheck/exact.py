@@ -88,7 +88,7 @@ def exact_loss(
 def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True,
                    where: np.ndarray | None = None,
                    progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """``(N, K)`` correctly rounded gradient of a validated problem.
+    """``(N, K)`` correctly rounded gradient (the VJP with the upstream gradient) of a validated problem.
 
     ``where``: a boolean ``(N, K)`` mask; only those elements are certified (the others are 0), so a
     caller that needs a few elements pays for those (verify's "exact" contract, docs/tolerance.md).
@@ -96,12 +96,15 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
     rows = _RowFacts(problem)
     out = np.zeros(problem.logits.shape)
     todo = np.ones(problem.logits.shape, dtype=bool) if where is None else np.array(where, dtype=bool)
-    todo[rows.zero_rows] = False  # S_n = 0: the whole row is exactly 0
-    if prefilter:
+    todo[rows.zero_rows] = False  # ignored rows, a zero upstream gradient, or nothing to differentiate
+    if prefilter and rows.oracle_applies:
         # float64 enclosures are a few float64 ulps wide: for a float64 result use x87 extended
         # precision (2**-11 ulp wide); docs/exact.md, "The prefilter"
         work = EXTENDED_WORK if fmt.precision == 53 and EXTENDED_WORK is not None else FLOAT64_WORK
-        decided = _decided(*grad_bounded(problem, work), fmt)
+        value, bound = grad_bounded(problem, work)
+        if problem.grad_output is not None:  # the product with g_n: one more rounding (docs/exact.md)
+            value, bound = _times_upstream(value, bound, problem.upstream().astype(value.dtype), work)
+        decided = _decided(value, bound, fmt)
         use = todo & ~np.isnan(decided)
         out[use] = decided[use]
         todo &= ~use
@@ -110,78 +113,121 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
         progress(0, total)
     for n in np.flatnonzero(todo.any(axis=1)):
         cols = np.flatnonzero(todo[n])
-        cache: dict[int, Any] = {}  # the row's exponentials, shared by its blocks
+        cache: dict[int, Any] = {}  # the row's enclosures per precision, shared by its blocks
         for start in range(0, cols.size, PROGRESS_BLOCK):
             block = cols[start:start + PROGRESS_BLOCK]
-            out[n, block] = _grad_row(problem, rows, int(n), block, fmt, cache)
+            out[n, block] = _grad_row(rows, int(n), block, fmt, cache)
             done += block.size
             if progress:
                 progress(done, total)
     return round_to_format(out, fmt)
 
 
+def _times_upstream(value: np.ndarray, bound: np.ndarray, g: np.ndarray, work: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``g_n [v - b, v + b]`` enclosed as ``fl(g_n v) +- (|g_n| b + u |fl(g_n v)| + eta)`` (one rounding)."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        gv = value * g[:, None]
+        b = bound * np.abs(g)[:, None] + work.u * np.abs(gv) + work.eta
+        b[~np.isfinite(gv)] = np.inf
+    return gv, b
+
+
 def certified_loss(problem: Problem, fmt: FloatFormat) -> np.ndarray:
-    """Correctly rounded loss: 0-d for mean/sum, ``(N,)`` for none (``()`` for a vector)."""
+    """Correctly rounded loss: 0-d for mean/sum, ``(N,)`` for none (``()`` for a vector).
+
+    The loss does not involve the upstream gradient (``grad_output``)."""
     rows = _RowFacts(problem)
-    value, bound = loss_bounded(problem)
-    decided = _decided(np.atleast_1d(value), np.atleast_1d(bound), fmt)
+    kinds = [rows.loss_exact(n) for n in range(problem.n)]
+    decided = None
+    if rows.oracle_applies:
+        value, bound = loss_bounded(problem)
+        decided = _decided(np.atleast_1d(value), np.atleast_1d(bound), fmt)
     if problem.reduction == "none":
         values = []
-        for n in range(problem.n):
-            kind = rows.loss_kind(n)
-            if kind == "irrational" and not np.isnan(decided[n]):
+        for n, kind in enumerate(kinds):
+            if isinstance(kind, float):  # +inf, -inf or nan
+                values.append(kind)
+            elif kind is not None:
+                values.append(_round_fraction(kind[0], fmt, kind[1]))
+            elif decided is not None and not np.isnan(decided[n]):
                 values.append(decided[n])
-            elif kind == "rational":
-                values.append(_round_fraction(rows.shifted(n), fmt, 1 if rows.has_cut[n] else 0))
             else:
-                values.append(_round_interval(lambda prec, n=n: _row_loss(problem, rows, n, prec), kind, fmt))
+                values.append(_round_interval(lambda prec, n=n: _row_loss(rows, n, prec, {}), "irrational", fmt))
         return problem.restore_shape(round_to_format(np.array(values), fmt))
-    kinds = {rows.loss_kind(n) for n in range(problem.n)}
-    kind = "inf" if "inf" in kinds else ("irrational" if "irrational" in kinds else "rational")
-    if kind == "irrational" and not np.isnan(decided[0]):
+    infinite = [k for k in kinds if isinstance(k, float)]
+    if infinite:
+        return round_to_format(np.array(sum(infinite)), fmt)  # +inf, -inf, or nan for both signs
+    if all(k is not None for k in kinds):
+        exact = sum((k[0] for k in kinds), Fraction(0))
+        signs = {k[1] for k in kinds if k[1]}
+        if len(signs) <= 1:
+            return round_to_format(np.array(_round_fraction(exact, fmt, signs.pop() if signs else 0)), fmt)
+    if decided is not None and not np.isnan(decided[0]):
         return round_to_format(np.array(decided[0]), fmt)
-    if kind == "rational":
-        live = [n for n in range(problem.n) if rows.loss_kind(n) == "rational"]
-        exact = sum((rows.shifted(n) for n in live), Fraction(0)) / rows.divisor
-        sign = 1 if any(rows.has_cut[n] for n in live) else 0
-        return round_to_format(np.array(_round_fraction(exact, fmt, sign)), fmt)
 
     def total(prec: int) -> Any:
         acc = _IV.mpf(0)
         for n in range(problem.n):
-            if rows.loss_kind(n) in ("irrational", "rational"):
-                acc += _row_loss(problem, rows, n, prec)
-        return acc / _interval(rows.divisor)
+            if rows.active[n]:
+                acc += _row_loss(rows, n, prec, {})
+        return acc
 
-    return round_to_format(np.array(_round_interval(total, kind, fmt)), fmt)
+    return round_to_format(np.array(_round_interval(total, "irrational", fmt)), fmt)
+
+
+def _sign(x: Fraction) -> int:
+    return (x > 0) - (x < 0)
 
 
 class _RowFacts:
-    """Exact rational facts of each row: weighted targets w_c t_c, their sum S, the divisor D."""
+    """Exact rational facts of each row: weighted targets ``A_c = w_c t_c``, their sum ``S``, the divisors
+    ``D`` and ``Dz``, the z-loss factor ``B = 2 lambda / Dz``, the upstream gradient ``u_n``; and which
+    classes are masked, cut or tied (docs/exact.md)."""
 
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
-        z = problem.logits.astype(np.float64)
+        p = problem
+        z = p.logits.astype(np.float64)
+        self.z = z
+        self.softcap = p.softcap
+        self.lam = Fraction(p.lse_square_scale)
         self.finite = np.isfinite(z)
+        # the classes that enter Z: the finite ones, or all of them under softcap (-inf becomes -c)
+        self.counted = self.finite if p.softcap is None else np.ones(z.shape, dtype=bool)
         zmax = z.max(axis=1, keepdims=True)
-        with np.errstate(invalid="ignore", over="ignore"):
-            # exp(z - max z) < exp(-CUTOFF): enclosed by [0, exp(-CUTOFF)] (docs/exact.md, "Cutoff");
-            # the margin covers the rounding of z - max z in float64
-            self.cut = self.finite & ((z - zmax) < -CUTOFF * (1 + 2.0**-40))
-        self.main = self.finite & ~self.cut
+        self.zmax = zmax[:, 0]
+        self.argmax = np.argmax(z, axis=1)
+        if p.softcap is None and not self.lam:
+            with np.errstate(invalid="ignore", over="ignore"):
+                # exp(z - max z) < exp(-CUTOFF): enclosed by [0, exp(-CUTOFF)] (docs/exact.md, "Cutoff");
+                # the margin covers the rounding of z - max z in float64
+                self.cut = self.finite & ((z - zmax) < -CUTOFF * (1 + 2.0**-40))
+        else:  # no cut terms: their sign argument does not cover the z-loss or softcap (docs/exact.md)
+            self.cut = np.zeros(z.shape, dtype=bool)
+        self.main = self.counted & ~self.cut
         self.has_cut = self.cut.any(axis=1)
         # every main logit equal to the max: with the cut terms at 0, p is 1/m on them (case R2)
         self.tie = np.all(~self.main | (z == zmax), axis=1)
         self.nmain = self.main.sum(axis=1)
-        self.divisor = problem.exact_divisor()
+        self.divisor = p.exact_divisor()
+        dz = p.zloss_divisor()
+        self.b = 2 * self.lam / dz if self.lam and dz else Fraction(0)
+        self.active = p.active_rows()
+        g = p.upstream()
+        self.upstream = [Fraction(float(v)) for v in g]
         self._wt: dict[int, list[Fraction]] = {}
         self._s: dict[int, Fraction] = {}
-        base_zero = problem.dense_targets() == 0 if not problem.label_smoothing else None
-        wt_zero = np.zeros(problem.logits.shape, dtype=bool) if base_zero is None else base_zero
-        wt_zero |= (problem.weights() == 0)[None, :]
-        wt_zero[~problem.active_rows()] = True
+        base_zero = p.dense_targets() == 0 if not p.label_smoothing else None
+        wt_zero = np.zeros(z.shape, dtype=bool) if base_zero is None else base_zero
+        wt_zero |= (p.weights() == 0)[None, :]
+        wt_zero[~self.active] = True
         self.wt_zero = wt_zero
-        self.zero_rows = np.all(wt_zero, axis=1)
+        # rows whose gradient is exactly 0: ignored, zero upstream, or no target weight and no z-loss
+        self.zero_rows = ~self.active | (g == 0) | (np.all(wt_zero, axis=1) & (not self.lam))
+        # the float64 oracle's bound (docs/oracle.md) covers plain problems with nonnegative weights
+        self.oracle_applies = (p.softcap is None and not self.lam
+                               and (p.weight is None or bool(np.all(p.weight >= 0))))
+        self._iv: dict[tuple[int, Fraction], Any] = {}
 
     def wt(self, n: int) -> list[Fraction]:
         if n not in self._wt:
@@ -194,98 +240,174 @@ class _RowFacts:
             self._s[n] = sum(self.wt(n), Fraction(0))
         return self._s[n]
 
-    def loss_kind(self, n: int) -> str:
-        """"zero", "inf", "rational" or "irrational" for row n's loss (docs/exact.md, section Loss).
+    def iv(self, x: Fraction, prec: int) -> Any:
+        """``x`` as an interval at ``prec`` (converted once per precision)."""
+        key = (prec, x)
+        if key not in self._iv:
+            _IV.prec = prec
+            self._iv[key] = _interval(x)
+        _IV.prec = prec
+        return self._iv[key]
 
-        "rational": one main logit, so with the cut terms at 0 the row loss is the rational
-        ``sum_c w_c t_c (max z - z_c)``; the cut terms add ``S log(1 + tiny) > 0``.
-        """
-        if self.zero_rows[n]:
-            return "zero"
-        if np.any(~self.finite[n] & ~self.wt_zero[n]):
-            return "inf"  # weight on a masked class: -log 0
-        return "rational" if self.nmain[n] == 1 else "irrational"
+    def grad_exact(self, n: int, c: int) -> tuple[Fraction, int] | None:
+        """``(V, sign)`` when ``g_nc`` is the rational V (plus ``sign * 0+`` from cut terms), None when it
+        is irrational or not known to be rational (docs/exact.md, "Which values are rational")."""
+        u, d, a_c, s, b = self.upstream[n], self.divisor, self.wt(n)[c], self.s(n), self.b
+        if self.softcap is None:
+            if not self.finite[n, c]:  # R1: p = 0
+                return -u * a_c / d, 0
+            if not b:
+                if not s:  # p S = 0 whatever p is
+                    return -u * a_c / d, 0
+                sign = _sign(u * s / d)
+                if self.cut[n, c]:  # p tiny and positive
+                    return -u * a_c / d, sign
+                if self.tie[n]:  # R2: p = 1/m on the main classes, a little less with cut terms
+                    return u * (s / int(self.nmain[n]) - a_c) / d, -sign if self.has_cut[n] else 0
+                return None
+            if self.nmain[n] == 1:  # the one finite class: p = 1, q = 0, lse = max z
+                return u * ((s - a_c) / d + b * Fraction(float(self.zmax[n]))), 0
+            return None
+        if np.isneginf(self.z[n, c]):  # softcap: the chain factor 1 - tanh^2(-inf) is 0
+            return Fraction(0), 0
+        if self.tie[n]:  # every class has the same z, so the same z': p = 1/K, lse = z' + log K
+            k = self.problem.k
+            inner = (s / k - a_c) / d  # dL/dz' without the z-loss term
+            if self.z[n, c] == 0:  # z' = 0, chain factor 1
+                return (u * inner, 0) if not b or k == 1 else None  # else B log(K) / K: irrational
+            if not b and not inner:
+                return Fraction(0), 0  # chain factor times 0
+        return None
 
-    def shifted(self, n: int) -> Fraction:
-        """``sum_c w_c t_c (max z - z_c)`` over the finite classes, exactly."""
-        z = self.problem.logits[n].astype(np.float64)
-        zmax = Fraction(float(z[self.finite[n]].max()))
-        wt = self.wt(n)
-        return sum((wt[c] * (zmax - Fraction(float(z[c]))) for c in range(len(z)) if self.finite[n, c] and wt[c]),
-                   Fraction(0))
+    def loss_exact(self, n: int) -> tuple[Fraction, int] | float | None:
+        """Row n's contribution to the loss (divided by D and Dz as the reduction says): ``(V, sign)``
+        when rational, a float (+inf, -inf or nan) when infinite, None when irrational or not known."""
+        if not self.active[n]:
+            return Fraction(0), 0
+        p, wt, s, d = self.problem, self.wt(n), self.s(n), self.divisor
+        dz = Fraction(p.zloss_divisor()) if p.reduction == "mean" else Fraction(1)
+        dce = d if p.reduction == "mean" else Fraction(1)
+        if self.softcap is None:
+            masked = {_sign(wt[c] / dce) for c in np.flatnonzero(~self.finite[n]) if wt[c]}
+            if masked:  # -A_c log 0
+                return float("nan") if len(masked) == 2 else masked.pop() * float("inf")
+            zmax = Fraction(float(self.zmax[n]))
+            shifted = sum((wt[c] * (zmax - Fraction(float(self.z[n, c]))) for c in np.flatnonzero(self.finite[n])
+                           if wt[c]), Fraction(0))
+            if self.nmain[n] == 1:  # log Z = 0 with the cut terms at 0; they add S log(1 + tiny)
+                return shifted / dce + self.lam * zmax * zmax / dz, _sign(s / dce) if self.has_cut[n] else 0
+            if not self.lam and not s:  # S log Z = 0
+                return shifted / dce, 0
+            return None
+        if np.all(self.z[n] == 0) and (p.k == 1 or (not s and not self.lam)):  # z' = 0, lse = log K
+            return Fraction(0), 0
+        if p.k == 1 and not self.lam:  # the cross-entropy of one class is 0
+            return Fraction(0), 0
+        return None
 
 
-def _grad_row(problem: Problem, rows: _RowFacts, n: int, cols: np.ndarray, fmt: FloatFormat,
+def _row_enclosure(rows: _RowFacts, n: int, prec: int, cache: dict[int, Any]) -> tuple:
+    """Row n's shared enclosures at ``prec``: the shifted exponentials ``e_c``, ``Z``, ``R`` (every class
+    but the argmax), ``lse``, and under softcap the capped logits and the chain factors. Kept per
+    precision: an element that needs more bits must not make the next one recompute the K exponentials."""
+    if prec not in cache:
+        _IV.prec = prec
+        z = rows.z[n]
+        a = int(rows.argmax[n])
+        if rows.softcap is None:
+            mu = float(rows.zmax[n])
+            e = [_exp_shifted(float(v), mu, rows.cut[n, c]) if rows.finite[n, c] else _IV.mpf(0)
+                 for c, v in enumerate(z)]
+            capped, chain = None, None
+            za = _IV.mpf(mu)
+        else:
+            capped, chain = zip(*(_softcap(float(v), rows.softcap) for v in z))
+            # any exact shift works (lse = mu + log sum exp(z' - mu)); near the max keeps e_a ~ 1
+            mu = -rows.softcap if np.isneginf(rows.zmax[n]) else rows.softcap * math.tanh(rows.zmax[n] / rows.softcap)
+            e = [_IV.exp(v - mu) for v in capped]
+            za = capped[a]
+        r = sum((e[c] for c in range(len(e)) if c != a), _IV.mpf(0))
+        total = e[a] + r
+        lse = za + _IV.log1p(r / e[a])  # log Z = log e_a + log1p(R / e_a): no cancellation for tiny R
+        cache[prec] = (e, total, r, lse, capped, chain)
+    _IV.prec = prec
+    return cache[prec]
+
+
+def _softcap(v: float, c: float) -> tuple[Any, Any]:
+    """Enclosures of ``c tanh(v / c)`` and ``1 - tanh^2(v / c)`` at the current precision.
+
+    With ``M = expm1(-2|y|)`` and ``E = exp(-2|y|) = 1 + M``: ``tanh|y| = -M / (2 + M)`` (expm1 keeps
+    small |y| accurate) and ``1 - tanh^2 y = 4E / (2 + M)^2`` (no cancellation when saturated)."""
+    if v == -math.inf:
+        return _IV.mpf(-c), _IV.mpf(0)
+    if v == 0:
+        return _IV.mpf(0), _IV.mpf(1)
+    y2 = -2 * (_IV.mpf(abs(v)) / _IV.mpf(c))
+    m = _IV.expm1(y2)
+    e = _IV.exp(y2) if abs(v) > c else 1 + m
+    t = -m / (2 + m)
+    return (_IV.mpf(c) * t if v > 0 else -_IV.mpf(c) * t), 4 * e / ((2 + m) * (2 + m))
+
+
+def _grad_row(rows: _RowFacts, n: int, cols: np.ndarray, fmt: FloatFormat,
               cache: dict[int, Any] | None = None) -> list[float]:
     """Correctly rounded g_nc for the given columns of row n.
 
-    ``cache`` keeps the row's exponentials and factor per precision across calls for the same row
-    (a row certified in blocks computes them once).
+    ``cache`` keeps the row's enclosures per precision across calls for the same row (a row
+    certified in blocks computes them once).
     """
-    wt = rows.wt(n)
-    s = rows.s(n)
-    d = rows.divisor
-    out = []
-    positive = s > 0
-    if rows.tie[n]:
-        # With the cut terms at 0, p_c is 1/m on the main classes and 0 elsewhere: rational. The cut
-        # terms make p_c a little smaller on the main classes and a little larger than 0 on their
-        # own; that sign decides a value that sits exactly on a midpoint (docs/exact.md, "Cutoff").
-        m = int(rows.nmain[n])
-        for c in cols:
-            if rows.main[n, c]:
-                p, sign = Fraction(1, m), -1 if positive and rows.has_cut[n] else 0
-            else:
-                p, sign = Fraction(0), 1 if positive and rows.cut[n, c] else 0
-            out.append(_round_fraction((p * s - wt[c]) / d, fmt, sign))
-        return out
     cache = {} if cache is None else cache
-
-    def partition(prec: int) -> tuple[list[Any], Any]:
-        """The row's exponentials and its one factor ``S / (Z D)`` at ``prec``, shared by its elements.
-
-        Kept for every precision reached: an element that needs more bits must not make the next
-        one recompute the K exponentials at the starting precision.
-        """
-        if prec not in cache:
-            _IV.prec = prec
-            z = problem.logits[n].astype(np.float64)
-            zmax = float(np.max(z))
-            e = [_exp_shifted(float(v), zmax, rows.cut[n, c]) if rows.finite[n, c] else _IV.mpf(0)
-                 for c, v in enumerate(z)]
-            d_iv = _interval(d)
-            cache[prec] = (e, _interval(s) / (sum(e, _IV.mpf(0)) * d_iv), d_iv)
-        _IV.prec = prec
-        return cache[prec]
-
+    wt, s, d, b, u = rows.wt(n), rows.s(n), rows.divisor, rows.b, rows.upstream[n]
+    a = int(rows.argmax[n])
+    out = []
     for c in cols:
-        if not rows.main[n, c]:  # masked (p = 0: exact) or cut (p tiny and positive: the sign decides)
-            out.append(_round_fraction(-wt[c] / d, fmt, 1 if positive and rows.cut[n, c] else 0))
+        c = int(c)
+        known = rows.grad_exact(n, c)
+        if known is not None:
+            out.append(_round_fraction(known[0], fmt, known[1]))
             continue
 
-        def element(prec: int, c: int = int(c)) -> Any:
-            # g_c = e_c S / (Z D) - w_c t_c / D: an enclosure of the same number (docs/exact.md, "Cost")
-            e, factor, d_iv = partition(prec)
-            return e[c] * factor - _interval(wt[c]) / d_iv if wt[c] else e[c] * factor
+        def element(prec: int, c: int = c) -> Any:
+            # g_c = u chain_c [(p_c (S - A_c) - A_c q_c) / D + B lse p_c], q_a = R / Z, q_c = 1 - p_c
+            # otherwise: the same number as u chain (p S - A) / D + ..., without the cancellation of
+            # p_a S - A_a (docs/exact.md, "Cost")
+            e, total, r, lse, _, chain = _row_enclosure(rows, n, prec, cache)
+            p = e[c] / total
+            if wt[c]:
+                q = r / total if c == a else 1 - p
+                g = (p * rows.iv(s - wt[c], prec) - rows.iv(wt[c], prec) * q) / rows.iv(d, prec)
+            else:
+                g = p * rows.iv(s, prec) / rows.iv(d, prec)
+            if b:
+                g = g + rows.iv(b, prec) * lse * p
+            if chain is not None:
+                g = g * chain[c]
+            return g * _IV.mpf(float(u)) if u != 1 else g
 
         out.append(_round_interval(element, "irrational", fmt))
     return out
 
 
-def _row_loss(problem: Problem, rows: _RowFacts, n: int, prec: int) -> Any:
-    """Enclosure of the unscaled row loss S log Z + sum_c w_c t_c (max z - z_c) at precision prec."""
-    _IV.prec = prec
-    z = problem.logits[n].astype(np.float64)
-    zmax = float(np.max(z))
+def _row_loss(rows: _RowFacts, n: int, prec: int, cache: dict[int, Any]) -> Any:
+    """Enclosure of row n's contribution to the loss: ``CE_n / D + lambda lse_n^2 / Dz`` with
+    ``CE_n = S log1p(R / e_a) + sum_c A_c (z'_a - z'_c)`` (D = Dz = 1 unless the reduction is "mean")."""
+    p = rows.problem
+    e, total, r, lse, capped, _ = _row_enclosure(rows, n, prec, cache)
+    a = int(rows.argmax[n])
     wt = rows.wt(n)
-    total = _IV.mpf(0)
+    z = rows.z[n]
     shifted = _IV.mpf(0)
-    for c, v in enumerate(z):
-        if rows.finite[n, c]:
-            total += _exp_shifted(float(v), zmax, rows.cut[n, c])
-            if wt[c]:
-                shifted += _interval(wt[c]) * (zmax - _IV.mpf(float(v)))
-    return _interval(rows.s(n)) * _IV.log(total) + shifted
+    for c in np.flatnonzero([bool(w) for w in wt]):
+        gap = (_IV.mpf(float(z[a])) - _IV.mpf(float(z[c]))) if capped is None else capped[a] - capped[c]
+        shifted += rows.iv(wt[c], prec) * gap
+    ce = rows.iv(rows.s(n), prec) * _IV.log1p(r / e[a]) + shifted
+    mean = p.reduction == "mean"
+    out = ce / rows.iv(rows.divisor, prec) if mean else ce
+    if rows.lam:
+        zl = rows.iv(rows.lam, prec) * lse * lse
+        out = out + (zl / _IV.mpf(p.zloss_divisor()) if mean else zl)
+    return out
 
 
 def _exp_shifted(v: float, zmax: float, cut: bool) -> Any:

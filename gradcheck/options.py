@@ -280,7 +280,7 @@ REDUCTION = Option("reduction", "mean", choice(REDUCTIONS),
                    parse=str, metavar="R", choices=REDUCTIONS)
 LABEL_SMOOTHING = Option("label_smoothing", 0.0, number(0.0, 1.0),
                          "eps in [0, 1]: targets become (1 - eps) t + eps / K", parse=float, metavar="EPS")
-WEIGHT = Option("weight", None, array_or_none, "class weights, K nonnegative numbers, or None")
+WEIGHT = Option("weight", None, array_or_none, "class weights, K finite numbers (negative ones too, as torch), or None")
 IGNORE_INDEX = Option("ignore_index", DEFAULT_IGNORE_INDEX, integer(),
                       "rows whose class-index target equals it are skipped")
 LSE_SQUARE_SCALE = Option("lse_square_scale", 0.0, number(0.0),
@@ -294,8 +294,12 @@ GRAD_OUTPUT = Option("grad_output", None, array_or_none,
                      "the upstream gradient: a number for 'mean'/'sum', N numbers for 'none' (None: ones); "
                      "the gradient is grad_output times dL/dz")
 
+CLASS_AXIS = Option("class_axis", None, integer(allow_none=True),
+                    "the logits' class axis: 1 for torch's (N, C, d1, ..., dk), -1 for the LLM layout (B, T, V); "
+                    "required for 3-D and more (None: the last axis of (K,) or (N, K))", parse=int, metavar="AXIS")
+
 CASE = OptionTable("case options", (WEIGHT, IGNORE_INDEX, REDUCTION, LABEL_SMOOTHING, LSE_SQUARE_SCALE, SOFTCAP,
-                                    GRAD_OUTPUT))
+                                    GRAD_OUTPUT, CLASS_AXIS))
 
 VERIFY = OptionTable("check options", (
     Option("dtype", "float64", dtype_name, "the dtype of the arrays given to grad_fn",

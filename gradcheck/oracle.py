@@ -397,13 +397,13 @@ def scale_of(problem: Problem, work: Working = FLOAT64_WORK) -> Scale:
     limit = np.finfo(work.dtype).maxexp - 4  # headroom for the few sums of terms of size S in the bound
     u = work.u
     w = problem.weight
-    w_exp = 1 if w is None else int(np.frexp(w.max())[1])
+    w_exp = 1 if w is None else int(np.frexp(np.abs(w).max())[1])  # |w|: torch accepts negative weights
     t_max = float(problem.targets.max()) if not problem.index_targets and problem.targets.size else 1.0
     rows = w_exp + int(np.frexp(max(t_max, 1.0))[1]) + problem.k.bit_length() > limit
     terms = divisor_terms(problem)
     if problem.reduction == "mean" and problem.index_targets and problem.weight is not None:
         active = problem.targets[problem.active_rows()]
-        big = int(np.frexp(w[active].max())[1])
+        big = int(np.frexp(np.abs(w[active]).max())[1])
         if big + active.size.bit_length() > limit:
             with np.errstate(under="ignore"):
                 d = work.dtype.type(np.sum(np.ldexp(w[active], -big).astype(work.dtype)))
@@ -530,6 +530,10 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
     m = m[:, None]
     r = np.zeros(hi - lo, dtype=work.dtype)
     s = np.zeros(hi - lo, dtype=work.dtype)
+    # negative class weights (torch accepts them): the error terms below use |w_c t_c|, their sum and |D|
+    # (Higham's bounds of signed sums); with nonnegative weights these are the same values, bit for bit
+    signed = problem.weight is not None and bool((problem.weight < 0).any())
+    s_abs = np.zeros(hi - lo, dtype=work.dtype) if signed else s
     positive = np.zeros(hi - lo, dtype=bool)
     cached = None
     for c0, c1 in tiles:
@@ -543,14 +547,18 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
             positive |= (e_other > 0).any(axis=1)
             wt = _weighted_targets(problem, lo, hi, c0, c1, work, b)
             s += wt.sum(axis=1)
+            if signed:
+                s_abs += np.abs(wt).sum(axis=1)
         cached = (s_hi, s_lo, e, wt) if len(tiles) == 1 else None
     a_max = np.where(positive, (work.exp_ulps + 2) * u, zero)
     rho = a_max + gamma(k, u)
     eps_z = rho + u
     eps_wt = (4 * u if problem.label_smoothing else 0 * u) + u
     d = scale.d
+    d_abs = abs(d)
     one = work.dtype.type(1)
     s = s[:, None]
+    s_abs = s_abs[:, None] if signed else s
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         total = 1.0 + r
         for c0, c1 in tiles:
@@ -571,7 +579,9 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
             eps_p = a + eps_z[:, None] + u
             eps_q = eps_p + u
             eps_q[here, at] = (rho + eps_z + u)[here]
-            s_minus = np.maximum(s - wt, 0)
+            # S - w_i t_i >= 0 when no weight is negative (a float sum of nonnegative terms is monotone)
+            s_minus = s - wt if signed else np.maximum(s - wt, 0)
+            wt_abs, sm_abs = (np.abs(wt), np.abs(s_minus)) if signed else (wt, s_minus)
             if factor is not None:
                 g = _one_hot_tile(problem, lo, hi, c0, c1, e, r, total, argmax, factor)
             elif work is FLOAT64_WORK:
@@ -579,13 +589,13 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
             else:
                 g = (p * s_minus - wt * q) / d
             # steps 7-9
-            d_s_minus = (gamma(k, u) + eps_wt) * s + eps_wt * wt + u * s_minus
-            d_t1 = p * d_s_minus + s_minus * p * eps_p + u * p * s_minus
-            d_t2 = (eps_wt + eps_q + u) * wt * q
-            t_sum = p * s_minus + wt * q
+            d_s_minus = (gamma(k, u) + eps_wt) * s_abs + eps_wt * wt_abs + u * sm_abs
+            d_t1 = p * d_s_minus + sm_abs * p * eps_p + u * p * sm_abs
+            d_t2 = (eps_wt + eps_q + u) * wt_abs * q
+            t_sum = p * sm_abs + wt_abs * q
             d_g0 = d_t1 + d_t2 + u * t_sum
-            bound = d_g0 / d + np.abs(g) * (scale.d_rel + 2 * u)
-            floor = (k + 8) * work.eta * np.maximum(one, s) * max(one, one / d)
+            bound = d_g0 / d_abs + np.abs(g) * (scale.d_rel + 2 * u)
+            floor = (k + 8) * work.eta * np.maximum(one, s_abs) * max(one, one / d_abs)
             bound = SECOND_ORDER * bound + floor
             if scale.active:  # step 10: back from the scaled domain, exactly but for under/overflow
                 shift = (np.zeros(hi - lo, dtype=np.int64) if b is None else b) - scale.a
@@ -625,11 +635,16 @@ def loss_bounded(problem: Problem) -> Bounded:
     s = wt.sum(axis=1)
     with np.errstate(invalid="ignore", under="ignore", over="ignore"):
         # wt_c * (-s_c), with 0 where wt_c = 0 (also on masked classes, where -s_c = +inf)
-        shifted = np.where(wt > 0, wt * -(parts.s + parts.s_lo), 0.0)
+        # (wt != 0, not wt > 0: torch accepts negative class weights)
+        shifted = np.where(wt != 0, wt * -(parts.s + parts.s_lo), 0.0)
         row_loss = s * parts.log_z + shifted.sum(axis=1)
         eps_wt = (4 * U if problem.label_smoothing else 0.0) + U
         eps_row = np.maximum(eps_wt + rho + 4 * U, eps_wt + 2 * U + gamma(k)) + U
-        row_bound = eps_row * row_loss + (k + 4) * ETA * np.maximum(s, 1.0)
+        # the bound of the signed sum: the same terms in absolute value (equal to row_loss, s when w >= 0)
+        signed = problem.weight is not None and bool((problem.weight < 0).any())
+        s_abs = np.abs(wt).sum(axis=1) if signed else s
+        row_abs = s_abs * parts.log_z + np.abs(shifted).sum(axis=1) if signed else row_loss
+        row_bound = eps_row * row_abs + (k + 4) * ETA * np.maximum(s_abs, 1.0)
     if scale.active:
         return _scaled_loss(problem, scale, np.zeros(n, dtype=np.int64) if b is None else b, row_loss, row_bound)
     if problem.reduction == "none":
@@ -637,7 +652,7 @@ def loss_bounded(problem: Problem) -> Bounded:
     d = problem.divisor()
     with np.errstate(invalid="ignore", under="ignore"):
         total = np.sum(row_loss) / d
-        bound = (np.sum(row_bound) + gamma(n) * np.sum(row_loss)) / d + (gamma(divisor_terms(problem)) + 2 * U) * abs(total)
+        bound = (np.sum(row_bound) + gamma(n) * np.sum(np.abs(row_loss))) / abs(d) + (gamma(divisor_terms(problem)) + 2 * U) * abs(total)
     return Bounded(np.array(total), np.array(SECOND_ORDER * bound + ETA))
 
 
@@ -653,7 +668,7 @@ def _scaled_loss(problem: Problem, scale: Scale, b: np.ndarray, row_loss: np.nda
             # to the common scale 2**top: exact but for underflow, at most eta / 2 per row
             rl, rb = np.ldexp(row_loss, b - top), np.ldexp(row_bound, b - top)
             total = np.sum(rl) / scale.d
-            inner = (np.sum(rb) + n * ETA + gamma(n) * np.sum(rl)) / scale.d + (scale.d_rel + 2 * U) * abs(total)
+            inner = (np.sum(rb) + n * ETA + gamma(n) * np.sum(np.abs(rl))) / abs(scale.d) + (scale.d_rel + 2 * U) * abs(total)
             value = np.array(np.ldexp(total, top - scale.a))
             bound = np.array(np.ldexp(SECOND_ORDER * inner + ETA, top - scale.a) + 2 * ETA)
         bound = np.where(np.isfinite(value), bound, np.inf)

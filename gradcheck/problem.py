@@ -42,6 +42,66 @@ from gradcheck.options import CASE, DEFAULT_IGNORE_INDEX, REDUCTIONS
 __all__ = ["DEFAULT_IGNORE_INDEX", "REDUCTIONS", "Case", "Problem", "as_array", "make_problem", "validate_logits"]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where the classes are in the caller's logits, and how results go back there.
+
+    Problem keeps every case as ``(rows, K)``: the class axis moved last and the other axes
+    flattened, in C order, to rows. Two layouts are real (docs/ARCHITECTURE.md, "Layouts"): torch's
+    own, ``(N, C, d1, ..., dk)`` with the classes on axis 1 (``class_axis=1``), and the LLM layout
+    ``(B, T, V)`` with the classes last (``class_axis=-1``). ``(K,)`` and ``(N, K)`` have the classes
+    last under both.
+
+    Attributes:
+        shape: the caller's logits shape.
+        class_axis: the class axis as the caller gave it (None: implied, for 1-D and 2-D logits).
+    """
+
+    shape: tuple[int, ...]
+    class_axis: int | None = None
+
+    @property
+    def axis(self) -> int:
+        """The class axis, nonnegative."""
+        return len(self.shape) - 1 if self.class_axis is None else self.class_axis % len(self.shape)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """The caller's shape without the class axis: the shape of index targets and of per-row results."""
+        return self.shape[:self.axis] + self.shape[self.axis + 1:]
+
+    @property
+    def plain(self) -> bool:
+        """``(K,)`` or ``(N, K)`` with the classes last: the rows are the caller's own."""
+        return len(self.shape) <= 2 and self.axis == len(self.shape) - 1
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """An array of the caller's logits shape as ``(rows, K)`` (a view where numpy can)."""
+        return np.moveaxis(x, self.axis, -1).reshape(-1, self.shape[self.axis])
+
+    def restore(self, x: np.ndarray, *, classes: bool = True) -> np.ndarray:
+        """A result of the rows back in the caller's layout.
+
+        ``()`` stays; ``(N,)`` becomes the batch shape; ``(N, K)`` the logits' shape (the class axis
+        put back). With ``classes=False`` only the row axis is unflattened, so ``(N, K, K)`` Hessian
+        blocks become ``(*batch_shape, K, K)``.
+        """
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return x
+        out = x.reshape(self.batch_shape + x.shape[1:])
+        if classes and x.ndim == 2:
+            out = np.moveaxis(out, len(self.batch_shape), self.axis)
+        return out
+
+    def index(self, where: tuple[int, ...]) -> tuple[int, ...]:
+        """An index into the rows, ``(row,)`` or ``(row, class)``, as an index into the caller's arrays."""
+        batch = tuple(int(i) for i in np.unravel_index(where[0], self.batch_shape)) if self.batch_shape else ()
+        if len(where) == 1:
+            return batch
+        return batch[:self.axis] + (int(where[1]),) + batch[self.axis:]
+
+
 @dataclass(frozen=True, eq=False)
 class Problem:
     """A validated cross-entropy case. Build it with :func:`make_problem`.
@@ -54,7 +114,8 @@ class Problem:
         reduction: "mean", "sum" or "none".
         label_smoothing: eps in [0, 1].
         format: the float format of the logits (the checked dtype), fixed once here.
-        vector: the logits were given as one row of shape ``(K,)``.
+        layout: the caller's logits shape and class axis (:class:`Layout`); results go back to it
+            through :meth:`restore_shape`.
         lse_square_scale: the z-loss factor lambda >= 0 (0: no z-loss).
         softcap: c > 0, or None (no softcapping).
         grad_output: the upstream gradient as float64 (read-only): shape ``()`` for "mean"/"sum",
@@ -68,7 +129,7 @@ class Problem:
     reduction: str
     label_smoothing: float
     format: FloatFormat
-    vector: bool = False
+    layout: Layout | None = None
     lse_square_scale: float = 0.0
     softcap: float | None = None
     grad_output: np.ndarray | None = None
@@ -88,7 +149,16 @@ class Problem:
     @property
     def shape(self) -> tuple[int, ...]:
         """The caller's logits shape (``(K,)`` for a single vector)."""
-        return (self.k,) if self.vector else self.logits.shape
+        return self.logits.shape if self.layout is None else self.layout.shape
+
+    @property
+    def vector(self) -> bool:
+        """The logits were given as one row of shape ``(K,)``."""
+        return len(self.shape) == 1
+
+    @property
+    def caller_layout(self) -> Layout:
+        return Layout(self.logits.shape) if self.layout is None else self.layout
 
     def weights(self) -> np.ndarray:
         """Class weights as float64, ones when none were given."""
@@ -177,7 +247,7 @@ class Problem:
         if self.grad_output is None:
             return None
         g = np.asarray(self.grad_output).astype(dtype)
-        return g[()] if g.ndim == 0 else g
+        return g[()] if g.ndim == 0 else self.restore_shape(g)
 
     def options(self) -> dict[str, Any]:
         """The options that differ from their defaults, as passed to a ``grad_fn``.
@@ -197,11 +267,14 @@ class Problem:
             out["lse_square_scale"] = self.lse_square_scale
         if self.softcap is not None:
             out["softcap"] = self.softcap
+        if self.layout is not None and not self.layout.plain:
+            out["class_axis"] = self.layout.class_axis
         return out
 
-    def restore_shape(self, rows: np.ndarray) -> np.ndarray:
-        """Drop the row axis of an ``(N, ...)`` result when the logits were one vector."""
-        return rows[0, ...] if self.vector else rows
+    def restore_shape(self, rows: np.ndarray, *, classes: bool = True) -> np.ndarray:
+        """An ``(N, ...)`` result in the caller's layout (:meth:`Layout.restore`): the row axis dropped
+        for one vector, unflattened to the batch shape and the class axis put back for N-D logits."""
+        return self.caller_layout.restore(rows, classes=classes)
 
 
 def make_problem(logits: Any, targets: Any, *, copy: bool = True, **options: Any) -> Problem:
@@ -221,19 +294,22 @@ def make_problem(logits: Any, targets: Any, *, copy: bool = True, **options: Any
         InvalidArgument: naming the argument, the expected and the given value.
     """
     o = CASE.validate(options, where="make_problem()")
-    z = validate_logits(logits, copy=copy, all_masked_ok=o["softcap"] is not None)
-    vector = z.ndim == 1
-    if vector:
+    layout = _layout(logits, o["class_axis"])
+    z = validate_logits(logits, ndims=None, axis=layout.axis, copy=copy, all_masked_ok=o["softcap"] is not None)
+    if not layout.plain:
+        z = layout.rows(z)  # a copy when the class axis is not last (moveaxis, then reshape)
+        z.setflags(write=False)
+    elif z.ndim == 1:
         z = z[None, :]
     n, k = z.shape
-    t = _check_targets(targets, n, k, vector, o["ignore_index"])
+    t = _check_targets(targets, layout, o["ignore_index"])
     w = _check_weight(o["weight"], k)
     t.setflags(write=False)
     if w is not None:
         w.setflags(write=False)
-    g = _check_grad_output(o["grad_output"], o["reduction"], n, vector)
-    problem = Problem(z, t, w, o["ignore_index"], o["reduction"], o["label_smoothing"], float_format(z.dtype), vector,
-                      o["lse_square_scale"], o["softcap"], g)
+    g = _check_grad_output(o["grad_output"], o["reduction"], layout)
+    problem = Problem(z, t, w, o["ignore_index"], o["reduction"], o["label_smoothing"], float_format(z.dtype),
+                      None if layout.shape == z.shape else layout, o["lse_square_scale"], o["softcap"], g)
     if problem.index_targets:
         _check_active(problem)
     return problem
@@ -244,7 +320,9 @@ class Case:
     """One input for a ``grad_fn``: a validated :class:`Problem`, the regime it came from, its features.
 
     Build it with :meth:`make` (which validates, so a Case is always valid). The arrays are the
-    problem's: the logits in their dtype, the weight in the logits' dtype as a ``grad_fn`` gets it.
+    problem's in the caller's layout, as a ``grad_fn`` gets them: the logits in their dtype (of the
+    layout's shape, e.g. ``(B, T, V)``), the targets of its batch shape (or of the logits' shape), the
+    weight in the logits' dtype.
 
     Attributes:
         problem: the validated case; it carries its float format (``problem.format``).
@@ -268,13 +346,21 @@ class Case:
 
     @property
     def logits(self) -> np.ndarray:
-        return self.problem.logits
+        """The logits in the caller's layout (the problem's ``(N, K)`` rows for 2-D logits)."""
+        p = self.problem
+        return p.logits if p.layout is None else p.restore_shape(p.logits)
 
     @property
     def targets(self) -> np.ndarray:
-        """Class indices (int64), or probabilities in the logits' dtype (exactly the values given)."""
-        t = self.problem.targets
-        return t if self.problem.index_targets else t.astype(self.problem.logits.dtype)
+        """Class indices (int64), or probabilities in the logits' dtype (exactly the values given),
+        in the caller's layout."""
+        p = self.problem
+        t = p.targets if p.index_targets else p.targets.astype(p.logits.dtype)
+        return t if p.layout is None else p.restore_shape(t)
+
+    @property
+    def class_axis(self) -> int | None:
+        return None if self.problem.layout is None else self.problem.layout.class_axis
 
     @property
     def weight(self) -> np.ndarray | None:
@@ -328,11 +414,15 @@ class Case:
                                   "ignore_index": self.ignore_index, "reduction": self.reduction,
                                   "label_smoothing": self.label_smoothing,
                                   "lse_square_scale": self.lse_square_scale, "softcap": self.softcap,
-                                  "grad_output": self.problem.grad_output}
+                                  "grad_output": self._grad_output64(), "class_axis": self.class_axis}
         values.update(changes)
         if values["weight"] is not None:  # exact in float64 (a bfloat16 array is converted the same way)
             values["weight"] = np.asarray(values["weight"]).astype(np.float64)
         return Case.make(values.pop("logits"), values.pop("targets"), regime=self.regime, tags=self.tags, **values)
+
+    def _grad_output64(self) -> np.ndarray | None:
+        g = self.problem.grad_output
+        return g if g is None or g.ndim == 0 else self.problem.restore_shape(g)
 
     def __repr__(self) -> str:
         return (
@@ -432,20 +522,44 @@ def validate_logits(
     return z
 
 
-def _check_targets(targets: Any, n: int, k: int, vector: bool, ignore_index: int) -> np.ndarray:
+def _layout(logits: Any, class_axis: int | None) -> Layout:
+    """The caller's layout: its shape and class axis, which N-D logits must name (never guessed)."""
+    try:
+        shape = tuple(int(s) for s in (logits.shape if hasattr(logits, "shape") else np.shape(logits)))
+    except (TypeError, ValueError):  # not array-like: validate_logits names it
+        return Layout(())
+    if class_axis is None:
+        if len(shape) >= 3:
+            raise InvalidArgument(
+                f"logits of shape {shape} need class_axis: pass class_axis=1 for torch's layout (N, C, d1, ..., dk), "
+                f"targets of shape (N, d1, ..., dk), or class_axis=-1 for the LLM layout (B, T, V), targets of "
+                f"shape (B, T). It is not guessed: both are real and the targets' shape cannot always tell them apart."
+            )
+        return Layout(shape)
+    if len(shape) == 0 or not -len(shape) <= class_axis < len(shape):
+        raise InvalidArgument(
+            f"class_axis must be in [-{max(len(shape), 1)}, {max(len(shape), 1)}) for logits of shape {shape}, "
+            f"got {class_axis}."
+        )
+    return Layout(shape, class_axis)
+
+
+def _check_targets(targets: Any, layout: Layout, ignore_index: int) -> np.ndarray:
     try:
         t = as_array(targets, copy=True)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"targets must be an array, got {type(targets).__name__} ({exc}).") from None
-    index_shape, prob_shape = ((), (k,)) if vector else ((n,), (n, k))
+    k = layout.shape[layout.axis]
+    index_shape, prob_shape = layout.batch_shape, layout.shape
     if t.shape == index_shape and t.dtype.kind in "iu":
-        t = t.astype(np.int64).reshape(n)
+        t = t.astype(np.int64).reshape(-1)
         bad = (t != ignore_index) & ((t < 0) | (t >= k))
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
+            where = f"row {row}" if len(index_shape) <= 1 else f"index {layout.index((row,))}"
             raise InvalidArgument(
                 f"targets must be class indices in [0, {k}) or ignore_index={ignore_index}, "
-                f"got {int(t[row])} at row {row}."
+                f"got {int(t[row])} at {where}."
             )
         return t
     if t.shape == prob_shape and (is_supported_float(t.dtype)):
@@ -454,14 +568,14 @@ def _check_targets(targets: Any, n: int, k: int, vector: bool, ignore_index: int
                 f"ignore_index applies to class-index targets only, got ignore_index={ignore_index} "
                 f"with probability targets of shape {t.shape}. Drop ignore_index, or zero the rows."
             )
-        t = t.astype(np.float64).reshape(n, k)
+        t = t.astype(np.float64)
         bad = ~np.isfinite(t) | (t < 0)
         if bad.any():
             where = tuple(int(i) for i in np.argwhere(bad)[0])
             raise InvalidArgument(
                 f"probability targets must be finite and nonnegative, got {float(t[where])!r} at index {where}."
             )
-        return t
+        return np.ascontiguousarray(layout.rows(t))
     if t.shape == index_shape:
         raise InvalidArgument(
             f"class-index targets must be integers, got {_describe(t)}. Use targets.astype(np.int64)."
@@ -488,18 +602,19 @@ def _check_weight(weight: Any, k: int) -> np.ndarray | None:
     if not (w.dtype.kind in "iu" or is_supported_float(w.dtype)):  # bfloat16's kind is "V"
         raise InvalidArgument(f"weight must be real numbers, got dtype {w.dtype}.")
     w = w.astype(np.float64)
-    bad = ~np.isfinite(w) | (w < 0)
+    bad = ~np.isfinite(w)  # negative weights are torch's too (a mean whose divisor is 0 is refused later)
     if bad.any():
         c = int(np.flatnonzero(bad)[0])
-        raise InvalidArgument(f"weight must be finite and nonnegative, got {float(w[c])!r} for class {c}.")
+        raise InvalidArgument(f"weight must be finite, got {float(w[c])!r} for class {c}.")
     return w
 
 
-def _check_grad_output(grad_output: Any, reduction: str, n: int, vector: bool) -> np.ndarray | None:
+def _check_grad_output(grad_output: Any, reduction: str, layout: Layout) -> np.ndarray | None:
     if grad_output is None:
         return None
-    shape = (n,) if reduction == "none" and not vector else ()
-    expected = (f"{n} numbers, shape ({n},), one per row for reduction='none'" if shape
+    shape = layout.batch_shape if reduction == "none" else ()
+    n = int(np.prod(shape))
+    expected = (f"{n} numbers, shape {shape}, one per row for reduction='none'" if shape
                 else f"one number for reduction={reduction!r}" if reduction != "none"
                 else "one number for one vector of logits")
     try:
@@ -513,8 +628,10 @@ def _check_grad_output(grad_output: Any, reduction: str, n: int, vector: bool) -
     g = g.astype(np.float64).reshape(shape)
     bad = ~np.isfinite(g)
     if bad.any():
-        where = f" for row {int(np.flatnonzero(np.atleast_1d(bad))[0])}" if shape else ""
+        first = int(np.flatnonzero(np.atleast_1d(bad))[0])
+        where = (f" for row {first}" if len(shape) == 1 else f" at index {layout.index((first,))}") if shape else ""
         raise InvalidArgument(f"grad_output must be finite, got {float(np.atleast_1d(g)[np.atleast_1d(bad)][0])!r}{where}.")
+    g = g.reshape(-1) if shape else g  # one per row of the (N, K) problem
     g.setflags(write=False)
     return g
 

@@ -200,7 +200,9 @@ def element_bound(problem: Problem, parts: RowParts, working: Implementation) ->
         sum_err = (p * np.expm1(rate_e)).sum(axis=1, keepdims=True)
         eps_z = (1.0 + sum_err) * (1.0 + gamma(depth, u)) - 1.0
         # step 6: targets and weights
-        wt = problem.dense_targets() * problem.weights()
+        # |w_c t_c|, their sum and |D|: torch accepts negative class weights, and the error of a signed
+        # sum is bounded by the same sum of magnitudes (the same values when no weight is negative)
+        wt = np.abs(problem.dense_targets() * problem.weights())
         smooth = bool(problem.label_smoothing)
         weighted = problem.weight is not None
         eps_wt = math.expm1(((4 if smooth else 0) + (1 if weighted else 0)) * u)
@@ -218,7 +220,7 @@ def element_bound(problem: Problem, parts: RowParts, working: Implementation) ->
         d, eta = _scale_error(problem, u)
         bound = (unscaled * (1 + eta) + magnitude * eta) / d
         # step 9: underflow floor
-        w_row = problem.weights()[None, :]
+        w_row = np.abs(problem.weights())[None, :]
         floor = UNDERFLOW_ROUNDINGS * working.floor_unit * (1 + s_row + w_row) * max(1.0, 1.0 / d)
     if not np.all(eps_z < 1):
         raise ArithmeticError(f"the error model is vacuous for K={k} in {working.fmt.name} (eps_Z >= 1)")
@@ -231,7 +233,7 @@ def _scale_error(problem: Problem, u: float) -> tuple[float, float]:
     D is an exact small integer without weights (a row count), or a sum of N_active weights in
     any order (depth N_active - 1) with them; the scaling costs two roundings (1/D and a product).
     """
-    d = problem.divisor()
+    d = abs(problem.divisor())  # |D|: negative weights can make it negative
     if problem.reduction != "mean":
         return d, 0.0
     depth = 0

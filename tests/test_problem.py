@@ -7,6 +7,7 @@ import pytest
 
 import gradcheck as gc
 from gradcheck.errors import InvalidArgument
+from gradcheck.problem import Case, make_problem
 
 Z = np.arange(12, dtype=np.float64).reshape(4, 3) / 7
 T = np.array([0, 2, 1, 0])
@@ -30,7 +31,11 @@ P = np.full((4, 3), 0.25)
         (np.arange(12).reshape(4, 3), T, {}, r"logits must be a floating-point array .*got int64"),
         (Z + 0j, T, {}, r"logits must be a floating-point array .*got complex"),
         (Z > 0, T, {}, r"logits must be a floating-point array .*got bool"),
-        (Z.reshape(2, 2, 3), T, {}, r"logits must have shape \(K,\) or \(N, K\), got shape \(2, 2, 3\)"),
+        (Z.reshape(2, 2, 3), T, {}, r"logits of shape \(2, 2, 3\) need class_axis: pass class_axis=1 .* or class_axis=-1"),
+        (Z.reshape(2, 2, 3), T.reshape(2, 2), {"class_axis": 3}, r"class_axis must be in \[-3, 3\) for logits of shape \(2, 2, 3\), got 3"),
+        (Z.reshape(2, 2, 3), T.reshape(2, 2), {"class_axis": 1}, r"targets must be class indices of shape \(2, 3\) or probabilities of shape \(2, 2, 3\)"),
+        (Z.reshape(2, 2, 3), np.array([[0, 1], [3, 1]]), {"class_axis": -1}, r"class indices in \[0, 3\) or ignore_index=-100, got 3 at index \(1, 0\)"),
+        (Z.reshape(2, 2, 3), T.reshape(2, 2), {"class_axis": 1.0}, r"class_axis must be an integer or None, got 1.0"),
         (np.zeros((0, 3)), np.zeros(0, dtype=int), {}, r"at least one row and one class, got shape \(0, 3\)"),
         (np.where(np.arange(12).reshape(4, 3) < 3, -np.inf, Z), T, {}, r"at least one finite entry per row, got all -inf at row \(0,\)"),
         (Z, T, {"reduction": "avg"}, r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"),
@@ -38,8 +43,9 @@ P = np.full((4, 3), 0.25)
         (Z, T, {"label_smoothing": -0.1}, r"label_smoothing must be a number in \[0, 1\], got -0.1"),
         (Z, T, {"label_smoothing": "a"}, r"label_smoothing must be a number in \[0, 1\], got 'a'"),
         (Z, T, {"weight": np.ones(4)}, r"weight must have shape \(3,\), one per class, got shape \(4,\)"),
-        (Z, T, {"weight": np.array([1.0, -2.0, 1.0])}, r"weight must be finite and nonnegative, got -2.0 for class 1"),
-        (Z, T, {"weight": np.array([1.0, np.nan, 1.0])}, r"weight must be finite and nonnegative, got nan for class 1"),
+        (Z, T, {"weight": np.array([1.0, np.inf, 1.0])}, r"weight must be finite, got inf for class 1"),
+        (Z, T, {"weight": np.array([1.0, np.nan, 1.0])}, r"weight must be finite, got nan for class 1"),
+        (Z, np.array([0, 1, 0, 1]), {"weight": np.array([1.0, -1.0, 1.0])}, r"divides by the sum of the target classes' weights, got 0"),
         (Z, P, {"ignore_index": 1}, r"ignore_index applies to class-index targets only, got ignore_index=1 with probability targets"),
         (Z, np.full(4, -100), {}, r"reduction='mean' needs at least one row whose target is not ignore_index=-100, got 4 ignored rows"),
         (Z, np.array([0, 0, 0, 0]), {"weight": np.array([0.0, 1.0, 1.0])}, r"divides by the sum of the target classes' weights, got 0"),
@@ -186,3 +192,117 @@ def test_jax_arrays_go_in():
         expected = gc.cross_entropy_grad(np.asarray(zj), t, weight=w)
         np.testing.assert_array_equal(gc.cross_entropy_grad(zj, jnp.asarray(t), weight=jnp.asarray(w)), expected)
         np.testing.assert_array_equal(gc.exact_grad(zj, jnp.asarray(p, dtype=dtype)), gc.exact_grad(np.asarray(zj), np.asarray(jnp.asarray(p, dtype=dtype))))
+
+
+# ---- layouts: torch's (N, C, d1, ..., dk) and the LLM's (B, T, V) ------------------------------------------------
+
+RNG = np.random.default_rng(14)
+Z4 = RNG.normal(size=(2, 3, 4, 5))  # torch's layout: N=2, C=3, d=(4, 5)
+T4 = RNG.integers(0, 3, size=(2, 4, 5))
+Z3 = RNG.normal(size=(2, 6, 7))  # the LLM layout: B=2, T=6, V=7
+T3 = RNG.integers(0, 7, size=(2, 6))
+
+
+def _rows(z, axis):
+    return np.moveaxis(z, axis, -1).reshape(-1, z.shape[axis])
+
+
+@pytest.mark.parametrize(("z", "t", "axis"), [(Z4, T4, 1), (Z3, T3, -1), (Z3, T3, 2)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_layout_is_its_rows_with_the_class_axis_put_back(z, t, axis, reduction):
+    flat = gc.cross_entropy_grad(_rows(z, axis), t.reshape(-1), reduction=reduction)
+    got = gc.cross_entropy_grad(z, t, class_axis=axis, reduction=reduction)
+    assert got.shape == z.shape
+    np.testing.assert_array_equal(_rows(got, axis), flat)
+    np.testing.assert_array_equal(_rows(gc.exact_grad(z, t, class_axis=axis, reduction=reduction), axis),
+                                  gc.exact_grad(_rows(z, axis), t.reshape(-1), reduction=reduction))
+    loss = gc.cross_entropy(z, t, class_axis=axis, reduction=reduction)
+    assert loss.shape == (t.shape if reduction == "none" else ())
+    np.testing.assert_array_equal(loss.reshape(-1), gc.cross_entropy(_rows(z, axis), t.reshape(-1), reduction=reduction).reshape(-1))
+
+
+def test_probability_targets_have_the_logits_layout():
+    p = RNG.random(Z4.shape)
+    got = gc.cross_entropy_grad(Z4, p, class_axis=1)
+    np.testing.assert_array_equal(_rows(got, 1), gc.cross_entropy_grad(_rows(Z4, 1), _rows(p, 1)))
+
+
+def test_layouts_agree_with_torch_and_grad_output_has_the_batch_shape():
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    w = np.array([0.5, -1.25, 2.0])
+    g_out = RNG.normal(size=T4.shape)
+    z = torch.tensor(Z4, requires_grad=True)
+    F.cross_entropy(z, torch.tensor(T4), weight=torch.tensor(w), reduction="none").sum().backward()
+    ours = gc.cross_entropy_grad(Z4, T4, class_axis=1, weight=w, reduction="none")
+    np.testing.assert_allclose(ours, z.grad.numpy(), rtol=1e-13, atol=1e-15)
+    assert Case.make(Z4, T4, class_axis=1, reduction="none", grad_output=g_out).grad_output.shape == T4.shape
+    z3 = torch.tensor(Z3, requires_grad=True)
+    F.cross_entropy(z3.reshape(-1, 7), torch.tensor(T3).reshape(-1)).backward()  # how LLM code calls it
+    np.testing.assert_allclose(gc.cross_entropy_grad(Z3, T3, class_axis=-1), z3.grad.numpy(), rtol=1e-13, atol=1e-16)
+    with pytest.raises(InvalidArgument, match=r"grad_output must be 40 numbers, shape \(2, 4, 5\), one per row"):
+        gc.cross_entropy_grad(Z4, T4, class_axis=1, reduction="none", grad_output=g_out.reshape(-1))
+
+
+def test_a_layout_case_gives_grad_fn_the_callers_arrays():
+    case = Case.make(Z4, T4, class_axis=1)
+    assert case.logits.shape == Z4.shape and case.targets.shape == T4.shape
+    np.testing.assert_array_equal(case.logits, Z4)
+    assert case.options() == {"class_axis": 1}
+    assert case.problem.logits.shape == (40, 3)
+    smaller = case.replace(logits=Z4[:1], targets=T4[:1])
+    assert smaller.logits.shape == (1, 3, 4, 5) and smaller.class_axis == 1
+    assert make_problem(Z, T, class_axis=-1).options() == {}  # (N, K): the class axis is implied
+
+
+def test_layout_indices_map_rows_back():
+    layout = make_problem(Z4, T4, class_axis=1).layout
+    assert layout.batch_shape == (2, 4, 5)
+    row = np.ravel_multi_index((1, 2, 3), (2, 4, 5))
+    assert layout.index((row, 2)) == (1, 2, 2, 3)
+    assert layout.index((row,)) == (1, 2, 3)
+
+
+def test_negative_class_weights_are_torchs():
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    w = np.array([-4.83, 1.5, 0.25])
+    for reduction in ("mean", "sum", "none"):
+        for targets, smoothing in ((T, 0.0), (T, 0.3), (P, 0.0)):
+            z = torch.tensor(Z, requires_grad=True)
+            loss = F.cross_entropy(z, torch.tensor(targets), weight=torch.tensor(w), reduction=reduction,
+                                   label_smoothing=smoothing)
+            loss.sum().backward()
+            options = {"weight": w, "reduction": reduction, "label_smoothing": smoothing}
+            np.testing.assert_allclose(gc.cross_entropy(Z, targets, **options), loss.detach().numpy(), rtol=1e-13)
+            np.testing.assert_allclose(gc.cross_entropy_grad(Z, targets, **options), z.grad.numpy(), rtol=1e-13,
+                                       atol=1e-16)
+            np.testing.assert_allclose(gc.exact_grad(Z, targets, **options), z.grad.numpy(), rtol=1e-13, atol=1e-16)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_with_negative_weights_the_bounds_enclose_the_truth(seed):
+    """The oracle's running bounds and the tolerance use |w_c t_c|, sum |w t| and |D| (they failed before:
+    a loss that dropped the negative terms, negative bounds and tolerances)."""
+    from gradcheck.oracle import grad_bounded, loss_bounded
+    from gradcheck.tolerance import grad_tolerance
+
+    rng = np.random.default_rng(seed)
+    n, k = 5, 7
+    z = rng.normal(scale=4, size=(n, k))
+    w = rng.normal(size=k)
+    targets = rng.random((n, k)) if seed % 2 else rng.integers(0, k, size=n)
+    for reduction in ("mean", "sum", "none"):
+        options = {"weight": w, "reduction": reduction, "label_smoothing": 0.1 * (seed % 3)}
+        problem = make_problem(z, targets, **options)
+        g, bound = grad_bounded(problem)
+        truth = gc.exact_grad(z, targets, **options)
+        assert np.all(bound >= 0) and np.all(np.abs(g - truth) <= bound)
+        loss = loss_bounded(problem)
+        assert np.all(np.abs(loss.value - gc.exact_loss(z, targets, **options)) <= loss.bound)
+        tol = grad_tolerance(make_problem(z.astype(np.float32), targets, **options))
+        assert np.all(tol > 0)
+        g32 = gc.cross_entropy_grad(z.astype(np.float32), targets, **options)
+        assert np.all(np.abs(g32 - gc.exact_grad(z.astype(np.float32), targets, **options)) <= tol)
