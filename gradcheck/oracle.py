@@ -16,6 +16,7 @@ derived in docs/oracle.md, section "Running error bound".
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,14 @@ U = FLOAT64.unit_roundoff  # 2**-53
 # that is not representable (it rounds to 0), so the floor uses the smallest subnormal, 2**-1074.
 ETA = FLOAT64.smallest_subnormal
 EXP_ULPS = 2.0  # relative error of np.exp, in units of u (glibc: < 1 ulp; see docs/oracle.md)
+# relative error of np.tanh in units of u: numpy's own validation set (numpy/_core/tests/data/
+# umath-validation-set-tanh.csv, numpy 2.4.6) holds float64 tanh to 2 ULP; we charge twice that, 4 ULP
+# = 8 u (docs/oracle.md, "Kernel options", step K1)
+TANH_ULPS = 8.0
+LOG1P_ULPS = 2.0  # relative error of np.log1p in units of u (< 1 ulp, as the loss bound always assumed)
+# the perturbation argument of the kernel options is first order: rows whose logits carry a larger
+# absolute error than this (softcap c above ~1e9) get an infinite bound (docs/oracle.md, step K2)
+MAX_PERTURBATION = 2.0**-20
 SECOND_ORDER = 1.01  # allowance for second-order terms (docs/oracle.md, valid while K*u < 1e-3)
 
 
@@ -57,18 +66,20 @@ class Working:
         u: unit roundoff.
         eta: the smallest subnormal (twice the absolute error of an underflowing result).
         exp_ulps: the relative error of np.exp, in units of u.
+        tanh_ulps: the relative error of np.tanh, in units of u.
     """
 
     dtype: np.dtype
     u: Any
     eta: Any
     exp_ulps: float
+    tanh_ulps: float = TANH_ULPS
 
 
 FLOAT64_WORK = Working(np.dtype(np.float64), U, ETA, EXP_ULPS)
-# only x87 extended is analysed (docs/oracle.md); np.exp in it is charged 16 u
+# only x87 extended is analysed (docs/oracle.md); np.exp in it is charged 16 u, np.tanh (glibc tanhl) 32 u
 EXTENDED_WORK = None if EXTENDED is None else Working(
-    EXTENDED.dtype, np.longdouble(2) ** -64, np.longdouble(np.finfo(np.longdouble).smallest_subnormal), 16.0)
+    EXTENDED.dtype, np.longdouble(2) ** -64, np.longdouble(np.finfo(np.longdouble).smallest_subnormal), 16.0, 32.0)
 
 
 class Bounded(NamedTuple):
@@ -155,13 +166,15 @@ def _row_error(parts: RowParts, work: Working = FLOAT64_WORK) -> tuple[np.ndarra
     return rho, eps_p, eps_q
 
 
-def softmax(z: Any, axis: int = -1, *, dtype: Any = None) -> np.ndarray:
+def softmax(z: Any, axis: int = -1, *, dtype: Any = None, softcap: float | None = None) -> np.ndarray:
     """Softmax along ``axis``, stable for every finite input and for ``-inf`` (masked) entries.
 
     Args:
         z: float logits of any shape; NaN and +inf are rejected, -inf means probability 0.
         axis: the class axis.
         dtype: the result's dtype; the input's when None.
+        softcap: c > 0: the softmax of ``c tanh(z / c)`` (docs/oracle.md, "Kernel options"); -inf
+            then maps to -c, so it is not masked, and a slice of all -inf is valid.
 
     Returns:
         ``exp(z - max z) / sum exp(z - max z)``, correctly rounded from float64.
@@ -169,14 +182,16 @@ def softmax(z: Any, axis: int = -1, *, dtype: Any = None) -> np.ndarray:
     >>> softmax(np.array([0.0, np.log(3.0), -np.inf]))
     array([0.25, 0.75, 0.  ])
     """
-    arr, restore = _as_rows(z, axis)
-    return _round(restore(row_parts(arr).p), dtype, arr.dtype)
+    arr, restore, c = _as_rows(z, axis, softcap)
+    return _round(restore(row_parts(_capped(arr, c)).p), dtype, arr.dtype)
 
 
-def log_softmax(z: Any, axis: int = -1, *, dtype: Any = None) -> np.ndarray:
-    """``z - max z - log1p(sum of the other exp(z - max z))`` along ``axis``; -inf stays -inf."""
-    arr, restore = _as_rows(z, axis)
-    parts = row_parts(arr)
+def log_softmax(z: Any, axis: int = -1, *, dtype: Any = None, softcap: float | None = None) -> np.ndarray:
+    """``z - max z - log1p(sum of the other exp(z - max z))`` along ``axis``; -inf stays -inf.
+
+    ``softcap`` as for :func:`softmax` (then computed on ``c tanh(z / c)``, and -inf maps to a finite value)."""
+    arr, restore, c = _as_rows(z, axis, softcap)
+    parts = row_parts(_capped(arr, c))
     with np.errstate(invalid="ignore"):
         out = (parts.s - parts.log_z[:, None]) + parts.s_lo
     return _round(restore(out), dtype, arr.dtype)
@@ -189,13 +204,15 @@ def cross_entropy(
     dtype: Any = None,
     **options: Any,
 ) -> np.ndarray:
-    """The loss of ``torch.nn.functional.cross_entropy`` (see :mod:`gradcheck.problem`).
+    """The loss of ``torch.nn.functional.cross_entropy`` (see :mod:`gradcheck.problem`), with the kernel
+    options of Liger-Kernel (``softcap``, ``lse_square_scale``; docs/oracle.md, "Kernel options").
 
     Args:
         logits, targets: as for :func:`gradcheck.make_problem`.
         dtype: the result's format (default: the logits' dtype).
         **options: the case options (``weight``, ``ignore_index``, ``reduction``,
-            ``label_smoothing``; :data:`gradcheck.options.CASE`).
+            ``label_smoothing``, ``lse_square_scale``, ``softcap``; :data:`gradcheck.options.CASE`).
+            ``grad_output`` is accepted and does not change the loss.
 
     Returns:
         A 0-d array (mean, sum) or the ``(N,)`` per-row losses (none), in ``dtype`` (default: the
@@ -215,10 +232,13 @@ def cross_entropy_grad(
     dtype: Any = None,
     **options: Any,
 ) -> np.ndarray:
-    """The gradient of :func:`cross_entropy` with respect to the logits.
+    """The gradient of :func:`cross_entropy` with respect to the logits, times ``grad_output``.
 
-    ``dL/dz_ni = (p_ni * sum_c w_c t_nc - w_i t_ni) / D``; for ``reduction="none"`` the gradient of
-    the sum of the row losses. Shape of the logits, ``dtype`` as for :func:`cross_entropy`.
+    ``dL/dz_ni = r_n g_n [(p_ni S_n - w_i t_ni) / D + 2 lambda lse_n p_ni / D_z] (1 - tanh^2(z_ni / c))``
+    with p the softmax of the (softcapped) logits, ``S_n = sum_c w_c t_nc``, ``r_n`` 0 for ignored
+    rows and ``g_n`` the upstream gradient (``grad_output``; ones when None). For ``reduction="none"``
+    without ``grad_output`` that is the gradient of the sum of the row losses. Shape of the logits,
+    ``dtype`` as for :func:`cross_entropy`.
 
     >>> cross_entropy_grad(np.array([[0.0, np.log(3.0)]]), np.array([1]))
     array([[ 0.25, -0.25]])
@@ -244,15 +264,20 @@ def cross_entropy_bounded(logits: Any, targets: Any, **options: Any) -> Bounded:
     return loss_bounded(make_problem(logits, targets, copy=False, **options))
 
 
-def softmax_jacobian(z: Any, *, dtype: Any = None) -> np.ndarray:
-    """``diag(p) - p p^T`` per row: shape ``(K, K)`` for a vector, ``(N, K, K)`` for a batch.
+def softmax_jacobian(z: Any, *, dtype: Any = None, softcap: float | None = None) -> np.ndarray:
+    """``d p_o / d z_i`` per row: ``diag(p) - p p^T``, shape ``(K, K)`` for a vector, ``(N, K, K)`` for a batch.
 
-    The diagonal is computed as ``p_i q_i`` with the accurate ``q_i = 1 - p_i``.
+    The diagonal is computed as ``p_i q_i`` with the accurate ``q_i = 1 - p_i``. With ``softcap`` c,
+    p is the softmax of ``z' = c tanh(z / c)`` and column i is multiplied by ``dz'_i / dz_i =
+    1 - tanh^2(z_i / c)`` (docs/oracle.md, "Kernel options").
     """
-    arr = validate_logits(z, ndims=(1, 2), copy=False)
+    c = _softcap_value(softcap)
+    arr = validate_logits(z, ndims=(1, 2), copy=False, all_masked_ok=c is not None)
     rows = arr[None, :] if arr.ndim == 1 else arr
-    parts = row_parts(rows)
+    parts = row_parts(_capped(rows, c))
     jac = _jacobian(parts)
+    if c is not None:
+        jac = jac * _chain(rows, c)[:, None, :]
     return _round(jac[0] if arr.ndim == 1 else jac, dtype, arr.dtype)
 
 
@@ -263,35 +288,84 @@ def cross_entropy_hessian(
     dtype: Any = None,
     **options: Any,
 ) -> np.ndarray:
-    """Second derivatives of :func:`cross_entropy` in the logits.
+    """Second derivatives of :func:`cross_entropy` in the logits (of ``sum_n g_n l_n`` with ``grad_output``).
 
     The batch loss is a sum of row losses, so its Hessian is block diagonal across rows; this returns
-    the blocks, ``(S_n / D) (diag(p_n) - p_n p_n^T)``, shape ``(N, K, K)`` (``(K, K)`` for a vector).
+    the blocks, shape ``(N, K, K)`` (``(K, K)`` for a vector). With ``J = diag(p) - p p^T`` of the
+    softmax of ``z'`` (docs/oracle.md, "Kernel options", the Hessian):
+
+        H_n = g_n [ diag(h) F_n diag(h) + diag(G'_n * z''_n) ],
+        F_n = r_n [ (S_n / D) J + (2 lambda / D_z) (p p^T + lse_n J) ],
+
+    where ``h = 1 - tanh^2(z / c)``, ``z'' = -2 z' h / c^2``, ``G'_n`` the gradient in ``z'`` (``h = 1``,
+    ``z'' = 0`` without softcapping).
     """
     problem = make_problem(logits, targets, copy=False, **options)
-    parts = row_parts(problem.logits)
+    zc = capped_logits(problem)
+    parts = row_parts(zc)
     scale = scale_of(problem)  # S / D without overflow (docs/oracle.md, step 10)
     b = _row_exponents(problem, 0, problem.n, FLOAT64_WORK) if scale.rows else None
-    with np.errstate(over="ignore", under="ignore"):
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         s = _weighted_targets(problem, 0, problem.n, 0, problem.k, FLOAT64_WORK, b).sum(axis=1) / scale.d
         if scale.active:
             s = np.ldexp(s, (0 if b is None else b) - scale.a)
-        hess = _jacobian(parts) * s[:, None, None]
+        jac = _jacobian(parts)
+        lam = problem.lse_square_scale
+        if lam:
+            live = problem.active_rows()
+            lse = zc[np.arange(problem.n), parts.argmax] + parts.log_z
+            k2 = np.where(live, 2 * lam / problem.zloss_divisor(), 0.0)
+            hess = jac * (s + k2 * lse)[:, None, None] + k2[:, None, None] * (parts.p[:, :, None] * parts.p[:, None, :])
+        else:
+            hess = jac * s[:, None, None]
+        if problem.softcap is not None:
+            c = problem.softcap
+            h = _chain(problem.logits, c)
+            inner = dataclasses.replace(problem, logits=zc, softcap=None, grad_output=None)
+            g_cap = grad_rows(inner)  # the gradient in z'
+            hess = hess * h[:, :, None] * h[:, None, :]
+            idx = np.arange(problem.k)
+            hess[:, idx, idx] += g_cap * (-2.0 * zc * h / (c * c))
+        if problem.grad_output is not None:
+            hess = hess * problem.upstream()[:, None, None]
     return _round(problem.restore_shape(hess), dtype, problem.logits.dtype)
 
 
+def _softcap_value(softcap: Any) -> float | None:
+    """``softcap`` checked by its one rule (:data:`gradcheck.options.SOFTCAP`)."""
+    from gradcheck.options import SOFTCAP
+
+    return SOFTCAP.validate(softcap)
+
+
+def _capped(z: np.ndarray, c: float | None) -> np.ndarray:
+    """``c tanh(z / c)`` in float64 (``z`` itself when ``c`` is None), as :func:`_logits_tile` computes it."""
+    if c is None:
+        return z
+    with np.errstate(over="ignore", under="ignore"):
+        return c * np.tanh(np.asarray(z, dtype=np.float64) / c)
+
+
+def _chain(z: np.ndarray, c: float) -> np.ndarray:
+    """``1 - tanh^2(z / c)`` in float64, as :func:`_chain_tile` computes it (no cancellation)."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        e = np.exp(-2 * np.abs(np.asarray(z, dtype=np.float64) / c))
+        return 4 * e / ((1.0 + e) * (1.0 + e))
+
+
 def grad_rows(problem: Problem) -> np.ndarray:
-    """The float64 ``(N, K)`` gradient of a validated problem."""
-    if scale_of(problem).active:  # weights or targets near overflow: the rescaled evaluation
+    """The float64 ``(N, K)`` gradient of a validated problem: ``grad_output`` times dL/dz (a VJP)."""
+    if scale_of(problem).active or kernel_options(problem):  # rescaled, or softcap / z-loss: the bounded path
         return grad_bounded(problem)[0]
     if problem.index_targets and not problem.label_smoothing:
         return _one_hot_grad(problem)
     parts = row_parts(problem.logits)
     wt = problem.dense_targets() * problem.weights()
     s = wt.sum(axis=1)
-    with np.errstate(under="ignore"):
+    with np.errstate(under="ignore", over="ignore", invalid="ignore"):
         g = parts.p * (s[:, None] - wt) - wt * parts.q
-        return g / problem.divisor()
+        g = g / problem.divisor()
+        return g if problem.grad_output is None else g * problem.upstream()[:, None]
 
 
 def _one_hot_grad(problem: Problem) -> np.ndarray:
@@ -305,9 +379,8 @@ def _one_hot_grad(problem: Problem) -> np.ndarray:
     """
     n, k = problem.logits.shape
     active = problem.active_rows()
-    wt = np.zeros(n)
-    wt[active] = problem.weights()[problem.targets[active]]
-    factor = wt / problem.divisor()
+    factor = _one_hot_factor(problem, problem.divisor())
+    up = None if problem.grad_output is None else problem.upstream()
     out = np.empty((n, k))
 
     def block(lo: int, hi: int) -> None:
@@ -326,6 +399,8 @@ def _one_hot_grad(problem: Problem) -> np.ndarray:
             q_t = np.where(cls == argmax[live], r[live] / total[live], 1.0 - e_t / total[live])
             np.multiply(g, (factor[lo:hi] / total)[:, None], out=out[lo:hi])
             out[lo:hi][live, cls] = -(factor[lo:hi][live] * q_t)
+            if up is not None:  # the upstream gradient: one product, as in grad_bounded (step K6)
+                out[lo:hi] *= up[lo:hi, None]
         return None
 
     for_row_blocks(n, k, block)
@@ -397,19 +472,37 @@ def scale_of(problem: Problem, work: Working = FLOAT64_WORK) -> Scale:
     limit = np.finfo(work.dtype).maxexp - 4  # headroom for the few sums of terms of size S in the bound
     u = work.u
     w = problem.weight
-    w_exp = 1 if w is None else int(np.frexp(np.abs(w).max())[1])  # |w|: torch accepts negative weights
+    w_exp = 1 if w is None else int(np.frexp(np.abs(w).max())[1])
     t_max = float(problem.targets.max()) if not problem.index_targets and problem.targets.size else 1.0
     rows = w_exp + int(np.frexp(max(t_max, 1.0))[1]) + problem.k.bit_length() > limit
     terms = divisor_terms(problem)
     if problem.reduction == "mean" and problem.index_targets and problem.weight is not None:
         active = problem.targets[problem.active_rows()]
-        big = int(np.frexp(np.abs(w[active]).max())[1])
+        wa = w[active]
+        signed = bool((wa < 0).any())
+        big = int(np.frexp(np.abs(wa).max())[1])
         if big + active.size.bit_length() > limit:
             with np.errstate(under="ignore"):
-                d = work.dtype.type(np.sum(np.ldexp(w[active], -big).astype(work.dtype)))
-            # each of the terms loses at most eta / 2 to underflow and D' >= 1/2
-            return Scale(big, d, gamma(terms, u) + active.size * work.eta * 2, rows)
+                scaled = np.ldexp(wa, -big).astype(work.dtype)
+                d = work.dtype.type(np.sum(scaled))
+            # each of the terms loses at most eta / 2 to underflow and D' >= 1/2 (w >= 0); with negative
+            # weights the sum's error is relative to sum |w'| (docs/oracle.md, step 8)
+            if not signed:
+                return Scale(big, d, gamma(terms, u) + active.size * work.eta * 2, rows)
+            abs_sum = work.dtype.type(np.sum(np.abs(scaled)))
+            return Scale(big, d, _signed_rel(terms, u, abs_sum, d, active.size * work.eta), rows)
+        if signed:
+            d = _divisor(problem, work.dtype)
+            abs_sum = work.dtype.type(np.sum(np.abs(wa).astype(work.dtype)))
+            return Scale(0, d, _signed_rel(terms, u, abs_sum, d, active.size * work.eta), rows)
     return Scale(0, _divisor(problem, work.dtype), gamma(terms, u), rows)
+
+
+def _signed_rel(terms: int, u: Any, abs_sum: Any, d: Any, under: Any) -> Any:
+    """Relative error of a divisor summed from weights of both signs: ``(gamma sum |w| + underflow) / |D|``."""
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        rel = (gamma(terms, u) * abs_sum * (1 + 2 * gamma(terms, u)) + under) / abs(d)
+    return rel if np.isfinite(rel) else np.inf
 
 
 def _dense_tile(problem: Problem, lo: int, hi: int, c0: int, c1: int, dtype: Any) -> np.ndarray:
@@ -482,23 +575,22 @@ COLUMN_BLOCK = 1 << 18  # longer rows are evaluated in two passes over column ti
 
 
 def grad_bounded(problem: Problem, work: Working = FLOAT64_WORK) -> tuple[np.ndarray, np.ndarray]:
-    """``(N, K)`` gradient in ``work`` precision and its running error bound (docs/oracle.md, steps 1-10).
+    """``(N, K)`` gradient in ``work`` precision and its running error bound (docs/oracle.md, steps 1-10, K1-K6).
 
     With the default float64 the value is :func:`grad_rows`'s; with :data:`EXTENDED_WORK` it is the
     general formula evaluated in x87 extended precision, and both arrays are ``np.longdouble``.
     Evaluated in row blocks and, for rows longer than :data:`COLUMN_BLOCK`, column tiles with two
     passes (row max and sums, then the elements): the extra memory is a few blocks beyond the two
-    results. Where the value is not finite the bound is inf.
+    results. Where the value is not finite the bound is inf. The kernel options (softcap, z-loss) and
+    the upstream gradient are part of the value and of the bound.
     """
     n, k = problem.logits.shape
     scale = scale_of(problem, work)
-    one_hot = work is FLOAT64_WORK and problem.index_targets and not problem.label_smoothing and not scale.active
+    one_hot = (work is FLOAT64_WORK and problem.index_targets and not problem.label_smoothing and not scale.active
+               and not kernel_options(problem))
     factor = None
     if one_hot:
-        active = problem.active_rows()
-        wt_t = np.zeros(n)
-        wt_t[active] = 1.0 if problem.weight is None else problem.weight[problem.targets[active]]
-        factor = wt_t / scale.d
+        factor = _one_hot_factor(problem, scale.d)
     g_out = np.empty((n, k), dtype=work.dtype)
     b_out = np.empty((n, k), dtype=work.dtype)
 
@@ -509,35 +601,82 @@ def grad_bounded(problem: Problem, work: Working = FLOAT64_WORK) -> tuple[np.nda
     return g_out, b_out
 
 
+def kernel_options(problem: Problem) -> bool:
+    """True when softcapping or the z-loss act (then the one-hot shortcut does not apply)."""
+    return problem.softcap is not None or bool(problem.lse_square_scale)
+
+
+def _one_hot_factor(problem: Problem, d: Any) -> np.ndarray:
+    """``w_{y_n} / D`` per row (0 for ignored rows): the row factor of the one-hot path."""
+    active = problem.active_rows()
+    wt_t = np.zeros(problem.n)
+    wt_t[active] = 1.0 if problem.weight is None else problem.weight[problem.targets[active]]
+    return wt_t / d
+
+
+def capped_logits(problem: Problem, work: Working = FLOAT64_WORK) -> np.ndarray:
+    """The logits the softmax sees, in ``work``: ``z``, or ``z' = c tanh(z / c)`` under softcapping."""
+    return _logits_tile(problem, 0, problem.n, 0, problem.k, work)
+
+
+def _logits_tile(problem: Problem, lo: int, hi: int, c0: int, c1: int, work: Working) -> np.ndarray:
+    """``z'`` on a tile: ``fl(c fl(tanh(fl(z / c))))`` (docs/oracle.md, step K1); ``-inf`` becomes ``-c``."""
+    z = np.asarray(problem.logits[lo:hi, c0:c1], dtype=work.dtype)
+    if problem.softcap is None:
+        return z
+    c = work.dtype.type(problem.softcap)
+    with np.errstate(over="ignore", under="ignore"):
+        return c * np.tanh(z / c)
+
+
+def _chain_tile(problem: Problem, lo: int, hi: int, c0: int, c1: int, work: Working) -> tuple[np.ndarray, np.ndarray]:
+    """``h = 1 - tanh^2(z / c)`` as ``4 e / (1 + e)^2``, ``e = exp(-2 |z / c|)``, and its relative error
+    bound (docs/oracle.md, step K4): no cancellation when ``|z| >> c``, where ``1 - tanh^2`` would be 0."""
+    z = np.asarray(problem.logits[lo:hi, c0:c1], dtype=work.dtype)
+    c = work.dtype.type(problem.softcap)
+    one = work.dtype.type(1)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        x = np.abs(z / c)
+        e = np.exp(-2 * x)
+        ope = one + e
+        h = 4 * e / (ope * ope)
+        rel = np.where(h > 0, 2 * work.u * x + (work.exp_ulps + 5) * work.u, 0 * work.u)
+    return h, rel
+
+
 def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.ndarray | None,
                    lo: int, hi: int, g_out: np.ndarray, b_out: np.ndarray) -> None:
     """Rows ``lo:hi`` of :func:`grad_bounded`: pass 1 the row max, R and S; pass 2 each element."""
     k = problem.k
     u = work.u
     zero = work.dtype.type(0)
+    one = work.dtype.type(1)
     rows = np.arange(hi - lo)
     tiles = _columns(k)
     b = _row_exponents(problem, lo, hi, work) if scale.rows else None
-    # pass 1: max and argmax (first occurrence), then R = sum_{c != argmax} e_c, any e_c > 0 there, S
+    capped = problem.softcap is not None
+    signed = problem.weight is not None and bool((problem.weight < 0).any())
+    # pass 1: max and argmax (first occurrence) of z (z' under softcapping), and max |z'|
     m = np.full(hi - lo, -np.inf, dtype=work.dtype)
     argmax = np.zeros(hi - lo, dtype=np.int64)
+    big = np.zeros(hi - lo, dtype=work.dtype)
     for c0, c1 in tiles:
-        zc = np.asarray(problem.logits[lo:hi, c0:c1], dtype=work.dtype)
+        zc = _logits_tile(problem, lo, hi, c0, c1, work)
         am = np.argmax(zc, axis=1)
         mx = zc[rows, am]
         better = mx > m
         m, argmax = np.where(better, mx, m), np.where(better, am + c0, argmax)
+        if capped:
+            big = np.maximum(big, np.abs(zc).max(axis=1))
     m = m[:, None]
+    # then R = sum_{c != argmax} e_c, any e_c > 0 there, S and A = sum |w_c t_c| (= S for w >= 0)
     r = np.zeros(hi - lo, dtype=work.dtype)
     s = np.zeros(hi - lo, dtype=work.dtype)
-    # negative class weights (torch accepts them): the error terms below use |w_c t_c|, their sum and |D|
-    # (Higham's bounds of signed sums); with nonnegative weights these are the same values, bit for bit
-    signed = problem.weight is not None and bool((problem.weight < 0).any())
-    s_abs = np.zeros(hi - lo, dtype=work.dtype) if signed else s
+    a_sum = np.zeros(hi - lo, dtype=work.dtype) if signed else s
     positive = np.zeros(hi - lo, dtype=bool)
     cached = None
     for c0, c1 in tiles:
-        zc = np.asarray(problem.logits[lo:hi, c0:c1], dtype=work.dtype)
+        zc = _logits_tile(problem, lo, hi, c0, c1, work)
         s_hi, s_lo, e = _shifted_exp(zc, m)
         here = np.flatnonzero((argmax >= c0) & (argmax < c1))
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
@@ -548,7 +687,7 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
             wt = _weighted_targets(problem, lo, hi, c0, c1, work, b)
             s += wt.sum(axis=1)
             if signed:
-                s_abs += np.abs(wt).sum(axis=1)
+                a_sum += np.abs(wt).sum(axis=1)
         cached = (s_hi, s_lo, e, wt) if len(tiles) == 1 else None
     a_max = np.where(positive, (work.exp_ulps + 2) * u, zero)
     rho = a_max + gamma(k, u)
@@ -556,14 +695,14 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
     eps_wt = (4 * u if problem.label_smoothing else 0 * u) + u
     d = scale.d
     d_abs = abs(d)
-    one = work.dtype.type(1)
     s = s[:, None]
-    s_abs = s_abs[:, None] if signed else s
+    a_col = a_sum[:, None]
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         total = 1.0 + r
+        opts = _row_options(problem, work, lo, hi, m[:, 0], r, rho, big)
         for c0, c1 in tiles:
             if cached is None:
-                zc = np.asarray(problem.logits[lo:hi, c0:c1], dtype=work.dtype)
+                zc = _logits_tile(problem, lo, hi, c0, c1, work)
                 _, _, e = _shifted_exp(zc, m)
                 wt = _weighted_targets(problem, lo, hi, c0, c1, work, b)
             else:
@@ -579,31 +718,109 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
             eps_p = a + eps_z[:, None] + u
             eps_q = eps_p + u
             eps_q[here, at] = (rho + eps_z + u)[here]
-            # S - w_i t_i >= 0 when no weight is negative (a float sum of nonnegative terms is monotone)
+            if capped:  # step K2: the computed z' is a perturbation of the exact one
+                eps_p = eps_p + 2 * opts.zeta[:, None]
+                eps_q = eps_q + 2 * opts.zeta[:, None]
             s_minus = s - wt if signed else np.maximum(s - wt, 0)
-            wt_abs, sm_abs = (np.abs(wt), np.abs(s_minus)) if signed else (wt, s_minus)
             if factor is not None:
                 g = _one_hot_tile(problem, lo, hi, c0, c1, e, r, total, argmax, factor)
             elif work is FLOAT64_WORK:
                 g = (p * (s - wt) - wt * q) / d
             else:
                 g = (p * s_minus - wt * q) / d
-            # steps 7-9
-            d_s_minus = (gamma(k, u) + eps_wt) * s_abs + eps_wt * wt_abs + u * sm_abs
+            # steps 7-9, with |w t| (weights may be negative)
+            wt_abs = np.abs(wt) if signed else wt
+            sm_abs = np.abs(s_minus) if signed else s_minus
+            d_s_minus = (gamma(k, u) + eps_wt) * a_col + eps_wt * wt_abs + u * sm_abs
             d_t1 = p * d_s_minus + sm_abs * p * eps_p + u * p * sm_abs
             d_t2 = (eps_wt + eps_q + u) * wt_abs * q
             t_sum = p * sm_abs + wt_abs * q
             d_g0 = d_t1 + d_t2 + u * t_sum
             bound = d_g0 / d_abs + np.abs(g) * (scale.d_rel + 2 * u)
-            floor = (k + 8) * work.eta * np.maximum(one, s_abs) * max(one, one / d_abs)
+            floor = (k + 8) * work.eta * np.maximum(one, a_col) * max(one, one / d_abs)
             bound = SECOND_ORDER * bound + floor
             if scale.active:  # step 10: back from the scaled domain, exactly but for under/overflow
                 shift = (np.zeros(hi - lo, dtype=np.int64) if b is None else b) - scale.a
                 g = np.ldexp(g, shift[:, None])
                 bound = np.ldexp(bound, shift[:, None]) + 2 * work.eta
-            bound[~np.isfinite(g)] = np.inf
+            if opts.active:
+                g, bound = _with_options(problem, work, opts, lo, hi, c0, c1, g, bound, p, eps_p)
+            if scale.d_rel > MAX_PERTURBATION:  # D after cancellation (negative weights): no first-order bound
+                bound[...] = np.inf
+            bound[~np.isfinite(g) | np.isnan(bound)] = np.inf
             g_out[lo:hi, c0:c1] = g
             b_out[lo:hi, c0:c1] = bound
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    """Per-row quantities of the kernel options and the upstream gradient (docs/oracle.md, K2-K6).
+
+    Attributes:
+        active: any of softcap, z-loss or grad_output is set.
+        zeta: (rows,) bound on the absolute error of every computed ``z'`` of the row (0 without softcap).
+        coef: (rows,) ``2 lambda lse / D_z`` (0 for ignored rows and without z-loss).
+        d_coef: (rows,) bound on its absolute error.
+        up: (rows, 1) the upstream gradient, or None.
+    """
+
+    active: bool
+    zeta: Any
+    coef: Any
+    d_coef: Any
+    up: Any
+
+
+def _row_options(problem: Problem, work: Working, lo: int, hi: int, m: np.ndarray, r: np.ndarray,
+                 rho: np.ndarray, big: np.ndarray) -> RowOptions:
+    """The per-row factors of the options (docs/oracle.md, steps K2, K3 and K6)."""
+    u = work.u
+    zeta = 0 * u
+    if problem.softcap is not None:  # step K2
+        c = work.dtype.type(problem.softcap)
+        zeta = (work.tanh_ulps + 2) * u * big + 2 * c * work.eta
+        zeta = np.where(zeta <= MAX_PERTURBATION, zeta, np.inf)
+    coef = d_coef = zero = np.zeros(hi - lo, dtype=work.dtype)
+    lam = problem.lse_square_scale
+    if lam:  # step K3: lse = m + log1p(R), coef = (2 lambda lse) / D_z
+        with np.errstate(over="ignore", invalid="ignore"):
+            log_z = np.log1p(r)
+            lse = m + log_z
+            d_lse = zeta + (rho + LOG1P_ULPS * u) * log_z + u * np.abs(lse)
+            two_lam = work.dtype.type(2 * lam)
+            dz = work.dtype.type(problem.zloss_divisor())  # a row count: exact
+            live = problem.active_rows()[lo:hi]
+            coef = np.where(live, two_lam * lse / dz, zero)
+            d_coef = np.where(live, two_lam * d_lse / dz + 2 * u * np.abs(coef), zero)
+    up = None if problem.grad_output is None else problem.upstream()[lo:hi].astype(work.dtype)[:, None]
+    active = problem.softcap is not None or bool(lam) or up is not None
+    return RowOptions(active, np.broadcast_to(zeta, (hi - lo,)), coef, d_coef, up)
+
+
+def _with_options(problem: Problem, work: Working, opts: RowOptions, lo: int, hi: int, c0: int, c1: int,
+                  g: np.ndarray, bound: np.ndarray, p: np.ndarray, eps_p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Add the z-loss term, multiply by the upstream gradient and by the chain factor (steps K5-K6).
+
+    ``g`` and ``bound`` are the cross-entropy part in the true (unscaled) domain."""
+    u = work.u
+    eta = work.eta
+    k = problem.k
+    if problem.lse_square_scale:  # step K5: g' = g_ce + p coef
+        coef = opts.coef[:, None]
+        t3 = p * coef
+        d_t3 = np.abs(coef) * p * eps_p + p * opts.d_coef[:, None] + u * np.abs(t3)
+        g_new = g + t3
+        bound = bound + SECOND_ORDER * (d_t3 + u * (np.abs(g) + np.abs(t3))) + (k + 8) * eta * np.abs(coef) + 2 * eta
+        g = g_new
+    if opts.up is not None:  # step K6: times the upstream gradient, one rounding
+        g = g * opts.up
+        bound = np.abs(opts.up) * bound + SECOND_ORDER * u * np.abs(g) + eta
+    if problem.softcap is not None:  # step K4: times the chain factor h
+        h, h_rel = _chain_tile(problem, lo, hi, c0, c1, work)
+        g_h = g * h
+        bound = h * bound + SECOND_ORDER * (np.abs(g) * h * h_rel + u * np.abs(g_h)) + 8 * eta * np.abs(g) + eta
+        g = g_h
+    return g, bound
 
 
 def _one_hot_tile(problem: Problem, lo: int, hi: int, c0: int, c1: int, e: np.ndarray, r: np.ndarray,
@@ -624,36 +841,80 @@ def loss_bounded(problem: Problem) -> Bounded:
 
     Rows whose weighted targets come near overflow are evaluated rescaled by ``2**-b_n`` and the
     divisor by ``2**-a`` (docs/oracle.md, step 10); the row losses are brought to a common scale
-    before they are summed.
+    before they are summed. Under softcapping everything is computed on ``z'``; the z-loss
+    ``lambda lse^2`` of each counted row is added in the true domain (docs/oracle.md, step K7).
     """
-    parts = row_parts(problem.logits)
+    zc = capped_logits(problem)
+    parts = row_parts(zc)
     n, k = problem.logits.shape
     rho, _, _ = _row_error(parts)
     scale = scale_of(problem)
+    signed = problem.weight is not None and bool((problem.weight < 0).any())
     b = _row_exponents(problem, 0, n, FLOAT64_WORK) if scale.rows else None
     wt = _weighted_targets(problem, 0, n, 0, k, FLOAT64_WORK, b)
     s = wt.sum(axis=1)
+    zeta = _loss_zeta(problem, zc)
     with np.errstate(invalid="ignore", under="ignore", over="ignore"):
         # wt_c * (-s_c), with 0 where wt_c = 0 (also on masked classes, where -s_c = +inf)
-        # (wt != 0, not wt > 0: torch accepts negative class weights)
         shifted = np.where(wt != 0, wt * -(parts.s + parts.s_lo), 0.0)
         row_loss = s * parts.log_z + shifted.sum(axis=1)
+        row_abs = np.abs(s) * parts.log_z + np.abs(shifted).sum(axis=1) if signed else row_loss
+        a_sum = np.abs(wt).sum(axis=1) if signed else s
         eps_wt = (4 * U if problem.label_smoothing else 0.0) + U
         eps_row = np.maximum(eps_wt + rho + 4 * U, eps_wt + 2 * U + gamma(k)) + U
-        # the bound of the signed sum: the same terms in absolute value (equal to row_loss, s when w >= 0)
-        signed = problem.weight is not None and bool((problem.weight < 0).any())
-        s_abs = np.abs(wt).sum(axis=1) if signed else s
-        row_abs = s_abs * parts.log_z + np.abs(shifted).sum(axis=1) if signed else row_loss
-        row_bound = eps_row * row_abs + (k + 4) * ETA * np.maximum(s_abs, 1.0)
+        row_bound = eps_row * row_abs + (k + 4) * ETA * np.maximum(a_sum, 1.0)
+        if problem.softcap is not None:  # step K7: |S d lse| + sum |w t dz'| <= 2 A zeta
+            row_bound = row_bound + np.where(a_sum != 0, 2 * a_sum * zeta, 0.0)
     if scale.active:
-        return _scaled_loss(problem, scale, np.zeros(n, dtype=np.int64) if b is None else b, row_loss, row_bound)
-    if problem.reduction == "none":
-        return Bounded(problem.restore_shape(row_loss), problem.restore_shape(SECOND_ORDER * row_bound))
-    d = problem.divisor()
-    with np.errstate(invalid="ignore", under="ignore"):
-        total = np.sum(row_loss) / d
-        bound = (np.sum(row_bound) + gamma(n) * np.sum(np.abs(row_loss))) / abs(d) + (gamma(divisor_terms(problem)) + 2 * U) * abs(total)
-    return Bounded(np.array(total), np.array(SECOND_ORDER * bound + ETA))
+        ce = _scaled_loss(problem, scale, np.zeros(n, dtype=np.int64) if b is None else b, row_loss, row_bound)
+    elif problem.reduction == "none":
+        ce = Bounded(problem.restore_shape(row_loss), problem.restore_shape(SECOND_ORDER * row_bound))
+    else:
+        d = problem.divisor()
+        with np.errstate(invalid="ignore", under="ignore"):
+            total = np.sum(row_loss) / d
+            mass = np.sum(np.abs(row_loss)) if signed else np.sum(row_loss)
+            bound = (np.sum(row_bound) + gamma(n) * mass) / abs(d) + (scale.d_rel + 2 * U) * abs(total)
+        ce = Bounded(np.array(total), np.array(SECOND_ORDER * bound + ETA))
+    if scale.d_rel > MAX_PERTURBATION:
+        ce = Bounded(ce.value, np.full_like(ce.bound, np.inf))
+    if not problem.lse_square_scale:
+        return ce
+    return _with_zloss(problem, ce, parts, zc, rho, zeta)
+
+
+def _loss_zeta(problem: Problem, zc: np.ndarray) -> Any:
+    """``zeta_n`` of step K2 per row (0 without softcapping), inf past :data:`MAX_PERTURBATION`."""
+    if problem.softcap is None:
+        return np.zeros(problem.n)
+    zeta = (TANH_ULPS + 2) * U * np.abs(zc).max(axis=1) + 2 * problem.softcap * ETA
+    return np.where(zeta <= MAX_PERTURBATION, zeta, np.inf)
+
+
+def _with_zloss(problem: Problem, ce: Bounded, parts: RowParts, zc: np.ndarray, rho: np.ndarray,
+                zeta: np.ndarray) -> Bounded:
+    """The loss plus ``lambda lse_n^2`` of every counted row, divided by D_z under "mean" (step K7)."""
+    lam = problem.lse_square_scale
+    live = problem.active_rows()
+    rows = np.arange(problem.n)
+    with np.errstate(invalid="ignore", under="ignore", over="ignore"):
+        lse = zc[rows, parts.argmax] + parts.log_z
+        d_lse = zeta + (rho + LOG1P_ULPS * U) * parts.log_z + U * np.abs(lse)
+        zl = np.where(live, lam * (lse * lse), 0.0)
+        d_zl = np.where(live, lam * (2 * np.abs(lse) * d_lse + d_lse * d_lse) + 2 * U * zl + ETA, 0.0)
+        value = np.asarray(ce.value, dtype=np.float64)
+        if problem.reduction == "none":
+            zl_r, d_zl_r = problem.restore_shape(zl), problem.restore_shape(d_zl)
+            total = value + zl_r
+            bound = ce.bound + SECOND_ORDER * (d_zl_r + U * (np.abs(value) + zl_r)) + ETA
+        else:
+            dz = problem.zloss_divisor()  # a row count: exact
+            z_total = np.sum(zl) / dz
+            z_bound = (np.sum(d_zl) + gamma(problem.n) * np.sum(zl)) / dz + U * z_total
+            total = np.array(value + z_total)
+            bound = np.array(ce.bound + SECOND_ORDER * (z_bound + U * (abs(value) + z_total)) + ETA)
+        bound = np.where(np.isfinite(total) & ~np.isnan(bound), bound, np.inf)
+    return Bounded(total, bound)
 
 
 def _scaled_loss(problem: Problem, scale: Scale, b: np.ndarray, row_loss: np.ndarray, row_bound: np.ndarray) -> Bounded:
@@ -668,7 +929,7 @@ def _scaled_loss(problem: Problem, scale: Scale, b: np.ndarray, row_loss: np.nda
             # to the common scale 2**top: exact but for underflow, at most eta / 2 per row
             rl, rb = np.ldexp(row_loss, b - top), np.ldexp(row_bound, b - top)
             total = np.sum(rl) / scale.d
-            inner = (np.sum(rb) + n * ETA + gamma(n) * np.sum(np.abs(rl))) / abs(scale.d) + (scale.d_rel + 2 * U) * abs(total)
+            inner = (np.sum(rb) + n * ETA + gamma(n) * np.sum(rl)) / scale.d + (scale.d_rel + 2 * U) * abs(total)
             value = np.array(np.ldexp(total, top - scale.a))
             bound = np.array(np.ldexp(SECOND_ORDER * inner + ETA, top - scale.a) + 2 * ETA)
         bound = np.where(np.isfinite(value), bound, np.inf)
@@ -684,16 +945,18 @@ def _jacobian(parts: RowParts) -> np.ndarray:
     return jac
 
 
-def _as_rows(z: Any, axis: int) -> tuple[np.ndarray, Any]:
-    """Validate logits of any shape and move ``axis`` last, flattened to rows; returns the undo."""
-    arr = validate_logits(z, ndims=None, axis=axis, copy=False)
+def _as_rows(z: Any, axis: int, softcap: Any = None) -> tuple[np.ndarray, Any, float | None]:
+    """Validate logits of any shape (and ``softcap``) and move ``axis`` last, flattened to rows; returns
+    the undo and the softcap."""
+    c = _softcap_value(softcap)
+    arr = validate_logits(z, ndims=None, axis=axis, copy=False, all_masked_ok=c is not None)
     moved = np.moveaxis(arr, axis, -1)
     shape = moved.shape
 
     def restore(x: np.ndarray) -> np.ndarray:
         return np.moveaxis(x.reshape(shape), -1, axis)
 
-    return moved.reshape(-1, shape[-1]), restore
+    return moved.reshape(-1, shape[-1]), restore, c
 
 
 def _round(x: np.ndarray, dtype: Any, default: np.dtype) -> np.ndarray:

@@ -406,3 +406,113 @@ def test_hessian_scale_near_overflow():
     reference = gc.cross_entropy_hessian(HUGE_Z, np.array([0, 1]), weight=w / 2**1000)  # the same ratio
     np.testing.assert_array_equal(blocks, reference)
     assert np.abs(blocks).max() > 0.08
+
+
+# --- issue 12: softcap, z-loss and the upstream gradient -------------------------------------------------
+
+
+def mp(x):
+    """An exact float64 or Fraction as an mpf at the working precision."""
+    if hasattr(x, "numerator") and not isinstance(x, float):
+        return mpmath.mpf(x.numerator) / x.denominator
+    return mpmath.mpf(float(x))
+
+
+def independent_kernel(problem, prec=1200):
+    """Gradient (a list of rows of mpf) and loss straight from the definitions (common.md, issue 12), in
+    plain mpmath: independent of the oracle and of exact.py. tanh, cosh, exp, log1p at ``prec`` bits."""
+    n, k = problem.logits.shape
+    c = problem.softcap
+    lam = mp(problem.lse_square_scale)
+    with mpmath.workprec(prec):
+        d = mp(problem.exact_divisor())
+        dz = mpmath.mpf(problem.zloss_divisor())
+        grads, parts = [], []
+        for i in range(n):
+            z = [float(v) for v in problem.logits[i].astype(np.float64)]
+            if c is not None:
+                cc = mp(c)
+                zc = [-cc if v == -np.inf else cc * mpmath.tanh(mp(v) / cc) for v in z]
+                h = [mpmath.mpf(0) if v == -np.inf else 1 / mpmath.cosh(mp(v) / cc) ** 2 for v in z]
+            else:
+                zc = [None if v == -np.inf else mp(v) for v in z]
+                h = [mpmath.mpf(1)] * k
+            top = max(range(k), key=lambda j: -mpmath.inf if zc[j] is None else zc[j])
+            m = zc[top]
+            e = [mpmath.mpf(0) if v is None else mpmath.exp(v - m) for v in zc]
+            rest = mpmath.fsum(e[j] for j in range(k) if j != top)
+            log_tot = mpmath.log1p(rest)  # log Z without rounding 1 + R away
+            lse = m + log_tot
+            p = [x / (1 + rest) for x in e]
+            wt = [mp(problem.exact_weight(j) * problem.exact_target(i, j)) for j in range(k)]
+            s = mpmath.fsum(wt)
+            live = bool(problem.active_rows()[i])
+            up = mp(problem.exact_upstream(i))
+            grads.append([up * ((p[j] * s - wt[j]) / d + 2 * lam * lse * p[j] / dz) * h[j] if live else mpmath.mpf(0)
+                          for j in range(k)])
+            ce = mpmath.fsum(mpmath.inf * wt[j] if zc[j] is None else wt[j] * (log_tot + (m - zc[j]))
+                             for j in range(k) if wt[j] != 0)
+            parts.append((ce, lam * lse * lse if live else mpmath.mpf(0)))
+        if problem.reduction == "none":
+            loss = [a + b for a, b in parts]
+        elif problem.reduction == "sum":
+            loss = [mpmath.fsum(a + b for a, b in parts)]
+        else:
+            loss = [mpmath.fsum(a for a, _ in parts) / d + mpmath.fsum(b for _, b in parts) / dz]
+    return grads, loss
+
+
+def worst_ratio(value, bound, truth):
+    """max over elements of |value - truth| / bound (0 where both are the same infinity; inf if bound 0 < err)."""
+    v = np.atleast_1d(np.asarray(value, dtype=np.float64)).ravel()
+    b = np.atleast_1d(np.asarray(bound, dtype=np.float64)).ravel()
+    t = [x for row in truth for x in (row if isinstance(row, list) else [row])]
+    assert len(t) == v.size == b.size
+    worst = 0.0
+    for vi, bi, ti in zip(v, b, t):
+        if mpmath.isinf(ti) and vi == float(ti):
+            continue
+        err = abs(mpmath.mpf(float(vi)) - ti)
+        worst = max(worst, float(err / mpmath.mpf(float(bi))) if bi > 0 else (0.0 if err == 0 else math.inf))
+    return worst
+
+
+def kernel_case(rng):
+    """A random small case over every option and the hard regimes of issue 12."""
+    n, k = int(rng.integers(1, 5)), int(rng.integers(1, 7))
+    z = rng.standard_normal((n, k)) * rng.choice([1.0, 10.0, 300.0]) + rng.choice([0.0, 300.0, -300.0])
+    if rng.random() < 0.2:
+        z[0, 0] = -np.inf
+    opts = {"softcap": [None, 0.5, 30.0][rng.integers(3)], "lse_square_scale": [0.0, 1e-4, 0.5][rng.integers(3)],
+            "reduction": ["mean", "sum", "none"][rng.integers(3)], "label_smoothing": [0.0, 0.1][rng.integers(2)]}
+    if rng.random() < 0.1 and opts["softcap"] is not None:
+        z[0, :] = -np.inf  # all masked: under softcapping every logit is -c
+    if opts["softcap"] is None and np.isneginf(z).all(axis=1).any():
+        z[:, -1] = 1.0  # without softcapping a row needs a finite logit (test_problem)
+    if rng.random() < 0.5:
+        opts["weight"] = rng.uniform(0.1, 2.0, k)
+    soft = rng.random() < 0.3
+    t = rng.dirichlet(np.ones(k), n) * rng.uniform(0.5, 2.0, (n, 1)) if soft else rng.integers(0, k, n)
+    if not soft and n > 1 and rng.random() < 0.4:
+        t[0] = -100
+    if rng.random() < 0.6:
+        go = rng.standard_normal(n) if opts["reduction"] == "none" else rng.standard_normal()
+        opts["grad_output"] = np.where(rng.random(np.shape(go)) < 0.2, 0.0, go)
+    return z, t, opts
+
+
+import math  # noqa: E402
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kernel_options_bound_encloses_the_mpmath_truth(seed):
+    """|value - truth| <= bound for the gradient (a VJP) and the loss, with softcap, z-loss and grad_output."""
+    rng = np.random.default_rng(1200 + seed)
+    for _ in range(40):
+        z, t, opts = kernel_case(rng)
+        problem = gc.make_problem(z, t, **opts)
+        grads, loss = independent_kernel(problem)
+        g, bound = grad_bounded(problem)
+        assert worst_ratio(g, bound, grads) <= 1.0, opts
+        value, lbound = loss_bounded(problem)
+        assert worst_ratio(value, lbound, loss) <= 1.0, opts
