@@ -462,6 +462,14 @@ def _zloss_on_ignored_rows(c: _Context) -> np.ndarray | None:
     return g
 
 
+def _zloss_factor_two_missing(c: _Context) -> np.ndarray | None:
+    """The z-loss gradient lambda lse p instead of 2 lambda lse p (d(lse^2) = 2 lse dlse)."""
+    pr = c.problem
+    if not pr.lse_square_scale:
+        return None
+    return _kernel_grad(c, zloss_rows=0.5 * pr.active_rows()[:, None])
+
+
 def _softcap_chain_rule_missing(c: _Context) -> np.ndarray | None:
     """The gradient with respect to the capped logits returned: the factor 1 - tanh^2(z / c) missing."""
     if c.problem.softcap is None:
@@ -496,6 +504,7 @@ BUGS: dict[str, Callable[[_Context], np.ndarray | None]] = {
     "ZLossClassWeighted": _zloss_class_weighted,
     "ZLossDividedByWeights": _zloss_divided_by_weights,
     "ZLossOnIgnoredRows": _zloss_on_ignored_rows,
+    "ZLossFactorTwoMissing": _zloss_factor_two_missing,
     "SoftcapChainRuleMissing": _softcap_chain_rule_missing,
 }
 # Bugs meant to land between one and two tolerances off: not held to the builder's CLEAR_RATIO.

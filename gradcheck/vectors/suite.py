@@ -153,6 +153,7 @@ NOTES: dict[str, tuple[str, str]] = {
     "ZLossClassWeighted": ("MODELED_BUG", "The z-loss term of each row multiplied by its target's class weight."),
     "ZLossDividedByWeights": ("MODELED_BUG", "The z-loss term divided under 'mean' by the cross-entropy's divisor (the sum of the targets' weights) instead of the number of counted rows."),
     "ZLossOnIgnoredRows": ("MODELED_BUG", "Ignored rows get the z-loss gradient 2 lambda lse p / Dz instead of zero."),
+    "ZLossFactorTwoMissing": ("MODELED_BUG", "The z-loss gradient lambda lse p instead of 2 lambda lse p (the derivative of lse^2 is 2 lse p)."),
     "SoftcapChainRuleMissing": ("MODELED_BUG", "The gradient with respect to the capped logits z' returned: the factor 1 - tanh^2(z / c) is missing."),
     "BeyondToleranceUlps": ("MODELED_BUG", "The truth with its largest element moved outward by the smallest power-of-two number of ULPs beyond the verify tolerance: rejected by a checker whose tolerance is right, accepted by one too loose."),
 }
