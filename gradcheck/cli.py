@@ -143,6 +143,13 @@ def _report(args: argparse.Namespace) -> int:
     for c in closed:
         console.print(f"  closed form, {c.dtype}: max {c.max_ulp:g} ULP, median {c.median_ulp:g} ULP, "
                       f"bound held in {100 * c.within_share:.0f}% of {c.usable} cases")
+    kernel = [c for c in study.option_cells if c.method == "closed_form" and c.usable]  # (helper vectors)
+    held = held and all(c.within_share == 1 for c in kernel)
+    for regime in study.config.option_regimes:
+        cells = [c for c in kernel if c.regime == regime]
+        if cells:
+            console.print(f"  closed form, {regime}: max {max(c.max_ulp for c in cells):g} ULP, bound held in "
+                          f"{sum(c.within_share == 1 for c in cells)} of {len(cells)} dtypes")
     if study.proofs:
         console.print(f"  SymPy: {sum(p.status == 'proved' for p in study.proofs)} of {len(study.proofs)} identities proved")
     if suite is not None:
