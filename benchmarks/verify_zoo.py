@@ -1,7 +1,11 @@
 """Measure verify on the bug zoo: detection and false alarms per dtype, against torch.autograd.gradcheck
 and jax.test_util.check_grads at their defaults, and the time of verify with 200 examples.
 
-Run: ``.venv/bin/python benchmarks/verify_zoo.py [--quick] [--json out.json]``.
+Run: ``.venv/bin/python benchmarks/verify_zoo.py [--quick] [--kernel] [--json out.json]``.
+
+``--kernel``: only the kernel zoo of issue 12 (tests/zoo_kernel.py: z-loss, softcap, the upstream
+gradient): its table per entry and dtype (caught / passed), and verify's throughput with the new
+options against without, as ratios measured in one run (:func:`time_kernel_options`).
 
 * verify: default settings (100 examples), seed = the run's index, every (entry, dtype, config).
 * torch.autograd.gradcheck / jax.test_util.check_grads: defaults (torch: eps=1e-6, atol=1e-5,
@@ -26,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from zoo import ALL, ZOO_BUGGY, ZOO_CORRECT, numpy_stable, runs  # noqa: E402
+from zoo_kernel import DONE, KERNEL_BUGGY, KERNEL_CORRECT, kernel_native  # noqa: E402
 
 import gradcheck  # noqa: E402
 from gradcheck.adapters import to_numpy, to_torch  # noqa: E402
@@ -41,7 +46,7 @@ def draw_cases(dtype: str, config: dict[str, Any], count: int, seed: int) -> lis
     from hypothesis import seed as hseed
 
     kwargs = {k: v for k, v in config.items() if k in ("targets", "reduction", "label_smoothing", "weighted",
-                                                          "ignore_index")}
+                                                          "ignore_index", "lse_square_scale", "softcap")}
     out: list[Case] = []
 
     @hseed(seed)
@@ -59,6 +64,7 @@ def _loss_options(case: Case) -> dict[str, Any]:
     return {
         "weight": None if case.weight is None else case.weight.astype(np.float64),
         "ignore_index": case.ignore_index, "label_smoothing": case.label_smoothing,
+        "lse_square_scale": case.lse_square_scale, "softcap": case.softcap,
     }
 
 
@@ -140,8 +146,17 @@ def jax_check_grads(fn: Any, case: Case) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the torch/jax comparison")
+    parser.add_argument("--kernel", action="store_true", help="only the kernel zoo (issue 12) and its throughput")
     parser.add_argument("--json", type=Path, help="write the raw results here")
     args = parser.parse_args()
+    if args.kernel:
+        rows = kernel_rows()
+        timing = time_kernel_options()
+        print(kernel_table(rows))
+        print(timing)
+        if args.json:
+            args.json.write_text(json.dumps({"rows": rows, "timing": timing}, indent=1))
+        return
     rows: list[dict[str, Any]] = []
     for label, zoo in (("correct", ZOO_CORRECT), ("buggy", ZOO_BUGGY)):
         for index, (name, dtype, config) in enumerate(runs(zoo)):
@@ -175,6 +190,78 @@ def time_verify() -> str:
     small_time = time.perf_counter() - start
     return (f"verify(numpy_stable, max_examples=200): {full:.2f} s ({result.examples} examples, passed="
             f"{result.passed}); at max_shape=(8, 32): {small_time:.2f} s = {small.examples / small_time:.0f} examples/s")
+
+
+def kernel_rows() -> list[dict[str, Any]]:
+    """Every kernel-zoo run at verify's defaults (seed = the run's index), and every bug under issue 12's
+    done-criterion configuration in bfloat16 (config "done")."""
+    rows: list[dict[str, Any]] = []
+    for label, zoo in (("correct", KERNEL_CORRECT), ("buggy", KERNEL_BUGGY)):
+        for index, (name, dtype, config) in enumerate(runs(zoo)):
+            precision = {"precision": dtype} if zoo[name].in_dtype else {}
+            rows.append(_kernel_row(label, name, dtype, config, index, precision))
+    for index, name in enumerate(KERNEL_BUGGY):
+        rows.append(_kernel_row("buggy", name, "bfloat16", DONE, index, {}, done=True))
+    return rows
+
+
+def _kernel_row(label: str, name: str, dtype: str, config: dict[str, Any], seed: int, precision: dict[str, Any],
+                done: bool = False) -> dict[str, Any]:
+    zoo = KERNEL_CORRECT if label == "correct" else KERNEL_BUGGY
+    start = time.perf_counter()
+    result = gradcheck.verify(zoo[name].fn, dtype=dtype, seed=seed, **precision, **config)
+    row = {"zoo": label, "name": name, "dtype": dtype, "config": "done" if done else config,
+           "verify_failed": not result.passed, "verify_seconds": time.perf_counter() - start,
+           "kind": None if result.failure is None else str(result.failure.kind), "worst_ratio": result.worst_ratio,
+           "diagnosis": None if result.failure is None else result.failure.diagnosis}
+    print(json.dumps(row, default=str), flush=True)
+    return row
+
+
+def kernel_table(rows: list[dict[str, Any]]) -> str:
+    """Entry x dtype: "caught" / "passed" (a correct kernel: "passed" is right; its worst ratio shown)."""
+    lines = ["| entry | kind | " + " | ".join(ALL) + " | done (bfloat16) |", "|---|---|" + "---|" * (len(ALL) + 1)]
+    names = list(KERNEL_CORRECT) + list(KERNEL_BUGGY)
+    for name in names:
+        label = "correct" if name in KERNEL_CORRECT else "buggy"
+        cells = []
+        for dtype in ALL:
+            mine = [r for r in rows if r["name"] == name and r["dtype"] == dtype and r["config"] != "done"]
+            if not mine:
+                cells.append("-")
+            elif label == "correct":
+                bad = sum(r["verify_failed"] for r in mine)
+                worst = max(r["worst_ratio"] for r in mine)
+                cells.append(f"passed {len(mine) - bad}/{len(mine)} (worst {worst:.2g} x)")
+            else:
+                cells.append("caught" if all(r["verify_failed"] for r in mine) else "MISSED")
+        done = [r for r in rows if r["name"] == name and r["config"] == "done"]
+        cells.append(("caught" if done[0]["verify_failed"] else "MISSED") if done else "-")
+        lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def time_kernel_options(max_examples: int = 200) -> str:
+    """verify's examples/s with the new options against without, in one run, per dtype: the plain
+    numpy kernel (no upstream gradient), the kernel zoo's correct kernel with the upstream gradient
+    only, with z-loss and softcap, and under the done-criterion configuration. Same seed, shapes,
+    examples; ratios against the first."""
+    setups = (("numpy_stable, no options", numpy_stable, {}),
+              ("kernel_native, grad_output", kernel_native, {}),
+              ("kernel_native, grad_output + z-loss + softcap", kernel_native,
+               {"lse_square_scale": 1e-4, "softcap": 30.0}),
+              ("kernel_native, done config", kernel_native, DONE))
+    lines = ["| dtype | setup | examples/s | ratio to no options |", "|---|---|---|---|"]
+    for dtype in ("float32", "bfloat16"):
+        base = None
+        for label, fn, config in setups:
+            start = time.perf_counter()
+            result = gradcheck.verify(fn, dtype=dtype, max_examples=max_examples, seed=0, **config)
+            rate = result.examples / (time.perf_counter() - start)
+            base = rate if base is None else base
+            lines.append(f"| {dtype} | {label}{'' if result.passed else ' (FAILED)'} | {rate:.0f} | "
+                         f"{rate / base:.2f} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict[str, Any]], quick: bool) -> str:

@@ -298,6 +298,7 @@ def _verify(args: argparse.Namespace) -> int:
                 "worstUlps": _finite(result.worst_ulps), "worstRatio": _finite(result.worst_ratio), "seed": result.seed,
                 "precision": result.precision, "grade": result.grade,
                 "contractRatios": {c: _finite(r) for c, r in result.contract_ratios.items()},
+                "upstream": result.upstream,  # the grad_fn took grad_output= (issue 12)
                 "reproduction": result.reproduction, "failure": None if result.passed else describe(result),
             })
             cases.append((f"{dtype}-{targets}", result.elapsed, None if result.passed else describe(result)))

@@ -102,9 +102,9 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
         # precision (2**-11 ulp wide); docs/exact.md, "The prefilter"
         work = EXTENDED_WORK if fmt.precision == 53 and EXTENDED_WORK is not None else FLOAT64_WORK
         value, bound = grad_bounded(problem, work)
-        # (glue, helper vectors, on merging oracle a0b2225 with exact 651317f) the oracle's grad_bounded
-        # applies the upstream gradient itself now, its bound charging the product; multiplying by g_n
-        # again here (_times_upstream) gave g^2 dL/dz. Coordinator: keep one of the two.
+        # GLUE (helper upstream, merging oracle a0b2225 and exact 651317f): the oracle's grad_bounded now
+        # includes the product with g_n and its bound, so it is not applied a second time here
+        # (_times_upstream was the exact branch's own product, written before the oracle had it).
         decided = _decided(value, bound, fmt)
         use = todo & ~np.isnan(decided)
         out[use] = decided[use]

@@ -444,3 +444,132 @@ def test_exact_in_float64_is_decided_by_the_certified_truth_where_the_reference_
     assert grades["exact"][1] and grades["exact"][0] <= 1
     outcome = compare_values(one_ulp_off(z, np.array([0])), case, precision="exact", grades=grades)
     assert outcome.kind == FailureKind.MISMATCH and not grades["exact"][1] and grades["float64"][1]
+
+
+# ---- the upstream gradient (issue 12): grad_output= for a grad_fn that names it ------------------
+
+from gradcheck.adapters import torch_grad_fn, torch_loss_grad  # noqa: E402
+from gradcheck.checking.api import takes_grad_output  # noqa: E402
+from gradcheck.checking.messages import describe  # noqa: E402
+
+
+def test_only_a_named_grad_output_parameter_counts_as_taking_the_upstream_gradient():
+    def keyword(logits, targets, *, grad_output=None, **options): ...
+
+    def positional(logits, targets, grad_output=None): ...
+
+    def forwards(logits, targets, **options): ...  # forwards to what verify cannot see: not counted
+
+    def positional_only(logits, targets, grad_output, /): ...
+
+    class Unreadable:
+        __signature__ = "not a signature"  # inspect.signature raises TypeError
+
+        def __call__(self, logits, targets, **options): ...
+
+    assert takes_grad_output(keyword) and takes_grad_output(positional)
+    assert not takes_grad_output(forwards) and not takes_grad_output(positional_only)
+    assert not takes_grad_output(Unreadable())
+    assert takes_grad_output(torch_grad_fn(keyword)) and not takes_grad_output(torch_grad_fn(forwards))
+    assert takes_grad_output(torch_loss_grad())  # the torch loss adapter always passes it to backward
+
+
+def test_a_grad_fn_without_grad_output_is_checked_as_before_and_told_so():
+    result = verify(numpy_stable, dtype="float32", seed=5, max_examples=20)
+    assert result.passed and not result.upstream
+    assert "upstream gradient NOT exercised (grad_fn takes no grad_output= parameter" in str(result)
+    failed = verify(sign_flipped, dtype="float32", seed=3)
+    assert "upstream gradient NOT exercised" in describe(failed)
+
+
+def _recording(calls, fail=lambda logits, grad_output: True):
+    """Records its calls; raises where ``fail`` says, else returns the oracle's VJP rounded to the dtype."""
+    def grad_fn(logits, targets, *, grad_output=None, **options):
+        calls.append((logits.shape, options.get("reduction", "mean"), grad_output))
+        if fail(logits, grad_output):
+            raise ZeroDivisionError("planted")
+        return gradcheck.cross_entropy_grad(logits, targets, grad_output=grad_output, dtype=logits.dtype, **options)
+
+    return grad_fn
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_every_example_passes_an_upstream_gradient_of_the_dtype(dtype, reduction):
+    calls = []
+    result = verify(_recording(calls), dtype=dtype, reduction=reduction, seed=2, max_examples=30)
+    assert not result.passed and result.upstream and result.failure.kind == "exception"
+    fmt = float_format(dtype)
+    for shape, _, g in calls:
+        assert g is not None and g.dtype == fmt.dtype
+        if reduction == "none":
+            assert isinstance(g, np.ndarray) and g.shape == (shape[0],)
+        else:
+            assert np.ndim(g) == 0 and not isinstance(g, np.ndarray)  # a numpy scalar of the dtype
+    assert "upstream gradient exercised (grad_output= on every example)" in str(result)
+
+
+def test_the_shrunk_case_keeps_its_upstream_gradient_simplified_towards_one_and_prints_it():
+    calls = []
+    fails_on_two_rows = _recording(calls, fail=lambda logits, g: logits.shape[0] >= 2)
+    result = verify(fails_on_two_rows, dtype="float32", reduction="none", seed=4, max_examples=60)
+    case = result.failure.case
+    assert case.logits.shape[0] == 2 and case.grad_output.shape == (2,)
+    assert np.all(case.grad_output == 1.0)  # the failure does not depend on it: simplified to ones
+    message = describe(result)
+    assert "grad_output = np.array([1.0, 1.0], dtype=np.float32)" in message
+    assert "(logits, targets, grad_output=grad_output, **options) with the arrays above" in message
+    scalar = verify(_recording([]), dtype="bfloat16", seed=4, max_examples=5)
+    assert "grad_output = ml_dtypes.bfloat16(1.0)" in describe(scalar)
+
+
+def test_writing_to_grad_output_is_a_mutation():
+    def zeroes_upstream(logits, targets, *, grad_output=None, **options):
+        grad_output[...] = 0
+        return np.zeros_like(logits)
+
+    failure = verify(zeroes_upstream, reduction="none", seed=0, max_examples=10).failure
+    assert failure.kind == "mutation" and "grad_fn modified its grad_output argument in place" in failure.message
+
+
+def _oracle_vjp(slip=None):
+    def grad_fn(logits, targets, *, grad_output=None, **options):
+        g = np.asarray(grad_output, dtype=np.float64)
+        if slip == "ignored":
+            g = np.ones_like(g)
+        elif slip == "first_row":
+            g = np.full_like(g, g.reshape(-1)[0])
+        return gradcheck.cross_entropy_grad(logits, targets, grad_output=g, dtype=logits.dtype, **options)
+
+    grad_fn.__name__ = grad_fn.__qualname__ = f"vjp_{slip}"
+    return grad_fn
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_correct_vjp_passes_and_a_mishandled_upstream_gradient_is_caught_and_named(reduction):
+    good = verify(_oracle_vjp(), dtype="float32", reduction=reduction, ignore_index=-100, seed=11, max_examples=60)
+    assert good.passed and good.upstream, str(good)
+    bad = verify(_oracle_vjp("ignored"), dtype="float32", reduction=reduction, ignore_index=-100, seed=11)
+    assert not bad.passed and bad.failure.kind == "mismatch"
+    assert "it matches the loss's own gradient: grad_output was ignored" in bad.failure.diagnosis
+    assert "diagnosis: it matches the loss's own gradient" in describe(bad)
+    if reduction == "none":
+        first = verify(_oracle_vjp("first_row"), dtype="float32", reduction=reduction, seed=11)
+        assert not first.passed and "grad_output[0] for every row" in first.failure.diagnosis, str(first)
+        assert first.failure.case.logits.shape[0] >= 2  # it takes two rows to tell
+
+
+def test_the_diagnosis_variants_apply_only_where_they_differ():
+    from gradcheck.checking.diagnose import variants
+    from gradcheck.problem import Case
+
+    z, t = np.zeros((2, 3)), np.array([0, 1])
+    assert variants(Case.make(z, t)) == []
+    ones = variants(Case.make(z, t, reduction="none", grad_output=np.ones(2)))
+    assert ones == []  # ones: nothing to tell apart from an ignored upstream gradient
+    texts = [text for text, _ in variants(Case.make(z, t, reduction="none", grad_output=np.array([2.0, -1.0]),
+                                                    lse_square_scale=1e-4, softcap=3.0, label_smoothing=0.1,
+                                                    weight=np.ones(3)))]
+    assert len(texts) == 7 and any("grad_output[0]" in x for x in texts)
+    scalar = [text for text, _ in variants(Case.make(z, t, grad_output=np.array(-1.0)))]
+    assert len(scalar) == 2 and "twice" in scalar[1]  # a scalar has no rows to confuse

@@ -64,3 +64,71 @@ def test_zoo_is_large_enough():
     assert {d for e in ZOO_CORRECT.values() for d in e.dtypes} == {"float64", "float32", "float16", "bfloat16"}
     kinds = {e.kind for e in ZOO_BUGGY.values()}
     assert {FailureKind.MUTATION, FailureKind.NONDETERMINISM, FailureKind.DTYPE, FailureKind.SHAPE} <= kinds
+
+
+# ---- the kernel zoo (issue 12): z-loss, softcap and the upstream gradient -------------------------
+
+from gradcheck.checking.messages import describe  # noqa: E402
+from zoo_kernel import DONE, KERNEL_BUGGY, KERNEL_CORRECT  # noqa: E402
+
+# bugs that are not bugs under reduction="none" (there D = Dz = 1), so not under the done criterion's config
+MEAN_ONLY = {"zloss_over_D", "zloss_over_all_rows"}
+# bugs that verify's diagnosis names (gradcheck/checking/diagnose.py), with the words it uses
+DIAGNOSED = {"liger_678": "grad_output was ignored", "te_2139": "grad_output[0] for every row",
+             "grad_output_twice": "grad_output applied twice"}
+KERNEL_SUITE = {"torch_kernel": 3}  # torch's configurations run in the suite (all in benchmarks/verify_zoo.py)
+
+
+def _kernel_correct_runs() -> list[tuple[str, str, dict]]:
+    return [(name, dtype, config) for name, dtype, config in runs(KERNEL_CORRECT)
+            if KERNEL_CORRECT[name].configs.index(config) < KERNEL_SUITE.get(name, len(KERNEL_CORRECT[name].configs))]
+
+
+@pytest.mark.parametrize("run", runs(KERNEL_BUGGY), ids=_id)
+def test_every_kernel_bug_is_caught_at_default_settings(run):
+    name, dtype, config = run
+    entry = KERNEL_BUGGY[name]
+    result = verify(entry.fn, dtype=dtype, seed=SEED, **config)
+    assert not result.passed, f"{name} ({entry.description}) passed verify in {dtype} with {config}"
+    assert result.upstream and result.failure.kind == FailureKind.MISMATCH, str(result)
+    if name in DIAGNOSED:
+        assert DIAGNOSED[name] in (result.failure.diagnosis or ""), str(result)
+
+
+@pytest.mark.parametrize("run", _kernel_correct_runs(), ids=_id)
+def test_every_correct_kernel_passes_with_every_option_combination(run):
+    name, dtype, config = run
+    entry = KERNEL_CORRECT[name]
+    precision = {"precision": dtype} if entry.in_dtype else {}
+    result = verify(entry.fn, dtype=dtype, seed=SEED, **precision, **config)
+    assert result.passed, str(result)
+    assert result.upstream and result.examples == 100 and result.grade is not None
+    assert 0.0 < result.worst_ratio <= 1.0
+
+
+@pytest.mark.parametrize("name", sorted(set(KERNEL_BUGGY) - MEAN_ONLY))
+def test_done_criterion_every_kernel_bug_fails_in_bfloat16_and_is_named(name):
+    """verify(kernel, lse_square_scale=1e-4, softcap=30.0, label_smoothing=0.1, weighted=True,
+    ignore_index=-100, reduction="none", dtype="bfloat16") fails for each bug, with a message that says
+    what is wrong (and, for the upstream gradient's bugs, which convention the result matches)."""
+    entry = KERNEL_BUGGY[name]
+    result = verify(entry.fn, dtype="bfloat16", seed=SEED, **DONE)
+    assert not result.passed, f"{name} ({entry.description}) passed the done criterion"
+    message = describe(result)
+    assert f"zoo_kernel.{name} is wrong (mismatch)" in message and "grad_output = np.array(" in message
+    if name in DIAGNOSED:
+        assert "diagnosis: it matches" in message and DIAGNOSED[name] in message, message
+
+
+def test_done_criterion_the_correct_float32_inside_kernel_passes_in_bfloat16():
+    result = verify(KERNEL_CORRECT["kernel_native"].fn, dtype="bfloat16", seed=SEED, **DONE)
+    assert result.passed and result.upstream and result.grade in ("exact", "float64", "float32"), str(result)
+
+
+def test_kernel_zoo_covers_the_shipped_bugs_and_every_option():
+    assert {"liger_678", "te_2139", "liger_zloss_smoothing", "unsloth_593"} <= set(KERNEL_BUGGY)
+    assert len(KERNEL_BUGGY) >= 12
+    configs = [c for e in KERNEL_CORRECT.values() for c in e.configs]
+    for option in ("lse_square_scale", "softcap", "label_smoothing", "weighted", "ignore_index", "targets"):
+        assert any(option in c for c in configs), option
+    assert {c.get("reduction", "mean") for c in configs} == {"mean", "sum", "none"}

@@ -5,6 +5,7 @@ One idea per module, imports pointing down the list:
 * :mod:`~gradcheck.checking.api`: ``verify`` and ``assert_gradient``, which compose the rest;
 * :mod:`~gradcheck.checking.search`: the Hypothesis search for a failing case;
 * :mod:`~gradcheck.checking.shrink`: simplifying a failing case's values;
+* :mod:`~gradcheck.checking.diagnose`: naming the slipped convention a mismatching result matches;
 * :mod:`~gradcheck.checking.judge`: checking one case (call, shape, dtype, mutation, aliasing, repeat, values);
 * :mod:`~gradcheck.checking.deadline`: the per-call ``timeout`` (SIGALRM on the main thread);
 * :mod:`~gradcheck.checking.messages`: the failure message and the arrays in it;

@@ -98,7 +98,7 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
     rules = {"timeout": o["timeout"], "precision": precision, "inplace": o["inplace"]}
     failure = _search(grad_fn, strategy, seed, max_examples, stats, **rules)
     if failure is not None:
-        failure = diagnose(grad_fn, finalize(simplify(grad_fn, failure, **rules)), **rules)
+        failure = diagnose(grad_fn, finalize(simplify(grad_fn, failure, **rules)), before=failure, **rules)
     met = stats.get("met", {})
     graded = not stats.get("ungraded") and stats["examples"] > 0
     grade = next((c for c in contracts(fmt) if met.get(c)), None) if graded else None
