@@ -16,6 +16,7 @@ from gradcheck.estimators.finite_difference import C3, _pow2_at_least
 from gradcheck.estimators.result import rounding_error
 from gradcheck.oracle import gamma
 from gradcheck.estimators.row_loss import RealRows
+from gradcheck.estimators.terms import kernel_terms
 from gradcheck.problem import Problem
 
 
@@ -41,11 +42,36 @@ class DirectionalCheck:
         return bool(np.all(np.abs(self.measured - self.predicted) <= self.error))
 
 
-def _setup(problem: Problem, grad: Any) -> tuple[RealRows, np.ndarray, np.ndarray, float]:
+def _setup(problem: Problem, grad: Any) -> tuple[RealRows, np.ndarray, np.ndarray, float, np.ndarray]:
+    """The float64 row functions (z-loss and softcap included), the gradient, the per-row third
+    directional-derivative estimate, D, and the upstream factors."""
+    terms = kernel_terms(problem)
     z = problem.logits.astype(np.float64)
-    wt = problem.dense_targets() * problem.weights()
     g = np.asarray(grad, dtype=np.float64).reshape(z.shape)
-    return RealRows(z, wt, FLOAT64), g, wt.sum(axis=1), problem.divisor()
+    rows = RealRows(z, terms.wt, FLOAT64, beta=terms.beta if problem.lse_square_scale else None,
+                    cap=problem.softcap)
+    return rows, g, _third_bound(terms), terms.d, terms.up
+
+
+def _third_bound(terms: Any) -> np.ndarray:
+    """Per row, an estimate of the third derivative of F along a direction with entries in [-1, 1].
+
+    In z': cross-entropy ``8 C3 |S|`` (S times the third cumulant of d under p, two-point bound),
+    z-loss ``2 |beta| (3 + 8 C3 L)`` (the third derivative of lse^2 is ``2 (3 lse' lse'' + lse lse^(3))``,
+    ``|lse'| <= 1``, ``lse'' = Var_p(d) <= 1``), L = |lse| + 1; under a softcap the chain terms of
+    :class:`~gradcheck.estimators.finite_difference.Curvature` with G1, G2 the first and second
+    directional bounds (docs/methods.md, "Directional checks").
+    """
+    s = np.abs(terms.s_rows)
+    b = np.abs(terms.beta)
+    big_l = np.where(np.isfinite(terms.lse), np.abs(terms.lse), 0.0) + 1.0
+    g1 = s + np.abs(terms.wt).sum(axis=1) + 2 * b * big_l
+    g2 = s + 2 * b * (1.0 + big_l)
+    g3 = 8 * C3 * s + 2 * b * (3.0 + 8 * C3 * big_l)
+    if terms.cap is None:
+        return g3
+    k2, k3 = 4.0 / (3.0 * np.sqrt(3.0) * terms.cap), 2.0 / terms.cap**2
+    return g3 + 3 * k2 * g2 + k3 * g1
 
 
 def _directions(problem: Problem, probes: int, seed: int) -> np.ndarray:
@@ -66,32 +92,35 @@ def directional_check(problem: Problem, grad: Any, *, grad_error: Any = None, pr
         probes: number of directions (two evaluations each, plus one).
         seed: seeds the directions (entries +1 or -1).
 
-    The third directional derivative of a row loss is S times the third cumulant of d under p,
-    at most ``(max d - min d)**3 C3 = 8 C3`` per unit of S; h minimizes
-    ``8 C3 S h**2 / 6 + delta / h``.
+    The loss is ``sum_n g_n F_n / D`` (z-loss, softcap and upstream factors included). The third
+    directional derivative of a row loss is S times the third cumulant of d under p, at most
+    ``(max d - min d)**3 C3 = 8 C3`` per unit of S (plus the z-loss and softcap terms of
+    :func:`_third_bound`); h minimizes ``T h**2 / 6 + delta / h``.
     """
-    rows, g, s_rows, d = _setup(problem, grad)
+    rows, g, third, d, up = _setup(problem, grad)
     if grad_error is None:
         arr = np.asarray(grad)
         grad_error = rounding_error(arr.astype(np.float64), float_format(arr.dtype)) if arr.dtype != np.float64 \
             else 0.5 * FLOAT64.ulp(g)
     grad_error = np.asarray(grad_error, dtype=np.float64).reshape(g.shape)
     dirs = _directions(problem, probes, seed)
-    total_s = float(s_rows.sum())
-    delta = float(rows.delta.sum())
-    h = float(_pow2_at_least(np.cbrt(3 * delta / (8 * C3 * max(total_s, 1e-300))))) if delta > 0 else 2.0**-20
+    a_up = np.abs(up)
+    total_third = float((a_up * third).sum())
+    delta = float((a_up * (rows.delta + rows.spread)).sum())
+    h = float(_pow2_at_least(np.cbrt(3 * delta / max(total_third, 1e-300)))) if delta > 0 else 2.0**-20
     h = min(h, 1.0)
     measured, predicted, error = [], [], []
     for dd in dirs:
         with np.errstate(invalid="ignore"):
             lp, dp = rows.full(rows.z + h * dd)
             lm, dm = rows.full(rows.z - h * dd)
-        measured.append((lp.sum() - lm.sum()) / (2 * h) / d)
+        measured.append(float((up * (lp - lm)).sum()) / (2 * h) / d)
         gd = g * dd
         predicted.append(float(gd.sum()))
         n_terms = g.size + rows.n
-        error.append((8 * C3 * total_s * h * h / 6 + (dp.sum() + dm.sum()) / (2 * h)
-                      + gamma(n_terms, FLOAT64.unit_roundoff) * (np.abs(lp).sum() + np.abs(lm).sum()) / (2 * h)) / d
+        error.append((total_third * h * h / 6 + float((a_up * (dp + dm)).sum()) / (2 * h)
+                      + gamma(n_terms + 1, FLOAT64.unit_roundoff) * float((a_up * (np.abs(lp) + np.abs(lm))).sum())
+                      / (2 * h)) / abs(d)
                      + gamma(g.size, FLOAT64.unit_roundoff) * float(np.abs(gd).sum())
                      + float((grad_error * np.abs(dd)).sum()))
     return DirectionalCheck(np.array(measured), np.array(predicted), np.array(error), 1 + 2 * probes)
@@ -121,18 +150,20 @@ class TaylorTest:
 
 def taylor_test(problem: Problem, grad: Any, *, seed: int = 0, steps: Any = None) -> TaylorTest:
     """Run the Taylor-remainder test along a seeded Rademacher direction (steps 2**-1 .. 2**-16)."""
-    rows, g, _, d = _setup(problem, grad)
+    rows, g, _, d, up = _setup(problem, grad)
     dd = _directions(problem, 1, seed)[0]
     hs = 2.0 ** -np.arange(1, 17) if steps is None else np.asarray(steps, dtype=np.float64)
-    l0, d0 = rows.value.sum(), rows.delta.sum()
+    a_up = np.abs(up)
+    l0, d0 = float((up * rows.value).sum()), float((a_up * (rows.delta + rows.spread)).sum())
     gd = float((g * dd).sum())
     res, noise = [], []
     for h in hs:
         with np.errstate(invalid="ignore"):
             lh, dh = rows.full(rows.z + h * dd)
-        res.append(abs((lh.sum() - l0) / d - h * gd))
-        noise.append((dh.sum() + d0 + gamma(rows.n + 2, FLOAT64.unit_roundoff) * (np.abs(lh).sum() + abs(l0))) / d
-                     + gamma(g.size + 2, FLOAT64.unit_roundoff) * h * float(np.abs(g * dd).sum()))
+        res.append(abs((float((up * lh).sum()) - l0) / d - h * gd))
+        noise.append((float((a_up * dh).sum()) + d0
+                      + gamma(rows.n + 3, FLOAT64.unit_roundoff) * (float((a_up * np.abs(lh)).sum()) + abs(l0)))
+                     / abs(d) + gamma(g.size + 2, FLOAT64.unit_roundoff) * h * float(np.abs(g * dd).sum()))
     res_a, noise_a = np.array(res), np.array(noise)
     usable = np.flatnonzero(res_a > noise_a)
     if usable.size < 4:

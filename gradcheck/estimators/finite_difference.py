@@ -12,6 +12,7 @@ evaluations of the row losses, so the full gradient costs 2K evaluations (centra
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -20,7 +21,8 @@ from gradcheck.dtypes import FLOAT64, FloatFormat, float_format
 from gradcheck.errors import InvalidArgument
 from gradcheck.estimators.result import MethodResult, Status, finish, rounding_error, unsupported
 from gradcheck.oracle import gamma
-from gradcheck.estimators.row_loss import ComplexRows, RealRows
+from gradcheck.estimators.row_loss import CTANH_ULPS, ComplexRows, RealRows, softcap_error
+from gradcheck.estimators.terms import kernel_terms, softcap
 from gradcheck.problem import Problem
 
 SCHEMES = ("forward", "central", "complex_step", "richardson")
@@ -46,8 +48,41 @@ def _pow2_at_least(x: np.ndarray) -> np.ndarray:
     return np.where(y < x, 2 * y, y)
 
 
+@dataclass(frozen=True)
+class Curvature:
+    """Per-row bounds on the second and third derivatives of a row function in one logit.
+
+    ``F = l + beta lse^2`` in z', then z' = c tanh(z / c) (docs/methods.md, "Kernel options"):
+    in z', ``|F'| <= |S| + max|wt| + 2 |beta| L``, ``|F''| <= C2 |S| + 2 |beta| max(1, L)``,
+    ``|F'''| <= C3 |S| + |beta| (8/9 + 2 C3 L)`` with ``L`` the largest ``|lse|`` on the interval
+    (``|lse| + h``: ``|d lse / dz| <= 1``); the softcap's ``|phi''| <= 4 / (3 sqrt(3) c)`` and
+    ``|phi'''| <= 2 / c^2`` enter through ``f'' = F'' phi'^2 + F' phi''`` and
+    ``f''' = F''' phi'^3 + 3 F'' phi' phi'' + F' phi'''`` (``|phi'| <= 1``).
+    """
+
+    s: np.ndarray  # |S|
+    w: np.ndarray  # max_c |wt_c|
+    beta: np.ndarray  # |beta|
+    lse: np.ndarray  # |lse|
+    cap: float | None
+
+    def bounds(self, h: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(bound on |f''|, bound on |f'''|)`` over steps up to ``h``."""
+        big_l = self.lse + h
+        g1 = self.s + self.w + 2 * self.beta * big_l
+        g2 = C2 * self.s + 2 * self.beta * np.maximum(1.0, big_l)
+        g3 = C3 * self.s + self.beta * (8.0 / 9.0 + 2 * C3 * big_l)
+        if self.cap is None:
+            return g2, g3
+        k2, k3 = 4.0 / (3.0 * math.sqrt(3.0) * self.cap), 2.0 / self.cap**2
+        return g2 + k2 * g1, g3 + 3 * k2 * g2 + k3 * g1
+
+
 def cross_entropy_difference(problem: Problem, *, scheme: str = "central", max_levels: int = MAX_LEVELS) -> MethodResult:
-    """The gradient of the cross-entropy by finite differences of its row losses, in the logits' dtype.
+    """The gradient of the cross-entropy by finite differences of its row functions, in the logits' dtype.
+
+    The row functions include the z-loss and the softcap (:mod:`gradcheck.estimators.row_loss`);
+    each row's derivative is multiplied by its upstream factor in float64 (a VJP).
 
     Args:
         problem: a validated case.
@@ -74,40 +109,61 @@ def cross_entropy_difference(problem: Problem, *, scheme: str = "central", max_l
         return unsupported(problem, method=name, reason=(
             f"finite differences need float32 or float64; in {fmt.name} (u = {fmt.unit_roundoff:g}) "
             f"a difference keeps about u**(2/3) = {fmt.unit_roundoff ** (2 / 3):.1g} relative accuracy"))
-    wt = problem.dense_targets() * problem.weights()
+    terms = kernel_terms(problem)
+    wt = terms.wt
     wt_d = wt.astype(fmt.dtype)
     s_rows = wt_d.astype(np.float64).sum(axis=1)
-    d = problem.divisor()
+    d = terms.d
     u = fmt.unit_roundoff
+    cap = problem.softcap
+    beta = terms.beta if problem.lse_square_scale else None
     z = np.asarray(problem.logits)
-    if scheme == "complex_step":
-        g, err, evals, status, details = _complex_step(z, wt_d, s_rows, fmt)
-    else:
-        rows = RealRows(z, wt_d, fmt)
-        if scheme == "richardson":
-            g, err, evals, status, details = _richardson(rows, s_rows, fmt, max_levels)
-        else:
-            g, err, evals, status, details = _difference(rows, s_rows, fmt, scheme)
     with np.errstate(invalid="ignore", over="ignore"):
-        grad = g / d
-        # the function actually differentiated uses wt and S rounded to the dtype: S p_k and wt_k
-        # move by (gamma_K + u_wt) relative (docs/methods.md, "Model error")
-        model = (gamma(problem.k, u) + (u if fmt.precision < 53 else 0.0)) * (np.abs(g) + 2 * wt) / d
-        error = err / d + model + 2 * FLOAT64.unit_roundoff * np.abs(grad)
+        curv = Curvature(np.abs(s_rows), np.max(np.abs(wt), axis=1), np.abs(terms.beta),
+                         np.where(np.isfinite(terms.lse), np.abs(terms.lse), 0.0), cap)
+        big_a, big_b, big_z = terms.sizes()
+        if cap is not None:
+            # rounding of z'_k at the perturbed points (real schemes) and the derivative taken at the
+            # rounded z'_c of the other columns (every scheme): docs/methods.md, "Kernel options"
+            ez = softcap_error(softcap(z.astype(fmt.dtype), cap), u, cap)
+            cap_err = (big_a + big_b + big_z) * ez
+            hess = np.abs(s_rows) + 2 * np.abs(terms.beta) * (1.0 + np.abs(terms.lse))
+            point = hess[:, None] * terms.p * (ez + ez.max(axis=1, keepdims=True)) * terms.chi
+        else:
+            cap_err = np.zeros(z.shape)
+            point = np.zeros(z.shape)
+    if scheme == "complex_step":
+        g, err, evals, status, details = _complex_step(z, wt_d, s_rows, fmt, beta, cap, curv)
+    else:
+        rows = RealRows(z, wt_d, fmt, beta=beta, cap=cap)
+        if scheme == "richardson":
+            g, err, evals, status, details = _richardson(rows, curv, cap_err, fmt, max_levels)
+        else:
+            g, err, evals, status, details = _difference(rows, curv, cap_err, fmt, scheme)
+    up = terms.up[:, None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        grad = up * g / d
+        # the function actually differentiated uses wt, S and beta rounded to the dtype: S p_k and wt_k
+        # move by (gamma_K + u_wt) relative, the z-loss term by u + 2 u64 (docs/methods.md, "Model error")
+        model = (gamma(problem.k, u) + (u if fmt.precision < 53 else 0.0)) * (np.abs(g) + 2 * np.abs(wt))
+        model = model + (u + 2 * FLOAT64.unit_roundoff) * big_z * terms.chi
+        error = np.abs(up) * (err + model + point) / abs(d) + 2 * FLOAT64.unit_roundoff * np.abs(grad)
     reason = "" if status == Status.CONVERGED else details.pop("reason", "")
     return finish(problem, grad, error, method=name, bound=False, evaluations=evals, status=status,
                   reason=reason, details=details)
 
 
-def _difference(rows: RealRows, s_rows: np.ndarray, fmt: FloatFormat, scheme: str) -> tuple:
+def _difference(rows: RealRows, curv: Curvature, cap_err: np.ndarray, fmt: FloatFormat, scheme: str) -> tuple:
     """Forward or central differences, one column per pair of evaluations."""
     z = rows.z
     n, k = z.shape
     l0, d0 = rows.value, rows.delta
-    sc = np.where(s_rows > 0, s_rows, 1.0)
-    # optimal steps: central minimizes C3 S h^2/6 + delta/h, forward C2 S h/2 + 2 delta/h
+    noise = d0 + cap_err.max(axis=1)
+    f2, f3 = curv.bounds(1.0)
+    # optimal steps: central minimizes f3 h^2/6 + noise/h, forward f2 h/2 + 2 noise/h
     with np.errstate(divide="ignore", invalid="ignore"):
-        h_row = np.cbrt(3 * d0 / (C3 * sc)) if scheme == "central" else 2 * np.sqrt(d0 / (C2 * sc))
+        h_row = (np.cbrt(3 * noise / np.where(f3 > 0, f3, 1.0)) if scheme == "central"
+                 else 2 * np.sqrt(noise / np.where(f2 > 0, f2, 1.0)))
     h_row = np.clip(np.nan_to_num(h_row, nan=1.0, posinf=1.0), 0.0, 1.0)
     g = np.empty((n, k))
     err = np.empty((n, k))
@@ -127,17 +183,31 @@ def _difference(rows: RealRows, s_rows: np.ndarray, fmt: FloatFormat, scheme: st
                 lm, dm = rows.column(c, zm)
                 evals += 2
                 width = hp + hm
+                c2, c3 = curv.bounds(np.maximum(hp, hm))
                 g[:, c] = (lp - lm) / width
-                err[:, c] = (C3 * s_rows * np.maximum(hp, hm) ** 2 / 6 + C2 * s_rows * np.abs(hp - hm) / 2
-                             + (dp + dm) / width)
+                err[:, c] = (c3 * np.maximum(hp, hm) ** 2 / 6 + c2 * np.abs(hp - hm) / 2
+                             + (dp + dm + 2 * cap_err[:, c]) / width)
             else:
                 evals += 1
+                c2, _ = curv.bounds(hp)
                 g[:, c] = (lp - l0) / hp
-                err[:, c] = C2 * s_rows * hp / 2 + (dp + d0) / hp
+                err[:, c] = c2 * hp / 2 + (dp + d0 + 2 * cap_err[:, c]) / hp
     return g, err, evals, Status.CONVERGED, {"step_per_row": h_row}
 
 
-def _richardson(rows: RealRows, s_rows: np.ndarray, fmt: FloatFormat, max_levels: int) -> tuple:
+def richardson_start(cap: float | None) -> float:
+    """The first Richardson step: 1/2, or under a softcap c the largest power of two at most c/4.
+
+    The row function is analytic in the strip ``|Im z_k| < rho`` with ``rho = pi`` (poles of the
+    logistic) or, under a softcap, ``min(pi, pi c / 2)`` (poles of tanh(z / c)); ``h0 = rho / (2 pi)``
+    keeps the table's ratio ``(h0 / rho)^2`` near 1/40 (docs/methods.md, "Richardson").
+    """
+    if cap is None or cap >= 2.0:
+        return RICHARDSON_H0
+    return float(2.0 ** math.floor(math.log2(cap / 4.0)))
+
+
+def _richardson(rows: RealRows, curv: Curvature, cap_err: np.ndarray, fmt: FloatFormat, max_levels: int) -> tuple:
     """Central differences at h0 / 2**j, extrapolated in h**2 (Neville table), per element stopping.
 
     Error estimate of the returned T_jj: |T_jj - T_{j-1,j-1}| (the truncation of the worse
@@ -152,10 +222,11 @@ def _richardson(rows: RealRows, s_rows: np.ndarray, fmt: FloatFormat, max_levels
     state = np.full((n, k), int(Status.ITERATION_LIMIT))
     evals = 1
     levels_used = 0
+    start = richardson_start(rows.cap)
     for c in range(k):
         zc = np.where(finite[:, c], z64[:, c], 0.0)
         floor = 2 * fmt.ulp(zc) + fmt.smallest_subnormal
-        h0 = _pow2_at_least(np.maximum(RICHARDSON_H0, floor))
+        h0 = _pow2_at_least(np.maximum(start, floor))
         prev_t: list[np.ndarray] = []
         prev_r: list[np.ndarray] = []
         best, best_err = np.full(n, np.nan), np.full(n, np.inf)
@@ -170,8 +241,9 @@ def _richardson(rows: RealRows, s_rows: np.ndarray, fmt: FloatFormat, max_levels
                 lm, dm = rows.column(c, zm)
                 hp = np.where(finite[:, c], zp.astype(np.float64) - z64[:, c], h)
                 hm = np.where(finite[:, c], z64[:, c] - zm.astype(np.float64), h)
+                c2, _ = curv.bounds(np.maximum(hp, hm))
                 t = [(lp - lm) / (hp + hm)]
-                r = [(dp + dm) / (hp + hm) + C2 * s_rows * np.abs(hp - hm) / 2]
+                r = [(dp + dm + 2 * cap_err[:, c]) / (hp + hm) + c2 * np.abs(hp - hm) / 2]
                 for m in range(1, j + 1):
                     f = 4.0**m - 1
                     t.append(t[m - 1] + (t[m - 1] - prev_t[m - 1]) / f)
@@ -196,7 +268,7 @@ def _richardson(rows: RealRows, s_rows: np.ndarray, fmt: FloatFormat, max_levels
                 break
         g[:, c], err[:, c] = best, best_err
     status = Status(int(state.max()))
-    details: dict[str, Any] = {"levels": levels_used}
+    details: dict[str, Any] = {"levels": levels_used, "first_step": start}
     if status != Status.CONVERGED:
         names = {int(s): Status(int(s)).name for s in np.unique(state)}
         counts = {names[int(s)]: int((state == s).sum()) for s in np.unique(state)}
@@ -204,21 +276,45 @@ def _richardson(rows: RealRows, s_rows: np.ndarray, fmt: FloatFormat, max_levels
     return g, err, evals, status, details
 
 
-def _complex_step(z: np.ndarray, wt_d: np.ndarray, s_rows: np.ndarray, fmt: FloatFormat) -> tuple:
-    """Im L(z + i h e_k) / h per column, h = u: truncation h**2 C3 S / 6 is below u**2."""
-    rows = ComplexRows(z, wt_d, fmt)
+def _complex_step(z: np.ndarray, wt_d: np.ndarray, s_rows: np.ndarray, fmt: FloatFormat,
+                  beta: np.ndarray | None, cap: float | None, curv: Curvature) -> tuple:
+    """Im F(z + i h e_k) / h per column, h = u: truncation h**2 f3 / 6 is below u**2 f3.
+
+    Estimate (docs/methods.md, "Complex step"): T1 relative ``eps1``, T2 ``gamma_K``, T3 through the
+    errors of Re lse and Im lse, all three times the chain factor's relative error under a softcap.
+    """
+    rows = ComplexRows(z, wt_d, fmt, beta=beta, cap=cap)
     n, k = z.shape
     u = fmt.unit_roundoff
     h = u
     g = np.empty((n, k))
     err = np.empty((n, k))
     eps1 = 2 * rows.amax + 2 * gamma(k, u) + (rows.c + 6) * u + gamma(k, u)
-    floor = s_rows * k * fmt.smallest_subnormal / h
+    floor = np.abs(s_rows) * k * fmt.smallest_subnormal / h
+    _, f3 = curv.bounds(h)
+    b64 = np.zeros(n) if rows.beta is None else np.abs(rows.beta.astype(np.float64))
+    z64 = z.astype(np.float64)
+    za64 = rows.za.astype(np.float64)
     for c in range(k):
-        t1, t2 = rows.imag_parts(c, h)
-        g[:, c] = t1 + t2
-        err[:, c] = (np.abs(t1) * eps1 + gamma(k, u) * np.abs(t2) + u * np.abs(t1 + t2)
-                     + C3 * s_rows * h * h / 6 + floor)
+        parts = rows.imag_parts(c, h)
+        t1, t2, t3, chi = parts["t1"], parts["t2"], parts["t3"], parts["chi"]
+        g[:, c] = t1 + t2 + t3
+        e = np.abs(t1) * eps1 + gamma(k, u) * np.abs(t2) + u * np.abs(t1 + t2) + f3 * h * h / 6 + floor
+        if rows.beta is not None:
+            at = rows.a == c
+            re, im, log_im = parts["lse_re"], parts["lse_im"], parts["log_im"]
+            # Im lse = [k = a] y + Im log1p(R) (relative eps1, and u for the sum); Re lse = z'_a + log1p(R)
+            err_im = eps1 * np.abs(log_im) + np.where(at, 2 * u * np.abs(chi), 0.0)
+            err_re = 2 * u * np.abs(re) + (2 * rows.amax + 2 * gamma(k, u) + (rows.c + 2) * u) * np.abs(re - za64)
+            e = (e + 2 * b64 * (np.abs(re) * err_im + np.abs(im) * err_re) + 3 * u * np.abs(t3)
+                 + b64 * k * fmt.smallest_subnormal / h)
+        if cap is not None:
+            # chi = Im c tanh((z + i h) / c) / h: complex tanh, the quotient's rounding (2 |x| u
+            # relative on sech^2 x), h / c and the product with c
+            with np.errstate(invalid="ignore", over="ignore"):
+                x = np.where(np.isfinite(z64[:, c]), np.abs(z64[:, c]) / cap, 0.0)
+            e = e + (CTANH_ULPS + 2 * x + 3) * u * (np.abs(t1) + np.abs(t2) + np.abs(t3))
+        err[:, c] = e
     return g, err, k, Status.CONVERGED, {"step": h}
 
 
