@@ -355,8 +355,8 @@ def _chain(z: np.ndarray, c: float) -> np.ndarray:
 
 def grad_rows(problem: Problem) -> np.ndarray:
     """The float64 ``(N, K)`` gradient of a validated problem: ``grad_output`` times dL/dz (a VJP)."""
-    if scale_of(problem).active or kernel_options(problem):  # rescaled, or softcap / z-loss: the bounded path
-        return grad_bounded(problem)[0]
+    if scale_of(problem).active or kernel_options(problem):  # rescaled, or softcap / z-loss: the blocked path
+        return grad_bounded(problem, with_bound=False)[0]
     if problem.index_targets and not problem.label_smoothing:
         return _one_hot_grad(problem)
     parts = row_parts(problem.logits)
@@ -574,7 +574,7 @@ def _columns(k: int) -> list[tuple[int, int]]:
 COLUMN_BLOCK = 1 << 18  # longer rows are evaluated in two passes over column tiles (2 MiB each)
 
 
-def grad_bounded(problem: Problem, work: Working = FLOAT64_WORK) -> tuple[np.ndarray, np.ndarray]:
+def grad_bounded(problem: Problem, work: Working = FLOAT64_WORK, *, with_bound: bool = True) -> tuple[np.ndarray, Any]:
     """``(N, K)`` gradient in ``work`` precision and its running error bound (docs/oracle.md, steps 1-10, K1-K6).
 
     With the default float64 the value is :func:`grad_rows`'s; with :data:`EXTENDED_WORK` it is the
@@ -582,7 +582,8 @@ def grad_bounded(problem: Problem, work: Working = FLOAT64_WORK) -> tuple[np.nda
     Evaluated in row blocks and, for rows longer than :data:`COLUMN_BLOCK`, column tiles with two
     passes (row max and sums, then the elements): the extra memory is a few blocks beyond the two
     results. Where the value is not finite the bound is inf. The kernel options (softcap, z-loss) and
-    the upstream gradient are part of the value and of the bound.
+    the upstream gradient are part of the value and of the bound. ``with_bound=False`` returns
+    ``(value, None)``: the same operations for the value, bit for bit, without the bound's.
     """
     n, k = problem.logits.shape
     scale = scale_of(problem, work)
@@ -592,7 +593,7 @@ def grad_bounded(problem: Problem, work: Working = FLOAT64_WORK) -> tuple[np.nda
     if one_hot:
         factor = _one_hot_factor(problem, scale.d)
     g_out = np.empty((n, k), dtype=work.dtype)
-    b_out = np.empty((n, k), dtype=work.dtype)
+    b_out = np.empty((n, k), dtype=work.dtype) if with_bound else None
 
     def block(lo: int, hi: int) -> None:
         _bounded_block(problem, work, scale, factor, lo, hi, g_out, b_out)
@@ -713,12 +714,13 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
             p = e / total[:, None]
             q = 1.0 - p
             q[here, at] = r[here] / total[here]
-            a = np.where(e > 0, (work.exp_ulps + 2) * u, zero)
-            a[here, at] = 0
-            eps_p = a + eps_z[:, None] + u
-            eps_q = eps_p + u
-            eps_q[here, at] = (rho + eps_z + u)[here]
-            if capped:  # step K2: the computed z' is a perturbation of the exact one
+            if b_out is not None:
+                a = np.where(e > 0, (work.exp_ulps + 2) * u, zero)
+                a[here, at] = 0
+                eps_p = a + eps_z[:, None] + u
+                eps_q = eps_p + u
+                eps_q[here, at] = (rho + eps_z + u)[here]
+            if capped and b_out is not None:  # step K2: the computed z' is a perturbation of the exact one
                 eps_p = eps_p + 2 * opts.zeta[:, None]
                 eps_q = eps_q + 2 * opts.zeta[:, None]
             s_minus = s - wt if signed else np.maximum(s - wt, 0)
@@ -728,6 +730,14 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
                 g = (p * (s - wt) - wt * q) / d
             else:
                 g = (p * s_minus - wt * q) / d
+            if b_out is None:  # the value alone (grad_rows): the same operations, no bound
+                if scale.active:
+                    shift = (np.zeros(hi - lo, dtype=np.int64) if b is None else b) - scale.a
+                    g = np.ldexp(g, shift[:, None])
+                if opts.active:
+                    g, _ = _with_options(problem, work, opts, lo, hi, c0, c1, g, None, p, None)
+                g_out[lo:hi, c0:c1] = g
+                continue
             # steps 7-9, with |w t| (weights may be negative)
             wt_abs = np.abs(wt) if signed else wt
             sm_abs = np.abs(s_minus) if signed else s_minus
@@ -805,20 +815,24 @@ def _with_options(problem: Problem, work: Working, opts: RowOptions, lo: int, hi
     u = work.u
     eta = work.eta
     k = problem.k
+    value_only = bound is None
     if problem.lse_square_scale:  # step K5: g' = g_ce + p coef
         coef = opts.coef[:, None]
         t3 = p * coef
-        d_t3 = np.abs(coef) * p * eps_p + p * opts.d_coef[:, None] + u * np.abs(t3)
         g_new = g + t3
-        bound = bound + SECOND_ORDER * (d_t3 + u * (np.abs(g) + np.abs(t3))) + (k + 8) * eta * np.abs(coef) + 2 * eta
+        if not value_only:
+            d_t3 = np.abs(coef) * p * eps_p + p * opts.d_coef[:, None] + u * np.abs(t3)
+            bound = bound + SECOND_ORDER * (d_t3 + u * (np.abs(g) + np.abs(t3))) + (k + 8) * eta * np.abs(coef) + 2 * eta
         g = g_new
     if opts.up is not None:  # step K6: times the upstream gradient, one rounding
         g = g * opts.up
-        bound = np.abs(opts.up) * bound + SECOND_ORDER * u * np.abs(g) + eta
+        if not value_only:
+            bound = np.abs(opts.up) * bound + SECOND_ORDER * u * np.abs(g) + eta
     if problem.softcap is not None:  # step K4: times the chain factor h
         h, h_rel = _chain_tile(problem, lo, hi, c0, c1, work)
         g_h = g * h
-        bound = h * bound + SECOND_ORDER * (np.abs(g) * h * h_rel + u * np.abs(g_h)) + 8 * eta * np.abs(g) + eta
+        if not value_only:
+            bound = h * bound + SECOND_ORDER * (np.abs(g) * h * h_rel + u * np.abs(g_h)) + 8 * eta * np.abs(g) + eta
         g = g_h
     return g, bound
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradcheck.dtypes import EXTENDED
-from gradcheck.oracle import RowParts, grad_bounded, row_parts
+from gradcheck.oracle import RowParts, capped_logits, grad_bounded, row_parts
 from gradcheck.problem import Problem
 from gradcheck.tolerance import Implementation, element_bound, tree_depth
 
@@ -17,21 +17,39 @@ def reference_grad(problem: Problem, parts: RowParts | None = None) -> tuple[np.
     For float32 and narrower: the float64 oracle and its rigorous running error bound. For float64:
     the direct formula evaluated in x87 extended precision (``np.longdouble``, u = 2**-64) and bounded
     by :func:`element_bound` with that u, so that the reference's uncertainty is about 2**-11 of the
-    float64 tolerance. On platforms without extended precision the float64 oracle is used.
+    float64 tolerance. On platforms without extended precision the float64 oracle is used. The
+    kernel options and the upstream gradient are part of both (softcap, z-loss, ``grad_output``);
+    under softcapping ``parts`` is recomputed from the capped logits.
 
     Returns:
         (reference, bound): reference in float64 or longdouble, bound in float64, both ``(N, K)``.
     """
     if problem.format.precision < 53 or EXTENDED is None:
         return grad_bounded(problem)
-    parts = row_parts(problem.logits) if parts is None else parts
+    if parts is None or problem.softcap is not None:
+        parts = row_parts(capped_logits(problem))
     ld = np.longdouble
     z = problem.logits.astype(ld)
     k = z.shape[1]
-    with np.errstate(under="ignore", invalid="ignore"):
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        p = e / e.sum(axis=1, keepdims=True)
+    with np.errstate(under="ignore", invalid="ignore", over="ignore"):
+        if problem.softcap is not None:
+            c = ld(problem.softcap)
+            z = c * np.tanh(z / c)
+        m = z.max(axis=1, keepdims=True)
+        e = np.exp(z - m)
+        total = e.sum(axis=1, keepdims=True)
+        p = e / total
         wt = problem.dense_targets(ld) * problem.weights().astype(ld)
         g = (p * wt.sum(axis=1, keepdims=True) - wt) / problem.divisor(ld)
+        if problem.lse_square_scale:  # + 2 lambda lse p / D_z on counted rows (docs/oracle.md, "Kernel options")
+            lse = m + np.log(total)
+            coef = ld(2 * problem.lse_square_scale) * lse / ld(problem.zloss_divisor())
+            g = g + np.where(problem.active_rows()[:, None], coef * p, ld(0))
+        if problem.grad_output is not None:
+            g = g * problem.upstream().astype(ld)[:, None]
+        if problem.softcap is not None:  # times 1 - tanh^2(z / c) = 4 e / (1 + e)^2, e = exp(-2 |z / c|)
+            x = np.abs(problem.logits.astype(ld) / ld(problem.softcap))
+            ex = np.exp(-2 * x)
+            g = g * (4 * ex / ((1 + ex) * (1 + ex)))
     working = Implementation("longdouble reference", EXTENDED, tree_depth(k), EXTENDED.tiny)
     return g, element_bound(problem, parts, working)

@@ -21,7 +21,7 @@ import numpy as np
 
 from gradcheck.dtypes import FLOAT32, FLOAT64, FloatFormat, float_format
 from gradcheck.errors import InvalidArgument
-from gradcheck.oracle import RowParts, gamma, grad_rows, row_parts
+from gradcheck.oracle import RowParts, capped_logits, gamma, grad_rows, row_parts
 from gradcheck.problem import Problem
 
 # docs/tolerance.md, "Elementary functions": relative error of exp and log in units of u.
@@ -30,6 +30,10 @@ from gradcheck.problem import Problem
 # round a float32 result once (<= 1u + float32 error).
 EXP_U = 6.0
 LOG_U = 8.0
+# docs/tolerance.md, "Kernel options": relative error of tanh in units of u. numpy's validation set holds
+# float32 and float64 tanh to 2 ULP; Eigen's float32 ptanh (the rational approximation XLA's CPU tanh is
+# modelled on) was up to 6 ULP before Eigen MR 2082; 6 ULP = 12 u.
+TANH_U = 12.0
 # docs/tolerance.md, "Blocked online softmax": the smallest tile the model accepts.
 TILE = 64
 # docs/tolerance.md, "Underflow floor": roundings of element i whose result can underflow.
@@ -149,7 +153,7 @@ def grad_tolerance(problem: Problem, parts: RowParts | None = None, grad: np.nda
     Returns:
         Nonnegative float64 ``(N, K)``; rows with nothing to check (ignored rows) get the floor.
     """
-    parts = row_parts(problem.logits) if parts is None else parts
+    parts = row_parts(capped_logits(problem)) if parts is None else parts
     precision = problem.format.name if precision is None else precision
     grad = grad_rows(problem) if grad is None else grad
     return tolerances(problem, parts, grad, band, (precision,))[precision]
@@ -159,6 +163,8 @@ def tolerances(problem: Problem, parts: RowParts, grad: np.ndarray, band: np.nda
                precisions: tuple[str, ...]) -> dict[str, np.ndarray]:
     """:func:`grad_tolerance` under several contracts at once, each implementation's bound computed once."""
     fmt = problem.format
+    if problem.softcap is not None:  # the softmax quantities of z' = c tanh(z / c), whatever was passed
+        parts = row_parts(capped_logits(problem))
     bounds: dict[Implementation, np.ndarray] = {}
     g = np.abs(grad)
     out = {}
@@ -196,7 +202,8 @@ def element_bound(problem: Problem, parts: RowParts, working: Implementation) ->
     with np.errstate(under="ignore", over="ignore", invalid="ignore"):
         # step 4: the row sum Z. p_c expm1(rate) with the rate capped: a rate above 700 means
         # 2 u a > 700, so a (1 - 2u) > 746 and both p_c and its perturbed value are 0 in float64
-        rate_e = np.minimum(2 * u * a + (EXP_U + 1) * u, 700.0)
+        zeta = _zeta(problem, parts, u)  # step K1: the perturbation of z' (0 without softcapping)
+        rate_e = np.minimum(2 * u * a + (EXP_U + 1) * u + 2 * zeta, 700.0)
         sum_err = (p * np.expm1(rate_e)).sum(axis=1, keepdims=True)
         eps_z = (1.0 + sum_err) * (1.0 + gamma(depth, u)) - 1.0
         # step 6: targets and weights
@@ -210,7 +217,7 @@ def element_bound(problem: Problem, parts: RowParts, working: Implementation) ->
         eps_s = 0.0 if plain else (1 + eps_wt) * (1 + gamma(depth, u)) - 1.0
         s_row = wt.sum(axis=1, keepdims=True)
         # steps 3, 5 and the product p S: the relative error of the computed p_i S, as one expm1
-        rate_p = 2 * u * a + (1 + LOG_U) * u * log_z + (2 * EXP_U + 3) * u
+        rate_p = 2 * u * a + (1 + LOG_U) * u * log_z + (2 * EXP_U + 3) * u + 2 * zeta
         rel_p = np.expm1(np.minimum(rate_p - np.log1p(-eps_z) + math.log1p(eps_s) + math.log1p(u), 700.0))
         # step 7: the two subtracted terms, their combination and the subtraction
         err_p = s_row * p * rel_p
@@ -222,9 +229,73 @@ def element_bound(problem: Problem, parts: RowParts, working: Implementation) ->
         # step 9: underflow floor
         w_row = np.abs(problem.weights())[None, :]
         floor = UNDERFLOW_ROUNDINGS * working.floor_unit * (1 + s_row + w_row) * max(1.0, 1.0 / d)
+        if kernel_options(problem):
+            bound, floor = _with_options(problem, parts, working, p, rel_p, eps_z, zeta, bound,
+                                         magnitude * (1 + eta) / d, floor)
     if not np.all(eps_z < 1):
         raise ArithmeticError(f"the error model is vacuous for K={k} in {working.fmt.name} (eps_Z >= 1)")
     return bound + floor
+
+
+def kernel_options(problem: Problem) -> bool:
+    """Any of softcap, z-loss or an upstream gradient is set (docs/tolerance.md, "Kernel options")."""
+    return problem.softcap is not None or bool(problem.lse_square_scale) or problem.grad_output is not None
+
+
+def _zeta(problem: Problem, parts: RowParts, u: float) -> np.ndarray:
+    """Step K1: the absolute error of the implementation's ``z'`` per row, ``(TANH_U + 3) u max |z'|``
+    (0 without softcapping), as an ``(N, 1)`` column."""
+    if problem.softcap is None:
+        return np.zeros((problem.n, 1))
+    return (TANH_U + 3) * u * np.abs(capped_logits(problem)).max(axis=1, keepdims=True)
+
+
+def _with_options(problem: Problem, parts: RowParts, working: Implementation, p: np.ndarray, rel_p: np.ndarray,
+                  eps_z: np.ndarray, zeta: np.ndarray, bound: np.ndarray, m_ce: np.ndarray,
+                  floor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Steps K2-K5: the z-loss term, the upstream factor and the chain factor (docs/tolerance.md).
+
+    ``bound`` is the scaled cross-entropy bound (steps 1-8, with K1's perturbation already in the
+    rates), ``m_ce`` its magnitude ``M_i`` scaled by 1/D."""
+    u = working.fmt.unit_roundoff
+    lam = problem.lse_square_scale
+    live = problem.active_rows()[:, None]
+    magnitude = m_ce
+    if lam:  # step K2: coef = 2 lambda lse / D_z with lse = m' + log Z
+        rows = np.arange(problem.n)
+        zc = capped_logits(problem)
+        m = zc[rows, parts.argmax][:, None]
+        log_z = parts.log_z[:, None]
+        lse = m + log_z
+        d_lse = zeta - np.log1p(-eps_z) + LOG_U * u * log_z + u * (np.abs(m) + log_z) + u * np.abs(lse)
+        dz = problem.zloss_divisor()
+        coef = np.where(live, 2 * lam * np.abs(lse) / dz, 0.0)
+        d_coef = np.where(live, 2 * lam * d_lse / dz, 0.0)
+        t3 = coef * p
+        # lambda rounded to the working precision, 2 lambda lse, 1/D_z and the product: 4 roundings on coef
+        err_t3 = t3 * rel_p + p * d_coef + t3 * math.expm1(5 * u) * (1 + rel_p)
+        magnitude = m_ce + t3 * (1 + rel_p)
+        bound = bound + err_t3 + math.expm1(2 * u) * magnitude  # the sum with the CE part, in two pieces
+        floor = floor + UNDERFLOW_ROUNDINGS * working.floor_unit * coef
+    if problem.grad_output is not None:  # step K3: times g_n, placed anywhere: two roundings on the magnitude
+        up = np.abs(problem.upstream())[:, None]
+        bound = up * (bound + math.expm1(2 * u) * (magnitude + bound))
+        magnitude = up * magnitude
+        floor = floor * np.maximum(1.0, up)
+    if problem.softcap is not None:  # step K4: times h = 1 - tanh^2, computed as 1 - t^2 or 4e/(1+e)^2
+        c = problem.softcap
+        z = problem.logits.astype(np.float64)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            x = np.where(np.isfinite(z), np.abs(z / c), np.inf)
+            t = np.tanh(x)
+            e = np.exp(-2 * x)
+            h = 4 * e / ((1 + e) * (1 + e))
+            d_h = (2 * TANH_U + 8) * u * t * t + (2 * np.where(np.isfinite(x), x, 0.0) + EXP_U + 5) * u * h
+            d_h = np.where(np.isfinite(z), d_h, 0.0)  # a -inf logit's factor is exactly 0 (tanh(-inf) = -1)
+        total = magnitude + bound
+        bound = h * bound + total * d_h + math.expm1(u) * h * total
+        floor = floor + 4 * working.floor_unit * total
+    return bound, floor
 
 
 def _scale_error(problem: Problem, u: float) -> tuple[float, float]:
@@ -232,12 +303,20 @@ def _scale_error(problem: Problem, u: float) -> tuple[float, float]:
 
     D is an exact small integer without weights (a row count), or a sum of N_active weights in
     any order (depth N_active - 1) with them; the scaling costs two roundings (1/D and a product).
+    With negative weights the sum's error is relative to ``sum |w_y|``, so ``eps_D`` carries the factor
+    ``sum |w_y| / |D|`` (unbounded when D cancels: then eta is inf).
     """
     d = abs(problem.divisor())  # |D|: negative weights can make it negative
     if problem.reduction != "mean":
         return d, 0.0
     depth = 0
+    eps_d = 0.0
     if problem.index_targets and problem.weight is not None:
         depth = max(0, int(problem.active_rows().sum()) - 1)
-    eps_d = gamma(depth, u)
+        eps_d = gamma(depth, u)
+        w_y = problem.weight[problem.targets[problem.active_rows()]]
+        if (w_y < 0).any():
+            eps_d = eps_d * float(np.abs(w_y).sum()) / d if d > 0 else math.inf
+    if eps_d >= 1:
+        return d, math.inf
     return d, (1 + eps_d) / (1 - eps_d) * math.exp(2 * u) - 1.0

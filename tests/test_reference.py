@@ -34,3 +34,21 @@ def test_narrower_dtypes_use_the_oracle_and_its_rigorous_bound(dtype):
     assert np.array_equal(ref, expected) and np.array_equal(bound, expected_bound)
     truth = exact_grad(problem.logits, problem.targets, dtype="float64")
     assert np.all(np.abs(ref - truth) <= bound + np.spacing(np.abs(truth)))
+
+
+@pytest.mark.skipif(EXTENDED is None, reason="no extended precision long double on this platform")
+def test_float64_reference_with_kernel_options_is_within_its_bound_of_the_mpmath_truth():
+    """softcap, z-loss and grad_output in the longdouble reference: within its bound of an independent
+    mpmath evaluation (tests/test_oracle.py), and the bound is still negligible beside the tolerance."""
+    from test_oracle import independent_kernel, worst_ratio_ld
+
+    rng = np.random.default_rng(12)
+    for opts in ({"softcap": 30.0, "lse_square_scale": 1e-4, "grad_output": -1.5},
+                 {"softcap": 0.5, "label_smoothing": 0.1, "reduction": "none", "grad_output": np.array([2.0, 0.0, -0.5])},
+                 {"lse_square_scale": 0.5, "weight": np.array([1.0, -0.5, 2.0, 0.25, 1.5]), "reduction": "sum"}):
+        z = rng.standard_normal((3, 5)) * 40 + 100
+        t = np.array([0, -100, 4])
+        problem = make_problem(z, t, **opts)
+        ref, bound = reference_grad(problem)
+        assert worst_ratio_ld(ref, bound.astype(np.longdouble), independent_kernel(problem)[0]) <= 1.0
+        assert np.max(bound / grad_tolerance(problem)) < 1e-2

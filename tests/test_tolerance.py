@@ -174,3 +174,150 @@ def test_default_contract_and_implementations():
         "float64", "float32", "float32", "float32"]
     assert implementations(float_format("float32"), 10, "exact") == ()
     assert [w.fmt.name for w in implementations(float_format("bfloat16"), 10, "float64")] == ["float64"]
+
+
+# ---- kernel options: softcap, z-loss, upstream gradient (docs/tolerance.md, "Kernel options") -------------
+
+def kernel_inside(work, logits, targets, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                  lse_square_scale=0.0, softcap=None, grad_output=None, logspace=False, bug=None):
+    """A correct kernel computed in ``work`` and rounded once to the logits' dtype, written as Liger-Kernel
+    writes it: ``c tanh(z / c)``, the z-loss ``2 lambda lse p / n_non_ignore``, the chain factor ``1 - t^2``.
+
+    ``bug`` models a wrong convention: "zloss_smoothed" (2 lambda lse (p - eps/K), an old Liger gradient),
+    "no_chain" (the chain factor forgotten), "x_tanh" (x tanh(x / c), unsloth-zoo #593)."""
+    one = work(1)
+    x = logits.astype(work)
+    n, k = x.shape
+    if softcap is not None:
+        c = work(softcap)
+        t = np.tanh(x / c)
+        x = x * t if bug == "x_tanh" else c * t
+    m = x.max(axis=1, keepdims=True)
+    with np.errstate(under="ignore", invalid="ignore"):
+        e = np.exp(x - m)
+        total = e.sum(axis=1, keepdims=True)
+        lse = m + np.log(total)
+        p = np.exp((x - m) - np.log(total)) if logspace else e / total  # not exp(x - lse): docs/tolerance.md
+    if targets.ndim == 1:
+        live = targets != ignore_index
+        tt = np.zeros((n, k), dtype=work)
+        tt[np.flatnonzero(live), targets[live]] = 1
+    else:
+        live = np.ones(n, dtype=bool)
+        tt = targets.astype(work)
+    eps = work(label_smoothing)
+    if label_smoothing:
+        tt = (one - eps) * tt + eps / work(k)
+        tt[~live] = 0
+    w = np.ones(k, dtype=work) if weight is None else weight.astype(work)
+    wt = tt * w
+    s = wt.sum(axis=1, keepdims=True)
+    if reduction == "mean":
+        d = w[targets[live]].sum() if targets.ndim == 1 else work(n)
+        dz = work(live.sum())
+    else:
+        d = dz = one
+    with np.errstate(under="ignore", invalid="ignore"):
+        g = (p * s - wt) / d
+        if lse_square_scale:
+            coef = work(2 * lse_square_scale) * lse / dz
+            zl = coef * ((p - eps / work(k)) if bug == "zloss_smoothed" else p)
+            g = g + np.where(live[:, None], zl, work(0))
+        if grad_output is not None:
+            go = np.asarray(grad_output).astype(work)
+            g = g * (go[:, None] if go.ndim else go)
+        if softcap is not None and bug != "no_chain":
+            g = g * (one - t * t)
+    return g.astype(logits.dtype)
+
+
+def draw_kernel_case(rng, dtype):
+    """One seeded case with a random combination of every option, the logits and grad_output exactly
+    representable in ``dtype``."""
+    fmt = float_format(dtype)
+    n, k = int(rng.integers(1, 7)), int(rng.integers(1, 41))
+    regime = rng.integers(5)
+    opts = {"reduction": ["mean", "sum", "none"][rng.integers(3)],
+            "label_smoothing": [0.0, 0.1][rng.integers(2)],
+            "softcap": [None, 0.5, 2.0, 30.0][rng.integers(4)],
+            "lse_square_scale": [0.0, 1e-4, 1e-2][rng.integers(3)]}
+    scale = opts["softcap"] or 1.0
+    z = [rng.standard_normal((n, k)) * 3,
+         rng.standard_normal((n, k)) * scale * 50,  # saturated: |z| >> c
+         rng.standard_normal((n, k)) + 300.0,  # lse ~ 300
+         rng.standard_normal((n, k)) * 3 - 300.0,
+         rng.standard_normal((n, k)) * 10][regime]
+    if regime == 4:
+        z[rng.random((n, k)) < 0.3] = -np.inf
+        z[:, 0] = 0.0 if opts["softcap"] is None else z[:, 0]
+    if rng.random() < 0.5:
+        opts["weight"] = round_to_format(rng.uniform(0.25, 2.0, k) * np.where(rng.random(k) < 0.2, -1.0, 1.0), fmt)
+    t = rng.integers(0, k, n)
+    if n > 1 and rng.random() < 0.4:
+        t[0] = -100
+    if opts["reduction"] == "mean" and "weight" in opts and abs(opts["weight"][t[t >= 0]].sum()) < 0.5:
+        opts.pop("weight")  # a divisor that (nearly) cancels: the model is infinite there (docs/tolerance.md)
+    if rng.random() < 0.7:
+        go = rng.standard_normal(n) * 2 if opts["reduction"] == "none" else rng.standard_normal() * 2
+        go = np.where(rng.random(np.shape(go)) < 0.15, 0.0, go)
+        opts["grad_output"] = round_to_format(np.asarray(go, dtype=np.float64), fmt).astype(np.float64)
+    return round_to_format(z, fmt), t, opts
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_float32_inside_kernels_with_every_option_stay_within_the_float32_contract(dtype):
+    """Thousands of seeded draws: a float32-inside kernel (direct or log-space) with every combination of
+    softcap, z-loss, smoothing, weights of both signs, ignored rows, reductions and grad_output, rounded
+    once to the dtype, is within the float32 contract's tolerance (and so the dtype's)."""
+    rng = np.random.default_rng(120 if dtype == "bfloat16" else 121)
+    worst = 0.0
+    for i in range(1500):
+        z, t, opts = draw_kernel_case(rng, dtype)
+        problem = make_problem(z, t, **opts)
+        got = kernel_inside(np.float32, problem.logits, t, logspace=bool(i % 2), **problem.options(),
+                            grad_output=opts.get("grad_output"))
+        ref, band = reference_grad(problem)
+        tol = grad_tolerance(problem, grad=ref.astype(np.float64), precision="float32", band=band)
+        err = np.abs(got.astype(np.float64) - ref)
+        assert np.all(err <= tol + band), (i, opts, float(np.max(err / tol)))
+        worst = max(worst, float(np.max(np.where(err > 0, err / tol, 0.0))))
+    assert worst > 0.2  # the tolerance is reached within a factor 5 somewhere
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_in_dtype_kernels_with_every_option_stay_within_tolerance(dtype):
+    """The kernel in the dtype itself (float32 or float64 inside), against the reference: within the
+    dtype's own tolerance on every element of 600 seeded draws."""
+    work = np.float32 if dtype == "float32" else np.float64
+    rng = np.random.default_rng(122 if dtype == "float32" else 123)
+    for i in range(600):
+        z, t, opts = draw_kernel_case(rng, dtype)
+        problem = make_problem(z, t, **opts)
+        got = kernel_inside(work, problem.logits, t, logspace=bool(i % 2), **problem.options(),
+                            grad_output=opts.get("grad_output"))
+        ref, band = reference_grad(problem)
+        tol = grad_tolerance(problem, grad=ref.astype(np.float64), band=band)
+        err = np.abs(got.astype(ref.dtype) - ref).astype(np.float64)
+        assert np.all(err <= tol + band), (i, opts, float(np.max(err / tol)))
+
+
+@pytest.mark.parametrize("bug", ["zloss_smoothed", "no_chain", "x_tanh"])
+def test_wrong_conventions_exceed_the_tolerance(bug):
+    """The tolerance is not vacuous: each wrong convention, float32 inside and rounded once to bfloat16,
+    is outside the float32 contract on some of 300 draws (the correct kernel never is, above)."""
+    rng = np.random.default_rng(124)
+    caught = 0
+    for _ in range(300):
+        z, t, opts = draw_kernel_case(rng, "bfloat16")
+        if bug == "zloss_smoothed":
+            opts.update(lse_square_scale=1e-2, label_smoothing=0.1)
+        else:
+            opts["softcap"] = opts["softcap"] or 2.0
+        problem = make_problem(z, t, **opts)
+        got = kernel_inside(np.float32, problem.logits, t, **problem.options(), grad_output=opts.get("grad_output"),
+                            bug=bug)
+        ref, band = reference_grad(problem)
+        tol = grad_tolerance(problem, grad=ref.astype(np.float64), precision="float32", band=band)
+        with np.errstate(invalid="ignore"):
+            caught += bool(np.any(~(np.abs(got.astype(np.float64) - ref) <= tol + band)))
+    assert caught > 30, caught
