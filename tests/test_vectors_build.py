@@ -23,7 +23,8 @@ def test_groups_flags_and_bugs(suite):
                  "ZLoss", "Softcap", "UpstreamGradient", "SaturatedSoftcap", "LargeLogSumExp"):
         assert flag in used
     for g in suite.groups:
-        assert sum(t.result == "valid" for t in g.tests) >= 7
+        # a kernel group drops the kinds its dtype's own contract cannot judge (bfloat16 with c = 30)
+        assert sum(t.result == "valid" for t in g.tests) >= (3 if g.kernel else 7)
         assert all(t.result == "valid" or t.bug == t.flags[0] for t in g.tests)
         for t in g.tests:
             assert t.grad.dtype == t.logits.dtype == t.loss.dtype and t.grad.shape == t.logits.shape

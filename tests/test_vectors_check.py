@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gradcheck.errors import InvalidArgument
-from gradcheck.vectors import BUGS, VectorCheck, VectorSuite, build_suite, check_vectors
+from gradcheck.vectors import BUGS, KINDS, VectorCheck, VectorSuite, build_suite, check_vectors
 from zoo import forgot_mean, numpy_logspace, numpy_online, numpy_stable, oracle
 
 
@@ -204,6 +204,9 @@ def test_the_kernel_groups_cover_every_option_in_every_dtype(kernel_suite):
         assert {g.reduction for g in groups if any(t.grad_output is not None for t in g.tests)} == {"mean", "sum", "none"}
         assert any(g.lse_square_scale and g.softcap and g.label_smoothing and g.weighted and g.ignore_index == -100
                    and g.reduction == "none" for g in groups)
+        # every input kind (but the plain-only many classes) is in some kernel group of every dtype
+        kinds = {t.flags[0] for g in groups for t in g.tests if t.result == "valid"}
+        assert kinds == {flag for kind, (flag, _, _) in KINDS.items() if kind != "many_classes"}, (dtype, kinds)
     for g in kernel_suite.groups:
         for t in g.tests:
             if t.grad_output is not None and g.reduction == "none":

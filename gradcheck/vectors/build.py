@@ -230,7 +230,16 @@ def build_group(spec: GroupSpec, dtype: str, seed: int, group_index: int) -> Vec
         test = Vector(0, f"{KINDS[kind][2]}; {spec.name}", _flags(kind, spec, problem, truth, loss), z, t, w,
                       loss, truth, "valid", None, g_dtype)
         case = empty.case(test)
-        if not _accepted(truth, case):
+        try:
+            accepted = _accepted(truth, case)
+        except ArithmeticError:
+            # the dtype's own contract has no error model for these inputs (docs/tolerance.md: eps_Z >= 1,
+            # e.g. bfloat16 with the softcap 30, whose z' moves by 0.06 in bfloat16): no vector can be labelled
+            # for every contract, so the group holds no test of this kind (docs/vectors.md)
+            if not spec.kernel:
+                raise
+            continue
+        if not accepted:
             raise AssertionError(f"the tolerance model rejects the truth: {dtype} {spec.name} {kind}")
         valid.append(test)
         contexts.append((test, make_context(problem, truth, truth64), case))
