@@ -79,6 +79,18 @@ def test_report_writes_the_files_and_names_them(tmp_path, capsys):
     assert json.loads((out / "report.json").read_text())["config"]["regimes"] == ["moderate", "ties"]
 
 
+def test_report_takes_the_kernel_options_rows_among_its_regimes(tmp_path, capsys):
+    out = tmp_path / "rep"
+    args = ["report", "--out", str(out), "--examples", "1", "--dtypes", "float32", "--regimes", "moderate", "saturated",
+            "--methods", "closed_form", "--jobs", "1", "--max-classes", "0", "--no-vectors"]
+    assert cli.main(args) == 0
+    assert "closed form, saturated: max 0 ULP, bound held in 1 of 1 dtypes" in capsys.readouterr().out
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["config"]["regimes"] == ["moderate"] and doc["config"]["optionRegimes"] == ["saturated"]
+    assert [(r["regime"], r["cases"]) for r in doc["optionResults"]] == [("saturated", 1)]
+    assert "## Kernel options: softcap and z-loss" in (out / "report.md").read_text()
+
+
 def test_report_rejects_an_unknown_method(tmp_path, capsys):
     assert cli.main(["report", "--out", str(tmp_path), "--methods", "nope", "--jobs", "1"]) == 2
     assert "method must be one of" in capsys.readouterr().err

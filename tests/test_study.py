@@ -91,7 +91,8 @@ def test_chunks_cover_the_grid_once_in_tasks_of_one_dtype_and_one_shape():
     config = StudyConfig(examples=40, dtypes=("float64", "float16"), regimes=("moderate", "ties", "huge"))
     parts = chunks(config, ("closed_form",))
     assert all(0 < len(c.items) <= CHUNK and c.methods == ("closed_form",) for c in parts)
-    assert all(len({config.shape(i) for _, i in c.items}) == 1 for c in parts)
+    assert all(len({config.shape(i, r) for r, i in c.items}) == 1 for c in parts)
+    assert {config.shape(i, r) for c in parts for r, i in c.items if r in config.option_regimes} == {(3, 8)}
     covered = sorted((c.dtype, r, i) for c in parts for r, i in c.items)
     regimes = config.regimes + config.option_regimes  # the kernel options' rows run too
     assert config.option_regimes == ("saturated", "large_lse")
@@ -117,6 +118,7 @@ def test_run_case_records_every_method():
     ({"regimes": ()}, "regimes must be a non-empty subset"),
     ({"option_regimes": ("moderate",)}, r"option_regimes must be distinct regimes of \('saturated', 'large_lse'\)"),
     ({"option_regimes": ("saturated", "saturated")}, "option_regimes must be distinct"),
+    ({"option_regimes": ("saturated",), "option_shapes": ()}, "option_shapes must name at least one"),
     ({"methods": ("nope",)}, "method must be one of"),
 ])
 def test_bad_configuration(changes, match):

@@ -145,7 +145,9 @@ def report_document(study: Study, vectors: dict[str, Any] | None, *, timing: dic
             "examples": config.examples, "dtypes": list(config.dtypes), "regimes": list(config.regimes),
             "methods": [m.name for m in study.methods], "shapes": [list(s) for s in config.shapes],
             "proofClasses": config.proof_classes, "optionRegimes": list(config.option_regimes),
-            "caseSeed": "make_case(seed * 1000003 + i, regime, dtype, n=N, k=K), (N, K) = shapes[i % len(shapes)]",
+            "optionShapes": [list(s) for s in config.option_shapes],
+            "caseSeed": "make_case(seed * 1000003 + i, regime, dtype, n=N, k=K), (N, K) = shapes[i % len(shapes)] "
+                        "(optionShapes for the option regimes)",
         },
         "methods": [{"name": m.name, "summary": m.summary, "errorKind": "bound" if m.bound else "estimate"}
                     for m in study.methods],

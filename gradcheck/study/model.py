@@ -13,6 +13,8 @@ from gradcheck.regimes import OPTION_REGIMES, REGIMES
 DEFAULT_SEED = 0
 DEFAULT_EXAMPLES = 16  # cases per regime and dtype; the default report must finish in two minutes on 2 cores
 SHAPES: tuple[tuple[int, int], ...] = ((2, 5), (3, 8), (1, 3))  # few shapes: JAX compiles once per shape
+# the kernel options' rows: one shape (each shape and option compiles the JAX methods anew, about 1 s each)
+OPTION_SHAPES: tuple[tuple[int, int], ...] = ((3, 8),)
 PROOF_CLASSES = 4  # SymPy proofs for K = 1 .. 4 in the report (about 2 s uncached)
 
 
@@ -28,7 +30,8 @@ class StudyConfig:
             :data:`gradcheck.regimes.OPTION_REGIMES`); summarized apart, so the plain cells and totals
             do not depend on them.
         methods: registry names; all registered methods when empty.
-        shapes: case ``i`` has shape ``shapes[i % len(shapes)]``.
+        shapes: case ``i`` of a plain regime has shape ``shapes[i % len(shapes)]``.
+        option_shapes: the same for the option regimes.
         proof_classes: SymPy proofs for K = 1 .. proof_classes (0: none).
     """
 
@@ -40,6 +43,7 @@ class StudyConfig:
     methods: tuple[str, ...] = ()
     shapes: tuple[tuple[int, int], ...] = SHAPES
     proof_classes: int = PROOF_CLASSES
+    option_shapes: tuple[tuple[int, int], ...] = OPTION_SHAPES
 
     @property
     def all_regimes(self) -> tuple[str, ...]:
@@ -49,8 +53,10 @@ class StudyConfig:
     def case_seed(self, index: int) -> int:
         return self.seed * 1_000_003 + index
 
-    def shape(self, index: int) -> tuple[int, int]:
-        return self.shapes[index % len(self.shapes)]
+    def shape(self, index: int, regime: str | None = None) -> tuple[int, int]:
+        """The shape of case ``index`` (of ``regime``: an option regime takes ``option_shapes``)."""
+        shapes = self.option_shapes if regime is not None and regime in self.option_regimes else self.shapes
+        return shapes[index % len(shapes)]
 
 
 @dataclass(frozen=True, eq=False)
