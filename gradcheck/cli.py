@@ -63,10 +63,12 @@ def _selfcheck(args: argparse.Namespace) -> int:
 
 
 class _Progress:
-    """A rich progress bar on a terminal; silent otherwise."""
+    """A rich progress bar on a terminal; silent otherwise. With ``delay`` it appears only once that many
+    seconds have passed (a quick check prints nothing but its result)."""
 
-    def __init__(self, console: Any, description: str, total: int) -> None:
+    def __init__(self, console: Any, description: str, total: int, delay: float = 0.0) -> None:
         self._bar = None
+        self._delay, self._started, self._shown = delay, time.perf_counter(), delay <= 0
         if console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -75,17 +77,24 @@ class _Progress:
             self._task = self._bar.add_task(description, total=total)
 
     def __enter__(self) -> _Progress:
-        if self._bar is not None:
+        if self._bar is not None and self._shown:
             self._bar.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
+        if self._bar is not None and self._shown:
             self._bar.stop()
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
+            if not self._shown and time.perf_counter() - self._started >= self._delay:
+                self._shown = True
+                self._bar.start()
             self._bar.advance(self._task, n)
+
+    def update(self, done: int, total: int) -> None:
+        """A ``progress(done, total)`` callback (verify's)."""
+        self.advance(done - int(self._bar.tasks[0].completed) if self._bar is not None else 0)
 
 
 def _size(n: int) -> str:
@@ -286,7 +295,18 @@ def _verify(args: argparse.Namespace) -> int:
     for dtype in args.dtype or [VERIFY["dtype"].default]:
         for targets in args.targets or [VERIFY["targets"].default]:
             try:
-                result = verify(fn, dtype=dtype, targets=targets, **options)
+                from rich.console import Console  # the report extra; without it verify runs quiet
+
+                bar = _Progress(Console(stderr=True), f"verify {dtype} {targets}", options.get("max_examples", 100),
+                                delay=2.0)
+            except ImportError:
+                bar = None
+            try:
+                if bar is None:
+                    result = verify(fn, dtype=dtype, targets=targets, **options)
+                else:
+                    with bar:
+                        result = verify(fn, dtype=dtype, targets=targets, progress=bar.update, **options)
             except InvalidArgument as exc:
                 _err(str(exc))
                 return 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from functools import cached_property
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ import mpmath
 import numpy as np
 
 from gradcheck.dtypes import FloatFormat, bit_pattern, float_format, round_to_format
+from gradcheck import truth_dd
 from gradcheck.errors import CertificationError
 from gradcheck.oracle import EXTENDED_WORK, FLOAT64_WORK, grad_bounded, loss_bounded
 from gradcheck.problem import Problem, make_problem
@@ -97,7 +99,12 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
     out = np.zeros(problem.logits.shape)
     todo = np.ones(problem.logits.shape, dtype=bool) if where is None else np.array(where, dtype=bool)
     todo[rows.zero_rows] = False  # ignored rows, a zero upstream gradient, or nothing to differentiate
-    if prefilter and rows.oracle_applies:
+    if prefilter and truth_dd.applies(problem):  # double-double enclosures (docs/exact.md, "The fast path")
+        decided = truth_dd.grad_decided(problem, rows, fmt, todo)
+        use = todo & ~np.isnan(decided)
+        out[use] = decided[use]
+        todo &= ~use
+    elif prefilter and rows.oracle_applies:
         # float64 enclosures are a few float64 ulps wide: for a float64 result use x87 extended
         # precision (2**-11 ulp wide); docs/exact.md, "The prefilter"
         work = EXTENDED_WORK if fmt.precision == 53 and EXTENDED_WORK is not None else FLOAT64_WORK
@@ -186,30 +193,10 @@ class _RowFacts:
     classes are masked, cut or tied (docs/exact.md)."""
 
     def __init__(self, problem: Problem) -> None:
-        self.problem = problem
         p = problem
-        z = p.logits.astype(np.float64)
-        self.z = z
+        self.problem = p
         self.softcap = p.softcap
         self.lam = Fraction(p.lse_square_scale)
-        self.finite = np.isfinite(z)
-        # the classes that enter Z: the finite ones, or all of them under softcap (-inf becomes -c)
-        self.counted = self.finite if p.softcap is None else np.ones(z.shape, dtype=bool)
-        zmax = z.max(axis=1, keepdims=True)
-        self.zmax = zmax[:, 0]
-        self.argmax = np.argmax(z, axis=1)
-        if p.softcap is None and not self.lam:
-            with np.errstate(invalid="ignore", over="ignore"):
-                # exp(z - max z) < exp(-CUTOFF): enclosed by [0, exp(-CUTOFF)] (docs/exact.md, "Cutoff");
-                # the margin covers the rounding of z - max z in float64
-                self.cut = self.finite & ((z - zmax) < -CUTOFF * (1 + 2.0**-40))
-        else:  # no cut terms: their sign argument does not cover the z-loss or softcap (docs/exact.md)
-            self.cut = np.zeros(z.shape, dtype=bool)
-        self.main = self.counted & ~self.cut
-        self.has_cut = self.cut.any(axis=1)
-        # every main logit equal to the max: with the cut terms at 0, p is 1/m on them (case R2)
-        self.tie = np.all(~self.main | (z == zmax), axis=1)
-        self.nmain = self.main.sum(axis=1)
         self.divisor = p.exact_divisor()
         dz = p.zloss_divisor()
         self.b = 2 * self.lam / dz if self.lam and dz else Fraction(0)
@@ -218,17 +205,67 @@ class _RowFacts:
         self.upstream = [Fraction(float(v)) for v in g]
         self._wt: dict[int, list[Fraction]] = {}
         self._s: dict[int, Fraction] = {}
-        base_zero = p.dense_targets() == 0 if not p.label_smoothing else None
-        wt_zero = np.zeros(z.shape, dtype=bool) if base_zero is None else base_zero
-        wt_zero |= (p.weights() == 0)[None, :]
-        wt_zero[~self.active] = True
-        self.wt_zero = wt_zero
+        if p.index_targets and not p.label_smoothing:  # one weighted target per row: w[t] (no (N, K) array)
+            no_target = ~self.active.copy()
+            no_target[self.active] = p.weights()[p.targets[self.active]] == 0
+        else:
+            wt_zero = p.dense_targets() == 0 if not p.label_smoothing else np.zeros(p.logits.shape, dtype=bool)
+            wt_zero |= (p.weights() == 0)[None, :]
+            no_target = np.all(wt_zero, axis=1) | ~self.active
         # rows whose gradient is exactly 0: ignored, zero upstream, or no target weight and no z-loss
-        self.zero_rows = ~self.active | (g == 0) | (np.all(wt_zero, axis=1) & (not self.lam))
+        self.zero_rows = ~self.active | (g == 0) | (no_target & (not self.lam))
         # the float64 oracle's bound (docs/oracle.md) covers plain problems with nonnegative weights
         self.oracle_applies = (p.softcap is None and not self.lam
                                and (p.weight is None or bool(np.all(p.weight >= 0))))
         self._iv: dict[tuple[int, Fraction], Any] = {}
+
+    # the facts of the logits, computed on first use (the fast path needs none of them)
+    @cached_property
+    def z(self) -> np.ndarray:
+        return self.problem.logits.astype(np.float64)
+
+    @cached_property
+    def finite(self) -> np.ndarray:
+        return np.isfinite(self.z)
+
+    @cached_property
+    def counted(self) -> np.ndarray:
+        """The classes that enter Z: the finite ones, or all of them under softcap (-inf becomes -c)."""
+        return self.finite if self.softcap is None else np.ones(self.z.shape, dtype=bool)
+
+    @cached_property
+    def zmax(self) -> np.ndarray:
+        return self.z.max(axis=1)
+
+    @cached_property
+    def argmax(self) -> np.ndarray:
+        return np.argmax(self.z, axis=1)
+
+    @cached_property
+    def cut(self) -> np.ndarray:
+        if self.softcap is None and not self.lam:
+            with np.errstate(invalid="ignore", over="ignore"):
+                # exp(z - max z) < exp(-CUTOFF): enclosed by [0, exp(-CUTOFF)] (docs/exact.md, "Cutoff");
+                # the margin covers the rounding of z - max z in float64
+                return self.finite & ((self.z - self.zmax[:, None]) < -CUTOFF * (1 + 2.0**-40))
+        return np.zeros(self.z.shape, dtype=bool)  # no cut terms: their sign argument does not cover the options
+
+    @cached_property
+    def main(self) -> np.ndarray:
+        return self.counted & ~self.cut
+
+    @cached_property
+    def has_cut(self) -> np.ndarray:
+        return self.cut.any(axis=1)
+
+    @cached_property
+    def tie(self) -> np.ndarray:
+        """Every main logit equal to the max: with the cut terms at 0, p is 1/m on them (case R2)."""
+        return np.all(~self.main | (self.z == self.zmax[:, None]), axis=1)
+
+    @cached_property
+    def nmain(self) -> np.ndarray:
+        return self.main.sum(axis=1)
 
     def wt(self, n: int) -> list[Fraction]:
         if n not in self._wt:

@@ -250,6 +250,30 @@ def shape_pair(name: str, value: Any) -> tuple[int, int]:
     return n, k
 
 
+def shape_list(name: str, value: Any) -> tuple[tuple[int, ...], ...] | None:
+    """None, or a non-empty sequence of logits shapes, each of at least 2 positive integer sizes."""
+    if value is None:
+        return None
+    example = "e.g. [(8, 128256), (2, 1024, 32000)]"
+    shapes = None
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        shapes = [tuple(s) if isinstance(s, Iterable) and not isinstance(s, (str, bytes)) else None for s in value]
+    if not shapes or any(s is None for s in shapes):
+        raise InvalidArgument(f"{name} must be a non-empty list of logits shapes ({example}), got {value!r}.")
+    out = []
+    for s in shapes:
+        if len(s) < 2 or any(_is_bool(d) or not isinstance(d, numbers.Integral) or d < 1 for d in s):
+            raise InvalidArgument(
+                f"{name} must hold shapes of 2 or more positive integers ({example}), got {s!r} in {value!r}.")
+        out.append(tuple(int(d) for d in s))
+    return tuple(out)
+
+
+def _shapes(text: str) -> tuple[tuple[int, ...], ...]:
+    """``8x128256,2x1024x32000``: shapes separated by commas (or spaces), sizes by ``x``."""
+    return tuple(tuple(int(d) for d in part.split("x")) for part in text.replace(",", " ").split() if part)
+
+
 def regime_names(name: str, value: Any) -> tuple[str, ...]:
     from gradcheck.regimes import drawn_by
 
@@ -325,6 +349,10 @@ VERIFY = OptionTable("check options", (
     Option("seed", None, integer(0, allow_none=True), "the Hypothesis seed (random and recorded when None)",
            parse=int, metavar="S"),
     Option("max_shape", MAX_SHAPE, shape_pair, "the largest (N, K) generated", parse=_pair, metavar="N,K"),
+    Option("shapes", None, shape_list,
+           "draw every regime at exactly these logits shapes (2-D (N, K), or 3-D and more with class_axis); "
+           "replaces max_shape", parse=_shapes, metavar="NxK,..."),
+    CLASS_AXIS,
     Option("regimes", None, regime_names, "the logits regimes drawn from (default: all of verify's)",
            parse=_csv, metavar="R,..."),
     Option("timeout", None, number(0.0, low_open=True, allow_none=True),

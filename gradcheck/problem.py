@@ -2,12 +2,17 @@
 
 Semantics are those of ``torch.nn.functional.cross_entropy``:
 
-* targets are class indices of shape ``(N,)`` (integers; ``ignore_index`` marks rows to skip) or
-  class probabilities of shape ``(N, K)`` (any nonnegative finite values, not necessarily summing
-  to one);
+* logits are ``(K,)``, ``(N, K)``, or any ``(..., K, ...)`` with ``class_axis`` naming the class axis:
+  1 for torch's ``(N, C, d1, ..., dk)``, -1 for the LLM layout ``(B, T, V)``. ``class_axis=None`` (the
+  default) is the last axis of ``(K,)`` and ``(N, K)``, where both agree; 3-D and larger logits must
+  name it (never guessed: docs/ARCHITECTURE.md, "Layouts"). Each case is kept as ``(rows, K)``;
+* targets are class indices of the logits' shape without the class axis (``(N,)`` for ``(N, K)``;
+  integers; ``ignore_index`` marks rows to skip) or class probabilities of the logits' shape (any
+  nonnegative finite values, not necessarily summing to one);
 * label smoothing replaces the targets by ``(1 - eps) * t + eps / K`` (for index targets ``t`` is
   one-hot);
-* row n contributes ``l_n = -sum_c w_c t_nc log p_nc`` (``w = 1`` without weights);
+* row n contributes ``l_n = -sum_c w_c t_nc log p_nc`` (``w = 1`` without weights; weights may be
+  negative, as torch allows);
 * ``reduction="mean"`` divides the sum by ``sum_n w_{y_n}`` over non-ignored rows for index
   targets, and by N for probability targets; ``"sum"`` does not divide; ``"none"`` keeps the
   per-row losses (and its gradient is the gradient of their sum).
@@ -39,7 +44,8 @@ from gradcheck.dtypes import DTYPE_NAMES, FloatFormat, float_format, is_supporte
 from gradcheck.errors import InvalidArgument
 from gradcheck.options import CASE, DEFAULT_IGNORE_INDEX, REDUCTIONS
 
-__all__ = ["DEFAULT_IGNORE_INDEX", "REDUCTIONS", "Case", "Problem", "as_array", "make_problem", "validate_logits"]
+__all__ = ["DEFAULT_IGNORE_INDEX", "REDUCTIONS", "Case", "Layout", "Problem", "as_array", "layout_of", "make_problem",
+           "validate_logits"]
 
 
 @dataclass(frozen=True)
@@ -523,11 +529,19 @@ def validate_logits(
 
 
 def _layout(logits: Any, class_axis: int | None) -> Layout:
-    """The caller's layout: its shape and class axis, which N-D logits must name (never guessed)."""
     try:
         shape = tuple(int(s) for s in (logits.shape if hasattr(logits, "shape") else np.shape(logits)))
     except (TypeError, ValueError):  # not array-like: validate_logits names it
         return Layout(())
+    return layout_of(shape, class_axis)
+
+
+def layout_of(shape: tuple[int, ...], class_axis: int | None) -> Layout:
+    """The layout of logits of ``shape``: its class axis, which 3-D and larger logits must name (never guessed).
+
+    Raises:
+        InvalidArgument: no class_axis for 3-D or more, or one out of range.
+    """
     if class_axis is None:
         if len(shape) >= 3:
             raise InvalidArgument(

@@ -23,6 +23,7 @@ from gradcheck.errors import InvalidArgument
 from gradcheck.options import DEFAULT_IGNORE_INDEX
 
 PerDtype = Mapping[str, float]
+LLM_VOCABULARIES = (32000.0, 50257.0, 128256.0, 151936.0, 262144.0)  # Llama 2, GPT-2, Llama 3, Qwen 2, Gemma
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Regime:
     name: str
     exercises: str
     drawn_by: frozenset[str]
-    params: Mapping[str, PerDtype | float] = field(default_factory=dict)
+    params: Mapping[str, PerDtype | float | tuple[float, ...]] = field(default_factory=dict)
     needs: str | None = None
 
 
@@ -82,6 +83,15 @@ CATALOGUE: tuple[Regime, ...] = (
                # the vectors: exp(-level) is below half an ulp of 1, a sequential half sum stagnates
                "level": {"float16": 8.0, "bfloat16": 6.0},
                "vector_classes": 256.0,
+           }),
+    Regime("llm_vocab", "LLM vocabularies (32000 ... 262144 classes, and 2**j +- 1), the row maximum in the last "
+           "block, many rows of which most are ignored (drawn when max_shape's K reaches 32000, or at shapes=)",
+           _by("verify"), {
+               "vocabularies": LLM_VOCABULARIES,
+               "min_power": 15.0, "max_power": 18.0,  # K = 2**j - 1 and 2**j + 1: the tails of power-of-two blocks
+               "block": 1024.0,  # the maximum lies in the last block of this many classes (often the last class)
+               "ignored": 0.9,  # share of rows whose target is ignore_index (torch's -100 when it is not set)
+               "max_elements": float(2**23),  # N * K at most (64 MiB of float64 logits) when N is drawn
            }),
     Regime("single", "a single row, a single class, or both", _by("verify")),
     Regime("single_class", "one class: the gradient is exactly zero", _by("vectors")),
@@ -146,7 +156,7 @@ def require_options(regimes: tuple[str, ...], options: Mapping[str, object]) -> 
                                   f"{needs}={options.get(needs)!r}; pass {needs}= or drop the regime.")
 
 
-def param(regime: str, name: str) -> PerDtype | float:
+def param(regime: str, name: str) -> PerDtype | float | tuple[float, ...]:
     """A named parameter of a regime (per dtype, or a plain number)."""
     return BY_NAME[regime].params[name]
 

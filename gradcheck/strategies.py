@@ -15,6 +15,9 @@ Regimes (``REGIMES``):
 * ``confident``: the target's logit far above the rest, so ``p_t - 1`` cancels;
 * ``offset``: a large common offset on every logit of a row;
 * ``many_classes``: K up to 32831, often not a multiple of 64, with the row maximum in a late tile;
+* ``llm_vocab``: LLM vocabularies (32000, 50257, 128256, 151936, 262144 and 2**j +- 1), the row maximum in the
+  last block, up to thousands of rows, most of them ignored (only when ``max_shape`` reaches K = 32000, or
+  at the asked ``shapes``);
 * ``single``: a single row, a single class, or both;
 * ``masked``: some logits are -inf (at least one finite per row);
 * ``saturated`` (drawn when ``softcap`` is set): |z| / c up to 50, tanh saturated, the chain factor tiny;
@@ -38,7 +41,7 @@ import numpy as np
 from gradcheck.dtypes import FloatFormat, float_format, round_to_format
 from gradcheck.errors import InvalidArgument
 from gradcheck.options import DEFAULT_IGNORE_INDEX, GENERATE
-from gradcheck.problem import Case
+from gradcheck.problem import Case, Layout, layout_of
 from gradcheck.regimes import default_regimes, drawn_by, param, require_options
 
 REGIMES = drawn_by("verify")  # every regime verify may draw; by default those whose option is set
@@ -46,6 +49,15 @@ GAP = param("large_gap", "gap")
 HUGE = param("huge", "huge")
 MANY_CLASSES_TILE = int(param("many_classes", "tile"))
 MAX_SHAPE = GENERATE["max_shape"].default
+# the few shapes drawn for a grad_fn that compiles once per shape (``compiles_per_shape``, the JAX adapters), each
+# with its share in percent, about as often as _shapes draws such sizes: single rows and classes, odd and
+# power-of-two sizes, a block tail (2049), the default max_shape, a late tile (32831), an LLM vocabulary
+SHAPE_BUCKETS = (((1, 1), 10), ((1, 33), 5), ((7, 1), 5), ((3, 5), 20), ((8, 32), 20), ((17, 129), 15),
+                 ((32, 512), 15), ((33, 2049), 6), ((64, 4096), 2), ((4, 32831), 1), ((16, 32000), 1))
+LLM = {name: param("llm_vocab", name) for name in ("vocabularies", "min_power", "max_power", "block", "ignored",
+                                                  "max_elements")}
+LLM_CLASSES = tuple(sorted({int(k) for k in LLM["vocabularies"]} | {
+    2**j + d for j in range(int(LLM["min_power"]), int(LLM["max_power"]) + 1) for d in (-1, 1)}))
 
 
 def dtype_floats(
@@ -115,7 +127,10 @@ def cases(dtype: Any = "float64", *, upstream: bool = False, **options: Any) -> 
             drawn from, shrinking towards the first; ``max_shape``: the largest ``(N, K)``,
             "many_classes" needs K > 64 and is skipped below that; default: every regime that
             needs no option, plus "saturated" when ``softcap`` is set and "large_lse" when
-            ``lse_square_scale`` is; ``lse_square_scale`` and ``softcap``: passed through).
+            ``lse_square_scale`` is; ``lse_square_scale`` and ``softcap``: passed through;
+            ``shapes``: every case has one of exactly these logits shapes instead, in the layout
+            ``class_axis`` names for 3-D and more; each regime is drawn at the shapes that suit it:
+            "single" where N or K is 1, "many_classes" where K > 64, "llm_vocab" where K >= 32000).
 
     Raises:
         InvalidArgument: a bad option, ignore_index with probability targets, or a regime asked for
@@ -126,20 +141,35 @@ def cases(dtype: Any = "float64", *, upstream: bool = False, **options: Any) -> 
         raise InvalidArgument(f"ignore_index applies to targets='index' only, got targets={o['targets']!r}.")
     if not isinstance(upstream, bool):
         raise InvalidArgument(f"upstream must be True or False, got {upstream!r}.")
+    layouts = None
+    if o["shapes"] is not None:
+        layouts = tuple(layout_of(s, o["class_axis"]) for s in o["shapes"])  # eager: a 3-D shape needs class_axis
+    elif o["class_axis"] is not None:
+        raise InvalidArgument(f"class_axis applies to shapes=, got class_axis={o['class_axis']} without shapes.")
     kernel = {"lse_square_scale": o["lse_square_scale"], "softcap": o["softcap"]}
     regimes = o["regimes"] or default_regimes("verify", kernel)
     require_options(regimes, kernel)
     return _cases(float_format(o["dtype"]), o["targets"], o["reduction"], o["label_smoothing"], o["weighted"],
-                  o["ignore_index"], regimes, o["max_shape"], kernel, upstream)
+                  o["ignore_index"], regimes, o["max_shape"], kernel, upstream, layouts)
 
 
 @st.composite
 def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoothing: float, weighted: bool,
            ignore_index: int | None, regimes: tuple[str, ...], max_shape: tuple[int, int],
-           kernel: dict[str, Any], upstream: bool = False) -> Case:
-    usable = tuple(r for r in regimes if r != "many_classes" or max_shape[1] > MANY_CLASSES_TILE) or ("moderate",)
-    regime = draw(st.sampled_from(usable))
-    n, k = _shapes(draw, regime, max_shape)
+           kernel: dict[str, Any], upstream: bool = False, layouts: tuple[Layout, ...] | None = None) -> Case:
+    if layouts is None:
+        layout = None
+        usable = tuple(r for r in regimes if _fits(r, max_shape)) or ("moderate",)
+        regime = draw(st.sampled_from(usable))
+    else:  # each regime at the asked shapes that suit it ("single": a 1 in the shape; ...)
+        fitting = {r: tuple(lay for lay in layouts if _fits(r, _rows_of(lay), asked=True)) for r in regimes}
+        usable = tuple(r for r in regimes if fitting[r]) or ("moderate",)
+        regime = draw(st.sampled_from(usable))
+        layout = draw(st.sampled_from(fitting.get(regime) or layouts))
+    if layout is None:
+        n, k = _shapes(draw, regime, max_shape)
+    else:  # the asked shape, as rows: the class axis last, the other axes flattened
+        n, k = int(np.prod(layout.batch_shape)), layout.shape[layout.axis]
     if ignore_index == 0 and k == 1 and reduction == "mean":
         k = 2  # with one class every row would be ignored: the mean would be 0/0
     seed = draw(st.integers(0, 2**32 - 1))
@@ -148,18 +178,45 @@ def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoo
     tags: list[str] = []
     if targets == "index":
         t = _index_targets(rng, z, favourite, regime)
-        if ignore_index is not None:
+        if regime == "llm_vocab":  # most rows are padding or prompt: ignored (torch's default -100 if unset)
+            t = _ignore_rows(rng, t, k, DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index, reduction,
+                             tags, share=float(LLM["ignored"]))
+        elif ignore_index is not None:
             t = _ignore_rows(rng, t, k, ignore_index, reduction, tags)
     else:
         t = _probability_targets(rng, z, fmt, tags)
     weight = _weights(rng, k, fmt, t, ignore_index, reduction) if weighted else None
     # drawn last, so the arrays above are the same with and without an upstream gradient
     grad_output = upstream_gradient(rng, n, reduction, fmt) if upstream else None
+    if layout is not None and not layout.plain:
+        z, t, kernel = layout.restore(z), layout.restore(t), {**kernel, "class_axis": layout.class_axis}
+        grad_output = None if grad_output is None or grad_output.ndim == 0 else layout.restore(grad_output)
     return Case.make(
         z, t, weight=weight, ignore_index=DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index,
         reduction=reduction, label_smoothing=label_smoothing, regime=regime, tags=tuple(tags), **kernel,
         grad_output=grad_output,
     )
+
+
+def _rows_of(layout: Layout) -> tuple[int, int]:
+    return int(np.prod(layout.batch_shape)), layout.shape[layout.axis]
+
+
+def _fits(regime: str, shape: tuple[int, int], *, asked: bool = False) -> bool:
+    """Whether a regime can be drawn within ``max_shape``, or at an ``asked`` shape (both as (rows, K))."""
+    n, k = shape
+    if regime == "single":
+        return not asked or n == 1 or k == 1
+    if regime == "many_classes":
+        return k > MANY_CLASSES_TILE
+    if regime == "llm_vocab":
+        return k >= LLM_CLASSES[0]
+    return True
+
+
+def shape_buckets(max_shape: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """The :data:`SHAPE_BUCKETS` within ``max_shape``, each repeated by its share (never empty: (1, 1) fits)."""
+    return tuple(s for s, share in SHAPE_BUCKETS if s[0] <= max_shape[0] and s[1] <= max_shape[1] for _ in range(share))
 
 
 UPSTREAM_SCALARS = (-1.0, 0.5, -0.5, 2.0, -3.0, 0.375, 1.5, -0.125, 0.0)  # exact in every dtype; 0 one draw in 12
@@ -205,6 +262,9 @@ def _shapes(draw: Any, regime: str, max_shape: tuple[int, int]) -> tuple[int, in
         if kind == "row":
             return 1, draw(st.integers(1, min(max_k, 64)))
         return draw(st.integers(1, min(max_n, 64))), 1
+    if regime == "llm_vocab":
+        k = draw(st.sampled_from(tuple(c for c in LLM_CLASSES if c <= max_k)))
+        return draw(st.integers(1, max(1, min(max_n, int(LLM["max_elements"]) // k)))), k
     if regime == "many_classes":
         tiles = draw(st.integers(1, 512))
         tiles = tiles if tiles <= 8 or tiles % 8 == 0 else tiles % 8 + 1  # mostly few tiles, some many
@@ -254,6 +314,10 @@ def _build_logits(regime: str, rng: np.random.Generator, n: int, k: int, fmt: Fl
         late = max(0, (k - 1) // tile * tile - tile)  # the last full tile or the partial one
         top = rng.integers(late, k, n)
         z[rows, top] = z.max(axis=1) + rng.uniform(0.0, 3.0, n)
+    elif regime == "llm_vocab":
+        block = min(int(LLM["block"]), k)
+        top = np.where(rng.random(n) < 0.5, k - 1, rng.integers(k - block, k, n))  # often the very last class
+        z[rows, top] = z.max(axis=1) + rng.uniform(0.0, 3.0, n)
     elif regime == "saturated":  # needs softcap (cases() checks): |z| / c log-uniform, either sign
         low, high = np.log(param("saturated", "ratio_low")), np.log(param("saturated", "ratio_high"))
         ratio = np.exp(rng.uniform(low, high, (n, k)))
@@ -286,9 +350,9 @@ def _index_targets(rng: np.random.Generator, z: np.ndarray, favourite: np.ndarra
 
 
 def _ignore_rows(rng: np.random.Generator, t: np.ndarray, k: int, ignore_index: int, reduction: str,
-                 tags: list[str]) -> np.ndarray:
+                 tags: list[str], share: float = 0.3) -> np.ndarray:
     t = t.copy()
-    t[rng.random(t.shape[0]) < 0.3] = ignore_index
+    t[rng.random(t.shape[0]) < share] = ignore_index
     active = t != ignore_index
     if reduction == "mean" and not active.any():
         choices = [c for c in range(k) if c != ignore_index]

@@ -5,6 +5,8 @@ The torch tests skip when torch is not installed (it is an optional dependency);
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
@@ -258,3 +260,46 @@ def test_jax_adapters_put_inputs_on_the_device(jax, device):
     assert result.passed and all(s == {device} for s in seen)
     loss = jax_loss_grad(_jax_cross_entropy, device=jax.devices(device)[0])
     assert verify(loss, dtype="float32", seed=0, max_examples=5).passed
+
+
+def test_jax_loss_grad_is_the_vjp_with_grad_output(jax):
+    optax = pytest.importorskip("optax", reason="optax is not installed: its losses are unchecked")
+    grad = jax_loss_grad(optax.softmax_cross_entropy_with_integer_labels, accepts=(), per_example=True)
+    z, t = np.array([[0.5, -1.0, 2.0], [0.0, 0.25, -0.5]]), np.array([2, 0])
+    for reduction in ("mean", "sum"):
+        got = grad(z, t, reduction=reduction, grad_output=np.array(-2.5))
+        np.testing.assert_allclose(got, -2.5 * gradcheck.cross_entropy_grad(z, t, reduction=reduction), rtol=1e-12)
+    per_row = np.array([3.0, -0.5])
+    got = grad(z, t, reduction="none", grad_output=per_row)
+    np.testing.assert_allclose(got, per_row[:, None] * gradcheck.cross_entropy_grad(z, t, reduction="none"), rtol=1e-12)
+    np.testing.assert_array_equal(grad(z, t, reduction="none"), grad(z, t, reduction="none", grad_output=np.ones(2)))
+
+
+def test_jax_grad_fn_passes_grad_output_to_a_function_that_names_it(jax):
+    seen = {}
+
+    def fn(z, t, *, grad_output=None, **options):
+        seen["g"] = grad_output
+        return jax.numpy.zeros_like(z)
+
+    wrapped = jax_grad_fn(fn)
+    wrapped(np.zeros((2, 3)), np.array([0, 1]), grad_output=np.array(2.0))
+    assert float(seen["g"]) == 2.0 and "grad_output" in inspect.signature(wrapped).parameters
+
+
+def test_jax_adapters_draw_few_shapes_each_compiled_once(jax):
+    from gradcheck.strategies import shape_buckets
+
+    shapes = []
+
+    def loss(z, t, **options):
+        shapes.append(z.shape)  # runs once per compilation
+        return _jax_cross_entropy(z, t, **options)
+
+    grad_fn = jax_loss_grad(loss)
+    assert grad_fn.compiles_per_shape and jax_grad_fn(loss).compiles_per_shape
+    result = verify(grad_fn, dtype="float32", seed=0, max_examples=40, max_shape=(32, 512))
+    assert result.passed and result.examples == 40
+    assert set(shapes) <= set(shape_buckets((32, 512))) and len(shapes) == len(set(shapes)) <= 7  # 7 buckets within (32, 512)
+    asked = verify(grad_fn, dtype="float32", seed=0, max_examples=5, shapes=[(5, 11)])  # shapes= overrides them
+    assert asked.passed and shapes[-1] == (5, 11)

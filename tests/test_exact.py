@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import mpmath
@@ -248,8 +249,270 @@ def test_progress_reports_the_slow_elements_and_the_result_is_the_same():
     rng = np.random.default_rng(5)
     z, t = rng.standard_normal((2, 5000)), rng.integers(0, 5000, 2)
     calls = []
-    got = gc.exact_grad(z, t, progress=lambda done, total: calls.append((done, total)))
+    got = gc.exact_grad(z, t, prefilter=False, progress=lambda done, total: calls.append((done, total)))
     assert np.array_equal(got, gc.exact_grad(z, t))
     total = calls[0][1]
-    assert calls[0] == (0, total) and calls[-1] == (total, total) and total > 0  # float64: most go slow here
+    assert calls[0] == (0, total) and calls[-1] == (total, total) and total > 0  # no prefilter: all go slow
     assert [d for d, _ in calls] == sorted(d for d, _ in calls) and len(calls) >= 1 + total // 4096
+
+
+# ---- issue 12: softcap, z-loss and the upstream gradient -------------------------------------------
+
+
+def _float(v):
+    """A finite mpf rounded to float64 by CPython's int division, with the exponent checked first (an
+    exp(-1e300) would not fit a Fraction): far below 2**-1075 is a signed 0, far above 2**1024 is inf."""
+    if not mpmath.isfinite(v):
+        return float(v)
+    if v == 0:
+        return 0.0
+    top = v._mpf_[2] + v._mpf_[3]  # exponent of the leading bit, plus one
+    if top < -1100:
+        return math.copysign(0.0, float(mpmath.sign(v)))
+    if top > 1100:
+        return math.copysign(math.inf, float(mpmath.sign(v)))
+    return float(_to_fraction(v))
+
+
+def _float_or_tie(v):
+    """:func:`_float`, but NaN where ``v`` is exactly halfway between two doubles: there the terms this
+    evaluation drops (below 2**-94548) decide, and only exact.py's cut-term signs see them."""
+    x = _float(v)
+    if math.isfinite(x) and x != 0 and mpmath.isfinite(v):
+        gap = Fraction(math.ulp(x))
+        if abs(_to_fraction(v) - Fraction(x)) * 2 == gap:
+            return math.nan
+    return x
+
+
+def _same_loss(got, expected):
+    """Equal where the independent evaluation is decided (see :func:`_float_or_tie`)."""
+    got, expected = np.atleast_1d(np.asarray(got, np.float64)), np.atleast_1d(np.asarray(expected, np.float64))
+    known = ~np.isnan(expected) | np.isnan(got)
+    return _same(got[known], expected[known])
+
+
+def independent_options(z, t, opts, what="grad", prec=3000):
+    """Plain mpmath at ``prec`` bits straight from the definitions (common semantics, docs/exact.md):
+    z' = c tanh(z / c), lse = log sum exp z', g = u_n sech^2(z / c) [(p S - A) / D + 2 lambda lse p / Dz],
+    loss = sum_n [sum_c A_c (lse - z'_c)] / D + lambda sum_n lse^2 / Dz. Not via exact.py."""
+    problem = gc.make_problem(z, t, **opts)
+    cap, lam = problem.softcap, problem.lse_square_scale
+    active = problem.active_rows()
+    mean = problem.reduction == "mean"
+    upstream = np.broadcast_to(np.asarray(1.0 if opts.get("grad_output") is None else opts["grad_output"],
+                                          np.float64), (problem.n,))
+    with mpmath.workprec(prec):
+        d = _mp(problem.exact_divisor()) if mean else mpmath.mpf(1)
+        dz = mpmath.mpf(int(active.sum())) if mean else mpmath.mpf(1)
+        grads, losses = [], []
+        for n in range(problem.n):
+            zn = [mpmath.mpf(float(v)) for v in problem.logits[n].astype(np.float64)]
+            if cap is None:
+                zc, chain = zn, [mpmath.mpf(1)] * len(zn)
+            else:
+                c = mpmath.mpf(cap)
+                zc = [-c if v == -mpmath.inf else c * mpmath.tanh(v / c) for v in zn]
+                # sech^2 y < 4 e^{-2|y|} < 2**-28000 for |y| > 1e4: a stand-in of that size rounds the same
+                # (to a signed 0) and spares mpmath's cosh of 1e300
+                chain = [mpmath.mpf(0) if v == -mpmath.inf else mpmath.sech(v / c) ** 2 if abs(v / c) < 1e4
+                         else mpmath.mpf(2) ** -30000 for v in zn]
+            top = max(zc)
+            # exp(-65536) ~ 2**-94548 is below these 3000 bits: skipping it (and mpmath's exp(-1e300)) changes nothing
+            e = [mpmath.exp(v - top) if v - top > -65536 else mpmath.mpf(0) for v in zc]
+            total = mpmath.fsum(e)
+            lse = top + mpmath.log(total)
+            p = [x / total for x in e]
+            wt = [_mp(problem.exact_weight(c) * problem.exact_target(n, c)) for c in range(problem.k)]
+            s = mpmath.fsum(wt)
+            if not active[n]:
+                grads.append([mpmath.mpf(0)] * problem.k)
+                losses.append(mpmath.mpf(0))
+                continue
+            u = mpmath.mpf(float(upstream[n]))
+            grads.append([u * chain[c] * ((p[c] * s - wt[c]) / d + 2 * lam * lse * p[c] / dz) for c in range(problem.k)])
+            if any(wt[c] and zc[c] == -mpmath.inf for c in range(problem.k)):
+                signs = {mpmath.sign(wt[c] / d) for c in range(problem.k) if wt[c] and zc[c] == -mpmath.inf}
+                losses.append(mpmath.nan if len(signs) == 2 else signs.pop() * mpmath.inf)  # inf - inf: nan
+            else:
+                losses.append(mpmath.fsum(wt[c] * (lse - zc[c]) for c in range(problem.k) if wt[c]) / d + lam * lse**2 / dz)
+        if what == "grad":
+            return problem.restore_shape(np.array([[_float(v) for v in row] for row in grads]))
+        if problem.reduction == "none":
+            return problem.restore_shape(np.array([_float_or_tie(v) for v in losses]))
+        return np.array(_float_or_tie(mpmath.fsum(losses)))
+
+
+def _upstream(rng, reduction, n):
+    if reduction == "none":
+        g = rng.choice([0.0, -1.0, 0.5, -3.25, 2.0, 1e-3, -1e5], n)
+        return g
+    return float(rng.choice([0.0, -1.0, 0.375, -2.5, 7.0]))
+
+
+OPTION_SETS = [
+    {"softcap": 30.0},
+    {"softcap": 1.0},
+    {"softcap": 0.05},  # c small: everything saturates
+    {"lse_square_scale": 1e-4},
+    {"lse_square_scale": 0.5},
+    {"lse_square_scale": 3.0, "softcap": 2.0},
+    {"lse_square_scale": 1e-4, "softcap": 30.0, "label_smoothing": 0.1},
+    {},  # the upstream gradient alone
+]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(REGIMES), st.sampled_from(DTYPES), st.sampled_from(OPTION_SETS),
+       st.sampled_from(["mean", "sum", "none"]), st.booleans())
+def test_options_correctly_rounded_against_independent_evaluation(seed, regime, dtype, extra, reduction, upstream):
+    z, t, opts = make_case(seed, regime, dtype)
+    rng = np.random.default_rng(seed)
+    opts = {**opts, **extra, "reduction": reduction}
+    if opts.get("label_smoothing") and "label_smoothing" in extra and regime == "smoothed_weighted":
+        opts["label_smoothing"] = extra["label_smoothing"]
+    if upstream:
+        opts["grad_output"] = _upstream(rng, reduction, np.atleast_2d(z).shape[0])
+    try:
+        gc.make_problem(z, t, **opts)
+    except gc.InvalidArgument:  # e.g. an all -100 mean
+        return
+    truth64 = gc.exact_grad(z, t, dtype="float64", **opts)
+    assert _same(truth64, independent_options(z, t, opts))
+    got = gc.exact_grad(z, t, **opts)
+    safe = ~_midpoint(truth64, dtype)
+    assert _same(got.astype(np.float64)[safe], gc.round_to_format(truth64, dtype).astype(np.float64)[safe])
+    assert _same_loss(gc.exact_loss(z, t, dtype="float64", **opts), independent_options(z, t, opts, what="loss"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", [
+    {"softcap": 30.0, "lse_square_scale": 1e-4, "reduction": "none", "grad_output": [2.0, -0.5, 0.0, 1.0]},
+    {"softcap": 0.5, "weight": [1.0, -2.0, 0.5, 3.0, -0.25], "reduction": "sum", "grad_output": -1.5},
+    {"lse_square_scale": 0.5, "weight": [2.0, -1.0, 0.5, 1.0, 1.0], "label_smoothing": 0.2},
+    {"lse_square_scale": 1e-3, "ignore_index": 3, "grad_output": 0.25},
+])
+def test_hard_option_cases(dtype, options):
+    """Softcap saturation with -inf logits, |lse| ~ 300, negative weights, ignored rows, zero and negative
+    upstream gradients: every element against the independent evaluation."""
+    fmt = gc.float_format(dtype)
+    z = np.array([[300.0, 299.5, -np.inf, 0.0, -2.0],
+                  [-300.0, -301.0, -302.5, -300.25, -np.inf],
+                  [1e4, -1e4, 3.0, -np.inf, 0.125],
+                  [-np.inf, -np.inf, -np.inf, -np.inf, 5.0]]).astype(fmt.dtype)
+    t = np.array([0, 1, 2, 4])
+    if "softcap" not in options:  # without softcap a -inf target has an infinite loss: aim elsewhere
+        t = np.array([0, 1, 2, 3 if options.get("ignore_index") == 3 else 4])
+    truth64 = independent_options(z, t, options)
+    assert _same(gc.exact_grad(z, t, dtype="float64", **options), truth64)
+    got = gc.exact_grad(z, t, **options)
+    safe = ~_midpoint(truth64, dtype)
+    assert _same(got.astype(np.float64)[safe], gc.round_to_format(truth64, dtype).astype(np.float64)[safe])
+    assert _same_loss(gc.exact_loss(z, t, dtype="float64", **options), independent_options(z, t, options, what="loss"))
+
+
+def test_softcap_of_minus_infinity_is_minus_c_with_zero_derivative():
+    """Under softcap -inf is not masked: it is -c in the softmax (so it takes probability) and its own
+    gradient is exactly +0 (the chain factor 1 - tanh^2 is 0)."""
+    z = np.array([[0.0, -np.inf]])
+    g = gc.exact_grad(z, np.array([0]), softcap=1.0, reduction="sum")
+    assert g[0, 1] == 0 and not np.signbit(g[0, 1])
+    p1 = 1 / (1 + np.exp(1.0))  # softmax([0, -1]) of the capped logits
+    assert g[0, 0] == pytest.approx(-p1, rel=1e-15)
+    all_masked = gc.exact_grad(np.full((1, 3), -np.inf), np.array([1]), softcap=2.0)
+    assert not all_masked.any()
+    assert gc.exact_loss(np.full((1, 3), -np.inf), np.array([1]), softcap=2.0) == pytest.approx(np.log(3), rel=1e-15)
+
+
+def test_zloss_gradient_under_smoothing_is_p_not_p_minus_eps():
+    """Liger-Kernel once shipped 2 lambda lse (p - eps/K) as the z-loss gradient under label smoothing;
+    with the CE term cancelled out (one class is hit, the rest get eps / K) the truth is 2 lambda lse p."""
+    z = np.array([[1.0, 2.0, 3.0]])
+    lam = 0.25
+    with_z = gc.exact_grad(z, np.array([2]), lse_square_scale=lam, label_smoothing=0.3)
+    plain = gc.exact_grad(z, np.array([2]), label_smoothing=0.3)
+    lse = np.log(np.exp(z).sum())
+    p = np.exp(z - lse)
+    np.testing.assert_allclose(with_z - plain, 2 * lam * lse * p, rtol=1e-13)
+
+
+def test_upstream_gradient_is_a_vjp_per_row():
+    """reduction='none' with a per-row upstream gradient: row n is g_n times its own gradient (Liger-Kernel
+    #678 ignored it; TransformerEngine #2139 used grad_output[0] for every row). Exact, since g_n are powers of 2."""
+    rng = np.random.default_rng(3)
+    z, t = rng.standard_normal((3, 6)), np.array([1, 4, 0])
+    base = gc.exact_grad(z, t, reduction="none")
+    g = np.array([2.0, -0.5, 0.0])
+    got = gc.exact_grad(z, t, reduction="none", grad_output=g)
+    np.testing.assert_array_equal(got, base * g[:, None])
+    assert not np.signbit(got[2]).any()  # a zero upstream gradient gives +0, not -0 * g
+    np.testing.assert_array_equal(gc.exact_grad(z, t, grad_output=-4.0), -4.0 * gc.exact_grad(z, t))
+
+
+def test_zloss_rows_without_target_weight_still_have_a_gradient():
+    """A counted row whose target class has weight 0 has no cross-entropy gradient but keeps its z-loss one."""
+    z = np.array([[0.5, -1.0, 2.0]])
+    w = np.array([0.0, 1.0, 1.0])
+    g = gc.exact_grad(z, np.array([0]), weight=w, lse_square_scale=0.1, reduction="sum")
+    lse = np.log(np.exp(z).sum())
+    np.testing.assert_allclose(g, 0.2 * lse * np.exp(z - lse), rtol=1e-14)
+    assert not gc.exact_grad(z, np.array([0]), weight=w, reduction="sum").any()
+
+
+# ---- issue 14 item 1: the double-double fast path ---------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(REGIMES), st.sampled_from(DTYPES),
+       st.sampled_from([0.0, 1e-4, 0.5]), st.booleans(), st.booleans())
+def test_fast_path_equals_the_slow_path(seed, regime, dtype, lam, negative, upstream):
+    """The double-double enclosure only decides what the mpmath path decides the same way: identical
+    results with and without it (index targets; z-loss, weights of both signs, ignored rows, upstream)."""
+    z, t, opts = make_case(seed, regime, dtype)
+    if t.ndim != 1 or opts.get("label_smoothing"):
+        return  # outside the fast path's scope (truth_dd.applies)
+    rng = np.random.default_rng(seed)
+    n, k = np.atleast_2d(z).shape
+    opts = {k_: v for k_, v in opts.items() if k_ != "label_smoothing"}
+    if negative:
+        opts["weight"] = rng.choice([-2.0, -0.5, 0.0, 1.0, 3.0], k)
+    if lam:
+        opts["lse_square_scale"] = lam
+    if upstream:
+        opts["reduction"] = "none"
+        opts["grad_output"] = _upstream(rng, "none", n)
+    if n > 1 and rng.random() < 0.5:
+        t = t.copy()
+        t[0] = -100
+    try:
+        gc.make_problem(z, t, **opts)
+    except gc.InvalidArgument:
+        return
+    assert _same(gc.exact_grad(z, t, **opts), gc.exact_grad(z, t, prefilter=False, **opts))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fast_path_decides_nearly_everything_at_llm_scale(dtype):
+    """(4, 32000) ordinary logits: the enclosure decides all but a few elements (counted, not timed), and
+    sampled elements agree with the independent evaluation."""
+    from gradcheck import truth_dd
+    from gradcheck.exact import _RowFacts
+
+    rng = np.random.default_rng(11)
+    z = (rng.standard_normal((4, 32000)) * 3).astype(dtype)
+    z[1, -1] = 40.0  # a late maximum
+    t = np.array([5, 31999, 0, 17])
+    problem = gc.make_problem(z, t, lse_square_scale=1e-4)
+    decided = truth_dd.grad_decided(problem, _RowFacts(problem), problem.format, np.ones(z.shape, dtype=bool))
+    assert np.isnan(decided).sum() <= 4
+
+
+@pytest.mark.slow
+def test_fast_path_at_llm_scale_against_independent_evaluation():
+    """(4, 32000) with z-loss and a late maximum: every element against the independent evaluation."""
+    rng = np.random.default_rng(11)
+    z = rng.standard_normal((4, 32000)) * 3
+    z[1, -1] = 40.0
+    t = np.array([5, 31999, 0, 17])
+    truth = gc.exact_grad(z, t, lse_square_scale=1e-4)
+    assert _same(truth, independent_options(z, t, {"lse_square_scale": 1e-4}, prec=300))  # gaps < 60 here

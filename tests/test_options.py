@@ -112,7 +112,8 @@ def test_text_goes_through_the_same_rule(name):
     option: Option = VERIFY[name]
     samples = {"dtype": ("bfloat16", "bfloat16"), "targets": ("probs", "probs"), "reduction": ("sum", "sum"),
                "label_smoothing": ("0.5", 0.5), "lse_square_scale": ("1e-4", 1e-4), "softcap": ("30", 30.0), "ignore_index": ("-1", -1), "max_examples": ("7", 7),
-               "seed": ("3", 3), "timeout": ("2.5", 2.5), "precision": ("exact", "exact"), "inplace": ("allowed", "allowed"), "max_shape": ("8,32", (8, 32)), "regimes": ("ties,huge", ("ties", "huge"))}
+               "seed": ("3", 3), "timeout": ("2.5", 2.5), "precision": ("exact", "exact"), "inplace": ("allowed", "allowed"), "max_shape": ("8,32", (8, 32)), "regimes": ("ties,huge", ("ties", "huge")),
+               "shapes": ("8x128256,2x1024x32000", ((8, 128256), (2, 1024, 32000))), "class_axis": ("-1", -1)}
     text, value = samples[name]
     assert option.from_text(text) == value
     with pytest.raises(InvalidArgument, match=f"^{name} must be"):

@@ -26,7 +26,8 @@ def _exact(x: np.ndarray) -> bool:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("regime", REGIMES)
+# scale (glue): llm_vocab needs max_shape's K >= 32000, it is tested in tests/test_verify_shapes.py
+@pytest.mark.parametrize("regime", [r for r in REGIMES if r != "llm_vocab"])
 @settings(max_examples=15)
 @given(data=st.data())
 def test_every_regime_gives_valid_exact_cases(dtype, regime, data):

@@ -573,3 +573,38 @@ def test_the_diagnosis_variants_apply_only_where_they_differ():
     assert len(texts) == 7 and any("grad_output[0]" in x for x in texts)
     scalar = [text for text, _ in variants(Case.make(z, t, grad_output=np.array(-1.0)))]
     assert len(scalar) == 2 and "twice" in scalar[1]  # a scalar has no rows to confuse
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_the_torch_adapters_pass_the_upstream_gradient(reduction):
+    pytest.importorskip("torch")
+    z, t = np.array([[0.5, -1.0, 2.0], [0.0, 0.25, -0.5]]), np.array([2, 0])
+    g = np.array([2.0, -0.5]) if reduction == "none" else np.array(-3.0)
+    want = gradcheck.cross_entropy_grad(z, t, reduction=reduction, grad_output=g)
+    got = torch_loss_grad()(z, t, reduction=reduction, grad_output=g)  # loss.backward(grad_output)
+    assert np.allclose(got, want, rtol=1e-12, atol=0)
+    assert np.allclose(torch_loss_grad()(z, t, reduction=reduction),
+                       gradcheck.cross_entropy_grad(z, t, reduction=reduction), rtol=1e-12, atol=0)
+    seen = []
+
+    def grad(logits, targets, *, grad_output=None, reduction="mean"):
+        seen.append((type(grad_output).__name__, tuple(grad_output.shape), grad_output.dtype))
+        return logits * 0  # only the conversion is checked here
+
+    torch_grad_fn(grad)(z.astype(np.float32), t, reduction=reduction, grad_output=g.astype(np.float32))
+    import torch
+
+    assert seen == [("Tensor", g.shape, torch.float32)]  # a 0-d tensor stays 0-d
+
+
+def test_a_contract_without_an_error_model_is_not_met_and_refused_when_asked():
+    """bfloat16 arithmetic under softcap=30: the perturbation of z' = 30 tanh(z / 30) alone is about
+    6 ULP * 30 ~ 0.7, so the in-dtype error model is vacuous (docs/tolerance.md)."""
+    from zoo_kernel import kernel_native
+
+    result = verify(kernel_native, dtype="bfloat16", softcap=30.0, seed=3, max_examples=30)
+    assert result.passed and result.grade in ("exact", "float64", "float32"), str(result)
+    assert result.contract_ratios["bfloat16"] == float("inf")
+    with pytest.raises(InvalidArgument, match=r"precision='bfloat16' cannot be checked on this case .*softcap=30.0.*"
+                       r"check a wider contract \(precision='float32'\)"):
+        verify(kernel_native, dtype="bfloat16", softcap=30.0, precision="bfloat16", seed=3, max_examples=30)

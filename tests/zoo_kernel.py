@@ -207,13 +207,22 @@ def _torch_kernel_loss(z, t, *, weight=None, ignore_index=-100, reduction="mean"
     import torch
     import torch.nn.functional as F
 
+    if z.dtype in (torch.float16, torch.bfloat16):  # float32 inside (as Liger's kernels): autograd rounds once
+        z = z.float()
+        weight = None if weight is None else weight.float()
+        t = t if t.dim() == 1 else t.float()
     zc = z if softcap is None else softcap * torch.tanh(z / softcap)
     ce = F.cross_entropy(zc, t, weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing)
     if not lse_square_scale:
         return ce
     active = (t != ignore_index) if t.dim() == 1 else torch.ones(z.shape[0], dtype=torch.bool)
-    zrows = torch.where(active, lse_square_scale * torch.logsumexp(zc, dim=1) ** 2, torch.zeros((), dtype=z.dtype))
+    # lse = m + log sum exp(z' - m) with m detached, so that autograd's d lse / dz' is the stable softmax
+    # exp(z' - m) / sum; torch.logsumexp's backward is exp(z' - lse), which loses p's accuracy once lse
+    # is rounded at a large |lse| (zoo.logsumexp_recombined: offsets of 1e10 in float64)
+    m = zc.detach().max(dim=1, keepdim=True).values
+    lse = m[:, 0] + torch.log(torch.exp(zc - m).sum(dim=1))
+    zrows = torch.where(active, lse_square_scale * lse ** 2, torch.zeros((), dtype=z.dtype))
     if reduction == "none":
         return ce + zrows
     return ce + (zrows.sum() if reduction == "sum" else zrows.sum() / active.sum())
@@ -227,7 +236,7 @@ KERNEL_CORRECT: dict[str, Entry] = {
         Entry("kernel_f64", kernel_f64, kernel_f64.__doc__, configs=KERNEL_CONFIGS),
         Entry("kernel_native", kernel_native, kernel_native.__doc__, configs=KERNEL_CONFIGS),
         Entry("torch_kernel", torch_kernel, "torch.autograd (with grad_output) of F.cross_entropy on c tanh(z / c) "
-              "plus the z-loss, in the dtype", configs=KERNEL_CONFIGS, in_dtype=True),
+              "plus the z-loss, in the dtype (float32 inside for float16 and bfloat16)", configs=KERNEL_CONFIGS),
     )
 }
 

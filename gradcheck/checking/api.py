@@ -25,10 +25,11 @@ from gradcheck.errors import GradientMismatch, InvalidArgument
 from gradcheck.dtypes import float_format
 from gradcheck.options import GENERATE, VERIFY
 from gradcheck.tolerance import contracts, resolve_contract
-from gradcheck.strategies import cases
+from gradcheck.strategies import cases, shape_buckets
 
 
-def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
+def verify(grad_fn: Callable[..., Any], *, progress: Callable[[int, int], None] | None = None,
+           **options: Any) -> Verification:
     """Check ``grad_fn(logits, targets, **options)`` on Hypothesis-generated cases.
 
     Args:
@@ -42,6 +43,9 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
             and the result must be the vector-Jacobian product ``grad_output * dL/dz`` (ignored rows
             0); otherwise it is checked as the gradient of the loss itself and the result says the
             upstream gradient was not exercised (``Verification.upstream``).
+        progress: called as ``progress(done, max_examples)`` after each example (not while a failure
+            is shrunk); None (the default) is quiet. ``gradcheck verify`` shows a rich bar on a
+            terminal once a check has run for 2 s; the pytest plugin passes none.
         **options: the check options of :data:`gradcheck.options.VERIFY`, each checked by its one
             rule there (the same for the pytest marker and ``gradcheck verify``):
 
@@ -53,7 +57,15 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
         max_examples: the number of examples Hypothesis generates.
         seed: the Hypothesis seed; a random one (recorded in the result) when None.
         max_shape: the largest ``(N, K)`` generated (default ``(64, 4096)``; "many_classes" reaches
-            K = 32831 when ``max_shape`` allows it).
+            K = 32831 and "llm_vocab" K = 262145 when ``max_shape`` allows it). A ``grad_fn`` with
+            ``compiles_per_shape = True`` (the JAX adapters) gets the few shapes of
+            :data:`gradcheck.strategies.SHAPE_BUCKETS` within it instead (each compiled once).
+        shapes: draw every regime at exactly these logits shapes (a list of tuples, e.g.
+            ``[(8, 128256), (2, 1024, 32000)]``; replaces ``max_shape``); 3-D and larger shapes need
+            ``class_axis``.
+        class_axis: the class axis of those shapes: 1 for torch's layout ``(N, C, d1, ..., dk)``
+            with targets ``(N, d1, ..., dk)``, -1 for the LLM layout ``(B, T, V)`` with targets
+            ``(B, T)``; ``grad_fn`` gets the arrays in that layout and ``class_axis=`` among its options.
         regimes: the logits regimes drawn from (see :mod:`gradcheck.strategies`).
         precision: the contract checked, the narrowest working precision a correct implementation
             may use before rounding its result once to the dtype: "exact" (the correctly rounded
@@ -91,12 +103,15 @@ def verify(grad_fn: Callable[..., Any], **options: Any) -> Verification:
     arguments = {k: v for k, v in VERIFY.non_defaults(o).items() if k != "seed"}  # the seed is printed apart
     seed = secrets.randbits(32) if o["seed"] is None else o["seed"]
     upstream = takes_grad_output(grad_fn)  # inspected once, here
-    strategy = cases(upstream=upstream, **GENERATE.non_defaults(o))
+    drawn = GENERATE.non_defaults(o)
+    if o["shapes"] is None and getattr(grad_fn, "compiles_per_shape", False):  # JAX: a few shapes, each compiled once
+        drawn["shapes"] = shape_buckets(o["max_shape"])
+    strategy = cases(upstream=upstream, **drawn)
     max_examples = o["max_examples"]
     start = time.perf_counter()
     stats = {"examples": 0, "ulps": 0.0, "ratio": 0.0, "failed": False}
     rules = {"timeout": o["timeout"], "precision": precision, "inplace": o["inplace"]}
-    failure = _search(grad_fn, strategy, seed, max_examples, stats, **rules)
+    failure = _search(grad_fn, strategy, seed, max_examples, stats, progress=progress, **rules)
     if failure is not None:
         failure = diagnose(grad_fn, finalize(simplify(grad_fn, failure, **rules)), before=failure, **rules)
     met = stats.get("met", {})

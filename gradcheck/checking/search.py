@@ -56,8 +56,11 @@ class _Stop(BaseException):
 
 
 def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples: int, stats: dict, *,
-            timeout: float | None = None, precision: str | None = None, inplace: str = "flag") -> Failure | None:
+            timeout: float | None = None, precision: str | None = None, inplace: str = "flag",
+            progress: Callable[[int, int], None] | None = None) -> Failure | None:
     """Run Hypothesis; return the shrunk failure or None.
+
+    ``progress(done, max_examples)`` is called after each example of the search (not of shrinking).
 
     ``stats`` counts the examples up to and including the first failure and keeps, over those, the
     worst ULPs and ratio under the asked contract (the failing example's included) and, per contract,
@@ -75,6 +78,8 @@ def _search(grad_fn: Callable[..., Any], strategy: Any, seed: int, max_examples:
         outcome = check(grad_fn, case, timeout=timeout, precision=precision, grades=grades, inplace=inplace)
         if not stats["failed"]:
             record(stats, outcome, grades)
+            if progress is not None:
+                progress(stats["examples"], max_examples)
         if isinstance(outcome, Failure):
             seen.append(outcome)
             if outcome.kind == FailureKind.TIMEOUT:

@@ -3,6 +3,12 @@ it fails the same way.
 
 Hypothesis has already shrunk the regime, the shape and the seed; this works on the values it drew,
 within a bounded budget of ``grad_fn`` checks.
+
+Under ``verify(shapes=...)`` the asked shapes are not left except by dropping rows: a smaller case
+is kept only when it fails the same way (same kind, still clearly wrong), so it is a valid
+reproduction; a kernel that accepts only the asked shapes raises on the smaller one, a different
+failure, and keeps its shape. Logits of 3-D and more lose only leading-axis entries (batch elements),
+never classes or inner positions, so the reproduction stays in the caller's layout.
 """
 
 from __future__ import annotations
@@ -47,7 +53,11 @@ def simplify(grad_fn: Callable[..., Any], failure: Failure, *, timeout: float | 
         return None
 
     current = failure
-    for axis in (0, 1):
+    layout = failure.case.problem.caller_layout
+    # logits of 3-D and more (or a class axis first): only the leading batch axis is shortened, so the
+    # reproduction keeps the caller's layout; (N, K) loses rows and classes (scale: layouts)
+    axes = (0, 1) if layout.plain and len(layout.shape) == 2 else (() if layout.axis == 0 else (0,))
+    for axis in axes:
         current = _drop_chunks(current, axis, attempt)
     current = _round_values(current, attempt)
     return current
