@@ -122,8 +122,12 @@ def _report(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True)
     started = dt.datetime.now(dt.timezone.utc)
     start = time.perf_counter()
+    default = StudyConfig()
+    asked = tuple(args.regimes or ())  # plain regimes and the kernel options' rows, told apart here
     config = StudyConfig(seed=args.seed, examples=args.examples, dtypes=tuple(args.dtypes),
-                         regimes=tuple(args.regimes) if args.regimes else StudyConfig().regimes,
+                         regimes=tuple(r for r in asked if r in default.regimes) if asked else default.regimes,
+                         option_regimes=tuple(r for r in asked if r in default.option_regimes) if asked
+                         else default.option_regimes,
                          methods=tuple(args.methods or ()), proof_classes=args.max_classes)
     extra = [] if args.no_vectors else [(build_suite, args.seed)]
     try:
@@ -148,6 +152,13 @@ def _report(args: argparse.Namespace) -> int:
     for c in closed:
         console.print(f"  closed form, {c.dtype}: max {c.max_ulp:g} ULP, median {c.median_ulp:g} ULP, "
                       f"bound held in {100 * c.within_share:.0f}% of {c.usable} cases")
+    kernel = [c for c in study.option_cells if c.method == "closed_form" and c.usable]  # (helper vectors)
+    held = held and all(c.within_share == 1 for c in kernel)
+    for regime in study.config.option_regimes:
+        cells = [c for c in kernel if c.regime == regime]
+        if cells:
+            console.print(f"  closed form, {regime}: max {max(c.max_ulp for c in cells):g} ULP, bound held in "
+                          f"{sum(c.within_share == 1 for c in cells)} of {len(cells)} dtypes")
     if study.proofs:
         console.print(f"  SymPy: {sum(p.status == 'proved' for p in study.proofs)} of {len(study.proofs)} identities proved")
     if suite is not None:
@@ -394,9 +405,12 @@ def _verify_vectors(args: argparse.Namespace, fn: Any) -> int:
     print(f"verify({result.function}) against {args.vectors}: {'passed' if result.passed else 'FAILED'}; "
           f"{len(result.outcomes)} tests, {ran} distinct inputs run, {len(failures)} failed, "
           f"{len(result.misclassified)} misclassified by the checker; {elapsed:.1f} s")
+    if result.upstream_skipped:  # (helper vectors) the kernel groups' upstream gradients
+        print(f"note: {result.upstream_skipped} tests with an upstream gradient (gradOutput) not run: "
+              f"{result.function} does not take grad_output= (declare it to be checked as a VJP)")
     document = {
         "mode": "vectors", "function": args.function, "file": str(args.vectors), "passed": result.passed,
-        "tests": len(result.outcomes), "inputsRun": ran,
+        "tests": len(result.outcomes), "inputsRun": ran, "upstreamSkipped": result.upstream_skipped,
         "failures": [{"tcId": o.tc_id, "message": o.message, "resembles": list(o.resembles)} for o in failures],
         "misclassified": [{"tcId": o.tc_id, "result": o.expected, "message": o.message} for o in result.misclassified],
     }
@@ -550,7 +564,7 @@ def _add_selfcheck(sub: Any) -> None:
 
 def _add_report(sub: Any) -> None:
     from gradcheck.dtypes import DTYPE_NAMES
-    from gradcheck.regimes import REGIMES
+    from gradcheck.regimes import OPTION_REGIMES, REGIMES
     from gradcheck.study import DEFAULT_EXAMPLES, PROOF_CLASSES
 
     p = sub.add_parser(
@@ -570,8 +584,9 @@ def _add_report(sub: Any) -> None:
     p.add_argument("--seed", type=_nonnegative, default=0, help="seed of the cases and the vectors (default 0)")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPE_NAMES), choices=DTYPE_NAMES, metavar="DTYPE",
                    help="formats to study (default: all four)")
-    p.add_argument("--regimes", nargs="+", choices=REGIMES, metavar="REGIME",
-                   help=f"regimes to study, of {', '.join(REGIMES)} (default: all)")
+    p.add_argument("--regimes", nargs="+", choices=REGIMES + OPTION_REGIMES, metavar="REGIME",
+                   help=f"regimes to study, of {', '.join(REGIMES)} and the kernel options' rows "
+                        f"{', '.join(OPTION_REGIMES)} (default: all)")
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="registered methods to run (default: all)")
     p.add_argument("--jobs", type=_positive, default=None, help="local worker processes (default: CPU count)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run on this Dask distributed scheduler instead")

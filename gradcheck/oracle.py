@@ -1025,7 +1025,7 @@ def _scaled_loss(problem: Problem, scale: Scale, b: np.ndarray, row_loss: np.nda
             # to the common scale 2**top: exact but for underflow, at most eta / 2 per row
             rl, rb = np.ldexp(row_loss, b - top), np.ldexp(row_bound, b - top)
             total = np.sum(rl) / scale.d
-            inner = (np.sum(rb) + n * ETA + gamma(n) * np.sum(np.abs(rl))) / abs(scale.d) + (scale.d_rel + 2 * U) * abs(total)
+            inner = (np.sum(rb) + n * ETA + gamma(n) * np.sum(rl)) / scale.d + (scale.d_rel + 2 * U) * abs(total)
             value = np.array(np.ldexp(total, top - scale.a))
             bound = np.array(np.ldexp(SECOND_ORDER * inner + ETA, top - scale.a) + 2 * ETA)
         bound = np.where(np.isfinite(value), bound, np.inf)

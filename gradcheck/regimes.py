@@ -106,18 +106,25 @@ CATALOGUE: tuple[Regime, ...] = (
     # the kernel options' own regimes (issue 12), drawn only when their option is set
     Regime("saturated", "softcap saturation: |z| up to many times c, so tanh(z / c) is near +-1 and the chain "
            "factor 1 - tanh^2 tiny (a small c seen from the logits), with rows across the knee |z| ~ c",
-           _by("verify"), {
+           _by("verify", "study", "vectors"), {
                # |z| / c is drawn log-uniformly in [ratio_low, ratio_high]: 1 - tanh^2 ~ 4 exp(-2 |z| / c)
                # goes from about 0.8 to 4 exp(-100) ~ 1.5e-43 (below float32's smallest subnormal, so the
                # chain factor decides whether an element is 0)
                "ratio_low": 0.25, "ratio_high": 50.0,
+               # (helper vectors) the study's softcap c = 2**j, j uniform in [cap_log2_low, cap_log2_high]
+               # (0.5 to 32: Gemma-2's 30 and a small c); the vectors' |z| / c in [vector_ratio_low,
+               # vector_ratio_high], so tanh(z / c) is +-1 to every dtype but the chain factor is not 0 in float64
+               "cap_log2_low": -1.0, "cap_log2_high": 5.0,
+               "vector_ratio_low": 8.0, "vector_ratio_high": 40.0,
            }, needs="softcap"),
     Regime("large_lse", "z-loss with large |lse|: every logit of a row near +-level, so lambda * lse^2 and "
-           "its gradient 2 lambda lse p are large and signed", _by("verify"), {
+           "its gradient 2 lambda lse p are large and signed", _by("verify", "study", "vectors"), {
                # the rows' common level (drawn in [level/2, level] with either sign), and the spread of
                # the logits around it; 300 is issue 12's "logits near +-300", exact in every dtype
                "level": {"float64": 300.0, "float32": 300.0, "float16": 300.0, "bfloat16": 300.0},
                "spread": 4.0,
+               # (helper vectors) the study's lambda, log-uniform in [scale_low, scale_high] (PaLM's 1e-4 up)
+               "scale_low": 1e-4, "scale_high": 0.1,
            }, needs="lse_square_scale"),
 )
 
@@ -154,7 +161,10 @@ def param(regime: str, name: str) -> PerDtype | float | tuple[float, ...]:
     return BY_NAME[regime].params[name]
 
 
-REGIMES: tuple[str, ...] = drawn_by("study")  # what make_case draws
+REGIMES: tuple[str, ...] = default_regimes("study", {})  # what make_case draws for the plain loss
+# (helper vectors) the study's rows of the kernel options: the regimes that need an option; make_case
+# sets that option itself. Apart from REGIMES, so the plain study (its cells and totals) stays as it was.
+OPTION_REGIMES: tuple[str, ...] = tuple(r for r in drawn_by("study") if BY_NAME[r].needs is not None)
 GAP = param("large_gap", "gap")
 HUGE = param("huge", "huge")
 
@@ -166,12 +176,12 @@ def make_case(
 
     Args:
         seed: seeds a ``numpy.random.default_rng``; the same seed gives the same case.
-        regime: one of :data:`REGIMES`.
+        regime: one of :data:`REGIMES` or :data:`OPTION_REGIMES` (which set their option in ``options``).
         dtype: format of the logits (and of probability targets).
         n, k: the shape; drawn from [1, 4] x [1, 8] when None.
     """
-    if regime not in REGIMES:
-        raise InvalidArgument(f"regime must be one of {REGIMES}, got {regime!r}.")
+    if regime not in REGIMES + OPTION_REGIMES:
+        raise InvalidArgument(f"regime must be one of {REGIMES + OPTION_REGIMES}, got {regime!r}.")
     rng = np.random.default_rng(seed)
     fmt = float_format(dtype)
     n = int(rng.integers(1, 5)) if n is None else n
@@ -205,7 +215,20 @@ def make_case(
     elif regime == "ignored":
         targets = np.where(rng.random(n) < 0.5, DEFAULT_IGNORE_INDEX, targets)
         targets[0] = rng.integers(0, k)
-    if regime != "smoothed_weighted" and rng.random() < 0.3:
+    elif regime == "saturated":  # (helper vectors) softcap c = 2**j; |z| / c log-uniform, either sign
+        sat = BY_NAME["saturated"].params
+        cap = float(2.0 ** int(rng.integers(int(sat["cap_log2_low"]), int(sat["cap_log2_high"]) + 1)))
+        ratio = np.exp(rng.uniform(np.log(sat["ratio_low"]), np.log(sat["ratio_high"]), (n, k)))
+        z = np.where(rng.random((n, k)) < 0.5, -1.0, 1.0) * ratio * cap
+        options = {"softcap": cap}
+    elif regime == "large_lse":  # (helper vectors) rows near +-level; lambda log-uniform
+        big = BY_NAME["large_lse"].params
+        level = rng.uniform(0.5, 1.0, (n, 1)) * big["level"][dtype] * np.where(rng.random((n, 1)) < 0.5, -1.0, 1.0)
+        z = level + rng.uniform(-big["spread"], big["spread"], (n, k))
+        options = {"lse_square_scale": float(np.exp(rng.uniform(np.log(big["scale_low"]), np.log(big["scale_high"]))))}
+    # (helper vectors) the option regimes keep "mean": every reduction would compile the JAX methods anew
+    # for each shape and dtype, the bulk of the report's time; the vectors and verify cover the reductions
+    if regime not in ("smoothed_weighted", *OPTION_REGIMES) and rng.random() < 0.3:
         options["reduction"] = str(rng.choice(["sum", "none"]))
     with np.errstate(over="ignore"):
         logits = z.astype(fmt.dtype)

@@ -32,6 +32,18 @@ def exits(logits, targets, **options):
 def hangs(logits, targets, **options):
     while True:
         pass
+
+def kernel(logits, targets, *, grad_output=None, **options):
+    # a float64-inside kernel taking the kernel options and the upstream gradient (issue 12)
+    from gradcheck import cross_entropy_grad
+    w = options.pop("weight", None)
+    g = None if grad_output is None else np.asarray(grad_output).astype(np.float64)
+    return cross_entropy_grad(logits.astype(np.float64), targets, weight=None if w is None else w.astype(np.float64),
+                              grad_output=g, **options).astype(logits.dtype)
+
+def softcap_ignored(logits, targets, *, grad_output=None, **options):
+    options.pop("softcap", None)
+    return kernel(logits, targets, grad_output=grad_output, **options)
 """
 
 
@@ -67,6 +79,18 @@ def test_report_writes_the_files_and_names_them(tmp_path, capsys):
     assert json.loads((out / "report.json").read_text())["config"]["regimes"] == ["moderate", "ties"]
 
 
+def test_report_takes_the_kernel_options_rows_among_its_regimes(tmp_path, capsys):
+    out = tmp_path / "rep"
+    args = ["report", "--out", str(out), "--examples", "1", "--dtypes", "float32", "--regimes", "moderate", "saturated",
+            "--methods", "closed_form", "--jobs", "1", "--max-classes", "0", "--no-vectors"]
+    assert cli.main(args) == 0
+    assert "closed form, saturated: max 0 ULP, bound held in 1 of 1 dtypes" in capsys.readouterr().out
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["config"]["regimes"] == ["moderate"] and doc["config"]["optionRegimes"] == ["saturated"]
+    assert [(r["regime"], r["cases"]) for r in doc["optionResults"]] == [("saturated", 1)]
+    assert "## Kernel options: softcap and z-loss" in (out / "report.md").read_text()
+
+
 def test_report_rejects_an_unknown_method(tmp_path, capsys):
     assert cli.main(["report", "--out", str(tmp_path), "--methods", "nope", "--jobs", "1"]) == 2
     assert "method must be one of" in capsys.readouterr().err
@@ -75,7 +99,7 @@ def test_report_rejects_an_unknown_method(tmp_path, capsys):
 def test_vectors_write_and_check(tmp_path, capsys):
     path = tmp_path / "v.json"
     assert cli.main(["vectors", "--out", str(path)]) == 0
-    assert "tests in 44 groups" in capsys.readouterr().out
+    assert "tests in 76 groups" in capsys.readouterr().out  # 44 plain groups, 32 kernel groups (issue 12)
     assert cli.main(["vectors", "--out", str(path), "--check"]) == 0
     path.write_text(path.read_text().replace('"seed": 0', '"seed": 1', 1))
     assert cli.main(["vectors", "--out", str(path), "--check"]) == 1
@@ -140,6 +164,55 @@ def test_verify_against_vectors(project, capsys):
     (path / "broken.json").write_text("{")
     assert cli.main(["verify", f"{name}:grad", "--vectors", "broken.json"]) == 2
     assert "not JSON" in capsys.readouterr().err
+
+
+KERNEL_FLAGS = ["--lse-square-scale", "1e-4", "--softcap", "30", "--label-smoothing", "0.1", "--weighted",
+                "--ignore-index", "-100", "--reduction", "none", "--dtype", "bfloat16", "--max-examples", "30",
+                "--seed", "1"]
+
+
+def test_verify_with_the_kernel_options_end_to_end(project, capsys):
+    """issue 12's "done when" call from the command line: the flags come from the option spec."""
+    path, name = project
+    assert cli.main(["verify", f"{name}:kernel", *KERNEL_FLAGS, "--json", "k.json"]) == 0, capsys.readouterr()
+    run = json.loads((path / "k.json").read_text())["runs"][0]
+    assert run["passed"] and run["upstream"] is True and run["dtype"] == "bfloat16"
+    assert "lse_square_scale=0.0001" in run["reproduction"] and "softcap=30.0" in run["reproduction"]
+    assert cli.main(["verify", f"{name}:softcap_ignored", *KERNEL_FLAGS]) == 1
+    assert "mismatch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lse-square-scale", "-1", "lse_square_scale must be a number"),
+    ("--softcap", "0", "softcap must be a number"),
+    ("--softcap", "abc", "softcap"),
+])
+def test_bad_kernel_option_values_are_usage_errors(project, capsys, flag, value, message):
+    _, name = project
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["verify", f"{name}:kernel", flag, value])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_verify_against_the_kernel_vectors(project, capsys):
+    from gradcheck.report import write_vectors
+    from gradcheck.vectors import GROUPS, build_suite
+
+    path, name = project
+    kernel_groups = tuple(g for g in GROUPS if g.kernel and g.upstream and g.softcap)
+    write_vectors(path / "k.json", build_suite(0, dtypes=("float32",), groups=kernel_groups))
+    assert cli.main(["verify", f"{name}:kernel", "--vectors", "k.json", "--json", "ok.json"]) == 0, capsys.readouterr()
+    doc = json.loads((path / "ok.json").read_text())
+    assert doc["failures"] == [] and doc["upstreamSkipped"] == 0
+    assert cli.main(["verify", f"{name}:softcap_ignored", "--vectors", "k.json"]) == 1
+    assert "looks like: " in capsys.readouterr().err
+    # a grad_fn without grad_output= cannot be checked on the upstream tests: said, and not a pass when
+    # (as here) every test has an upstream gradient
+    assert cli.main(["verify", f"{name}:grad", "--vectors", "k.json", "--json", "skip.json"]) == 1
+    out = capsys.readouterr().out
+    assert "tests with an upstream gradient (gradOutput) not run" in out and ".grad does not take grad_output=" in out
+    doc = json.loads((path / "skip.json").read_text())
+    assert doc["upstreamSkipped"] == doc["tests"] > 0 and doc["inputsRun"] == 0
 
 
 def test_verify_imports_from_the_current_directory_in_a_subprocess(project):

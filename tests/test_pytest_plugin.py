@@ -289,6 +289,61 @@ class TestSum:
     pytester.runpytest("--markers").stdout.fnmatch_lines(["@pytest.mark.gradcheck(dtypes=None, **options): *"])
 
 
+KERNEL = '''
+import numpy as np
+import pytest
+
+
+def kernel(logits, targets, *, grad_output=None, **options):
+    from gradcheck import cross_entropy_grad
+    w = options.pop("weight", None)
+    g = None if grad_output is None else np.asarray(grad_output).astype(np.float64)
+    return cross_entropy_grad(logits.astype(np.float64), targets, weight=None if w is None else w.astype(np.float64),
+                              grad_output=g, **options).astype(logits.dtype)
+
+
+def softcap_ignored(logits, targets, *, grad_output=None, **options):
+    options.pop("softcap", None)
+    return kernel(logits, targets, grad_output=grad_output, **options)
+
+
+@pytest.mark.gradcheck(dtypes=["float32", "bfloat16"], lse_square_scale=1e-4, softcap=30.0, reduction="none",
+                       label_smoothing=0.1, weighted=True, max_examples=15)
+def test_kernel(gradcheck):
+    result = gradcheck.verify(kernel)
+    assert result.passed and result.upstream, result
+
+
+@pytest.mark.gradcheck(softcap=30.0, max_examples=15)
+def test_softcap_ignored(gradcheck):
+    gradcheck.assert_gradient(softcap_ignored)
+'''
+
+
+@pytest.mark.parametrize(("marker", "message"), [
+    ("softcap=-1.0", "InvalidArgument: softcap must be a number > 0, got -1.0."),
+    ("lse_square_scale=-0.5", "InvalidArgument: lse_square_scale must be a number >= 0, got -0.5."),
+])
+def test_a_bad_kernel_option_value_fails_the_test_with_the_options_message(pytester, marker, message):
+    pytester.makepyfile(KERNEL + f'''
+
+@pytest.mark.gradcheck({marker})
+def test_bad_value(gradcheck):
+    gradcheck.assert_gradient(kernel)
+''')
+    result = pytester.runpytest("-k", "test_bad_value")
+    result.assert_outcomes(failed=1)
+    assert message in result.stdout.str(), result.stdout.str()
+
+
+def test_marker_takes_the_kernel_options(pytester):
+    """issue 12: lse_square_scale= and softcap= are marker keywords (from the option spec) and reach verify."""
+    pytester.makepyfile(KERNEL)
+    result = pytester.runpytest("--gradcheck-seed=1", "-v")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*::test_kernel[[]bfloat16[]] PASSED*", "*::test_softcap_ignored[[]float64[]] FAILED*"])
+
+
 @pytest.mark.parametrize(
     ("marker", "message"),
     [

@@ -10,7 +10,7 @@ from gradcheck.dtypes import DTYPE_NAMES, float_format
 from gradcheck.errors import InvalidArgument
 from gradcheck.options import VERIFY
 from gradcheck.problem import make_problem
-from gradcheck.regimes import BY_NAME, CATALOGUE, GAP, HUGE, REGIMES, drawn_by, make_case, param
+from gradcheck.regimes import BY_NAME, CATALOGUE, GAP, HUGE, OPTION_REGIMES, REGIMES, drawn_by, make_case, param
 from gradcheck.study import StudyConfig
 from gradcheck.vectors import suite
 
@@ -23,7 +23,8 @@ def test_names_are_unique_and_every_regime_says_what_it_exercises():
 
 def test_each_generator_draws_exactly_its_regimes():
     assert strategies.REGIMES == drawn_by("verify")
-    assert REGIMES == StudyConfig().regimes == drawn_by("study")
+    # (helper vectors) the study's plain regimes, then the kernel options' own rows
+    assert REGIMES + OPTION_REGIMES == StudyConfig().regimes + StudyConfig().option_regimes == drawn_by("study")
     assert set(vectors.KINDS) == set(drawn_by("vectors"))
 
 

@@ -103,8 +103,32 @@ def test_report_json_matches_its_schema(rendered):
     assert doc == json.loads(json.dumps(document))
     assert doc["seed"] == 1 and set(doc["environment"]["packages"]) >= {"numpy", "jax", "sympy", "mpmath", "hypothesis"}
     assert len(doc["results"]) == 3 * 2 * 2 and doc["vectors"]["numberOfTests"] == rendered[1].number_of_tests
+    # the kernel options' rows: cells of their own (method x option regime x dtype), not in the totals
+    assert doc["config"]["optionRegimes"] == ["saturated", "large_lse"]
+    assert [(r["method"], r["regime"], r["dtype"]) for r in doc["optionResults"]] == [
+        (m, r, d) for m in CONFIG.methods for r in ("saturated", "large_lse") for d in CONFIG.dtypes]
+    assert all(t["cases"] == CONFIG.examples * len(CONFIG.regimes) for t in doc["totals"])
+    worst = next(r["worstCase"] for r in doc["optionResults"] if r["regime"] == "large_lse" and r["worstCase"])
+    assert worst["options"]["lseSquareScale"] > 0
     fd16 = [r for r in doc["results"] if r["method"] == "fd_forward" and r["dtype"] == "float16"]
     assert all(r["unsupported"] == r["cases"] and r["worstCase"] is None for r in fd16)
+
+
+def test_the_vectors_summary_describes_the_kernel_groups(rendered):
+    jsonschema = pytest.importorskip("jsonschema")
+    from gradcheck.report.markdown import render_markdown
+
+    study = rendered[0]
+    kernel = next(g for g in GROUPS if g.kernel and g.lse_square_scale and g.softcap and g.upstream)
+    suite = build_suite(1, dtypes=("float32",), groups=(GROUPS[0], kernel))
+    texts, document = render_all(study, suite, timing={"totalSeconds": 1.0})
+    jsonschema.validate(json.loads(texts["report.json"]), schema())
+    plain, ours = document["vectors"]["groups"]
+    assert not {"lseSquareScale", "softcap", "upstream"} & set(plain)  # the plain groups read as before
+    assert (ours["lseSquareScale"], ours["softcap"], ours["upstream"]) == (kernel.lse_square_scale, kernel.softcap, True)
+    md = render_markdown(study, document, {"report.md": "tables"})
+    assert f"lambda={kernel.lse_square_scale:g}, c={kernel.softcap:g}, grad_output" in md
+    assert f"lambda={kernel.lse_square_scale:g}, c={kernel.softcap:g}, grad_output" in texts["report.html"]
 
 
 def test_report_json_is_deterministic_but_for_environment_and_timing(rendered):
@@ -118,8 +142,10 @@ def test_report_json_is_deterministic_but_for_environment_and_timing(rendered):
 def test_markdown_has_the_tables_and_the_explanations(rendered):
     md = rendered[2]["report.md"]
     for heading in ("## The math", "## What each method proves", "## Summary: every regime", "## float16 by regime",
-                    "## Worst cases", "## SymPy proofs", "## Golden vectors", "## Environment and timing"):
+                    "## Worst cases", "## SymPy proofs", "## Golden vectors", "## Environment and timing",
+                    "## Kernel options: softcap and z-loss"):
         assert heading in md
+    assert "| method | saturated float64 | saturated float16 | large_lse float64 | large_lse float16 |" in md
     assert "| `closed_form` | bound |" in md and "unsupported" in md
 
 
@@ -128,6 +154,7 @@ def test_html_is_self_contained_with_both_plots(rendered):
     assert html.count("data:image/png;base64,") == 2
     assert "http://" not in html.replace("https://json-schema", "") and "https://" not in html
     assert "<script" not in html and "Error against logit gap" in html and "ULP-error histograms per dtype" in html
+    assert '<h2 id="options">Kernel options: softcap and z-loss</h2>' in html and ">large_lse float16</th>" in html
 
 
 def test_write_report_writes_four_files_and_rewrites_cleanly(tmp_path, rendered):

@@ -9,7 +9,9 @@ from gradcheck import cli
 from gradcheck.ulps import ulp_distance
 from gradcheck.dtypes import DTYPE_NAMES, float_format, round_to_format
 from gradcheck.oracle import cross_entropy_grad, cross_entropy_grad_bounded
-from gradcheck.regimes import REGIMES, make_case
+from gradcheck.regimes import OPTION_REGIMES, REGIMES, make_case
+
+ALL = REGIMES + OPTION_REGIMES  # the plain regimes, then the kernel options' rows (softcap, z-loss)
 from gradcheck.study import selfcheck
 from gradcheck.study.selfcheck import self_check
 
@@ -42,7 +44,7 @@ def allowed_ulps(regime: str, dtype: str) -> float:
 
 
 def test_one_row_per_regime_and_dtype_in_order(rows):
-    assert [(r.regime, r.dtype) for r in rows] == [(g, d) for d in DTYPE_NAMES for g in REGIMES]
+    assert [(r.regime, r.dtype) for r in rows] == [(g, d) for d in DTYPE_NAMES for g in ALL]
     assert all(r.cases == CASES and 0 <= r.median_ulp <= r.max_ulp and r.bound_held for r in rows)
 
 
@@ -63,7 +65,7 @@ def test_the_command_lists_every_regime_for_every_dtype(capsys, monkeypatch):
     out = capsys.readouterr().out
     cells = [[c.strip() for c in line.strip("│").split("│")] for line in out.splitlines() if line.startswith("│")]
     assert [(c[0], c[1], c[2], c[5]) for c in cells] == [(g, d, "2", "yes") for d in ("float32", "bfloat16")
-                                                         for g in REGIMES]
+                                                         for g in ALL]
     assert "seed 1, 2 cases per regime and dtype" in out and out.rstrip().endswith("within its error bound everywhere")
 
 

@@ -11,7 +11,8 @@ from gradcheck.study.executors import run_local
 from gradcheck.study.run import chunks
 
 TINY = StudyConfig(seed=3, examples=2, dtypes=("float32", "bfloat16"), regimes=("moderate", "large_gap"),
-                   methods=("closed_form", "fd_central", "sympy_mpmath"), shapes=((2, 3),), proof_classes=1)
+                   option_regimes=(), methods=("closed_form", "fd_central", "sympy_mpmath"), shapes=((2, 3),),
+                   proof_classes=1)
 
 
 def _fingerprint(study):
@@ -90,9 +91,12 @@ def test_chunks_cover_the_grid_once_in_tasks_of_one_dtype_and_one_shape():
     config = StudyConfig(examples=40, dtypes=("float64", "float16"), regimes=("moderate", "ties", "huge"))
     parts = chunks(config, ("closed_form",))
     assert all(0 < len(c.items) <= CHUNK and c.methods == ("closed_form",) for c in parts)
-    assert all(len({config.shape(i) for _, i in c.items}) == 1 for c in parts)
+    assert all(len({config.shape(i, r) for r, i in c.items}) == 1 for c in parts)
+    assert {config.shape(i, r) for c in parts for r, i in c.items if r in config.option_regimes} == {(3, 8)}
     covered = sorted((c.dtype, r, i) for c in parts for r, i in c.items)
-    assert covered == sorted((d, r, i) for d in config.dtypes for r in config.regimes for i in range(40))
+    regimes = config.regimes + config.option_regimes  # the kernel options' rows run too
+    assert config.option_regimes == ("saturated", "large_lse")
+    assert covered == sorted((d, r, i) for d in config.dtypes for r in regimes for i in range(40))
     assert task_count(config) == len(parts) + 1  # and one task for the proofs
 
 
@@ -112,6 +116,9 @@ def test_run_case_records_every_method():
     ({"examples": 0}, "examples must be a positive integer"),
     ({"dtypes": ("float8",)}, "dtypes must be a non-empty subset"),
     ({"regimes": ()}, "regimes must be a non-empty subset"),
+    ({"option_regimes": ("moderate",)}, r"option_regimes must be distinct regimes of \('saturated', 'large_lse'\)"),
+    ({"option_regimes": ("saturated", "saturated")}, "option_regimes must be distinct"),
+    ({"option_regimes": ("saturated",), "option_shapes": ()}, "option_shapes must name at least one"),
     ({"methods": ("nope",)}, "method must be one of"),
 ])
 def test_bad_configuration(changes, match):
@@ -139,3 +146,43 @@ def test_an_interrupt_stops_the_local_workers_at_once():
         run_local(tasks, 2, interrupt)
     assert time.monotonic() - start < 12  # spawning the two workers and stopping them, not the queued sleeps
     assert multiprocessing.active_children() == []
+
+
+# --- the kernel options' rows (issue 12) -------------------------------------------------------------
+
+WITH_OPTIONS = StudyConfig(seed=3, examples=2, dtypes=("float32", "bfloat16"), regimes=("moderate", "large_gap"),
+                           methods=("closed_form", "fd_central"), shapes=((2, 3),), proof_classes=0)
+
+
+@pytest.fixture(scope="module")
+def with_options():
+    study, _ = run_study(WITH_OPTIONS, jobs=1)
+    return study
+
+
+def test_option_rows_are_cells_of_their_own_and_leave_the_plain_study_alone(with_options):
+    from dataclasses import replace
+
+    study = with_options
+    assert [(c.method, c.regime, c.dtype) for c in study.option_cells] == [
+        (m, r, d) for m in WITH_OPTIONS.methods for r in ("saturated", "large_lse") for d in WITH_OPTIONS.dtypes]
+    assert all(c.cases == WITH_OPTIONS.examples for c in study.option_cells)
+    assert {c.regime for c in study.cells} == set(WITH_OPTIONS.regimes)
+    assert {c.regime for c in study.cases} == {*WITH_OPTIONS.regimes, "saturated", "large_lse"}
+    # the plain cells and totals are those of the same study without the option rows
+    plain, _ = run_study(replace(WITH_OPTIONS, option_regimes=()), jobs=1)
+    assert _fingerprint(plain)[0] == _fingerprint(study)[0]
+    assert [(c.method, c.dtype, c.cases, c.max_ulp) for c in plain.totals] == [
+        (c.method, c.dtype, c.cases, c.max_ulp) for c in study.totals]
+
+
+def test_option_rows_set_their_option_and_the_closed_form_bound_holds(with_options):
+    from gradcheck.regimes import make_case
+
+    for case in (c for c in with_options.cases if c.regime in ("saturated", "large_lse")):
+        _, _, options = make_case(case.seed, case.regime, case.dtype, n=case.shape[0], k=case.shape[1])
+        key = "softcap" if case.regime == "saturated" else "lse_square_scale"
+        assert options[key] > 0
+    for c in with_options.option_cells:
+        if c.method == "closed_form":
+            assert c.usable == c.cases and c.within_share == 1.0, c

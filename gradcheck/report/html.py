@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gradcheck.errors import require
-from gradcheck.report.text import MATH, PROVES, REGIMES, TRUTH, ULP_NOTE, cell_text, fmt_ulp
+from gradcheck.report.text import KERNEL, MATH, PROVES, REGIMES, TRUTH, ULP_NOTE, cell_text, fmt_ulp, kernel_options
 from gradcheck.study import Cell, Study
 
 if TYPE_CHECKING:
@@ -29,6 +29,12 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _plain(study: Study) -> list[Any]:
+    """The cases of the plain regimes (the plots; the kernel options' rows have their own table)."""
+    plain = set(study.config.regimes)
+    return [c for c in study.cases if c.regime in plain]
+
+
 def _gap_plot(study: Study) -> str:
     """Max ULP error per case against the case's largest logit gap, one panel per method, colored by dtype."""
     require("matplotlib", extra="report")
@@ -44,7 +50,7 @@ def _gap_plot(study: Study) -> str:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False, sharex=True)
     for ax, (m, name) in zip(axes.ravel(), enumerate(names)):
         for dtype in study.config.dtypes:
-            pts = [(c.gap, c.outcomes[m].max_ulp) for c in study.cases
+            pts = [(c.gap, c.outcomes[m].max_ulp) for c in _plain(study)
                    if c.dtype == dtype and c.outcomes[m].max_ulp is not None]
             if pts:
                 gap, y = np.array(pts).T
@@ -91,9 +97,9 @@ def _histograms(study: Study) -> str:
     for ax, dtype in zip(axes.ravel(), dtypes):
         grid = np.zeros((len(names), len(labels)))
         for m in range(len(names)):
-            ulps = [c.outcomes[m].ulps for c in study.cases if c.dtype == dtype]
+            ulps = [c.outcomes[m].ulps for c in _plain(study) if c.dtype == dtype]
             flat = np.concatenate(ulps) if ulps else np.zeros(0)
-            missing = sum(c.shape[0] * c.shape[1] for c in study.cases
+            missing = sum(c.shape[0] * c.shape[1] for c in _plain(study)
                           if c.dtype == dtype and c.outcomes[m].max_ulp is None)
             total = flat.size + missing
             for b, (lo, hi, _) in enumerate(BUCKETS):
@@ -164,6 +170,8 @@ def render_html(study: Study, document: dict[str, Any], files: dict[str, str]) -
                for m in study.methods]
     by_dtype = [(d, [(m, [next(c for c in study.cells if c.method == m.name and c.regime == r and c.dtype == d)
                           for r in cfg.regimes]) for m in study.methods]) for d in cfg.dtypes]
+    options = [(m, [next(c for c in study.option_cells if c.method == m.name and c.regime == r and c.dtype == d)
+                    for r in cfg.option_regimes for d in cfg.dtypes]) for m in study.methods]
     worst = []
     for m in study.methods:
         cells = [c for c in study.cells if c.method == m.name and c.worst is not None]
@@ -171,5 +179,6 @@ def render_html(study: Study, document: dict[str, Any], files: dict[str, str]) -
     return env.get_template("report.html.j2").render(
         study=study, cfg=cfg, doc=document, files=files, math=MATH, truth=TRUTH, proves=PROVES, regimes=REGIMES,
         ulp_note=ULP_NOTE, summary=summary, by_dtype=by_dtype, worst=worst, cell_text=_cell_html, grade=_grade,
+        options=options, kernel=KERNEL, kernel_options=kernel_options,
         fmt_ulp=fmt_ulp, gap_png=_gap_plot(study), hist_png=_histograms(study),
     )

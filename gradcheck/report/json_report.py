@@ -19,7 +19,7 @@ from gradcheck.study import Cell, Study, WorstCase
 from gradcheck.vectors import VectorSuite
 
 SCHEMA_NAME = "gradcheck-report"
-SCHEMA_VERSION = "1.0.0"
+SCHEMA_VERSION = "1.1.0"  # 1.1: the kernel options' rows (optionRegimes, optionResults), the vectors' kernel groups
 SCHEMA_FILE = "report.schema.json"
 PACKAGES = ("numpy", "jax", "jaxlib", "sympy", "mpmath", "hypothesis", "ml_dtypes", "matplotlib", "jinja2",
             "rich", "dask", "distributed")
@@ -74,7 +74,8 @@ def _worst(w: WorstCase | None) -> dict[str, Any] | None:
         return None
     options: dict[str, Any] = {}
     for key, value in w.options.items():
-        name = {"label_smoothing": "labelSmoothing", "ignore_index": "ignoreIndex"}.get(key, key)
+        name = {"label_smoothing": "labelSmoothing", "ignore_index": "ignoreIndex",
+                "lse_square_scale": "lseSquareScale"}.get(key, key)
         options[name] = encode_floats(np.asarray(value, dtype=np.float64)) if key == "weight" else value
     return {
         "seed": w.seed,
@@ -106,11 +107,15 @@ def vector_summary(suite: VectorSuite, file_name: str, sha256: str) -> dict[str,
     """What report.json says about the vectors file (counts per group, and its digest)."""
     groups = []
     for g in suite.groups:
-        groups.append({
+        group = {
             "dtype": g.dtype, "targetKind": g.targets, "reduction": g.reduction, "labelSmoothing": g.label_smoothing,
             "weighted": g.weighted, "ignoreIndex": g.ignore_index,
             "valid": sum(t.result == "valid" for t in g.tests), "invalid": sum(t.result == "invalid" for t in g.tests),
-        })
+        }
+        if g.kernel:  # the kernel groups only: the plain groups' entries read as before
+            group.update(lseSquareScale=g.lse_square_scale, softcap=g.softcap,
+                         upstream=any(t.grad_output is not None for t in g.tests))
+        groups.append(group)
     return {
         "file": file_name, "sha256": sha256, "seed": suite.seed, "numberOfTests": suite.number_of_tests,
         "valid": sum(g["valid"] for g in groups), "invalid": sum(g["invalid"] for g in groups), "groups": groups,
@@ -139,13 +144,16 @@ def report_document(study: Study, vectors: dict[str, Any] | None, *, timing: dic
         "config": {
             "examples": config.examples, "dtypes": list(config.dtypes), "regimes": list(config.regimes),
             "methods": [m.name for m in study.methods], "shapes": [list(s) for s in config.shapes],
-            "proofClasses": config.proof_classes,
-            "caseSeed": "make_case(seed * 1000003 + i, regime, dtype, n=N, k=K), (N, K) = shapes[i % len(shapes)]",
+            "proofClasses": config.proof_classes, "optionRegimes": list(config.option_regimes),
+            "optionShapes": [list(s) for s in config.option_shapes],
+            "caseSeed": "make_case(seed * 1000003 + i, regime, dtype, n=N, k=K), (N, K) = shapes[i % len(shapes)] "
+                        "(optionShapes for the option regimes)",
         },
         "methods": [{"name": m.name, "summary": m.summary, "errorKind": "bound" if m.bound else "estimate"}
                     for m in study.methods],
         "results": [_cell(c) for c in study.cells],
         "totals": [_cell(c, worst=False) for c in study.totals],
+        "optionResults": [_cell(c) for c in study.option_cells],
         "proofs": [{"kind": p.kind, "k": p.k, "status": p.status, "statement": p.statement} for p in study.proofs],
         "vectors": vectors,
         "environment": environment(study.workers),

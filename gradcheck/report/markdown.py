@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from gradcheck.report.jsonio import markdown_code, markdown_table
-from gradcheck.report.text import MATH, PROVES, REGIMES, TRUTH, ULP_NOTE, cell_text, fmt_share, fmt_ulp
+from gradcheck.report.text import (KERNEL, MATH, PROVES, REGIMES, TRUTH, ULP_NOTE, cell_text, fmt_share, fmt_ulp,
+                                   kernel_options)
 from gradcheck.study import Study
 
 _table = markdown_table  # the one Markdown table (report/jsonio.py): text cells escaped, code spans through markdown_code
@@ -26,6 +27,7 @@ def render_markdown(study: Study, document: dict[str, Any], files: dict[str, str
         _summary(study),
         *(_by_regime(study, dtype) for dtype in study.config.dtypes),
         _regime_names(study),
+        *([_options(study)] if study.option_cells else []),
         _worst_cases(study),
         _proofs(study),
         _vectors(document),
@@ -80,6 +82,17 @@ def _regime_names(study: Study) -> list[str]:
     return ["Regimes: " + "; ".join(f"`{r}` {REGIMES.get(r, r)}" for r in study.config.regimes) + "."]
 
 
+def _options(study: Study) -> list[str]:
+    """The kernel options' own rows: every method per option regime and dtype."""
+    cfg = study.config
+    rows = [[markdown_code(m.name), *(cell_text(next(c for c in study.option_cells if c.method == m.name
+                                                     and c.regime == r and c.dtype == d))
+                                      for r in cfg.option_regimes for d in cfg.dtypes)] for m in study.methods]
+    return ["## Kernel options: softcap and z-loss", "", KERNEL, "",
+            *_table(["method", *(f"{r} {d}" for r in cfg.option_regimes for d in cfg.dtypes)], rows), "",
+            "Rows: " + "; ".join(f"`{r}` {REGIMES.get(r, r)}" for r in cfg.option_regimes) + "."]
+
+
 def _worst_cases(study: Study) -> list[str]:
     """Per method, the cell whose worst case has the largest ULP error, with the call that reproduces it."""
     rows = []
@@ -114,10 +127,11 @@ def _vectors(document: dict[str, Any]) -> list[str]:
             f"invalid), sha256 `{vec['sha256'][:16]}...`. Check an implementation with "
             f"`gradcheck verify MODULE:FUNC --vectors {vec['file']}`; the format is in docs/vectors.md.",
             "",
-            *_table(["dtype", "targets", "reduction", "smoothing", "weighted", "ignore_index", "valid", "invalid"],
+            *_table(["dtype", "targets", "reduction", "smoothing", "weighted", "ignore_index", "kernel options",
+                     "valid", "invalid"],
                     [[g["dtype"], g["targetKind"], g["reduction"], f"{g['labelSmoothing']:g}",
                       "yes" if g["weighted"] else "no", "-" if g["ignoreIndex"] is None else str(g["ignoreIndex"]),
-                      str(g["valid"]), str(g["invalid"])] for g in vec["groups"]])]
+                      kernel_options(g), str(g["valid"]), str(g["invalid"])] for g in vec["groups"]])]
 
 
 def _environment(document: dict[str, Any]) -> list[str]:

@@ -41,7 +41,27 @@ REGIMES: dict[str, str] = {
     "huge": "logits near the format's maximum", "ties": "equal largest logits",
     "masked": "-inf logits", "soft_unnormalized": "probability targets, not normalized",
     "smoothed_weighted": "label smoothing and class weights", "ignored": "rows with ignore_index",
+    "saturated": "softcap c (0.5 to 32), |z| up to 50 c: tanh saturates",
+    "large_lse": "z-loss lambda (1e-4 to 0.1), logits near +-300",
 }
+KERNEL = (
+    "The kernel options (Liger-Kernel's convention; torch has neither): softcap c makes the logits "
+    "z' = c tanh(z / c) first, so the gradient gains the chain factor 1 - tanh^2(z / c); the z-loss adds "
+    "lambda lse(z')^2 per counted row, so dL/dz' gains 2 lambda lse p / Dz (Dz the number of counted rows "
+    "under mean). Their rows are apart from the plain regimes and not in the summary."
+)
+
+
+def kernel_options(options: dict) -> str:
+    """A kernel group's or case's options in a few characters: 'lambda=0.125, c=5, grad_output', or '-'."""
+    parts = []
+    if options.get("lseSquareScale"):
+        parts.append(f"lambda={options['lseSquareScale']:g}")
+    if options.get("softcap") is not None:
+        parts.append(f"c={options['softcap']:g}")
+    if options.get("upstream"):
+        parts.append("grad_output")
+    return ", ".join(parts) or "-"
 ULP_NOTE = (
     "ULP errors are counted per element. Approximate methods (finite differences) have huge ULP errors "
     "on elements that are tiny next to the rest of their row (e.g. a probability of 1e-30 estimated as "

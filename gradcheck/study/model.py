@@ -8,11 +8,13 @@ from typing import Any
 import numpy as np
 
 from gradcheck.dtypes import DTYPE_NAMES
-from gradcheck.regimes import REGIMES
+from gradcheck.regimes import OPTION_REGIMES, REGIMES
 
 DEFAULT_SEED = 0
 DEFAULT_EXAMPLES = 16  # cases per regime and dtype; the default report must finish in two minutes on 2 cores
 SHAPES: tuple[tuple[int, int], ...] = ((2, 5), (3, 8), (1, 3))  # few shapes: JAX compiles once per shape
+# the kernel options' rows: one shape (each shape and option compiles the JAX methods anew, about 1 s each)
+OPTION_SHAPES: tuple[tuple[int, int], ...] = ((3, 8),)
 PROOF_CLASSES = 4  # SymPy proofs for K = 1 .. 4 in the report (about 2 s uncached)
 
 
@@ -24,8 +26,12 @@ class StudyConfig:
         seed: case ``i`` of a regime and dtype uses ``make_case(seed * 1_000_003 + i, ...)``.
         examples: cases per regime and dtype.
         dtypes, regimes: the grid.
+        option_regimes: the kernel options' own rows (z-loss, softcap: regimes that set their option,
+            :data:`gradcheck.regimes.OPTION_REGIMES`); summarized apart, so the plain cells and totals
+            do not depend on them.
         methods: registry names; all registered methods when empty.
-        shapes: case ``i`` has shape ``shapes[i % len(shapes)]``.
+        shapes: case ``i`` of a plain regime has shape ``shapes[i % len(shapes)]``.
+        option_shapes: the same for the option regimes.
         proof_classes: SymPy proofs for K = 1 .. proof_classes (0: none).
     """
 
@@ -33,15 +39,24 @@ class StudyConfig:
     examples: int = DEFAULT_EXAMPLES
     dtypes: tuple[str, ...] = DTYPE_NAMES
     regimes: tuple[str, ...] = REGIMES
+    option_regimes: tuple[str, ...] = OPTION_REGIMES
     methods: tuple[str, ...] = ()
     shapes: tuple[tuple[int, int], ...] = SHAPES
     proof_classes: int = PROOF_CLASSES
+    option_shapes: tuple[tuple[int, int], ...] = OPTION_SHAPES
+
+    @property
+    def all_regimes(self) -> tuple[str, ...]:
+        """The plain regimes, then the option regimes: every regime the study runs."""
+        return self.regimes + self.option_regimes
 
     def case_seed(self, index: int) -> int:
         return self.seed * 1_000_003 + index
 
-    def shape(self, index: int) -> tuple[int, int]:
-        return self.shapes[index % len(self.shapes)]
+    def shape(self, index: int, regime: str | None = None) -> tuple[int, int]:
+        """The shape of case ``index`` (of ``regime``: an option regime takes ``option_shapes``)."""
+        shapes = self.option_shapes if regime is not None and regime in self.option_regimes else self.shapes
+        return shapes[index % len(shapes)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,12 +183,13 @@ class Study:
         config: what ran.
         methods: the methods, in order.
         cases: every case, in grid order (dtype, regime, index).
-        cells: the summaries, in order method, regime, dtype.
-        totals: per method and dtype over all regimes (regime "all"), in order method, dtype.
+        cells: the summaries of the plain regimes, in order method, regime, dtype.
+        totals: per method and dtype over all plain regimes (regime "all"), in order method, dtype.
         proofs: SymPy proofs.
         seconds: wall time of the whole study (timing).
         method_seconds: total wall time per method over all cases (timing).
         workers: the executor used, e.g. "processes:2" or "dask:tcp://..." (environment).
+        option_cells: the summaries of the option regimes (z-loss, softcap), in order method, regime, dtype.
     """
 
     config: StudyConfig
@@ -185,3 +201,4 @@ class Study:
     seconds: float = 0.0
     method_seconds: dict[str, float] = field(default_factory=dict)
     workers: str = ""
+    option_cells: tuple[Cell, ...] = ()

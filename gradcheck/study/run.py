@@ -21,7 +21,7 @@ import numpy as np
 from gradcheck.dtypes import DTYPE_NAMES, FLOAT64
 from gradcheck.errors import InvalidArgument
 from gradcheck.options import integer
-from gradcheck.regimes import REGIMES, make_case
+from gradcheck.regimes import OPTION_REGIMES, REGIMES, make_case
 from gradcheck.study.executors import Task, run_dask, run_local
 from gradcheck.study.model import CaseResult, MethodInfo, Outcome, ProofRow, Study, StudyConfig
 from gradcheck.study.summary import summarize, totals
@@ -59,7 +59,7 @@ def run_case(config: StudyConfig, methods: Sequence[str], dtype: str, regime: st
     from gradcheck.exact import exact_grad
 
     seed = config.case_seed(index)
-    n, k = config.shape(index)
+    n, k = config.shape(index, regime)
     z, t, options = make_case(seed, regime, dtype, n=n, k=k)
     truth = exact_grad(z, t, **options)
     truth64 = truth.astype(np.float64) if dtype == "float64" else exact_grad(z, t, dtype="float64", **options)
@@ -106,10 +106,11 @@ def chunks(config: StudyConfig, methods: tuple[str, ...]) -> list[Chunk]:
     """Tasks of at most CHUNK cases, each of one dtype and one shape."""
     out = []
     for dtype in config.dtypes:
-        for s in range(len(config.shapes)):
-            items = [(r, i) for r in config.regimes for i in range(s, config.examples, len(config.shapes))]
-            for start in range(0, len(items), CHUNK):
-                out.append(Chunk(config, methods, dtype, tuple(items[start:start + CHUNK])))
+        for regimes, shapes in ((config.regimes, config.shapes), (config.option_regimes, config.option_shapes)):
+            for s in range(len(shapes)):
+                items = [(r, i) for r in regimes for i in range(s, config.examples, len(shapes))]
+                for start in range(0, len(items), CHUNK):
+                    out.append(Chunk(config, methods, dtype, tuple(items[start:start + CHUNK])))
     return out
 
 
@@ -161,7 +162,7 @@ def run_study(
     seconds = time.perf_counter() - start
     proofs = tuple(results[0])
     extras = results[1:1 + len(extra)]
-    position = {(d, r): (a, b) for a, d in enumerate(config.dtypes) for b, r in enumerate(config.regimes)}
+    position = {(d, r): (a, b) for a, d in enumerate(config.dtypes) for b, r in enumerate(config.all_regimes)}
     cases = tuple(sorted((case for chunk in results[1 + len(extra):] for case in chunk),
                          key=lambda c: (*position[c.dtype, c.regime], c.index)))
     infos = tuple(MethodInfo(n, spec(n).summary, spec(n).bound) for n in names)
@@ -170,7 +171,7 @@ def run_study(
         for outcome in case.outcomes:
             method_seconds[outcome.method] += outcome.seconds
     study = Study(config, infos, cases, summarize(config, names, cases), totals(config, names, cases), proofs,
-                  seconds, method_seconds, workers)
+                  seconds, method_seconds, workers, summarize(config, names, cases, config.option_regimes))
     return study, extras
 
 
@@ -181,6 +182,13 @@ def _check(config: StudyConfig, jobs: int | None) -> None:
     if bad or not config.dtypes:
         raise InvalidArgument(f"dtypes must be a non-empty subset of {DTYPE_NAMES}, got {config.dtypes!r}.")
     bad = [r for r in config.regimes if r not in REGIMES]
-    if bad or not config.regimes:
+    if bad or not (config.regimes or config.option_regimes):
         raise InvalidArgument(f"regimes must be a non-empty subset of {REGIMES}, got {config.regimes!r}.")
+    if config.option_regimes and not config.option_shapes:
+        raise InvalidArgument(f"option_shapes must name at least one (N, K) for the option regimes "
+                              f"{config.option_regimes!r}, got {config.option_shapes!r}.")
+    bad = [r for r in config.option_regimes if r not in OPTION_REGIMES]
+    if bad or len(set(config.option_regimes)) < len(config.option_regimes):
+        raise InvalidArgument(f"option_regimes must be distinct regimes of {OPTION_REGIMES} (or none), got "
+                              f"{config.option_regimes!r}.")
     integer(0)("seed", config.seed)

@@ -11,7 +11,7 @@ from gradcheck.ulps import compare
 from gradcheck.dtypes import float_format
 from gradcheck.exact import exact_grad
 from gradcheck.oracle import cross_entropy_grad, cross_entropy_grad_bounded
-from gradcheck.regimes import REGIMES, make_case
+from gradcheck.regimes import OPTION_REGIMES, REGIMES, make_case
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def self_check(*, seed: int = 0, cases: int = 20, dtypes: tuple[str, ...] = ("fl
     rows = []
     for dtype in dtypes:
         half = float_format("float64")
-        for regime in REGIMES:
+        for regime in REGIMES + OPTION_REGIMES:  # the plain regimes, then the kernel options' rows
             start = time.perf_counter()
             ulps, held = [], True
             for i in range(cases):

@@ -10,14 +10,19 @@ from gradcheck.regimes import make_case
 from gradcheck.study.model import CaseResult, Cell, Outcome, StudyConfig, WorstCase
 
 
-def summarize(config: StudyConfig, methods: Sequence[str], cases: Sequence[CaseResult]) -> tuple[Cell, ...]:
-    """One :class:`Cell` per method x regime x dtype (in that order), from the cases."""
+def summarize(config: StudyConfig, methods: Sequence[str], cases: Sequence[CaseResult],
+              regimes: Sequence[str] | None = None) -> tuple[Cell, ...]:
+    """One :class:`Cell` per method x regime x dtype (in that order), from the cases.
+
+    ``regimes``: the rows (default the plain regimes, ``config.regimes``; the option rows are
+    ``config.option_regimes``).
+    """
     by_key: dict[tuple[str, str], list[CaseResult]] = {}
     for case in cases:
         by_key.setdefault((case.regime, case.dtype), []).append(case)
     cells = []
     for m, name in enumerate(methods):
-        for regime in config.regimes:
+        for regime in config.regimes if regimes is None else regimes:
             for dtype in config.dtypes:
                 group = by_key.get((regime, dtype), [])
                 cells.append(_cell(name, m, regime, dtype, group))
@@ -25,8 +30,9 @@ def summarize(config: StudyConfig, methods: Sequence[str], cases: Sequence[CaseR
 
 
 def totals(config: StudyConfig, methods: Sequence[str], cases: Sequence[CaseResult]) -> tuple[Cell, ...]:
-    """One :class:`Cell` per method x dtype over every regime (regime "all")."""
-    return tuple(_cell(name, m, "all", dtype, [c for c in cases if c.dtype == dtype])
+    """One :class:`Cell` per method x dtype over every plain regime (regime "all"; the option rows apart)."""
+    plain = set(config.regimes)
+    return tuple(_cell(name, m, "all", dtype, [c for c in cases if c.dtype == dtype and c.regime in plain])
                  for m, name in enumerate(methods) for dtype in config.dtypes)
 
 

@@ -36,15 +36,22 @@ class VectorOutcome:
 
 @dataclass(frozen=True)
 class VectorCheck:
-    """The result of :func:`check_vectors`; ``passed`` when the implementation and the checker are both right."""
+    """The result of :func:`check_vectors`; ``passed`` when the implementation and the checker are both right.
+
+    ``upstream_skipped``: tests with an upstream gradient (``gradOutput``) whose inputs were not run
+    because ``grad_fn`` does not take ``grad_output=`` (see :func:`gradcheck.checking.api.takes_grad_output`);
+    the file's own labels were still checked.
+    """
 
     function: str
     outcomes: tuple[VectorOutcome, ...]
+    upstream_skipped: int = 0
 
     @property
     def passed(self) -> bool:
-        """True when at least one test ran and every test is right (zero tests checked is not a pass)."""
-        return bool(self.outcomes) and all(o.classified and o.implementation_ok is not False for o in self.outcomes)
+        """True when at least one implementation check ran and every test is right (nothing checked is no pass)."""
+        return (any(o.implementation_ok is not None for o in self.outcomes)
+                and all(o.classified and o.implementation_ok is not False for o in self.outcomes))
 
     @property
     def implementation_failures(self) -> tuple[VectorOutcome, ...]:
@@ -57,7 +64,8 @@ class VectorCheck:
 
 def _key(group_index: int, test: Vector) -> tuple:
     w = b"" if test.weight is None else test.weight.tobytes()
-    return group_index, test.logits.tobytes(), test.targets.tobytes(), w
+    g = b"" if test.grad_output is None else test.grad_output.tobytes()
+    return group_index, test.logits.tobytes(), test.targets.tobytes(), w, g
 
 
 def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tuple[str, ...] | None = None,
@@ -68,7 +76,10 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
     For each test the checker (verify's tolerance model, :func:`gradcheck.checking.judge.compare_values`)
     must accept its gradient when it is valid and reject it when invalid; ``grad_fn`` runs once
     per distinct input and must pass :func:`gradcheck.checking.judge.check` (shape, dtype, no mutation,
-    determinism, within tolerance of the truth).
+    determinism, within tolerance of the truth). A test with an upstream gradient passes it as
+    ``grad_output=`` when ``grad_fn``'s signature names that parameter, as ``verify`` does; otherwise its
+    inputs are not run (the expected gradient is the vector-Jacobian product) and counted in
+    ``upstream_skipped``.
 
     Args:
         grad_fn: as for :func:`gradcheck.verify`.
@@ -83,11 +94,14 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
         InvalidArgument: the suite has no tests, or none of an asked dtype, target kind or pair of
             them: nothing would be checked, and that is not a pass.
     """
+    from gradcheck.checking.api import takes_grad_output
     from gradcheck.checking.judge import check
     from gradcheck.checking.messages import _name
     from gradcheck.checking.result import Failure
 
     _require_coverage(suite, dtypes, targets)
+    upstream = takes_grad_output(grad_fn)
+    skipped = 0
     contract = {g.dtype: _contract(g.dtype, precision) for g in suite.groups if _selected(g, dtypes, targets)}
     outcomes = []
     seen: dict[tuple, Any] = {}
@@ -104,7 +118,9 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
             key = _key(gi, test)
             impl_ok = None
             resembles: tuple[str, ...] = ()
-            if key not in seen:
+            if test.grad_output is not None and not upstream:
+                skipped += 1
+            elif key not in seen:
                 outcome = check(grad_fn, case, precision=contract[group.dtype])
                 seen[key] = outcome
                 impl_ok = not isinstance(outcome, Failure)
@@ -114,7 +130,7 @@ def check_vectors(grad_fn: Callable[..., Any], suite: VectorSuite, *, dtypes: tu
             outcomes.append(VectorOutcome(test.tc_id, test.result, ok_vector, impl_ok, message, resembles))
             if progress:
                 progress(1)
-    return VectorCheck(_name(grad_fn), tuple(outcomes))
+    return VectorCheck(_name(grad_fn), tuple(outcomes), skipped)
 
 
 def _contract(dtype: str, precision: str | None) -> str:
@@ -151,8 +167,11 @@ def _resembles(grad_fn: Callable[..., Any], case: Any, valid: Vector, bugs: list
     """The modeled bugs whose gradient the implementation's output is closer to than to the truth."""
     from gradcheck.adapters import to_numpy
 
+    options = case.options()
+    if case.grad_output is not None:
+        options["grad_output"] = case.grad_output
     try:
-        got = to_numpy(grad_fn(case.logits.copy(), case.targets.copy(), **case.options())).astype(np.float64)
+        got = to_numpy(grad_fn(case.logits.copy(), case.targets.copy(), **options)).astype(np.float64)
     except (Exception, SystemExit):  # noqa: BLE001 - the failure was already reported
         return ()
     if got.shape != valid.grad.shape:

@@ -14,7 +14,7 @@ from gradcheck.report.jsonio import dumps
 from gradcheck.vectors.suite import Vector, VectorGroup, VectorSuite
 
 SCHEMA_NAME = "gradcheck-vectors"
-SCHEMA_VERSION = "1.0.0"
+SCHEMA_VERSION = "1.1.0"  # 1.1: the kernel groups (lseSquareScale, softcap, gradOutput), optional keys
 SCHEMA_FILE = "vectors.schema.json"
 HEADER = (
     "Golden vectors for the gradient of softmax cross-entropy with respect to the logits,",
@@ -25,7 +25,9 @@ HEADER = (
     "of a modeled bug (its flag says which); a checker must reject it.",
     "Call grad_fn(logits, targets, **options) with the group's options that differ from their defaults:",
     "weight (the test's, when the group is weighted), ignore_index (when not -100), label_smoothing",
-    "(when not 0), reduction (when not 'mean').",
+    "(when not 0), reduction (when not 'mean'), lse_square_scale and softcap (when the group has them:",
+    "the z-loss and Gemma-2 softcap of Liger-Kernel's cross_entropy), and grad_output (a test's gradOutput,",
+    "when it has one: the gradient is then the vector-Jacobian product grad_output * dL/dz).",
 )
 FLOAT_ENCODING = ("Every float is {dtype, shape, hex, repr}: hex is the IEEE bit pattern (authoritative), "
                   "repr the shortest decimal that rounds back to it; see docs/vectors.md.")
@@ -49,6 +51,27 @@ def _test(test: Vector, weighted: bool) -> dict[str, Any]:
     }
     if weighted:
         out["weight"] = encode_floats(test.weight)
+    if test.grad_output is not None:
+        out["gradOutput"] = encode_floats(test.grad_output)
+    return out
+
+
+def _group_document(g: VectorGroup) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "type": "CrossEntropyGradientTest",
+        "dtype": g.dtype,
+        "targetKind": g.targets,
+        "reduction": g.reduction,
+        "labelSmoothing": encode_floats(np.float64(g.label_smoothing)),
+        "weighted": g.weighted,
+        "ignoreIndex": g.ignore_index,
+        "tests": [_test(t, g.weighted) for t in g.tests],
+    }
+    # the kernel options: present only in the groups that have them (the plain groups read as before)
+    if g.lse_square_scale:
+        out["lseSquareScale"] = encode_floats(np.float64(g.lse_square_scale))
+    if g.softcap is not None:
+        out["softcap"] = encode_floats(np.float64(g.softcap))
     return out
 
 
@@ -64,19 +87,7 @@ def vectors_document(suite: VectorSuite) -> dict[str, Any]:
         "header": list(HEADER),
         "floatEncoding": FLOAT_ENCODING,
         "notes": {flag: {"bugType": kind, "description": text} for flag, (kind, text) in suite.notes.items()},
-        "testGroups": [
-            {
-                "type": "CrossEntropyGradientTest",
-                "dtype": g.dtype,
-                "targetKind": g.targets,
-                "reduction": g.reduction,
-                "labelSmoothing": encode_floats(np.float64(g.label_smoothing)),
-                "weighted": g.weighted,
-                "ignoreIndex": g.ignore_index,
-                "tests": [_test(t, g.weighted) for t in g.tests],
-            }
-            for g in suite.groups
-        ],
+        "testGroups": [_group_document(g) for g in suite.groups],
     }
 
 
@@ -151,6 +162,8 @@ def load_vectors(path: str | Path, *, validate: bool = True) -> VectorSuite:
 def _group(g: dict[str, Any], index: int) -> VectorGroup:
     where = f"testGroups[{index}]"
     smoothing = float(decode_floats(g["labelSmoothing"], where=f"{where}.labelSmoothing"))
+    zloss = float(decode_floats(g["lseSquareScale"], where=f"{where}.lseSquareScale")) if "lseSquareScale" in g else 0.0
+    softcap = float(decode_floats(g["softcap"], where=f"{where}.softcap")) if "softcap" in g else None
     tests = []
     for j, t in enumerate(g["tests"]):
         at = f"{where}.tests[{j}]"
@@ -160,11 +173,12 @@ def _group(g: dict[str, Any], index: int) -> VectorGroup:
         weight = decode_floats(t["weight"], where=f"{at}.weight") if g["weighted"] else None
         flags = tuple(t["flags"])
         bug = flags[0] if t["result"] == "invalid" and flags else None
+        upstream = decode_floats(t["gradOutput"], where=f"{at}.gradOutput") if "gradOutput" in t else None
         tests.append(Vector(int(t["tcId"]), str(t["comment"]), flags, logits,
                             targets, weight, decode_floats(t["loss"], where=f"{at}.loss"),
-                            decode_floats(t["grad"], where=f"{at}.grad"), str(t["result"]), bug))
+                            decode_floats(t["grad"], where=f"{at}.grad"), str(t["result"]), bug, upstream))
     return VectorGroup(str(g["dtype"]), str(g["targetKind"]), str(g["reduction"]), smoothing, bool(g["weighted"]),
-                       g["ignoreIndex"], tuple(tests))
+                       g["ignoreIndex"], tuple(tests), zloss, softcap)
 
 
 def _indices(values: Any, logits: np.ndarray, ignore_index: Any, *, where: str) -> np.ndarray:

@@ -4,6 +4,9 @@ A suite holds test groups (one dtype and one set of options each). Every *valid*
 loss and gradient correctly rounded to the dtype (:func:`gradcheck.exact_loss`, :func:`gradcheck.exact_grad`).
 Every *invalid* test repeats the inputs of a valid test of its group with the gradient a known bug
 produces (missing 1/N, sign flip, no max subtraction, ...); a checker must reject it.
+
+The kernel groups (z-loss, softcap, upstream gradient: issue 12, Liger-Kernel's convention) come after
+every plain group in the file, so adding them left the plain groups and their tcIds as they were.
 """
 
 from __future__ import annotations
@@ -23,6 +26,16 @@ MANY = param("many_classes", "level")
 MANY_K = int(param("many_classes", "vector_classes"))
 EPS_LOG = 1e-7  # the epsilon of the EpsilonInLog bug: -log(p_t + EPS_LOG)
 EPS_CLIP = {"float64": 1e-7, "float32": 1e-7, "float16": 1e-4, "bfloat16": 1e-4}  # ClippedProbabilities (Keras style)
+# The kernel kinds. "saturated": |z| / c in SATURATION (tanh(z/c) = +-1 to the dtype, the chain factor
+# 1 - tanh^2 tiny); "large_lse": a row near +LSE_LEVEL and one near -LSE_LEVEL, so the z-loss term
+# 2 lambda lse p dominates (PaLM-size logits), the logits within LSE_SPREAD of the level.
+SATURATION = (float(param("saturated", "vector_ratio_low")), float(param("saturated", "vector_ratio_high")))
+LSE_LEVEL = param("large_lse", "level")
+LSE_SPREAD = float(param("large_lse", "spread"))
+# Upstream gradients, exact in every dtype: "none" draws distinct multiples of 1/4 in [-2, 2] per row,
+# "mean"/"sum" one scalar of UPSTREAM_SCALARS (never 1, the default).
+UPSTREAM_QUARTERS = 8
+UPSTREAM_SCALARS = (-2.0, -0.75, -0.5, 0.25, 1.5, 3.0)
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,10 @@ class GroupSpec:
         ignore_index: the ignored target value (index targets), None for probability targets.
         ignored_rows: some rows of each test take ``ignore_index``.
         normalized: probability targets sum to one (up to their rounding to the dtype).
+        lse_square_scale: the z-loss factor lambda (0: none).
+        softcap: the softcap c, or None.
+        upstream: tests carry an upstream gradient ``grad_output`` (a scalar for "mean"/"sum", one
+            value per row, differing between rows, for "none").
     """
 
     name: str
@@ -47,6 +64,14 @@ class GroupSpec:
     ignore_index: int | None = DEFAULT_IGNORE_INDEX
     ignored_rows: bool = False
     normalized: bool = True
+    lse_square_scale: float = 0.0
+    softcap: float | None = None
+    upstream: bool = False
+
+    @property
+    def kernel(self) -> bool:
+        """True for a group with a kernel option (z-loss, softcap or an upstream gradient)."""
+        return bool(self.lse_square_scale) or self.softcap is not None or self.upstream
 
 
 GROUPS: tuple[GroupSpec, ...] = (
@@ -61,6 +86,19 @@ GROUPS: tuple[GroupSpec, ...] = (
     GroupSpec("probs", "probs", ignore_index=None),
     GroupSpec("probs_unnormalized_sum", "probs", reduction="sum", ignore_index=None, normalized=False),
     GroupSpec("probs_smoothed_weighted", "probs", label_smoothing=0.1, weighted=True, ignore_index=None),
+    # the kernel groups (issue 12); built after all the groups above, in every dtype
+    GroupSpec("index_zloss", "index", lse_square_scale=0.125),
+    GroupSpec("index_zloss_smoothed_weighted_ignored", "index", label_smoothing=0.1, weighted=True, ignored_rows=True,
+              lse_square_scale=0.0625),
+    GroupSpec("index_softcap", "index", softcap=5.0),
+    GroupSpec("index_upstream", "index", upstream=True),
+    GroupSpec("index_none_upstream", "index", reduction="none", ignored_rows=True, upstream=True),
+    GroupSpec("index_sum_zloss_softcap_upstream", "index", reduction="sum", lse_square_scale=1e-4, softcap=30.0,
+              upstream=True),
+    GroupSpec("index_none_kernel_all_options", "index", reduction="none", label_smoothing=0.1, weighted=True,
+              ignored_rows=True, lse_square_scale=1e-4, softcap=30.0, upstream=True),
+    GroupSpec("probs_zloss_softcap_smoothed_weighted", "probs", label_smoothing=0.1, weighted=True, ignore_index=None,
+              lse_square_scale=0.0625, softcap=5.0),
 )
 
 KINDS: dict[str, tuple[str, tuple[int, int], str]] = {
@@ -73,6 +111,9 @@ KINDS: dict[str, tuple[str, tuple[int, int], str]] = {
     "single_class": ("SingleClass", (2, 1), "one class: the gradient is exactly zero"),
     "signed_zero": ("SignedZero", (2, 3), "-0.0 and +0.0 logits; a near one-hot row whose target gradient rounds to -0.0"),
     "many_classes": ("ManyClasses", (1, MANY_K), "many classes whose sum stagnates when accumulated sequentially in a half precision"),
+    # kernel kinds: only in the groups with the option they exercise
+    "saturated": ("SaturatedSoftcap", (2, 4), "logits far beyond the softcap (|z| >> c): tanh saturates"),
+    "large_lse": ("LargeLogSumExp", (2, 4), "logits near +300 and -300: the z-loss term dominates"),
 }
 
 NOTES: dict[str, tuple[str, str]] = {
@@ -84,6 +125,9 @@ NOTES: dict[str, tuple[str, str]] = {
     "InfiniteLoss": ("EDGE_CASE", "The loss is +inf (positive target weight on a masked class); the gradient is finite."),
     "IgnoredRows": ("EDGE_CASE", "Some rows have the target ignore_index: their gradient is zero and they do not count in the mean."),
     "ZeroWeight": ("EDGE_CASE", "A class has weight 0."),
+    "ZLoss": ("EDGE_CASE", "The group's lse_square_scale lambda > 0: each counted row adds lambda * logsumexp(z')^2, unweighted, divided under 'mean' by the number of counted rows (N for probabilities); the gradient adds 2 lambda lse p / Dz (Liger-Kernel's convention; torch has no z-loss)."),
+    "Softcap": ("EDGE_CASE", "The group's softcap c: the logits become z' = c tanh(z / c) first (-inf becomes -c, not masked), and the gradient is dL/dz' (1 - tanh^2(z / c))."),
+    "UpstreamGradient": ("EDGE_CASE", "The test carries gradOutput g (a scalar for 'mean'/'sum', one per row for 'none'): the gradient is the vector-Jacobian product g * dL/dz, 0 on ignored rows."),
     "UnnormalizedTargets": ("EDGE_CASE", "Probability targets drawn without normalization (rows sum to up to 3): the gradient is p * sum(t) - t. Without this flag probability targets are normalized before rounding to the dtype."),
     "MissingMeanDivisor": ("MODELED_BUG", "The gradient of the sum returned for reduction='mean' (the 1/N is missing)."),
     "ReductionIgnored": ("MODELED_BUG", "Always the gradient of the mean, whatever the reduction asked for."),
@@ -102,6 +146,15 @@ NOTES: dict[str, tuple[str, str]] = {
     "SoftmaxOverBatchAxis": ("MODELED_BUG", "Softmax over the batch axis instead of the classes."),
     "Float32Inside": ("MODELED_BUG", "A float64 entry point that computes in float32 (modeled as the truth rounded to float32)."),
     "HalfPrecisionSequentialSum": ("MODELED_BUG", "The softmax denominator summed sequentially in the half precision: it stagnates once the terms fall below half an ulp of the running sum."),
+    "ZLossSmoothedTarget": ("MODELED_BUG", "The z-loss gradient 2 lambda lse (p - eps/K) under label smoothing instead of 2 lambda lse p (an old Liger-Kernel kernel)."),
+    "SoftcapTimesLogit": ("MODELED_BUG", "The softcap as z tanh(z / c) instead of c tanh(z / c) (unsloth-zoo #593), differentiated as such."),
+    "UpstreamIgnored": ("MODELED_BUG", "The upstream gradient ignored: the gradient for grad_output = 1 (Liger-Kernel #678 for reduction='none')."),
+    "UpstreamFirstRowOnly": ("MODELED_BUG", "grad_output[0] used for every row under reduction='none' (TransformerEngine #2139)."),
+    "ZLossClassWeighted": ("MODELED_BUG", "The z-loss term of each row multiplied by its target's class weight."),
+    "ZLossDividedByWeights": ("MODELED_BUG", "The z-loss term divided under 'mean' by the cross-entropy's divisor (the sum of the targets' weights) instead of the number of counted rows."),
+    "ZLossOnIgnoredRows": ("MODELED_BUG", "Ignored rows get the z-loss gradient 2 lambda lse p / Dz instead of zero."),
+    "ZLossFactorTwoMissing": ("MODELED_BUG", "The z-loss gradient lambda lse p instead of 2 lambda lse p (the derivative of lse^2 is 2 lse p)."),
+    "SoftcapChainRuleMissing": ("MODELED_BUG", "The gradient with respect to the capped logits z' returned: the factor 1 - tanh^2(z / c) is missing."),
     "BeyondToleranceUlps": ("MODELED_BUG", "The truth with its largest element moved outward by the smallest power-of-two number of ULPs beyond the verify tolerance: rejected by a checker whose tolerance is right, accepted by one too loose."),
 }
 
@@ -121,6 +174,7 @@ class Vector:
         grad: the gradient: correctly rounded (valid), or the modeled bug's (invalid).
         result: "valid" or "invalid".
         bug: the modeled bug's flag (invalid tests), else None.
+        grad_output: the upstream gradient in the dtype (shape ``()`` or ``(N,)``), or None (ones).
     """
 
     tc_id: int
@@ -133,6 +187,7 @@ class Vector:
     grad: np.ndarray
     result: str
     bug: str | None = None
+    grad_output: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,13 +201,23 @@ class VectorGroup:
     weighted: bool
     ignore_index: int | None
     tests: tuple[Vector, ...]
+    lse_square_scale: float = 0.0
+    softcap: float | None = None
+
+    @property
+    def kernel(self) -> bool:
+        """True when the group has a kernel option or its tests carry an upstream gradient."""
+        return bool(self.lse_square_scale) or self.softcap is not None or any(
+            t.grad_output is not None for t in self.tests)
 
     def case(self, test: Vector) -> Any:
         """The test's inputs as a :class:`gradcheck.problem.Case` (what ``verify`` checks)."""
+        g = None if test.grad_output is None else test.grad_output.astype(np.float64)
         return Case.make(test.logits, test.targets, weight=test.weight,
                          ignore_index=DEFAULT_IGNORE_INDEX if self.ignore_index is None else self.ignore_index,
-                         reduction=self.reduction, label_smoothing=self.label_smoothing, regime="vectors",
-                         tags=tuple(test.flags))
+                         reduction=self.reduction, label_smoothing=self.label_smoothing,
+                         lse_square_scale=self.lse_square_scale, softcap=self.softcap, grad_output=g,
+                         regime="vectors", tags=tuple(test.flags))
 
 
 @dataclass(frozen=True, eq=False)
