@@ -169,6 +169,16 @@ def jax_grad_fn(fn: GradFn, *, device: Any = None) -> GradFn:
     return grad_fn
 
 
+def refuse_unaccepted(name: str, accepts: tuple[str, ...] | None, options: dict[str, Any]) -> None:
+    """TypeError naming the first option a loss does not take (``accepts`` None: it takes every one)."""
+    if accepts is None:
+        return
+    extra = [k for k in options if k not in accepts]
+    if extra:
+        raise TypeError(f"{name} takes the options {accepts}, got {extra[0]}= (the loss cannot compute this "
+                        "case; check it without that option)")
+
+
 def jax_loss_grad(loss_fn: GradFn, *, accepts: tuple[str, ...] | None = None,
                   per_example: bool = False, device: Any = None) -> GradFn:
     """The gradient of a JAX loss ``loss_fn(logits, targets, **options)`` through ``jax.grad``.
@@ -205,11 +215,7 @@ def jax_loss_grad(loss_fn: GradFn, *, accepts: tuple[str, ...] | None = None,
         import jax.numpy as jnp
 
         reduction = options.pop("reduction", "mean") if per_example else None
-        if accepts is not None:
-            extra = [k for k in options if k not in accepts]
-            if extra:
-                raise TypeError(f"{name} takes the options {accepts}, got {extra[0]}= (the loss cannot compute this "
-                                "case; check it without that option)")
+        refuse_unaccepted(name, accepts, options)
         weight = options.pop("weight", None)
         static = tuple(sorted(options.items()))
         key = (static, reduction)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gradcheck.adapters import _jax_put, to_numpy, to_torch
+from gradcheck.adapters import _jax_put, refuse_unaccepted, to_numpy, to_torch
 from gradcheck.errors import require
 
 GradFn = Callable[..., Any]
@@ -144,11 +144,7 @@ def jax_linear_loss_grad(loss_fn: GradFn, *, accepts: tuple[str, ...] | None = N
         import jax.numpy as jnp
 
         reduction = options.pop("reduction", "mean") if per_example else None
-        if accepts is not None:
-            extra = [k for k in options if k not in accepts]
-            if extra:
-                raise TypeError(f"{name} takes the options {accepts}, got {extra[0]}= (the loss cannot compute this "
-                                "case; check it without that option)")
+        refuse_unaccepted(name, accepts, options)
         class_weight = options.pop("ce_weight", None)
         static = tuple(sorted(options.items()))
         with_bias = bias is not None

@@ -182,10 +182,25 @@ def _report(args: argparse.Namespace) -> int:
 # --- vectors ------------------------------------------------------------------------------------
 
 
-def _linear_vectors(args: argparse.Namespace) -> int:
-    """``gradcheck vectors --linear``: the fused linear family's golden vectors (gradcheck.vectors.linear)."""
+def _check_current(path: str, text: str, what: str, regenerate: str, summary: str) -> int:
+    """``--check``: 0 when the file at ``path`` is ``text``, 1 (saying how to regenerate it) when it differs,
+    2 when it cannot be read."""
     from pathlib import Path
 
+    try:
+        current = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        _err(f"cannot read {path}: {exc.strerror}")
+        return 2
+    if current != text:
+        _err(f"{path} differs from {what}; regenerate it with `{regenerate}`")
+        return 1
+    print(f"{path} is up to date ({summary})")
+    return 0
+
+
+def _linear_vectors(args: argparse.Namespace) -> int:
+    """``gradcheck vectors --linear``: the fused linear family's golden vectors (gradcheck.vectors.linear)."""
     from gradcheck.report.jsonio import write_atomic
     from gradcheck.vectors.linear import build_linear_suite, render_linear_vectors
 
@@ -197,17 +212,8 @@ def _linear_vectors(args: argparse.Namespace) -> int:
     text = render_linear_vectors(groups, args.seed)
     tests = sum(len(g.tests) for g in groups)
     if args.check:
-        try:
-            current = Path(out).read_text(encoding="utf-8")
-        except OSError as exc:
-            _err(f"cannot read {out}: {exc.strerror}")
-            return 2
-        if current != text:
-            _err(f"{out} differs from the linear vectors generated with seed {args.seed}; regenerate it with "
-                 f"`gradcheck vectors --linear --out {out}`")
-            return 1
-        print(f"{out} is up to date ({tests} tests, seed {args.seed})")
-        return 0
+        return _check_current(out, text, f"the linear vectors generated with seed {args.seed}",
+                              f"gradcheck vectors --linear --out {out}", f"{tests} tests, seed {args.seed}")
     path = write_atomic(out, text)
     print(f"wrote {path} ({_size(path.stat().st_size)}): {tests} tests in {len(groups)} groups, seed {args.seed}, "
           f"{time.perf_counter() - start:.1f} s")
@@ -215,8 +221,6 @@ def _linear_vectors(args: argparse.Namespace) -> int:
 
 
 def _vectors(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     if getattr(args, "linear", False):
         return _linear_vectors(args)
 
@@ -230,18 +234,8 @@ def _vectors(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     suite = build_suite(args.seed)
     if args.check:
-        text = render_vectors(suite)
-        try:
-            current = Path(args.out).read_text(encoding="utf-8")
-        except OSError as exc:
-            _err(f"cannot read {args.out}: {exc.strerror}")
-            return 2
-        if current != text:
-            _err(f"{args.out} differs from the vectors generated with seed {args.seed}; regenerate it with "
-                 f"`gradcheck vectors --out {args.out}`")
-            return 1
-        print(f"{args.out} is up to date ({suite.number_of_tests} tests, seed {args.seed})")
-        return 0
+        return _check_current(args.out, render_vectors(suite), f"the vectors generated with seed {args.seed}",
+                              f"gradcheck vectors --out {args.out}", f"{suite.number_of_tests} tests, seed {args.seed}")
     written = write_vectors(args.out, suite)
     print(f"wrote {written.path} ({_size(written.size)}): {suite.number_of_tests} tests in {len(suite.groups)} groups, "
           f"seed {args.seed}, {time.perf_counter() - start:.1f} s")
