@@ -38,7 +38,9 @@ def test_correct_kernels_pass(run):
     result = verify_linear(ZOO_LINEAR_CORRECT[name].fn, dtype=dtype, seed=SEED, max_examples=CORRECT_EXAMPLES,
                            **config)
     assert result.passed, str(result)
-    assert result.grade == "kernel"
+    # the kernel contract is "float32" ("float64" for float64); measured: none of them meets a tighter one
+    kernel = "float64" if dtype == "float64" else "float32"
+    assert result.precision == result.grade == kernel, str(result)
     assert 0 < result.worst_ratio <= 1
 
 
