@@ -709,7 +709,8 @@ def describe_linear(result: Verification) -> str:
 # ---- the entry points -----------------------------------------------------------------------------------------------
 
 
-def verify_linear(grad_fn: Callable[..., Any], **options: Any) -> LinearVerification:
+def verify_linear(grad_fn: Callable[..., Any], *, progress: Callable[..., Any] | None = None,
+                  **options: Any) -> LinearVerification:
     """Check a fused linear cross-entropy ``grad_fn`` on Hypothesis-generated cases (docs/linear.md).
 
     Args:
@@ -728,6 +729,8 @@ def verify_linear(grad_fn: Callable[..., Any], **options: Any) -> LinearVerifica
 
     The result's ``grade`` is the tightest contract met on every example, ``contract_ratios`` the worst
     error under each contract as a multiple of its tolerance.
+
+        progress: called as verify's is (the CLI's progress bar), see :func:`gradcheck.checking.search._search`.
 
     Returns:
         A :class:`LinearVerification`; it never raises because a gradient is wrong.
@@ -753,7 +756,7 @@ def verify_linear(grad_fn: Callable[..., Any], **options: Any) -> LinearVerifica
     start = time.perf_counter()
     stats = {"examples": 0, "ulps": 0.0, "ratio": 0.0, "failed": False}
     failure = _search(grad_fn, strategy, seed, o["max_examples"], stats, timeout=o["timeout"], inplace=o["inplace"],
-                      precision=precision, judge=check_linear)
+                      precision=precision, judge=check_linear, progress=progress)
     if failure is not None and failure.case is not None:
         failure = finalize_linear(simplify_linear(grad_fn, failure, timeout=o["timeout"], inplace=o["inplace"],
                                                   precision=precision))
