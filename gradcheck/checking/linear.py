@@ -374,14 +374,15 @@ EXACT_CERTIFY_LIMIT = 1 << 16  # largest N * V * D certified when the oracle's b
 
 
 def exact_ok(got: tuple[np.ndarray, ...], lp: LinearProblem, ref: LinearBounded, *,
-             asked: bool) -> tuple[list[np.ndarray], bool]:
+             asked: bool) -> tuple[list[np.ndarray], bool, list[np.ndarray]]:
     """Which elements are the correctly rounded truth (docs/linear.md, "Precision contracts": "exact").
 
     Where the oracle's enclosure ``value +- bound`` rounds to one number of the dtype (nearly everywhere below
     float64), that number is the truth rounded and the element must equal it; elsewhere the certified truth
     (:func:`gradcheck.linear_exact.certified_linear_grad`) decides, when the case is small enough
-    (:data:`EXACT_CERTIFY_LIMIT`) or "exact" is the asked contract. Returns the per-gradient masks and whether
-    every element was decided (False: the contract could not be certified here, so it is not met).
+    (:data:`EXACT_CERTIFY_LIMIT`) or "exact" is the asked contract. Returns the per-gradient masks, whether
+    every element was decided (False: the contract could not be certified here, so it is not met) and the
+    correctly rounded values (as float64).
     """
     from gradcheck.exact import _decided
 
@@ -391,7 +392,7 @@ def exact_ok(got: tuple[np.ndarray, ...], lp: LinearProblem, ref: LinearBounded,
     if unsure:
         n, v, dd = lp.shape
         if not asked and n * v * dd > EXACT_CERTIFY_LIMIT:
-            return [np.zeros(g.shape, dtype=bool) for g in got], False
+            return [np.zeros(g.shape, dtype=bool) for g in got], False, []
         from gradcheck.errors import CertificationError
         from gradcheck.linear_exact import certified_linear_grad
 
@@ -400,10 +401,11 @@ def exact_ok(got: tuple[np.ndarray, ...], lp: LinearProblem, ref: LinearBounded,
         except CertificationError:
             if asked:
                 raise
-            return [np.zeros(g.shape, dtype=bool) for g in got], False  # undecidable here: "exact" not certified
+            return [np.zeros(g.shape, dtype=bool) for g in got], False, []  # undecidable here: "exact" not certified
         decided = [None if d is None else np.where(np.isnan(d), t.astype(np.float64), d)
                    for d, t in zip(decided, truth)]
-    return [g.astype(np.float64) == d for g, d in zip(got, decided) if d is not None], True
+    decided = [d for d in decided if d is not None]
+    return [g.astype(np.float64) == d for g, d in zip(got, decided)], True, decided
 
 
 def compare_linear(got: tuple[np.ndarray, ...], case: LinearCase, *, precision: str | None = None,
@@ -438,11 +440,12 @@ def compare_linear(got: tuple[np.ndarray, ...], case: LinearCase, *, precision: 
             ratios[contract] = [np.where(e == 0, 0.0, e / t) for e, t in zip(errs, ts)]
             oks[contract] = [e <= t + r.bound for e, t, (_, _, r) in zip(errs, ts, present)]
         if "exact" in wanted:
-            masks, certain = exact_ok(tuple(g for _, g, _ in present), lp, ref, asked=asked == "exact")
+            masks, certain, rounded = exact_ok(tuple(g for _, g, _ in present), lp, ref, asked=asked == "exact")
             if certain:
+                # the error from the correctly rounded value in half ULPs: 0 when met, at least 2 when not
                 oks["exact"] = masks
-                half = [0.5 * fmt.ulp(np.abs(r.value)) for _, _, r in present]
-                ratios["exact"] = [np.where(m, 0.0, np.where(e == 0, 0.0, e / hu)) for m, e, hu in zip(masks, errs, half)]
+                ratios["exact"] = [np.where(m, 0.0, np.abs(g.astype(np.float64) - x) / (0.5 * fmt.ulp(np.abs(x))))
+                                   for m, (_, g, _), x in zip(masks, present, rounded)]
             else:
                 vacuous = (*vacuous, "exact")
     if grades is not None:
@@ -454,7 +457,8 @@ def compare_linear(got: tuple[np.ndarray, ...], case: LinearCase, *, precision: 
     wrong: tuple[float, str, tuple[int, ...], float, float, float, float] | None = None
     for k, (name, g, r) in enumerate(present):
         ratio, ok = ratios[asked][k], oks[asked][k]
-        t = tols[asked][GRADIENTS.index(name)] if asked != "exact" else 0.5 * fmt.ulp(np.abs(r.value))
+        value = r.value if asked != "exact" else rounded[k]  # "exact": the correctly rounded truth
+        t = tols[asked][GRADIENTS.index(name)] if asked != "exact" else 0.5 * fmt.ulp(np.abs(value))
         ulps = ulp_distance(g, round_to_format(r.value, fmt))
         worst_ratio = max(worst_ratio, float(ratio.max(initial=0.0)))
         worst_ulps = max(worst_ulps, float(ulps.max(initial=0.0)))
@@ -462,7 +466,7 @@ def compare_linear(got: tuple[np.ndarray, ...], case: LinearCase, *, precision: 
             flat = np.where(~ok, np.where(np.isfinite(ratio), ratio, np.finfo(np.float64).max), -1.0)
             where = tuple(int(i) for i in np.unravel_index(int(np.argmax(flat)), flat.shape))
             if wrong is None or ratio[where] > wrong[0]:
-                wrong = (float(ratio[where]), name, where, float(r.value[where]), float(g[where]), float(ulps[where]),
+                wrong = (float(ratio[where]), name, where, float(value[where]), float(g[where]), float(ulps[where]),
                          float(t[where]))
     if wrong is not None:
         ratio, name, where, expected, value, ulps, tolerance = wrong
