@@ -294,6 +294,8 @@ def test_exact_contract_fails_a_kernel_one_ulp_off(dtype):
     options = {"dtype": dtype, "seed": SEED, "max_examples": CORRECT_EXAMPLES, "max_shape": PRECISION_SHAPE}
     truth = verify_linear(exact_kernel, precision="exact", **options)
     assert truth.passed and truth.grade == "exact" and truth.worst_ratio == 0.0, str(truth)
+    graded = verify_linear(exact_kernel, **options)  # "exact" graded under the default contract, too (small cases)
+    assert graded.passed and graded.grade == "exact" and graded.contract_ratios["exact"] == 0.0, str(graded)
     exact = verify_linear(one_ulp_off, precision="exact", **options)
     assert not exact.passed and exact.failure.kind == "mismatch" and exact.failure.gradient == "d_weight", str(exact)
     assert exact.failure.index == (0, 0) and "exact contract" in exact.failure.message

@@ -370,10 +370,9 @@ def contract_tolerances(lp: LinearProblem, ref: LinearBounded, wanted: tuple[str
     return tols, tuple(vacuous)
 
 
-# When "exact" is only graded (not asked), the certified truth is computed only for small cases with few elements
-# the oracle's band leaves undecided (float64 results, cancellation); otherwise "exact" is not certified there.
-EXACT_CERTIFY_LIMIT = 4096  # largest N * V * D
-EXACT_CERTIFY_ELEMENTS = 8  # most undecided elements
+# When "exact" is only graded (not asked), the certified truth of the elements the oracle's band leaves undecided
+# (float64 results, cancellation) is computed only for small cases; otherwise "exact" is not certified there.
+EXACT_CERTIFY_LIMIT = 4096  # largest N * V * D (FINALIZE_LIMIT's size)
 
 
 def exact_ok(got: tuple[np.ndarray, ...], lp: LinearProblem, ref: LinearBounded, *,
@@ -383,7 +382,7 @@ def exact_ok(got: tuple[np.ndarray, ...], lp: LinearProblem, ref: LinearBounded,
     Where the oracle's enclosure ``value +- bound`` rounds to one number of the dtype (nearly everywhere below
     float64), that number is the truth rounded and the element must equal it; elsewhere the certified truth
     (:func:`gradcheck.linear_exact.certified_linear_grad`) decides, when "exact" is the asked contract or the
-    case is small enough (:data:`EXACT_CERTIFY_LIMIT`, :data:`EXACT_CERTIFY_ELEMENTS`). Returns the per-gradient masks, whether
+    case is small enough (:data:`EXACT_CERTIFY_LIMIT`). Returns the per-gradient masks, whether
     every element was decided (False: the contract could not be certified here, so it is not met) and the
     correctly rounded values (as float64).
     """
@@ -391,10 +390,14 @@ def exact_ok(got: tuple[np.ndarray, ...], lp: LinearProblem, ref: LinearBounded,
 
     fmt = lp.format
     decided = [None if r is None else _decided(r.value, r.bound, fmt) for r in ref]
+    # an enclosure around 0 that rounds to -0 at one end and +0 at the other rounds to zero: decided, since
+    # elements are compared as numbers (signed zeros equal, as verify's exact contract compares them)
+    decided = [None if d is None else np.where(np.isnan(d) & (np.abs(r.value) + r.bound < fmt.smallest_subnormal / 2),
+                                               0.0, d) for d, r in zip(decided, ref)]
     unsure = sum(int(np.isnan(d).sum()) for d in decided if d is not None)
     if unsure:
         n, v, dd = lp.shape
-        if not asked and (n * v * dd > EXACT_CERTIFY_LIMIT or unsure > EXACT_CERTIFY_ELEMENTS):
+        if not asked and n * v * dd > EXACT_CERTIFY_LIMIT:
             return [np.zeros(g.shape, dtype=bool) for g in got], False, []
         from gradcheck.errors import CertificationError
         from gradcheck.linear_exact import certified_linear_grad
