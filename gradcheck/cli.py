@@ -118,6 +118,7 @@ def _report(args: argparse.Namespace) -> int:
     from gradcheck.report import render_all, write_texts
     from gradcheck.study import StudyConfig, run_study, task_count
     from gradcheck.vectors import build_suite
+    from gradcheck.vectors.linear import build_linear_suite
 
     console = Console(soft_wrap=True)
     started = dt.datetime.now(dt.timezone.utc)
@@ -129,7 +130,7 @@ def _report(args: argparse.Namespace) -> int:
                          option_regimes=tuple(r for r in asked if r in default.option_regimes) if asked
                          else default.option_regimes,
                          methods=tuple(args.methods or ()), proof_classes=args.max_classes)
-    extra = [] if args.no_vectors else [(build_suite, args.seed)]
+    extra = [] if args.no_vectors else [(build_suite, args.seed), (build_linear_suite, args.seed)]
     try:
         with _Progress(console, "study", task_count(config) + len(extra)) as bar:
             study, extras = run_study(config, jobs=args.jobs, scheduler=args.scheduler, progress=bar.advance,
@@ -138,7 +139,9 @@ def _report(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 2
     suite = extras[0] if extras else None
-    texts, _ = render_all(study, suite, started=started, timing={"totalSeconds": round(time.perf_counter() - start, 3)})
+    linear = (extras[1], args.seed) if extras else None
+    texts, _ = render_all(study, suite, started=started, timing={"totalSeconds": round(time.perf_counter() - start, 3)},
+                          linear=linear)
     with _stops_deferred():  # the four files as a set: a stop now comes once they are written
         written = write_texts(args.out, texts)
     seconds = time.perf_counter() - start
@@ -165,6 +168,10 @@ def _report(args: argparse.Namespace) -> int:
         valid = sum(t.result == "valid" for g in suite.groups for t in g.tests)
         console.print(f"  vectors: {suite.number_of_tests} tests ({valid} valid, {suite.number_of_tests - valid} invalid) "
                       f"in {len(suite.groups)} groups")
+    if linear is not None:
+        tests = [t for g in linear[0] for t in g.tests]
+        console.print(f"  linear vectors: {len(tests)} tests ({sum(t.result == 'valid' for t in tests)} valid) "
+                      f"in {len(linear[0])} groups")
     if not held:
         _err("the closed form's rigorous error bound failed on some case (see report.md)")
     if not proofs_ok:
@@ -336,13 +343,15 @@ def _verify(args: argparse.Namespace) -> int:
     runs, cases = [], []
     for dtype in args.dtype or [VERIFY["dtype"].default]:
         for targets in args.targets or [VERIFY["targets"].default]:
-            try:
-                from rich.console import Console  # the report extra; without it verify runs quiet
+            bar = None  # verify_linear takes no progress callback: it runs quiet
+            if not linear:
+                try:
+                    from rich.console import Console  # the report extra; without it verify runs quiet
 
-                bar = _Progress(Console(stderr=True), f"verify {dtype} {targets}", options.get("max_examples", 100),
-                                delay=2.0)
-            except ImportError:
-                bar = None
+                    bar = _Progress(Console(stderr=True), f"verify {dtype} {targets}",
+                                    options.get("max_examples", 100), delay=2.0)
+                except ImportError:
+                    pass
             try:
                 if bar is None:
                     result = verify(fn, dtype=dtype, targets=targets, **options)

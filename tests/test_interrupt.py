@@ -171,7 +171,8 @@ def test_a_signal_while_writing_the_report_lets_it_finish_the_set(tmp_path):
         stderr = (tmp_path / "stderr").read_text()
         assert proc.returncode == 143, (proc.returncode, stderr)
         assert stderr.splitlines() == ["gradcheck: stopped by SIGTERM"], stderr
-        assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md", "vectors.json"]
+        assert sorted(p.name for p in out.iterdir()) == ["linear_vectors.json", "report.html", "report.json", "report.md",
+                                                         "vectors.json"]
         document = json.loads((out / "report.json").read_text())
         digest = hashlib.sha256((out / "vectors.json").read_bytes()).hexdigest()
         assert digest in json.dumps(document["vectors"])  # report.json describes the vectors.json beside it

@@ -122,7 +122,7 @@ def test_text_goes_through_the_same_rule(name):
 
 def test_the_cli_flags_are_the_verify_options():
     sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    flags = {o.dest for o in sub.choices["verify"]._actions} - {"help", "function", "vectors", "json", "junit_xml"}
+    flags = {o.dest for o in sub.choices["verify"]._actions} - {"help", "function", "vectors", "json", "junit_xml", "linear"}
     assert flags == set(VERIFY)
 
 

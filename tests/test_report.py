@@ -258,3 +258,20 @@ def test_html_escapes_every_user_controlled_string_in_a_real_browser(hostile_htm
     assert "PWNED" not in text.replace(HOSTILE_METHOD, "").replace(HOSTILE_SUMMARY, "")  # no script ran
     for name, value in HOSTILE_STRINGS.items():
         assert value in text, name
+
+
+def test_the_linear_vectors_are_written_beside_the_others_with_their_section(tmp_path, rendered):
+    from gradcheck.report import render_all, write_texts
+    from gradcheck.vectors.linear import build_linear_suite, render_linear_vectors
+
+    study, suite, _, _ = rendered
+    groups = build_linear_suite(3, dtypes=("float32",))
+    texts, _ = render_all(study, suite, linear=(groups, 3))
+    assert texts["linear_vectors.json"] == render_linear_vectors(groups, 3)
+    assert "## Golden vectors of the fused linear family" in texts["report.md"]
+    assert "linear_vectors.json" in texts["report.md"]
+    written = write_texts(tmp_path, texts)
+    assert [w.path.name for w in written] == ["vectors.json", "linear_vectors.json", "report.json", "report.md",
+                                              "report.html"]
+    plain, _ = render_all(study, suite)
+    assert "linear_vectors.json" not in plain and "fused linear family" not in plain["report.md"]

@@ -20,6 +20,7 @@ FILES = {
     "report.md": "tables",
     "report.html": "tables and plots",
     "vectors.json": "golden vectors",
+    "linear_vectors.json": "golden vectors of the fused linear family",
 }
 
 
@@ -32,8 +33,12 @@ class Written:
 
 
 def render_all(study: Any, suite: Any, *, started: _dt.datetime | None = None,
-               timing: dict[str, Any] | None = None) -> tuple[dict[str, str], dict[str, Any]]:
-    """Render the four files' texts; returns ({file name: text}, the report.json document)."""
+               timing: dict[str, Any] | None = None,
+               linear: tuple[Any, int] | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    """Render the files' texts; returns ({file name: text}, the report.json document).
+
+    ``linear`` is ``(groups, seed)`` of :func:`gradcheck.vectors.linear.build_linear_suite`: it adds
+    linear_vectors.json and the Markdown section on it (gradcheck.report.linear_section)."""
     from gradcheck.report.html import render_html
     from gradcheck.report.json_report import render_report_json, report_document, vector_summary
     from gradcheck.report.markdown import render_markdown
@@ -46,9 +51,17 @@ def render_all(study: Any, suite: Any, *, started: _dt.datetime | None = None,
         digest = hashlib.sha256(texts["vectors.json"].encode("utf-8")).hexdigest()
         vectors = vector_summary(suite, "vectors.json", digest)
     document = report_document(study, vectors, timing=dict(timing or {}), started=started)
-    files = {name: desc for name, desc in FILES.items() if name != "vectors.json" or suite is not None}
+    files = {name: desc for name, desc in FILES.items()
+             if (name != "vectors.json" or suite is not None) and (name != "linear_vectors.json" or linear is not None)}
     texts["report.json"] = render_report_json(document)
     texts["report.md"] = render_markdown(study, document, files)
+    if linear is not None:
+        from gradcheck.report.linear_section import linear_vectors_markdown
+        from gradcheck.vectors.linear import render_linear_vectors
+
+        groups, seed = linear
+        texts["linear_vectors.json"] = render_linear_vectors(groups, seed)
+        texts["report.md"] = texts["report.md"].rstrip("\n") + "\n\n" + "\n".join(linear_vectors_markdown(groups)) + "\n"
     texts["report.html"] = render_html(study, document, files)
     return texts, document
 
@@ -68,7 +81,7 @@ def write_texts(out_dir: str | Path, texts: dict[str, str]) -> list[Written]:
     """
     out = Path(out_dir)
     written = []
-    for name in ("vectors.json", "report.json", "report.md", "report.html"):
+    for name in ("vectors.json", "linear_vectors.json", "report.json", "report.md", "report.html"):
         if name in texts:
             path = write_atomic(out / name, texts[name])
             written.append(Written(path, path.stat().st_size))
