@@ -356,3 +356,13 @@ def test_cli_verify_linear_precision(tmp_path, monkeypatch, capsys):
     assert run["precision"] == "exact" and run["grade"] == "exact"
     assert cli.main(["verify", "--linear", "flce_precision:one_ulp_off", "--precision", "exact", *common]) == 1
     assert "exact contract" in capsys.readouterr().err
+
+
+def test_plugin_fixture_passes_its_precision_to_verify_linear():
+    from gradcheck.pytest_plugin.checker import GradientChecker, Settings
+
+    settings = Settings(seed=1, dtypes=("bfloat16",), defaults={}, report=None)
+    checker = GradientChecker("t::test[bfloat16]", settings, "bfloat16",
+                              {"precision": "exact", "max_examples": 5})
+    result = checker.verify_linear(one_ulp_off, max_shape=(8, 32, 8))
+    assert result.precision == "exact" and not result.passed and "exact contract" in result.failure.message
