@@ -532,8 +532,8 @@ def _positive_seconds(text: str) -> float:
 def build_parser(*, linear: bool = False) -> argparse.ArgumentParser:
     """The ``gradcheck`` parser: one subcommand per builder below, each setting ``run`` to its handler.
 
-    ``linear``: ``verify``'s check options are verify_linear's (``--bias``, ``--max-shape N,V,D``; no
-    ``--precision`` or ``--regimes``), for ``gradcheck verify --linear MODULE:FUNC``.
+    ``linear``: ``verify``'s check options are verify_linear's (``--bias``, ``--max-shape N,V,D``,
+    ``--precision``; no ``--regimes``), for ``gradcheck verify --linear MODULE:FUNC``.
     """
     parser = argparse.ArgumentParser(
         prog="gradcheck",
@@ -639,7 +639,7 @@ def _add_verify(sub: Any, *, linear: bool = False) -> None:
     p.add_argument("--linear", action="store_true",
                    help="FUNC is a fused linear cross-entropy gradient FUNC(hidden, weight, targets, **options) "
                    "returning (d_hidden, d_weight) or, with --bias, (d_hidden, d_weight, d_bias); checked by "
-                   "verify_linear, whose options then apply: --bias, --max-shape N,V,D (no --precision, --regimes); with "
+                   "verify_linear, whose options then apply: --bias, --max-shape N,V,D, --precision (no --regimes); with "
                    "--vectors, FILE is a linear vectors file (gradcheck vectors --linear)")
     _add_verify_options(p, linear=linear)
     p.add_argument("--json", metavar="PATH", help="write the result as JSON")

@@ -27,7 +27,8 @@ from gradcheck.errors import InvalidArgument
 from gradcheck.oracle import SECOND_ORDER, U, Bounded, _row_error, gamma, grad_bounded, row_parts
 from gradcheck.options import CASE
 from gradcheck.problem import Problem, as_array, make_problem
-from gradcheck.tolerance import EXP_U, LOG_U, Implementation, element_bound, tiled_depth, tree_depth
+from gradcheck.tolerance import (EXP_U, LOG_U, Implementation, contracts, default_contract, element_bound, tiled_depth,
+                                 tree_depth)
 
 __all__ = ["LinearBounded", "LinearGrad", "LinearProblem", "linear_cross_entropy_grad",
            "linear_cross_entropy_grad_bounded", "linear_tolerance", "make_linear_problem"]
@@ -373,24 +374,63 @@ def _sensitive_part(problem: Problem, ce_problem: Problem, parts: Any, ce: np.nd
 
 @dataclass(frozen=True)
 class KernelModel:
-    """The structure docs/linear.md, "The kernel contract", accepts.
+    """One implementation class a precision contract accepts (docs/linear.md, "Precision contracts").
 
     Attributes:
         name: the contract's name.
-        acc: the accumulation (working) format: float32, or float64 for float64 inputs.
+        acc: the accumulation (working) format.
         store: the format chunk-sized intermediates (logits, their gradient, per-chunk partial products) may
-            be stored in once: the dtype.
+            be stored in once: the dtype for the "float32" contract (Liger-structured), float64 for the
+            "float64" contract (rounded once, at the end, to the dtype), the dtype for the in-dtype class.
+        tree: the sums are pairwise (depth ceil(log2 k) + 1 roundings per term) rather than in any order
+            (k roundings): the in-dtype class of a half-precision dtype, where any-order sums of V or N terms
+            have no useful bound (docs/linear.md, "Precision contracts").
     """
 
     name: str
     acc: FloatFormat
     store: FloatFormat
+    tree: bool = False
+
+    def sum_error(self, k: int) -> float:
+        """The relative error factor of a sum of k products in ``acc``: gamma_k, or gamma_(depth + 1) for a tree."""
+        return gamma(tree_depth(k) + 1, self.acc.unit_roundoff) if self.tree else gamma(k, self.acc.unit_roundoff)
+
+
+def linear_contracts(fmt: FloatFormat) -> tuple[str, ...]:
+    """The precision contracts of verify_linear for a dtype, tightest first: verify's
+    (:func:`gradcheck.tolerance.contracts`): "exact", each wider working precision, the dtype itself."""
+    return contracts(fmt)
+
+
+def default_linear_contract(fmt: FloatFormat) -> str:
+    """The kernel contract (issue 13's default): float32 accumulation, intermediates stored in the dtype at most
+    once (float64 throughout for float64): the contract named "float32" (float64 for float64), which is verify's
+    default contract too (:func:`gradcheck.tolerance.default_contract`)."""
+    return default_contract(fmt)
+
+
+def contract_models(fmt: FloatFormat, name: str) -> tuple[KernelModel, ...]:
+    """The implementation classes a (non-exact) contract accepts; its tolerance is the largest of theirs.
+
+    * "float64": accumulate in float64, keep every intermediate in float64, round once to the dtype;
+    * "float32": accumulate in float32, intermediates stored in the dtype at most once (the kernel contract);
+    * the dtype of a half precision: arithmetic in the dtype with pairwise sums, or anything "float32" accepts.
+    """
+    if name == "exact":
+        return ()
+    if name == FLOAT64.name:
+        return (KernelModel(name, FLOAT64, FLOAT64),)
+    if name == FLOAT32.name:
+        return (KernelModel(name, FLOAT32, fmt),)
+    if name == fmt.name:  # a half precision's own contract
+        return (KernelModel(name, fmt, fmt, tree=True), KernelModel(name, FLOAT32, fmt))
+    raise InvalidArgument(f"precision must be one of {linear_contracts(fmt)} for {fmt.name}, got {name!r}.")
 
 
 def kernel_model(fmt: FloatFormat) -> KernelModel:
     """The default contract for a dtype: accumulate in float32 (float64 for float64), store in the dtype."""
-    acc = FLOAT64 if fmt.precision >= FLOAT64.precision else FLOAT32
-    return KernelModel("kernel", acc, fmt)
+    return contract_models(fmt, default_linear_contract(fmt))[0]
 
 
 def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
@@ -418,7 +458,7 @@ def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
         # step K1: the logits: a (D+1)-term dot product in acc, the matmul stored in the dtype, the bias added in it
         mag = lp.magnitude
         zhw = np.abs(z if lp.bias is None else z - lp.b64)
-        dz = gamma(d + 1, ua) * mag + (d + 1) * model.acc.tiny
+        dz = model.sum_error(d + 1) * mag + (d + 1) * model.acc.tiny
         dz = dz + ud * (zhw + dz) + sub_d
         if lp.bias is not None:
             dz = dz + ud * (np.abs(z) + dz) + sub_d
@@ -464,11 +504,11 @@ def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
         # |G| is the oracle's (the same float64 numbers), so (|G| + E) @ |x| = |G| @ |x| + E @ |x|
         gw, gh = lp.abs_products
         ew, eh = eg @ w, eg.T @ h
-        th = ew + (gamma(v, ua) + ud) * (gw + ew) + (v + 1) * (model.acc.tiny + sub_d)
-        tw = eh + (gamma(n, ua) + ud) * (gh + eh) + (n + 1) * (model.acc.tiny + sub_d)
+        th = ew + (model.sum_error(v) + ud) * (gw + ew) + (v + 1) * (model.acc.tiny + sub_d)
+        tw = eh + (model.sum_error(n) + ud) * (gh + eh) + (n + 1) * (model.acc.tiny + sub_d)
         tb = None
         if lp.bias is not None:
-            tb = eg.sum(axis=0) + (gamma(n, ua) + ud) * gs.sum(axis=0) + (n + 1) * (model.acc.tiny + sub_d)
+            tb = eg.sum(axis=0) + (model.sum_error(n) + ud) * gs.sum(axis=0) + (n + 1) * (model.acc.tiny + sub_d)
         # step K7: a scalar grad_output applied to the stored results in the dtype (Liger's element_mul)
         scaled = problem.grad_output is not None and problem.reduction != "none"
         out = []
@@ -479,6 +519,6 @@ def linear_tolerance(lp: LinearProblem, reference: LinearBounded | None = None,
             tol = SECOND_ORDER * tol
             if scaled:
                 tol = tol + ud * (np.abs(ref.value) + tol + ref.bound) + sub_d
-            # step K8: the final rounding, half an ULP where the truth may be
-            out.append(tol + 0.5 * model.store.ulp(np.abs(ref.value) + tol + ref.bound))
+            # step K8: the final rounding to the dtype, half an ULP where the truth may be
+            out.append(tol + 0.5 * lp.format.ulp(np.abs(ref.value) + tol + ref.bound))
     return LinearGrad(*out)

@@ -12,6 +12,7 @@ dimensions dropped, values rounded) while it fails the same way.
 from __future__ import annotations
 
 import inspect
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -27,15 +28,16 @@ from gradcheck.checking.result import Failure, FailureKind, Verification
 from gradcheck.checking.search import _search
 from gradcheck.dtypes import float_format, round_to_format
 from gradcheck.errors import GradientMismatch, InvalidArgument
-from gradcheck.linear import LinearProblem, bounded, linear_tolerance, make_linear_problem
-from gradcheck.options import VERIFY, Option, OptionTable, flag
+from gradcheck.linear import (LinearBounded, LinearGrad, LinearProblem, bounded, contract_models, default_linear_contract,
+                              linear_contracts, linear_tolerance, make_linear_problem)
+from gradcheck.options import VERIFY, Option, OptionTable, flag, precision_name
 from gradcheck.ulps import ulp_distance
 
 __all__ = ["LinearCase", "LinearFailure", "LinearVerification", "assert_linear_gradient", "check_linear",
            "linear_cases", "verify_linear"]
 
 GRADIENTS = ("d_hidden", "d_weight", "d_bias")
-CONTRACT = "kernel"  # docs/linear.md, "The kernel contract"
+KERNEL_ALIAS = "kernel"  # docs/linear.md, "Precision contracts": the default, float32 (float64 for float64)
 MAX_LINEAR_SHAPE = (64, 1024, 64)
 SIMPLIFY_BUDGET = 200
 
@@ -52,12 +54,42 @@ def _triple(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
 
+def linear_precision_name(name: str, value: Any) -> str | None:
+    """A contract of verify_linear: verify's names, or "kernel" (the default, resolved per dtype)."""
+    if isinstance(value, str) and value == KERNEL_ALIAS:
+        return value
+    try:
+        return precision_name(name, value)
+    except InvalidArgument:
+        raise InvalidArgument(f"{name} must be one of ('kernel', 'exact', 'float64', 'float32', 'float16', "
+                              f"'bfloat16') or None, got {value!r}.") from None
+
+
+def resolve_linear_contract(fmt: Any, precision: str | None, *, where: str) -> str:
+    """The contract checked for a dtype: ``precision``, or the kernel contract when None or "kernel".
+
+    Raises:
+        InvalidArgument: a contract narrower than the dtype, naming ``where`` and the contracts there are.
+    """
+    if precision in (None, KERNEL_ALIAS):
+        return default_linear_contract(fmt)
+    if precision not in linear_contracts(fmt):
+        raise InvalidArgument(f"precision must be one of {('kernel', *linear_contracts(fmt))} for {where}, got "
+                              f"{precision!r}: a {fmt.name} result cannot have been computed in the narrower "
+                              f"{precision}.")
+    return precision
+
+
 LINEAR_REGIMES = ("moderate", "large", "dominant_row", "tiny_hidden")
 
 # The check options of verify_linear: verify's (same rules and messages) with the linear family's shape and bias.
 LINEAR_VERIFY = OptionTable("check options", (
     *(VERIFY[name] for name in ("dtype", "targets", "reduction", "label_smoothing", "lse_square_scale", "softcap",
                                 "weighted", "ignore_index", "inplace", "max_examples", "seed", "timeout")),
+    Option("precision", None, linear_precision_name,
+           "the contract checked: 'exact', 'float64', 'float32' or the dtype itself (docs/linear.md, \"Precision "
+           "contracts\"); default 'kernel': float32 accumulation, intermediates stored in the dtype at most once "
+           "(float32; float64 for float64)", parse=str, metavar="P"),
     Option("bias", False, flag, "pass a bias (bias=, V values of the dtype) and expect d_bias back"),
     Option("max_shape", MAX_LINEAR_SHAPE, _shape_triple, "the largest (N, V, D) generated", parse=_triple,
            metavar="N,V,D"),
@@ -152,7 +184,7 @@ class LinearVerification(Verification):
         head = (
             f"verify_linear({self.function}, {self.dtype}): {'passed' if self.passed else 'FAILED'} after "
             f"{self.examples} examples in {self.elapsed:.2f} s; worst {self.worst_ratio:.3g} x tolerance "
-            f"({self.precision} contract; {self.worst_ulps:g} ULP); seed {self.seed}"
+            f"({self.precision} contract; {self.worst_ulps:g} ULP); grade {self.grade or 'none'}; seed {self.seed}"
         )
         return head if self.failure is None else f"{head}\n{describe_linear(self)}"
 
@@ -276,8 +308,8 @@ def check_linear(grad_fn: Callable[..., Any], case: LinearCase, *, timeout: floa
 
     The same order as :func:`gradcheck.checking.judge.check`: the call (exception, timeout, mutation,
     type, shape, dtype, aliasing), a second call (aliasing of the two results, determinism), then the
-    values (non-finite, mismatch). ``precision`` is accepted for the search's signature; the one contract
-    is :data:`CONTRACT`. ``inplace="allowed"`` lets the ``grad_fn`` write into its (private) hidden copy.
+    values (non-finite, mismatch) under the contract ``precision`` (None or "kernel": the kernel contract).
+    ``inplace="allowed"`` lets the ``grad_fn`` write into its (private) hidden copy.
     """
     first = _call(grad_fn, case, timeout, inplace)
     if isinstance(first, Failure):
@@ -298,22 +330,106 @@ def check_linear(grad_fn: Callable[..., Any], case: LinearCase, *, timeout: floa
             return _failure(FailureKind.NONDETERMINISM, f"grad_fn returned different {name} values for the same input "
                             f"at {where}: {float(x[where])!r}, then {float(y[where])!r}", case, name, where,
                             got=float(x[where]))
-    return compare_linear(a, case, grades=grades)
+    return compare_linear(a, case, precision=precision, grades=grades)
 
 
-def compare_linear(got: tuple[np.ndarray, ...], case: LinearCase, *,
+def contract_tolerances(lp: LinearProblem, ref: LinearBounded, wanted: tuple[str, ...],
+                        asked: str) -> tuple[dict[str, LinearGrad], tuple[str, ...]]:
+    """The tolerances of each wanted non-exact contract, and the contracts with no error model on this case.
+
+    A contract's tolerance is the largest of its implementation classes' (:func:`gradcheck.linear.contract_models`).
+    A class whose bound is vacuous here (an ArithmeticError, or a non-finite tolerance: for instance a sum of
+    more than 1/u terms in bfloat16) makes the contract uncheckable on the case: only reported as not met,
+    like verify's (gradcheck.checking.judge._tolerances); the asked contract then raises.
+
+    Raises:
+        InvalidArgument: the asked contract has no error model on this case, naming it and the fix.
+    """
+    fmt = lp.format
+    tols: dict[str, LinearGrad] = {}
+    vacuous: list[str] = []
+    for contract in wanted:
+        if contract == "exact":
+            continue
+        try:
+            parts = [linear_tolerance(lp, ref, model) for model in contract_models(fmt, contract)]
+            merged = LinearGrad(*(None if x[0] is None else np.maximum.reduce(x) for x in zip(*parts)))
+            if not all(np.all(np.isfinite(t)) for t in merged if t is not None):
+                raise ArithmeticError("a bound of this contract is infinite")
+        except ArithmeticError as exc:
+            if contract == asked:
+                n, v, d = lp.shape
+                raise InvalidArgument(
+                    f"precision={contract!r} cannot be checked on this case (N={n}, V={v}, D={d}, "
+                    f"softcap={lp.logits.softcap!r}): {exc}, so a correct {contract} implementation could return "
+                    f"anything; check a wider contract (precision={default_linear_contract(fmt)!r}) or a smaller "
+                    "max_shape.") from None
+            vacuous.append(contract)
+            continue
+        tols[contract] = merged
+    return tols, tuple(vacuous)
+
+
+# When "exact" is only graded (not asked), the certified truth of the elements the oracle's band leaves undecided
+# (float64 results, cancellation) is computed only for small cases; otherwise "exact" is not certified there.
+EXACT_CERTIFY_LIMIT = 4096  # largest N * V * D (FINALIZE_LIMIT's size)
+
+
+def exact_ok(got: tuple[np.ndarray, ...], lp: LinearProblem, ref: LinearBounded, *,
+             asked: bool) -> tuple[list[np.ndarray], bool, list[np.ndarray]]:
+    """Which elements are the correctly rounded truth (docs/linear.md, "Precision contracts": "exact").
+
+    Where the oracle's enclosure ``value +- bound`` rounds to one number of the dtype (nearly everywhere below
+    float64), that number is the truth rounded and the element must equal it; elsewhere the certified truth
+    (:func:`gradcheck.linear_exact.certified_linear_grad`) decides, when "exact" is the asked contract or the
+    case is small enough (:data:`EXACT_CERTIFY_LIMIT`). Returns the per-gradient masks, whether
+    every element was decided (False: the contract could not be certified here, so it is not met) and the
+    correctly rounded values (as float64).
+    """
+    from gradcheck.exact import _decided
+
+    fmt = lp.format
+    decided = [None if r is None else _decided(r.value, r.bound, fmt) for r in ref]
+    # an enclosure around 0 that rounds to -0 at one end and +0 at the other rounds to zero: decided, since
+    # elements are compared as numbers (signed zeros equal, as verify's exact contract compares them)
+    decided = [None if d is None else np.where(np.isnan(d) & (np.abs(r.value) + r.bound < fmt.smallest_subnormal / 2),
+                                               0.0, d) for d, r in zip(decided, ref)]
+    unsure = sum(int(np.isnan(d).sum()) for d in decided if d is not None)
+    if unsure:
+        n, v, dd = lp.shape
+        if not asked and n * v * dd > EXACT_CERTIFY_LIMIT:
+            return [np.zeros(g.shape, dtype=bool) for g in got], False, []
+        from gradcheck.errors import CertificationError
+        from gradcheck.linear_exact import certified_linear_grad
+
+        try:
+            truth = certified_linear_grad(lp, fmt)
+        except CertificationError:
+            if asked:
+                raise
+            return [np.zeros(g.shape, dtype=bool) for g in got], False, []  # undecidable here: "exact" not certified
+        decided = [None if d is None else np.where(np.isnan(d), t.astype(np.float64), d)
+                   for d, t in zip(decided, truth)]
+    decided = [d for d in decided if d is not None]
+    return [g.astype(np.float64) == d for g, d in zip(got, decided)], True, decided
+
+
+def compare_linear(got: tuple[np.ndarray, ...], case: LinearCase, *, precision: str | None = None,
                    grades: dict[str, tuple[float, bool]] | None = None) -> Failure | tuple[float, float]:
     """Compare the gradients with the oracle: wrong where ``|got - reference| > tolerance + bound`` (then
-    ``|got - truth| > tolerance`` for certain; docs/linear.md, "Deciding a failure")."""
+    ``|got - truth| > tolerance`` for certain; docs/linear.md, "Deciding a failure"), under the contract
+    ``precision`` (default the kernel contract); "exact" compares with the correctly rounded truth bit for bit.
+
+    ``grades``: when given, filled with ``contract -> (worst ratio, met)`` for every contract of the dtype.
+    """
     lp = case.problem
     fmt = lp.format
+    asked = default_linear_contract(fmt) if precision in (None, KERNEL_ALIAS) else precision
     ref = bounded(lp)
-    tol = linear_tolerance(lp, ref)
-    worst_ratio, worst_ulps, ok_all = 0.0, 0.0, True
-    wrong: tuple[float, str, tuple[int, ...], float, float, float, float] | None = None
-    for name, g, r, t in zip(GRADIENTS, got, ref, tol):
-        if r is None:
-            continue
+    wanted = linear_contracts(fmt) if grades is not None else (asked,)
+    tols, vacuous = contract_tolerances(lp, ref, wanted, asked)
+    present = [(name, g, r) for name, g, r in zip(GRADIENTS, got, ref) if r is not None]
+    for name, g, r in present:
         g64 = g.astype(np.float64)
         bad = ~np.isfinite(g64)
         if bad.any():
@@ -321,27 +437,49 @@ def compare_linear(got: tuple[np.ndarray, ...], case: LinearCase, *,
             return _failure(FailureKind.NONFINITE, f"grad_fn returned {g64[where]!r} in {name} at {where} where the truth "
                             f"is finite ({r.value[where]!r})", case, name, where, expected=float(r.value[where]),
                             got=float(g64[where]))
-        err = np.abs(g64 - r.value)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = np.where(err == 0, 0.0, err / t)
-        ok = err <= t + r.bound
+    errs = [np.abs(g.astype(np.float64) - r.value) for _, g, r in present]
+    oks: dict[str, list[np.ndarray]] = {}
+    ratios: dict[str, list[np.ndarray]] = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for contract, tol in tols.items():
+            ts = [t for t in tol if t is not None]
+            ratios[contract] = [np.where(e == 0, 0.0, e / t) for e, t in zip(errs, ts)]
+            oks[contract] = [e <= t + r.bound for e, t, (_, _, r) in zip(errs, ts, present)]
+        if "exact" in wanted:
+            masks, certain, rounded = exact_ok(tuple(g for _, g, _ in present), lp, ref, asked=asked == "exact")
+            if certain:
+                # the error from the correctly rounded value in half ULPs: 0 when met, at least 2 when not
+                oks["exact"] = masks
+                ratios["exact"] = [np.where(m, 0.0, np.abs(g.astype(np.float64) - x) / (0.5 * fmt.ulp(np.abs(x))))
+                                   for m, (_, g, _), x in zip(masks, present, rounded)]
+            else:
+                vacuous = (*vacuous, "exact")
+    if grades is not None:
+        for c in oks:
+            grades[c] = (max(float(x.max(initial=0.0)) for x in ratios[c]), all(bool(x.all()) for x in oks[c]))
+        for c in vacuous:  # no error model (or no certification) for this case: the contract is not met
+            grades[c] = (math.inf, False)
+    worst_ratio, worst_ulps = 0.0, 0.0
+    wrong: tuple[float, str, tuple[int, ...], float, float, float, float] | None = None
+    for k, (name, g, r) in enumerate(present):
+        ratio, ok = ratios[asked][k], oks[asked][k]
+        value = r.value if asked != "exact" else rounded[k]  # "exact": the correctly rounded truth
+        t = tols[asked][GRADIENTS.index(name)] if asked != "exact" else 0.5 * fmt.ulp(np.abs(value))
         ulps = ulp_distance(g, round_to_format(r.value, fmt))
         worst_ratio = max(worst_ratio, float(ratio.max(initial=0.0)))
         worst_ulps = max(worst_ulps, float(ulps.max(initial=0.0)))
         if not ok.all():
-            ok_all = False
-            flat = np.where(~ok, ratio, -1.0)
+            flat = np.where(~ok, np.where(np.isfinite(ratio), ratio, np.finfo(np.float64).max), -1.0)
             where = tuple(int(i) for i in np.unravel_index(int(np.argmax(flat)), flat.shape))
             if wrong is None or ratio[where] > wrong[0]:
-                wrong = (float(ratio[where]), name, where, float(r.value[where]), float(g64[where]), float(ulps[where]),
+                wrong = (float(ratio[where]), name, where, float(value[where]), float(g[where]), float(ulps[where]),
                          float(t[where]))
-    if grades is not None:
-        grades[CONTRACT] = (worst_ratio, ok_all)
     if wrong is not None:
         ratio, name, where, expected, value, ulps, tolerance = wrong
-        return _failure(FailureKind.MISMATCH, f"{name} differs from the truth by {ratio:.3g} x the tolerance at {where}",
-                        case, name, where, expected=float(round_to_format(np.array(expected), fmt)), got=value,
-                        ulps=ulps, tolerance=tolerance, ratio=ratio)
+        return _failure(FailureKind.MISMATCH, f"{name} differs from the truth by {ratio:.3g} x the tolerance of the "
+                        f"{asked} contract at {where}", case, name, where,
+                        expected=float(round_to_format(np.array(expected), fmt)), got=value, ulps=ulps,
+                        tolerance=tolerance, ratio=ratio)
     return worst_ulps, worst_ratio
 
 
@@ -422,7 +560,7 @@ def _call(grad_fn: Callable[..., Any], case: LinearCase, timeout: float | None,
 
 
 def simplify_linear(grad_fn: Callable[..., Any], failure: Failure, *, timeout: float | None = None,
-                    inplace: str = "flag") -> Failure:
+                    inplace: str = "flag", precision: str | None = None) -> Failure:
     """Drop rows, classes and hidden dimensions, then round values, while the case fails the same way."""
     if failure.kind == FailureKind.TIMEOUT:
         return failure
@@ -433,7 +571,7 @@ def simplify_linear(grad_fn: Callable[..., Any], failure: Failure, *, timeout: f
         if candidate is None or budget[0] <= 0:
             return None
         budget[0] -= 1
-        outcome = check_linear(grad_fn, candidate, timeout=timeout, inplace=inplace)
+        outcome = check_linear(grad_fn, candidate, timeout=timeout, inplace=inplace, precision=precision)
         if isinstance(outcome, Failure) and outcome.kind == failure.kind and (outcome.ratio or 0.0) >= keep_ratio:
             return outcome
         return None
@@ -556,7 +694,7 @@ def describe_linear(result: Verification) -> str:
         tol_ulps = f.tolerance / float(fmt.ulp(f.expected))
         lines.append(
             f"  worst element {gradient}{list(f.index)}: expected {f.expected!r} (the truth rounded to {fmt.name}), got "
-            f"{f.got!r}; error {f.ratio:.3g} x the tolerance {f.tolerance:.3g} (absolute error "
+            f"{f.got!r}; error {f.ratio:.3g} x the {result.precision} contract's tolerance {f.tolerance:.3g} (absolute error "
             f"{abs(f.got - f.expected):.3g}, {f.ulps:g} ULP; the tolerance is {tol_ulps:.3g} ULP, docs/linear.md)")
     n, v, d = case.problem.shape
     options = case.options()
@@ -581,7 +719,8 @@ def describe_linear(result: Verification) -> str:
 # ---- the entry points -----------------------------------------------------------------------------------------------
 
 
-def verify_linear(grad_fn: Callable[..., Any], **options: Any) -> LinearVerification:
+def verify_linear(grad_fn: Callable[..., Any], *, progress: Callable[..., Any] | None = None,
+                  **options: Any) -> LinearVerification:
     """Check a fused linear cross-entropy ``grad_fn`` on Hypothesis-generated cases (docs/linear.md).
 
     Args:
@@ -593,7 +732,15 @@ def verify_linear(grad_fn: Callable[..., Any], **options: Any) -> LinearVerifica
         **options: the check options of :data:`LINEAR_VERIFY`: ``dtype``, ``bias``, ``targets``,
             ``reduction``, ``label_smoothing``, ``lse_square_scale``, ``softcap``, ``weighted`` (pass
             ``ce_weight=``), ``ignore_index`` (some and most rows take it), ``inplace``, ``max_examples``,
-            ``seed``, ``timeout`` and ``max_shape`` ``(N, V, D)`` (default ``(64, 1024, 64)``).
+            ``seed``, ``timeout``, ``max_shape`` ``(N, V, D)`` (default ``(64, 1024, 64)``) and ``precision``:
+            the contract checked (docs/linear.md, "Precision contracts"): None or "kernel" (the default:
+            float32 accumulation, intermediates stored in the dtype at most once; "float32", or "float64" for
+            float64), "exact" (every element correctly rounded), "float64", "float32", or the dtype itself.
+
+    The result's ``grade`` is the tightest contract met on every example, ``contract_ratios`` the worst
+    error under each contract as a multiple of its tolerance.
+
+        progress: called as verify's is (the CLI's progress bar), see :func:`gradcheck.checking.search._search`.
 
     Returns:
         A :class:`LinearVerification`; it never raises because a gradient is wrong.
@@ -609,6 +756,7 @@ def verify_linear(grad_fn: Callable[..., Any], **options: Any) -> LinearVerifica
         raise InvalidArgument(f"ignore_index applies to class-index targets only, got ignore_index={o['ignore_index']} "
                               "with targets='probs'. Drop one of them.")
     fmt = float_format(o["dtype"])
+    precision = resolve_linear_contract(fmt, o["precision"], where=f"dtype={fmt.name!r}")
     arguments = {k: v for k, v in LINEAR_VERIFY.non_defaults(o).items() if k != "seed"}
     seed = secrets.randbits(32) if o["seed"] is None else o["seed"]
     strategy = linear_cases(dtype=fmt.name, max_shape=o["max_shape"], bias=o["bias"], targets=o["targets"],
@@ -618,16 +766,18 @@ def verify_linear(grad_fn: Callable[..., Any], **options: Any) -> LinearVerifica
     start = time.perf_counter()
     stats = {"examples": 0, "ulps": 0.0, "ratio": 0.0, "failed": False}
     failure = _search(grad_fn, strategy, seed, o["max_examples"], stats, timeout=o["timeout"], inplace=o["inplace"],
-                      judge=check_linear)
+                      precision=precision, judge=check_linear, progress=progress)
     if failure is not None and failure.case is not None:
-        failure = finalize_linear(simplify_linear(grad_fn, failure, timeout=o["timeout"], inplace=o["inplace"]))
+        failure = finalize_linear(simplify_linear(grad_fn, failure, timeout=o["timeout"], inplace=o["inplace"],
+                                                  precision=precision))
     met = stats.get("met", {})
     graded = not stats.get("ungraded") and stats["examples"] > 0
+    grade = next((c for c in linear_contracts(fmt) if met.get(c)), None) if graded else None  # the tightest met
+    ratios = {c: stats["ratios"][c] for c in linear_contracts(fmt) if c in stats.get("ratios", {})}
     return LinearVerification(
         passed=failure is None, examples=stats["examples"], worst_ulps=stats["ulps"], worst_ratio=stats["ratio"],
         seed=seed, dtype=fmt.name, function=_name(grad_fn), arguments=arguments, failure=failure,
-        elapsed=time.perf_counter() - start, precision=CONTRACT,
-        grade=CONTRACT if graded and met.get(CONTRACT) else None, contract_ratios=dict(stats.get("ratios", {})),
+        elapsed=time.perf_counter() - start, precision=precision, grade=grade, contract_ratios=ratios,
     )
 
 

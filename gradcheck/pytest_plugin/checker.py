@@ -45,8 +45,9 @@ def _linear() -> ModuleType:
 
 
 # the defaults a linear check takes from the session and the marker: the options verify and verify_linear
-# share (max_shape is (N, K) for verify and (N, V, D) for verify_linear; precision: verify_linear has one contract)
-_NOT_LINEAR = ("max_shape", "precision", "regimes")
+# share (max_shape is (N, K) for verify and (N, V, D) for verify_linear); precision is shared: verify_linear has
+# verify's contracts (docs/linear.md, "Precision contracts"; linprec glue)
+_NOT_LINEAR = ("max_shape", "regimes")
 
 
 class GradientChecker:
@@ -106,7 +107,7 @@ class GradientChecker:
         """:func:`gradcheck.checking.linear.verify_linear` with this test's defaults; recorded for the report.
 
         The defaults it takes are this item's dtype and the session's and marker's options that
-        verify_linear shares with verify (not ``max_shape``, ``precision`` or ``regimes``: pass a linear
+        verify_linear shares with verify, ``precision`` included (not ``max_shape`` or ``regimes``: pass a linear
         ``max_shape=(N, V, D)`` here).
 
         Returns:

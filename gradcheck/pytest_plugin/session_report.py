@@ -68,8 +68,8 @@ def summarize(records: Iterable[dict]) -> list[dict]:
     return out
 
 
-# tightest first: a function's grade in a dtype is the loosest grade of its checks there; "kernel" is
-# verify_linear's one contract (docs/linear.md), a grade of the linear family's checks only
+# tightest first: a function's grade in a dtype is the loosest grade of its checks there; verify_linear grades
+# with verify's contracts (docs/linear.md, "Precision contracts"); "kernel" is kept for records written before
 _ORDER = ("exact", "float64", "float32", "float16", "bfloat16", "kernel")
 
 
