@@ -337,15 +337,14 @@ def _verify(args: argparse.Namespace) -> int:
     runs, cases = [], []
     for dtype in args.dtype or [VERIFY["dtype"].default]:
         for targets in args.targets or [VERIFY["targets"].default]:
-            bar = None  # verify_linear takes no progress callback: it runs quiet
-            if not linear:
-                try:
-                    from rich.console import Console  # the report extra; without it verify runs quiet
+            bar = None
+            try:
+                from rich.console import Console  # the report extra; without it verify runs quiet
 
-                    bar = _Progress(Console(stderr=True), f"verify {dtype} {targets}",
-                                    options.get("max_examples", 100), delay=2.0)
-                except ImportError:
-                    pass
+                bar = _Progress(Console(stderr=True), f"verify {dtype} {targets}",
+                                options.get("max_examples", 100), delay=2.0)
+            except ImportError:
+                pass
             try:
                 if bar is None:
                     result = verify(fn, dtype=dtype, targets=targets, **options)
