@@ -44,7 +44,7 @@ def run_local(tasks: list[Task], jobs: int, progress: Callable[[int], None]) -> 
             progress(1)
         pool.shutdown()
     except BaseException:
-        _stop(pool, futures)
+        _stop(pool)
         raise
     return [f.result() for f in futures], f"processes:{jobs}"
 
@@ -82,17 +82,18 @@ def _leave_signals_to_the_parent() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
-def _stop(pool: Any, futures: list[Any], grace: float = 0.5, timeout: float = 5.0) -> None:
-    """Cancel the queued tasks, terminate the workers (killing any still alive after ``grace`` s), and
-    shut the pool down without waiting for the tasks.
+def _stop(pool: Any, grace: float = 0.5, timeout: float = 5.0) -> None:
+    """Terminate the workers (killing any still alive after ``grace`` s) and shut the pool down without
+    waiting for the tasks, the queued ones cancelled.
 
     The pool's private ``_processes`` and ``_executor_manager_thread``: there is no public way to stop
     the workers before Python 3.14 (``terminate_workers``). The manager thread, which notices the dead
     workers and closes the pool's pipes, is joined too: if it were still closing them at interpreter
     exit, concurrent.futures' exit hook would write to a closed pipe and print a traceback (seen with Python 3.11).
     """
-    for future in futures:
-        future.cancel()
+    # The queued futures are cancelled by the pool's own thread (cancel_futures=True), never from here: a
+    # future cancelled here can still be among the pool's pending items, and when the pool then sees its
+    # workers die it sets BrokenProcessPool on it, which raises InvalidStateError in its thread (Python 3.11).
     processes = list((pool._processes or {}).values())
     manager = pool._executor_manager_thread
     for p in processes:
