@@ -139,3 +139,20 @@ def test_the_file_reads_back_bit_for_bit(suite):
 def test_a_file_that_is_not_linear_vectors_is_refused(text, message):
     with pytest.raises(InvalidArgument, match=message):
         parse_linear_vectors(text)
+
+
+def test_the_file_does_not_depend_on_the_cpus_simd(tmp_path):
+    """The bugs' gradients are certified values: the file is the same with numpy's AVX-512 kernels and without
+    (it was not when they came from the float64 oracle, whose exp and log move with the SIMD in use)."""
+    import os
+    import subprocess
+    import sys
+
+    texts = []
+    for i, disabled in enumerate(("", "X86_V4 AVX512_ICL AVX512_SPR")):
+        out = tmp_path / f"v{i}.json"
+        env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": disabled}
+        subprocess.run([sys.executable, "-m", "gradcheck", "vectors", "--linear", "--out", str(out)], env=env,
+                       check=True, capture_output=True)
+        texts.append(out.read_bytes())
+    assert texts[0] == texts[1]
