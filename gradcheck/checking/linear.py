@@ -23,7 +23,7 @@ import numpy as np
 from gradcheck.adapters import to_numpy
 from gradcheck.checking.deadline import Hung, call_with_deadline, require_deadline
 from gradcheck.checking.judge import same_bits
-from gradcheck.checking.messages import PRINT_LIMIT, _name, format_array, format_options
+from gradcheck.checking.messages import PRINT_LIMIT, _name, format_array, format_options, mismatch_line
 from gradcheck.checking.result import Failure, FailureKind, Verification
 from gradcheck.checking.search import _search
 from gradcheck.dtypes import float_format, round_to_format
@@ -691,11 +691,8 @@ def describe_linear(result: Verification) -> str:
     gradient = getattr(f, "gradient", "")
     lines = [f"{result.function} is wrong ({f.kind}){' in ' + gradient if gradient else ''}: {f.message}."]
     if f.kind == FailureKind.MISMATCH:
-        tol_ulps = f.tolerance / float(fmt.ulp(f.expected))
-        lines.append(
-            f"  worst element {gradient}{list(f.index)}: expected {f.expected!r} (the truth rounded to {fmt.name}), got "
-            f"{f.got!r}; error {f.ratio:.3g} x the {result.precision} contract's tolerance {f.tolerance:.3g} (absolute error "
-            f"{abs(f.got - f.expected):.3g}, {f.ulps:g} ULP; the tolerance is {tol_ulps:.3g} ULP, docs/linear.md)")
+        lines.append(mismatch_line(f, fmt, f"{gradient}{list(f.index)}", f"the {result.precision} contract's tolerance",
+                                   "docs/linear.md"))
     n, v, d = case.problem.shape
     options = case.options()
     if case.grad_output is not None:

@@ -24,12 +24,7 @@ def describe(result: Verification) -> str:
     fmt = case.format
     lines = [f"{result.function} is wrong ({f.kind}): {f.message}."]
     if f.kind == FailureKind.MISMATCH:
-        tol_ulps = f.tolerance / float(fmt.ulp(f.expected))
-        lines.append(
-            f"  worst element {f.index}: expected {f.expected!r} (the truth rounded to {fmt.name}), got "
-            f"{f.got!r}; error {f.ratio:.3g} x the tolerance {f.tolerance:.3g} (absolute error "
-            f"{abs(f.got - f.expected):.3g}, {f.ulps:g} ULP; the tolerance is {tol_ulps:.3g} ULP, docs/tolerance.md)"
-        )
+        lines.append(mismatch_line(f, fmt, f"{f.index}", "the tolerance", "docs/tolerance.md"))
         lines += contract_lines(result, fmt.name)
     if f.diagnosis:
         lines.append(f"  diagnosis: {f.diagnosis}.")
@@ -50,6 +45,15 @@ def describe(result: Verification) -> str:
         f"    or call {result.function}({call}) with the arrays above",
     ]
     return "\n".join(lines)
+
+
+def mismatch_line(f: Any, fmt: Any, element: str, tolerance: str, doc: str) -> str:
+    """The line a mismatch's message gives its worst element: both values, the error against ``tolerance``
+    (its name in the text), in absolute terms and in ULPs, and the doc that derives it."""
+    tol_ulps = f.tolerance / float(fmt.ulp(f.expected))
+    return (f"  worst element {element}: expected {f.expected!r} (the truth rounded to {fmt.name}), got "
+            f"{f.got!r}; error {f.ratio:.3g} x {tolerance} {f.tolerance:.3g} (absolute error "
+            f"{abs(f.got - f.expected):.3g}, {f.ulps:g} ULP; the tolerance is {tol_ulps:.3g} ULP, {doc})")
 
 
 def contract_meaning(precision: str, dtype: str) -> str:
