@@ -363,13 +363,7 @@ def grad_rows(problem: Problem) -> np.ndarray:
         return grad_bounded(problem, with_bound=False)[0]
     if _one_hot_applies(problem):
         return _one_hot_grad(problem)
-    parts = row_parts(problem.logits)
-    wt = problem.dense_targets() * problem.weights()
-    s = wt.sum(axis=1)
-    with np.errstate(under="ignore", over="ignore", invalid="ignore"):
-        g = parts.p * (s[:, None] - wt) - wt * parts.q
-        g = g / problem.divisor()
-        return g if problem.grad_output is None else g * problem.upstream()[:, None]
+    return grad_bounded(problem, with_bound=False)[0]  # the general formula, in blocks
 
 
 def _one_hot_applies(problem: Problem) -> bool:
@@ -404,12 +398,14 @@ def _one_hot_grad(problem: Problem, fmt: FloatFormat | None = None) -> np.ndarra
         zb = problem.logits[lo:hi]
         rows = np.arange(hi - lo)
         argmax = np.argmax(zb, axis=1)
-        g = _exp_shifted(zb, argmax, precision)
+        direct = direct_rows(zb[rows, argmax], factor[lo:hi], k)
+        g = _exp_rows(zb, argmax, precision, direct)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            e_m = g[rows, argmax]  # 1 where shifted; exp(m) where direct
             g[rows, argmax] = 0.0
             r = g.sum(axis=1)
-            g[rows, argmax] = 1.0
-            total = 1.0 + r
+            g[rows, argmax] = e_m
+            total = e_m + r
             live = np.flatnonzero(active[lo:hi])
             cls = problem.targets[lo:hi][live]
             e_t = g[live, cls]
@@ -429,6 +425,46 @@ def _one_hot_grad(problem: Problem, fmt: FloatFormat | None = None) -> np.ndarra
 
     for_row_blocks(n, k, block)
     return out
+
+
+DIRECT_MAX = 64.0  # a row max in [0, DIRECT_MAX]: exp(z) unshifted (docs/oracle.md, "Direct rows")
+DIRECT_MIN_FACTOR = 2.0**-896  # the one-hot row factor w_t / D at least this (or 0): Z <= 2**124 cannot underflow it
+
+
+def direct_rows(m: np.ndarray, factor: np.ndarray | None = None, k: int = 1) -> np.ndarray:
+    """Rows whose ``e_c = exp(z_c)`` needs no shift: row max ``m`` in ``[0, DIRECT_MAX]`` (and, with the
+    one-hot row ``factor``, ``factor == 0`` or ``|factor| >= DIRECT_MIN_FACTOR``), for ``k < 2**31`` classes.
+
+    Then ``1 <= Z = sum_c exp(z_c) <= K exp(64) < 2**124``: nothing overflows, an ``e_c`` that underflows
+    also underflows shifted (``z_c < -708`` implies ``z_c - m < -708``) and its absolute error is at most
+    ``eta / 2`` after the division by ``Z >= 1``, and ``exp`` of the exact input has relative error
+    ``EXP_ULPS u``, below the shifted ``(EXP_ULPS + 2) u``, at the cost of ``EXP_ULPS u`` at the argmax
+    (where ``exp(0) = 1`` was exact). docs/oracle.md, "Direct rows".
+    """
+    with np.errstate(invalid="ignore"):
+        m64 = np.asarray(m, dtype=np.float64)
+        ok = (m64 >= 0) & (m64 <= DIRECT_MAX) & (k < 2**31)
+        if factor is not None:
+            f = np.abs(factor)
+            ok &= (f == 0) | (f >= DIRECT_MIN_FACTOR)
+    return ok
+
+
+def _exp_rows(zb: np.ndarray, argmax: np.ndarray, precision: int, direct: np.ndarray) -> np.ndarray:
+    """``e`` of a block of rows: ``exp(z)`` on the :func:`direct_rows`, :func:`_exp_shifted` on the others.
+
+    Each row's values depend on that row alone (bit for bit whatever the blocking). The result is one
+    of this thread's scratch blocks, as for :func:`_exp_shifted`.
+    """
+    if direct.all():
+        s = _scratch(zb.shape)[0]
+        with np.errstate(under="ignore"):
+            return np.exp(zb, out=s, dtype=np.float64)
+    e = _exp_shifted(zb, argmax, precision)
+    if direct.any():
+        with np.errstate(under="ignore"):
+            e[direct] = np.exp(np.asarray(zb[direct], dtype=np.float64))
+    return e
 
 
 def _exp_shifted(zb: np.ndarray, argmax: np.ndarray, precision: int) -> np.ndarray:
@@ -751,6 +787,10 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
         m, argmax = np.where(better, mx, m), np.where(better, am + c0, argmax)
         if capped:
             big = np.maximum(big, np.abs(zc).max(axis=1))
+    # rows evaluated unshifted, e_c = exp(z_c) (docs/oracle.md, "Direct rows"): plain cross-entropy only
+    direct = (direct_rows(m, None if factor is None else factor[lo:hi], k)
+              if work is FLOAT64_WORK and not kernel_options(problem) else np.zeros(hi - lo, dtype=bool))
+    e_m = np.ones(hi - lo, dtype=work.dtype)  # e at the argmax: 1 shifted, exp(m) direct
     m = m[:, None]
     # then R = sum_{c != argmax} e_c, any e_c > 0 there, S and A = sum |w_c t_c| (= S for w >= 0)
     r = np.zeros(hi - lo, dtype=work.dtype)
@@ -760,9 +800,10 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
     cached = None
     for c0, c1 in tiles:
         zc = _logits_tile(problem, lo, hi, c0, c1, work) if first is None else first
-        s_hi, s_lo, e = _shifted_exp(zc, m)
+        e = _tile_exp(zc, m, direct)
         here = np.flatnonzero((argmax >= c0) & (argmax < c1))
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            e_m[here] = e[here, argmax[here] - c0]
             e_other = e.copy()
             e_other[here, argmax[here] - c0] = 0.0
             r += e_other.sum(axis=1)
@@ -771,25 +812,26 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
             s += wt.sum(axis=1)
             if signed:
                 a_sum += np.abs(wt).sum(axis=1)
-        cached = (s_hi, s_lo, e, wt) if len(tiles) == 1 else None
+        cached = (e, wt) if len(tiles) == 1 else None
     a_max = np.where(positive, (work.exp_ulps + 2) * u, zero)
     rho = a_max + gamma(k, u)
-    eps_z = rho + u
+    a_m = np.where(direct, work.exp_ulps * u, zero)  # exp(m) at the argmax of a direct row, else exp(0) = 1
+    eps_z = np.maximum(rho, a_m) + u
     eps_wt = (4 * u if problem.label_smoothing else 0 * u) + u
     d = scale.d
     d_abs = abs(d)
     s = s[:, None]
     a_col = a_sum[:, None]
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        total = 1.0 + r
+        total = e_m + r
         opts = _row_options(problem, work, lo, hi, m[:, 0], r, rho, big)
         for c0, c1 in tiles:
             if cached is None:
                 zc = _logits_tile(problem, lo, hi, c0, c1, work)
-                _, _, e = _shifted_exp(zc, m)
+                e = _tile_exp(zc, m, direct)
                 wt = _weighted_targets(problem, lo, hi, c0, c1, work, b)
             else:
-                _, _, e, wt = cached
+                e, wt = cached
             here = np.flatnonzero((argmax >= c0) & (argmax < c1))
             at = argmax[here] - c0
             # step 4-5: p, q (R / Z at the argmax), and their relative errors
@@ -798,7 +840,7 @@ def _bounded_block(problem: Problem, work: Working, scale: Scale, factor: np.nda
             q[here, at] = r[here] / total[here]
             if b_out is not None:
                 a = np.where(e > 0, (work.exp_ulps + 2) * u, zero)
-                a[here, at] = 0
+                a[here, at] = a_m[here]
                 eps_p = a + eps_z[:, None] + u
                 eps_q = eps_p + u
                 eps_q[here, at] = (rho + eps_z + u)[here]
@@ -861,6 +903,17 @@ class RowOptions:
     coef: Any
     d_coef: Any
     up: Any
+
+
+def _tile_exp(zc: np.ndarray, m: np.ndarray, direct: np.ndarray) -> np.ndarray:
+    """``e`` on a column tile of :func:`_bounded_block`: ``exp(z)`` on direct rows, shifted on the others."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        if direct.all():
+            return np.exp(zc)
+        e = _shifted_exp(zc, m)[2]
+        if direct.any():
+            e[direct] = np.exp(zc[direct])
+    return e
 
 
 def _row_options(problem: Problem, work: Working, lo: int, hi: int, m: np.ndarray, r: np.ndarray,

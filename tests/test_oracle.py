@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from gradcheck.regimes import REGIMES, make_case
 
 import gradcheck as gc
-from gradcheck.oracle import U, grad_bounded, loss_bounded
+from gradcheck.oracle import U, direct_rows, grad_bounded, loss_bounded
 
 # Two float64 evaluations of the same formula in different orders each sit within O((K + |s|) u) of
 # the truth relative to the terms (docs/oracle.md); with K <= 8 and |s| <= 20 here, 1e-13 relative
@@ -80,10 +80,47 @@ def shifted(draw):
 
 
 @given(shifted())
-def test_rows_are_shift_invariant_bit_for_bit(case):
+def test_rows_are_shift_invariant_bit_for_bit_where_evaluated_shifted(case):
+    """softmax, and the gradient on rows evaluated shifted, are shift invariant bit for bit; rows
+    evaluated direct (max in [0, 64], docs/oracle.md "Direct rows") differ by rounding only, within the
+    two rigorous bounds."""
     z, c, t = case
-    np.testing.assert_array_equal(gc.cross_entropy_grad(z + c, t), gc.cross_entropy_grad(z, t))
     np.testing.assert_array_equal(gc.softmax(z + c), gc.softmax(z))
+    a, b = gc.cross_entropy_grad(z + c, t), gc.cross_entropy_grad(z, t)
+    shifted_both = ~direct_rows(z.max(axis=1)) & ~direct_rows((z + c).max(axis=1))
+    np.testing.assert_array_equal(a[shifted_both], b[shifted_both])
+    bound_a = gc.cross_entropy_grad_bounded(z + c, t).bound
+    bound_b = gc.cross_entropy_grad_bounded(z, t).bound
+    assert np.all(np.abs(a - b) <= bound_a + bound_b)
+
+
+def test_ordinary_rows_are_evaluated_direct_and_the_others_shifted():
+    """The direct path is what ordinary logits take (row max in [0, 64]); negative, large and masked
+    maxima, and a row factor that Z could push into underflow, keep the exact shift."""
+    m = np.array([0.0, 3.0, 64.0, -0.0, -1e-300, -5.0, 64.000001, 700.0, -np.inf])
+    assert direct_rows(m).tolist() == [True, True, True, True, False, False, False, False, False]
+    factor = np.array([0.0, 1.0, 2.0**-896, 2.0**-897, -1.0, 1e-310, 1.0, 1.0, 1.0])
+    assert direct_rows(np.ones(9), factor).tolist() == [True, True, True, False, True, False, True, True, True]
+
+
+@pytest.mark.parametrize("level", [0.0, 30.0, 63.0])
+def test_the_bound_holds_on_direct_rows_with_probability_targets(level):
+    """Direct rows change the argmax's error (exp(m) is no longer exact): with probability targets and
+    weights the argmax's p enters the gradient, and the bound still holds against the truth."""
+    rng = np.random.default_rng(int(level))
+    z = level + np.abs(rng.standard_normal((40, 33))) * np.array([[-1.0]]) * rng.uniform(0, 30, (40, 1))
+    z[:, 7] = level  # the row max, in [0, 64]
+    assert direct_rows(z.max(axis=1)).all()
+    t = rng.dirichlet(np.full(33, 0.3), 40)
+    w = rng.uniform(0.2, 3.0, 33)
+    for opts in ({}, {"weight": w}, {"weight": w, "label_smoothing": 0.2}, {"reduction": "sum"}):
+        g, bound = gc.cross_entropy_grad_bounded(z, t, **opts)
+        truth = gc.exact_grad(z, t, dtype="float64", **opts)
+        assert np.all(np.abs(g - truth) <= bound + gc.float_format("float64").ulp(truth) / 2)
+        idx = rng.integers(0, 33, 40)
+        gi, bi = gc.cross_entropy_grad_bounded(z, idx, **opts)
+        ti = gc.exact_grad(z, idx, dtype="float64", **opts)
+        assert np.all(np.abs(gi - ti) <= bi + gc.float_format("float64").ulp(ti) / 2)
 
 
 @settings(max_examples=150)
@@ -730,7 +767,7 @@ def test_options_blocked_and_tiled_are_bit_identical_and_bounded(opts, monkeypat
     assert np.all(np.abs(tiled - g) <= bound + tiled_bound)
 
 
-@pytest.mark.parametrize("case", ["moderate", "tiny_entries", "masked", "fast2sum", "general", "huge"])
+@pytest.mark.parametrize("case", ["moderate", "tiny_entries", "masked", "fast2sum", "general", "huge", "mixed"])
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
 def test_the_fast_one_hot_path_is_bit_identical_on_every_branch(case, dtype):
     """cross_entropy_grad's blocked one-hot path (exact shifts certified, Fast2Sum, or TwoSum; rounded
@@ -748,6 +785,9 @@ def test_the_fast_one_hot_path_is_bit_identical_on_every_branch(case, dtype):
         z[:, 1] = -50.0  # min z < -m
     elif case == "huge":
         z = z * (1e3 if dtype == "float16" else 1e4)
+    elif case == "mixed":  # direct rows (max in [0, 64]) beside shifted ones in every block
+        z[::2] -= 40.0
+        z[1::6] += 70.0
     z = gc.round_to_format(z, dtype)
     t = rng.integers(0, 70, 300)
     t[::11] = -100
