@@ -609,3 +609,61 @@ def test_defaults(gradcheck):
     bad = pytester.runpytest("--gradcheck-precision=float8")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--gradcheck-precision: precision must be one of*got 'float8'*"])
+
+
+PROGRESS = GRADS + '''
+import gradcheck.pytest_plugin.checker as checker
+
+
+@pytest.fixture(autouse=True)
+def every_example_writes(monkeypatch):  # a line per example: the test needs no slow check
+    monkeypatch.setattr(checker, "PROGRESS_AFTER", 0.0)
+    monkeypatch.setattr(checker, "PROGRESS_EVERY", 0.0)
+
+
+def test_slow(gradcheck):
+    gradcheck.assert_gradient(good_grad, max_examples=3)
+
+
+def test_own_callback_wins(gradcheck):
+    seen = []
+    gradcheck.assert_gradient(good_grad, max_examples=3, progress=lambda done, total: seen.append(done))
+    assert seen == [1, 2, 3]
+'''
+
+
+@pytest.mark.parametrize("args, ini, shown", [
+    ((), None, False),  # quiet under pytest unless asked
+    (("--gradcheck-progress",), None, True),
+    ((), "[pytest]\ngradcheck_progress = true\n", True),
+    (("--gradcheck-progress", "-p", "no:terminal"), None, False),  # no terminal: nothing to write to, no error
+])
+def test_progress_lines_only_when_asked(pytester, args, ini, shown):
+    pytester.makepyfile(PROGRESS)
+    if ini:
+        pytester.makeini(ini)
+    result = pytester.runpytest(*args, "--gradcheck-seed=4")
+    if "no:terminal" not in args:
+        result.assert_outcomes(passed=2)
+    else:
+        assert result.ret == 0
+    lines = [line for line in result.outlines if line.startswith("gradcheck: test_progress_lines")]
+    if shown:
+        assert "gradcheck: test_progress_lines_only_when_asked.py::test_slow[float64]: verify 3/3 examples" in \
+            "\n".join(lines)
+        assert not any("test_own_callback_wins" in line for line in lines)
+    else:
+        assert lines == []
+
+
+def test_progress_lines_wait_and_space_themselves():
+    from gradcheck.pytest_plugin.checker import progress_lines
+
+    now, written = [0.0], []
+    progress = progress_lines(written.append, "t.py::x", "verify", clock=lambda: now[0])
+    for t in (0.5, 1.9, 2.0, 2.5, 3.9, 4.0, 9.0):
+        now[0] = t
+        progress(int(t * 10), 100)
+    assert written == ["gradcheck: t.py::x: verify 20/100 examples, 2.0 s",
+                       "gradcheck: t.py::x: verify 40/100 examples, 4.0 s",
+                       "gradcheck: t.py::x: verify 90/100 examples, 9.0 s"]

@@ -79,6 +79,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--gradcheck-report", metavar="PATH", default=None,
         help="write a report of every check of the session to PATH.json and PATH.md.",
     )
+    group.addoption(
+        "--gradcheck-progress", action="store_true", default=None,
+        help="write a progress line (test, examples done, seconds) every 2 s while a check runs longer than 2 s "
+        "(default: ini gradcheck_progress, else quiet). Not shown by xdist workers (-n): they have no terminal.",
+    )
+    parser.addini("gradcheck_progress", "default of --gradcheck-progress (true/false)", type="bool", default=False)
     parser.addini("gradcheck_seed", "default of --gradcheck-seed", default=None)
     parser.addini("gradcheck_device", "default of --gradcheck-device", default=None)
     parser.addini("gradcheck_dtypes", "default of --gradcheck-dtypes (comma- or space-separated)", default=None)
@@ -148,7 +154,31 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_SETTINGS] = Settings(
         seed=seed, dtypes=dtypes, defaults=_session_defaults(config),
         report=report, device=_setting(config, "gradcheck_device")[1],
+        progress=_progress_writer(config),
     )
+
+
+def _progress_writer(config: pytest.Config) -> Any:
+    """``write(line)`` to the terminal past pytest's output capture, when progress is asked; else None."""
+    asked = config.getoption("gradcheck_progress")
+    if not (asked if asked is not None else config.getini("gradcheck_progress")):
+        return None
+    if hasattr(config, "workerinput"):  # an xdist worker: its output never reaches a terminal
+        return None
+
+    def write(line: str) -> None:
+        capman = config.pluginmanager.getplugin("capturemanager")
+        reporter = config.pluginmanager.getplugin("terminalreporter")
+        if reporter is None:
+            return
+        if capman is None:
+            reporter.write_line(line)
+            return
+        with capman.global_and_fixture_disabled():
+            reporter.ensure_newline()
+            reporter.write_line(line)
+
+    return write
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import time
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable
@@ -26,6 +27,28 @@ class Settings:
     report: str | None
     records: list[dict] = field(default_factory=list)
     device: str | None = None
+    # --gradcheck-progress: writes one line to the terminal (past pytest's capture); None: quiet
+    progress: Callable[[str], None] | None = None
+
+
+PROGRESS_AFTER = 2.0  # seconds: a check that ends sooner writes no progress line
+PROGRESS_EVERY = 2.0  # seconds between two lines of the same check
+
+
+def progress_lines(write: Callable[[str], None], nodeid: str, what: str,
+                   clock: Callable[[], float] = time.monotonic) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback for verify that writes ``nodeid: what done/total examples, t s``
+    once the check has run :data:`PROGRESS_AFTER` seconds, then every :data:`PROGRESS_EVERY` seconds."""
+    started = clock()
+    last = [started - PROGRESS_EVERY]
+
+    def progress(done: int, total: int) -> None:
+        now = clock()
+        if now - started >= PROGRESS_AFTER and now - last[0] >= PROGRESS_EVERY:
+            last[0] = now
+            write(f"gradcheck: {nodeid}: {what} {done}/{total} examples, {now - started:.1f} s")
+
+    return progress
 
 
 def check_seed(session_seed: int, nodeid: str, call: int) -> int:
@@ -85,6 +108,7 @@ class GradientChecker:
         options = {**self.defaults, **options}
         call = len(self.results)
         options.setdefault("seed", check_seed(self._settings.seed, self._nodeid, call))
+        self._progress(options, "verify")
         result = _checking().verify(grad_fn, **options)
         self.results.append(result)
         self._settings.records.append(_record(self._nodeid, call, result, options))
@@ -122,6 +146,7 @@ class GradientChecker:
         options = {**defaults, **options}
         call = len(self.results)
         options.setdefault("seed", check_seed(self._settings.seed, self._nodeid, call))
+        self._progress(options, "verify_linear")
         result = linear.verify_linear(grad_fn, **options)
         self.results.append(result)
         self._settings.records.append(_record(self._nodeid, call, result, options, describe=linear.describe_linear))
@@ -139,6 +164,11 @@ class GradientChecker:
         result = self.verify_linear(grad_fn, **options)
         if not result.passed:
             raise GradientMismatch(_linear().describe_linear(result))
+
+    def _progress(self, options: dict[str, Any], what: str) -> None:
+        """With --gradcheck-progress, a progress callback (unless the test passes its own progress=)."""
+        if self._settings.progress is not None:
+            options.setdefault("progress", progress_lines(self._settings.progress, self._nodeid, what))
 
     def __repr__(self) -> str:
         return f"<gradcheck fixture: dtype {self.dtype}, session seed {self.seed}, checks run {len(self.results)}>"
