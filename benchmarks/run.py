@@ -120,6 +120,23 @@ def targets(figures: dict[str, float]) -> list[list[str]]:
     return rows
 
 
+def split_sections(text: str) -> list[tuple[str, str]]:
+    """``(heading, text)`` of each ``## `` section of a RESULTS.md (the text up to the next one, stripped)."""
+    parts: list[tuple[str, str]] = []
+    for chunk in ("\n" + text).split("\n## ")[1:]:
+        heading = chunk.split("\n", 1)[0].strip()
+        parts.append((heading, ("## " + chunk).rstrip()))
+    return parts
+
+
+def kept_sections(previous: str, measured: list[int]) -> list[tuple[str, str]]:
+    """The sections of ``previous`` this run does not rewrite: the targets table is always rewritten,
+    a numbered section when it was measured; every other section is kept as it was."""
+    own = {f"{n}. " for n in measured}
+    return [(heading, text) for heading, text in split_sections(previous)
+            if heading != "Targets" and not any(heading.startswith(prefix) for prefix in own)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: exercises the code only")
@@ -142,14 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             pass
     started = time.perf_counter()
-    body: list[str] = []
+    measured: dict[int, list[str]] = {}
     figures: dict[str, float] = {}
     durations: list[str] = []
     for number in args.sections:
         start = time.perf_counter()
         lines, found = _section(number)(settings, log)
         durations.append(f"{number}. {SECTIONS[number]} {time.perf_counter() - start:.0f} s")
-        body += lines + [""]
+        measured[number] = lines + [""]
         figures.update(found)
     total = time.perf_counter() - started
     facts = bc.machine()
@@ -172,7 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     head += ["", "## Targets", ""]
     head += bc.table(["target", "measured (ratio in the same run)", "verdict", "what limits it (when missed)"],
                      targets(figures))
+    kept = kept_sections(args.out.read_text() if args.out.exists() else "", list(args.sections))
+    if kept:
+        head[3:3] = ["Sections kept from the previous file, not measured by this command: "
+                     + "; ".join(f"\"{heading}\"" for heading, _ in kept) + ".", ""]
     head += [""]
+    numbered = {int(h.split(".", 1)[0]): t for h, t in kept if h.split(".", 1)[0].isdigit()}
+    body = [line for n in sorted(set(numbered) | set(measured)) for line in
+            (measured[n] if n in measured else [numbered[n], ""])]
+    body += [t + "\n" for h, t in kept if not h.split(".", 1)[0].isdigit()]
     text = "\n".join(head + body).rstrip() + "\n"
     args.out.write_text(text)
     log(f"wrote {args.out} in {total:.0f} s")

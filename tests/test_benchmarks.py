@@ -122,3 +122,31 @@ def test_measure_takes_the_median_and_respects_the_repeat_cap():
     assert timing.median == sorted(timing.all)[1]
     one = common.measure(lambda: None, common.QUICK)
     assert one.runs == 1
+
+
+def test_a_run_keeps_the_sections_it_does_not_measure():
+    """run.py rewrites the targets and the numbered sections it measured; the others (the scripts'
+    own sections, numbered ones not re-run) stay verbatim, in order, and the head names them."""
+    run = _load("run")
+    previous = "\n".join([
+        "# Benchmarks", "", "## Targets", "", "old targets", "", "## 1. Full-gradient verification cost", "",
+        "section one, kept", "", "## 2. Oracle throughput", "", "old oracle", "", "## Grades of real libraries",
+        "", "| a | b |", "|---|---|", "| 1 | 2 |", "", "## Truth at scale (issue 14, item 1)", "", "truth rows", ""])
+    kept = run.kept_sections(previous, [2, 3])
+    assert [h for h, _ in kept] == ["1. Full-gradient verification cost", "Grades of real libraries",
+                                    "Truth at scale (issue 14, item 1)"]
+    assert kept[1][1] == "## Grades of real libraries\n\n| a | b |\n|---|---|\n| 1 | 2 |"
+
+
+@pytest.mark.slow
+def test_a_quick_run_of_some_sections_keeps_the_rest(tmp_path):
+    run = _load("run")
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# B\n\n## Targets\n\nold\n\n## 1. Full-gradient verification cost\n\nkept one\n\n"
+                   "## 3. Truth throughput\n\nold three\n\n## Verify at scale\n\nkept scale\n")
+    assert run.main(["--quick", "--sections", "3", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "kept one" in text and "kept scale" in text and "old three" not in text and "\nold\n" not in text
+    order = [text.index(h) for h in ("## Targets", "## 1. Full", "## 3. Truth throughput", "## Verify at scale")]
+    assert order == sorted(order)
+    assert 'Sections kept from the previous file, not measured by this command: "1. Full-gradient' in text
