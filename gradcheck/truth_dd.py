@@ -233,9 +233,10 @@ SAT_CLIP = 1e5  # 2|x| beyond this counts as 1e5 in the saturated bound (h <= 4 
 class Capped:
     """The softcapped logits of a block of rows, each ``(m, K)`` (docs/exact.md, "The fast path", step 0).
 
-    ``z' = zh + zl`` within ``zeta`` (absolute); the chain factor ``h = hh + hl`` within ``h_rel``
-    (relative) where ``sat`` is False; where ``sat`` is True (``2 |z / c| > 600``) only
-    ``0 < h <= 2**(2 - nsat)`` is known; ``zero`` marks the ``-inf`` logits (``z' = -c``, ``h = 0``).
+    ``z' = zh + zl`` within ``zeta`` (absolute); the chain factor ``h = (hh + hl) 2**hexp`` within
+    ``h_rel`` (relative) where ``sat`` is False (``hexp`` is 0 unless ``2 |z / c| > 600``); where ``sat``
+    is True (``2 |z / c| > 1200``) only ``0 < h < 2**hlog`` is known (``hlog`` bounds every h); ``zero``
+    marks the ``-inf`` logits (``z' = -c``, ``h = 0``).
     """
 
     zh: np.ndarray
@@ -244,8 +245,9 @@ class Capped:
     hh: np.ndarray
     hl: np.ndarray
     h_rel: np.ndarray
+    hexp: np.ndarray
     sat: np.ndarray
-    nsat: np.ndarray
+    hlog: np.ndarray
     zero: np.ndarray
 
 
@@ -267,7 +269,9 @@ def softcap_dd(z: np.ndarray, c: float) -> Capped:
         sign = np.where(zf < 0, -1.0, 1.0)  # the sign of q and of xh
         yh, yl = -2 * np.abs(xh), -2 * sign * xl  # -2 |x|, exactly
         regular = ~small & ~zero & (yh >= MIN_SHIFT)
-        sat = ~small & ~zero & ~regular  # 2 |x| > 600 (or z / c overflowed): E < 2**-865
+        flat = ~small & ~zero & ~regular  # 2 |x| > 600 (or z / c overflowed): E < 2**-865, tanh |x| ~ 1
+        band = flat & (yh >= 2 * MIN_SHIFT)  # 600 < 2 |x| <= 1200: h from exp(-|x|)^2, scaled
+        sat = flat & ~band  # 2 |x| > 1200: h < 2**-1729, only bounded
         eh, el = exp_dd(np.where(regular, yh, 0.0), np.where(regular, yl, 0.0))
         e_rel = (EXP_ERR + 2 * x_err) * SAFE  # exp's own error, and e**(2 x_err) - 1 for the argument's
         one, nil = np.ones(z.shape), np.zeros(z.shape)
@@ -293,19 +297,31 @@ def softcap_dd(z: np.ndarray, c: float) -> Capped:
         hh = np.where(small, 1.0, hh)
         hl = np.where(small, -q2, hl)
         h_rel = np.where(small, SMALL_ERR + FLOOR, h_rel)
-        # saturated: tanh |x| = 1 - 2E / (1 + E) within 2E <= 2**-864; h <= 4E <= 2**(2 - nsat)
-        zh = np.where(sat, sign * c, zh)
-        zl = np.where(sat | zero, 0.0, zl)
-        zeta = np.where(sat, c * 2.0**-864 + FLOOR, zeta)
+        # 2 |x| > 600: tanh |x| = 1 - 2E / (1 + E) within 2E <= 2**-864
+        zh = np.where(flat, sign * c, zh)
+        zl = np.where(flat | zero, 0.0, zl)
+        zeta = np.where(flat, c * 2.0**-864 + FLOOR, zeta)
+        # 600 < 2 |x| <= 1200: v = exp(-|x|) = m 2**e (m in [1/2, 1), exact scaling), h = 4 m^2 2**(2e) (1 + E)**-2,
+        # the last factor within 2E <= 2**-864 of 1
+        vh, vl = exp_dd(np.where(band, yh / 2, 0.0), np.where(band, yl / 2, 0.0))
+        mh, ve = np.frexp(vh)
+        ml = np.ldexp(vl, -ve)
+        m2h, m2l = dd_mul(mh, ml, mh, ml)
+        hh = np.where(band, 4 * m2h, hh)
+        hl = np.where(band, 4 * m2l, hl)
+        h_rel = np.where(band, (2 * (EXP_ERR + x_err) + MUL_ERR + 2.0**-864) * SAFE, h_rel)
+        hexp = np.where(band, 2 * ve, 0).astype(np.int64)
+        # 2 |x| > 1200: h <= 4E = 2**(2 - 2|x| log2(e)) <= 2**(2 - nsat); elsewhere h <= 1, or
+        # (hh + hl) 2**hexp with hh = 4 m^2 < 4 (the band)
         nsat = np.floor(np.minimum(2 * aq, SAT_CLIP) * LOG2E_LO * (1 - 2.0**-50))
-        nsat = np.where(sat, nsat, 0.0).astype(np.int64)
+        hlog = np.where(sat, 2 - np.where(sat, nsat, 0.0), np.where(band, hexp + 3, 1)).astype(np.int64)
         # -inf: z' = -c exactly, h = 0
         zh = np.where(zero, -c, zh)
         zeta = np.where(zero, 0.0, zeta)
         hh = np.where(sat | zero, 0.0, hh)
         hl = np.where(sat | zero, 0.0, hl)
         h_rel = np.where(sat | zero, 0.0, h_rel)
-    return Capped(zh, zl, zeta, hh, hl, h_rel, sat, nsat, zero)
+    return Capped(zh, zl, zeta, hh, hl, h_rel, hexp, sat, hlog, zero)
 
 
 def _settle(vh: np.ndarray, vl: np.ndarray, bound: np.ndarray, fmt: FloatFormat, cap: Capped | None,
@@ -314,18 +330,25 @@ def _settle(vh: np.ndarray, vl: np.ndarray, bound: np.ndarray, fmt: FloatFormat,
     factor ``h`` of the elements ``sel`` (docs/exact.md, "The fast path", step 7)."""
     if cap is None:
         return decide(vh, vl, bound, fmt)
-    hh, hl, h_rel = cap.hh[sel], cap.hl[sel], cap.h_rel[sel]
+    hh, hl, h_rel, hexp = cap.hh[sel], cap.hl[sel], cap.h_rel[sel], cap.hexp[sel]
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
         wh, wl = dd_mul(vh, vl, hh, hl)
-        w_bound = (np.abs(wh) * (h_rel + MUL_ERR) + bound * hh * (1 + h_rel)) * SAFE + FLOOR
+        w_bound = (np.abs(wh) * (h_rel + MUL_ERR) + bound * hh * (1 + h_rel)) * SAFE
+        # times 2**hexp (hexp <= 0): exact unless it underflows, then within 2**-1074 per part (FLOOR)
+        wh, wl, w_bound = np.ldexp(wh, hexp), np.ldexp(wl, hexp), np.ldexp(w_bound, hexp) + FLOOR
         out = decide(wh, wl, w_bound, fmt)
-        # saturated: 0 < h <= 2**(2 - nsat), so |g| < 2**(ex + 2 - nsat) with |v| + bound < 2**ex
-        _, ex = np.frexp((np.abs(vh) + np.abs(vl) + bound) * SAFE)
+        # 0 < h < 2**hlog, so |g| < 2**(ex + hlog) with |v| + bound < 2**ex: where that is at most half
+        # the smallest subnormal and v's sign is certain, g is that signed zero (saturated h, and
+        # scaled ones that underflowed)
+        mag = (np.abs(vh) + np.abs(vl) + bound) * SAFE
+        _, ex = np.frexp(mag)
         sub_exp = math.frexp(fmt.smallest_subnormal)[1] - 1  # smallest subnormal = 2**sub_exp
-        below = ex.astype(np.int64) + 2 - cap.nsat[sel] <= sub_exp - 1  # |g| < half the smallest subnormal
+        # (frexp(inf) has exponent 0: a finite mag is required)
+        below = (ex.astype(np.int64) + cap.hlog[sel] <= sub_exp - 1) & np.isfinite(mag)
         sure = (np.abs(vh) - np.abs(vl)) > bound * SAFE  # the sign of v, hence of g (h > 0)
         zero = np.where(below & sure & np.isfinite(vh), np.copysign(0.0, vh), np.nan)
-        return np.where(cap.sat[sel], zero, out)
+        out = np.where(cap.sat[sel], np.nan, out)
+        return np.where(np.isnan(out), zero, out)
 
 
 # ---- decisions --------------------------------------------------------------------------------

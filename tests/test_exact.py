@@ -614,3 +614,27 @@ def test_softcap_slow_path_where_z_over_c_overflows():
         warnings.simplefilter("error")
         g = gc.exact_grad(z, np.array([1]), softcap=0.01, prefilter=False)
     assert _same(g, independent_options(z, np.array([1]), {"softcap": 0.01}))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_path_under_softcap_where_the_chain_factor_is_below_2_to_the_minus_865(dtype):
+    """|z| / c in (300, 340]: h ~ 2**-866 ... 2**-981, carried as mantissa times 2**hexp, so float64
+    gradients near 2**-900 are decided (not only bounded); |z| / c of 700 and more: h < 2**-2000, a signed
+    zero. Every element decided, and equal to the independent evaluation and the slow path."""
+    fmt = gc.float_format(dtype)
+    c = 0.5 if dtype in ("float16", "bfloat16") else 1.0  # |z| up to 350 is exact in every format
+    ratio = np.linspace(300.5, 340.0, 20)
+    z = np.concatenate([-ratio * c, [0.0, 1.0, -700 * c, 1500 * c, -1e6 * c if dtype == "float64" else -fmt.max]])
+    z = np.stack([z, -z[::-1]]).astype(fmt.dtype)
+    t = np.array([20, 3])
+    options = {"softcap": c, "lse_square_scale": 0.25, "reduction": "sum"}
+    calls = []
+    got = gc.exact_grad(z, t, progress=lambda done, total: calls.append(total), **options)
+    assert calls[0] == 0
+    assert _same(got, gc.exact_grad(z, t, prefilter=False, **options))
+    truth64 = independent_options(z, t, options)
+    if dtype == "float64":
+        assert np.all(np.abs(got[0, :20]) > 2.0**-990) and _same(got, truth64)
+    else:
+        safe = ~_midpoint(truth64, dtype)
+        assert _same(got.astype(np.float64)[safe], gc.round_to_format(truth64, dtype).astype(np.float64)[safe])
