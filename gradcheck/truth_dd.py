@@ -303,14 +303,14 @@ def softcap_dd(z: np.ndarray, c: float) -> Capped:
         zeta = np.where(flat, c * 2.0**-864 + FLOOR, zeta)
         # 600 < 2 |x| <= 1200: v = exp(-|x|) = m 2**e (m in [1/2, 1), exact scaling), h = 4 m^2 2**(2e) (1 + E)**-2,
         # the last factor within 2E <= 2**-864 of 1
-        vh, vl = exp_dd(np.where(band, yh / 2, 0.0), np.where(band, yl / 2, 0.0))
-        mh, ve = np.frexp(vh)
-        ml = np.ldexp(vl, -ve)
-        m2h, m2l = dd_mul(mh, ml, mh, ml)
-        hh = np.where(band, 4 * m2h, hh)
-        hl = np.where(band, 4 * m2l, hl)
-        h_rel = np.where(band, (2 * (EXP_ERR + x_err) + MUL_ERR + 2.0**-864) * SAFE, h_rel)
-        hexp = np.where(band, 2 * ve, 0).astype(np.int64)
+        hexp = np.zeros(z.shape, dtype=np.int64)
+        if band.any():
+            vh, vl = exp_dd(yh[band] / 2, yl[band] / 2)
+            mh, ve = np.frexp(vh)
+            ml = np.ldexp(vl, -ve)
+            m2h, m2l = dd_mul(mh, ml, mh, ml)
+            hh[band], hl[band], hexp[band] = 4 * m2h, 4 * m2l, 2 * ve
+            h_rel[band] = (2 * (EXP_ERR + x_err[band]) + MUL_ERR + 2.0**-864) * SAFE
         # 2 |x| > 1200: h <= 4E = 2**(2 - 2|x| log2(e)) <= 2**(2 - nsat); elsewhere h <= 1, or
         # (hh + hl) 2**hexp with hh = 4 m^2 < 4 (the band)
         nsat = np.floor(np.minimum(2 * aq, SAT_CLIP) * LOG2E_LO * (1 - 2.0**-50))
