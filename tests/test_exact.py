@@ -638,3 +638,16 @@ def test_fast_path_under_softcap_where_the_chain_factor_is_below_2_to_the_minus_
     else:
         safe = ~_midpoint(truth64, dtype)
         assert _same(got.astype(np.float64)[safe], gc.round_to_format(truth64, dtype).astype(np.float64)[safe])
+
+
+@pytest.mark.parametrize("cap", [1e-130, 1e130])
+def test_softcap_outside_the_fast_range_goes_to_the_slow_path(cap):
+    """c outside [2**-400, 2**400] (where step 0's products could leave the range) is not taken by the
+    fast path, and the slow path still gives the independent evaluation's values."""
+    from gradcheck import truth_dd
+
+    z = np.array([[2e-130, -1e-131, 0.0, -np.inf], [3.0, -2.0, 1e120, 0.5]])
+    t = np.array([1, 2])
+    assert not truth_dd.applies(gc.make_problem(z, t, softcap=cap))
+    assert truth_dd.applies(gc.make_problem(z, t, softcap=2.0**-400)) and truth_dd.applies(gc.make_problem(z, t, softcap=2.0**400))
+    assert _same(gc.exact_grad(z, t, softcap=cap), independent_options(z, t, {"softcap": cap}))
