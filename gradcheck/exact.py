@@ -366,7 +366,9 @@ def _row_enclosure(rows: _RowFacts, n: int, prec: int, cache: dict[int, Any]) ->
         else:
             capped, chain = zip(*(_softcap(float(v), rows.softcap) for v in z))
             # any exact shift works (lse = mu + log sum exp(z' - mu)); near the max keeps e_a ~ 1
-            mu = -rows.softcap if np.isneginf(rows.zmax[n]) else rows.softcap * math.tanh(rows.zmax[n] / rows.softcap)
+            # (Python floats: z / c may overflow to inf, where tanh is 1; numpy's scalar would warn)
+            top = float(rows.zmax[n])
+            mu = -rows.softcap if top == -math.inf else rows.softcap * math.tanh(top / rows.softcap)
             e = [_IV.exp(v - mu) for v in capped]
             za = capped[a]
         r = sum((e[c] for c in range(len(e)) if c != a), _IV.mpf(0))

@@ -8,9 +8,10 @@ bound (docs/exact.md, "The fast path"); no libm function is trusted. Per row the
 cannot decide (an enclosure that straddles a rounding boundary, a value out of its range) is returned
 as NaN and goes to the mpmath slow path, which is exact.
 
-Scope: every problem without softcap (index or probability targets, label smoothing, z-loss, class
-weights of either sign, ignored rows, upstream gradients), weights and targets below 2**300 in
-magnitude. Softcapped problems use the mpmath path (after the oracle prefilter where it applies).
+Scope: every problem (index or probability targets, label smoothing, z-loss, softcap, class weights
+of either sign, ignored rows, upstream gradients) with weights and targets below 2**300 in magnitude
+and a softcap c in [2**-400, 2**400]. Under softcap ``z' = c tanh(z / c)`` and the chain factor
+``h = 1 - tanh^2(z / c)`` are double-double enclosures too (:func:`softcap_dd`, from the same exp).
 
 Bounds: Joldes, Muller, Popescu, "Tight and rigorous error bounds for basic building blocks of
 double-word arithmetic", ACM TOMS 44(2), 2017 (JMP below): AccurateDWPlusDW (their Algorithm 6)
@@ -23,6 +24,7 @@ an absolute floor covers underflow.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -104,6 +106,19 @@ def dd_of(x: Fraction | float) -> tuple[float, float]:
     x = Fraction(x)
     hi = float(x)
     return hi, float(x - Fraction(hi))
+
+
+def recip_dd(xh: np.ndarray, xl: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``1 / (xh + xl)`` by one Newton step from ``y0 = 1 / xh`` (docs/exact.md, "The fast path", step 3).
+
+    Returns ``(ih, il, rel)``: ``rel`` bounds the relative error of the arithmetic, computed from the
+    residual ``rho = 1 - x y0`` (so it needs no assumption on ``y0``); the input's own error is the caller's.
+    """
+    y0 = 1.0 / xh
+    ph, pl = dd_mul_d(xh, xl, y0)
+    rho, _ = dd_add(np.ones(xh.shape), np.zeros(xh.shape), -ph, -pl)
+    ih, il = two_sum(y0, y0 * rho)
+    return ih, il, (rho * rho + MULD_ERR + ADD_ERR + 2 * U * np.abs(rho) + U2) * SAFE
 
 
 # ---- exp --------------------------------------------------------------------------------------
@@ -206,6 +221,136 @@ def dd_sum_rows(h: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return h[:, 0].copy(), lo[:, 0].copy(), levels
 
 
+# ---- softcap: z' = c tanh(z / c) and h = 1 - tanh^2(z / c) ------------------------------------
+
+TANH_SMALL = 2.0**-30  # |z / c| below this: tanh x = x - x^3/3 (docs/exact.md, "The fast path", step 0)
+SMALL_ERR = 2.0**-111  # relative error of z' and of h on that branch (step 0)
+LOG2E_LO = (1 / math.log(2)) * (1 - 2.0**-50)  # below log2(e): two roundings of 2**-53 each
+SAT_CLIP = 1e5  # 2|x| beyond this counts as 1e5 in the saturated bound (h <= 4 e**-1e5 is 0 anyway)
+
+
+@dataclass(frozen=True)
+class Capped:
+    """The softcapped logits of a block of rows, each ``(m, K)`` (docs/exact.md, "The fast path", step 0).
+
+    ``z' = zh + zl`` within ``zeta`` (absolute); the chain factor ``h = (hh + hl) 2**hexp`` within
+    ``h_rel`` (relative) where ``sat`` is False (``hexp`` is 0 unless ``2 |z / c| > 600``); where ``sat``
+    is True (``2 |z / c| > 1200``) only ``0 < h < 2**hlog`` is known (``hlog`` bounds every h); ``zero``
+    marks the ``-inf`` logits (``z' = -c``, ``h = 0``).
+    """
+
+    zh: np.ndarray
+    zl: np.ndarray
+    zeta: np.ndarray
+    hh: np.ndarray
+    hl: np.ndarray
+    h_rel: np.ndarray
+    hexp: np.ndarray
+    sat: np.ndarray
+    hlog: np.ndarray
+    zero: np.ndarray
+
+
+def softcap_dd(z: np.ndarray, c: float) -> Capped:
+    """``c tanh(z / c)`` and ``1 - tanh^2(z / c)`` as double-doubles with proven error bounds, from
+    ``E = exp(-2 |z / c|)`` (:func:`exp_dd`): ``tanh|x| = (1 - E) / (1 + E)``, ``h = 4 E / (1 + E)^2``
+    (no cancellation when saturated); docs/exact.md, "The fast path", step 0. ``2**-400 <= c <= 2**400``."""
+    with np.errstate(invalid="ignore", over="ignore", under="ignore", divide="ignore"):
+        zero = np.isneginf(z)
+        zf = np.where(zero, 0.0, z)
+        q = zf / c
+        aq = np.abs(q)
+        small = aq < TANH_SMALL
+        # x = z / c as a double-double: q c = ph + pl exactly, z - ph exact (Sterbenz), two roundings after
+        ph, pl = two_prod(q, np.full(q.shape, c))
+        xl = ((zf - ph) - pl) / c
+        xh, xl = fast_two_sum(q, xl)
+        x_err = 4 * U2 * aq  # |x - (xh + xl)| <= 2.01 u |xl| <= 4 u^2 |q|
+        sign = np.where(zf < 0, -1.0, 1.0)  # the sign of q and of xh
+        yh, yl = -2 * np.abs(xh), -2 * sign * xl  # -2 |x|, exactly
+        regular = ~small & ~zero & (yh >= MIN_SHIFT)
+        flat = ~small & ~zero & ~regular  # 2 |x| > 600 (or z / c overflowed): E < 2**-865, tanh |x| ~ 1
+        band = flat & (yh >= 2 * MIN_SHIFT)  # 600 < 2 |x| <= 1200: h from exp(-|x|)^2, scaled
+        sat = flat & ~band  # 2 |x| > 1200: h < 2**-1729, only bounded
+        eh, el = exp_dd(np.where(regular, yh, 0.0), np.where(regular, yl, 0.0))
+        e_rel = (EXP_ERR + 2 * x_err) * SAFE  # exp's own error, and e**(2 x_err) - 1 for the argument's
+        one, nil = np.ones(z.shape), np.zeros(z.shape)
+        nh, nl = dd_add(one, nil, -eh, -el)  # 1 - E, absolute error n_err
+        n_err = (e_rel * eh + ADD_ERR * np.abs(nh)) * SAFE
+        wh, wl = dd_add(one, nil, eh, el)  # 1 + E in (1, 2], relative error w_rel
+        ih, il, i_rel = recip_dd(wh, wl)
+        i_rel = i_rel + (e_rel * eh / wh + ADD_ERR) * SAFE
+        th, tl = dd_mul(nh, nl, ih, il)  # tanh |x|
+        t_err = (np.abs(th) * (i_rel + MUL_ERR) + n_err * ih * (1 + i_rel)) * SAFE
+        zh, zl = dd_mul_d(th, tl, np.full(z.shape, c))
+        zh, zl = sign * zh, sign * zl
+        zeta = (c * t_err + MULD_ERR * np.abs(zh)) * SAFE + FLOOR
+        i2h, i2l = dd_mul(ih, il, ih, il)
+        hh, hl = dd_mul(eh, el, i2h, i2l)
+        hh, hl = 4 * hh, 4 * hl
+        h_rel = (e_rel + 2 * i_rel + 2 * MUL_ERR) * SAFE
+        # |x| < 2**-30: z' = z - z x^2 / 3 within |z| (2/15) x^4 (+ the roundings), h = 1 - x^2 within (2/3) x^4
+        q2 = q * q
+        zh = np.where(small, zf, zh)
+        zl = np.where(small, -(zf * q2) / 3, zl)
+        zeta = np.where(small, np.abs(zf) * SMALL_ERR + FLOOR, zeta)
+        hh = np.where(small, 1.0, hh)
+        hl = np.where(small, -q2, hl)
+        h_rel = np.where(small, SMALL_ERR + FLOOR, h_rel)
+        # 2 |x| > 600: tanh |x| = 1 - 2E / (1 + E) within 2E <= 2**-864
+        zh = np.where(flat, sign * c, zh)
+        zl = np.where(flat | zero, 0.0, zl)
+        zeta = np.where(flat, c * 2.0**-864 + FLOOR, zeta)
+        # 600 < 2 |x| <= 1200: v = exp(-|x|) = m 2**e (m in [1/2, 1), exact scaling), h = 4 m^2 2**(2e) (1 + E)**-2,
+        # the last factor within 2E <= 2**-864 of 1
+        hexp = np.zeros(z.shape, dtype=np.int64)
+        if band.any():
+            vh, vl = exp_dd(yh[band] / 2, yl[band] / 2)
+            mh, ve = np.frexp(vh)
+            ml = np.ldexp(vl, -ve)
+            m2h, m2l = dd_mul(mh, ml, mh, ml)
+            hh[band], hl[band], hexp[band] = 4 * m2h, 4 * m2l, 2 * ve
+            h_rel[band] = (2 * (EXP_ERR + x_err[band]) + MUL_ERR + 2.0**-864) * SAFE
+        # 2 |x| > 1200: h <= 4E = 2**(2 - 2|x| log2(e)) <= 2**(2 - nsat); elsewhere h <= 1, or
+        # (hh + hl) 2**hexp with hh = 4 m^2 < 4 (the band)
+        nsat = np.floor(np.minimum(2 * aq, SAT_CLIP) * LOG2E_LO * (1 - 2.0**-50))
+        hlog = np.where(sat, 2 - np.where(sat, nsat, 0.0), np.where(band, hexp + 3, 1)).astype(np.int64)
+        # -inf: z' = -c exactly, h = 0
+        zh = np.where(zero, -c, zh)
+        zeta = np.where(zero, 0.0, zeta)
+        hh = np.where(sat | zero, 0.0, hh)
+        hl = np.where(sat | zero, 0.0, hl)
+        h_rel = np.where(sat | zero, 0.0, h_rel)
+    return Capped(zh, zl, zeta, hh, hl, h_rel, hexp, sat, hlog, zero)
+
+
+def _settle(vh: np.ndarray, vl: np.ndarray, bound: np.ndarray, fmt: FloatFormat, cap: Capped | None,
+            sel: Any) -> np.ndarray:
+    """:func:`decide` on ``u dL/dz'`` enclosed by ``(vh + vl, bound)``; under softcap first times the chain
+    factor ``h`` of the elements ``sel`` (docs/exact.md, "The fast path", step 7)."""
+    if cap is None:
+        return decide(vh, vl, bound, fmt)
+    hh, hl, h_rel, hexp = cap.hh[sel], cap.hl[sel], cap.h_rel[sel], cap.hexp[sel]
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        wh, wl = dd_mul(vh, vl, hh, hl)
+        w_bound = (np.abs(wh) * (h_rel + MUL_ERR) + bound * hh * (1 + h_rel)) * SAFE
+        # times 2**hexp (hexp <= 0): exact unless it underflows, then within 2**-1074 per part (FLOOR)
+        wh, wl, w_bound = np.ldexp(wh, hexp), np.ldexp(wl, hexp), np.ldexp(w_bound, hexp) + FLOOR
+        out = decide(wh, wl, w_bound, fmt)
+        # 0 < h < 2**hlog, so |g| < 2**(ex + hlog) with |v| + bound < 2**ex: where that is at most half
+        # the smallest subnormal and v's sign is certain, g is that signed zero (saturated h, and
+        # scaled ones that underflowed)
+        mag = (np.abs(vh) + np.abs(vl) + bound) * SAFE
+        _, ex = np.frexp(mag)
+        sub_exp = math.frexp(fmt.smallest_subnormal)[1] - 1  # smallest subnormal = 2**sub_exp
+        # (frexp(inf) has exponent 0: a finite mag is required)
+        below = (ex.astype(np.int64) + cap.hlog[sel] <= sub_exp - 1) & np.isfinite(mag)
+        sure = (np.abs(vh) - np.abs(vl)) > bound * SAFE  # the sign of v, hence of g (h > 0)
+        zero = np.where(below & sure & np.isfinite(vh), np.copysign(0.0, vh), np.nan)
+        out = np.where(cap.sat[sel], np.nan, out)
+        return np.where(np.isnan(out), zero, out)
+
+
 # ---- decisions --------------------------------------------------------------------------------
 
 def decide(vh: np.ndarray, vl: np.ndarray, bound: np.ndarray, fmt: FloatFormat) -> np.ndarray:
@@ -245,9 +390,10 @@ UB_REL = MULD_ERR + U2  # u B = RN_dd(B) * u
 
 
 def applies(problem: Any) -> bool:
-    """The problems this fast path covers (module docstring): no softcap, and weights and probability
-    targets below 2**300 in magnitude (so no product of them overflows or loses more than the floor)."""
-    if problem.softcap is not None:
+    """The problems this fast path covers (module docstring): weights and probability targets below
+    2**300 in magnitude (so no product of them overflows or loses more than the floor), and a softcap
+    in [2**-400, 2**400] (so that every product of step 0 stays in range)."""
+    if problem.softcap is not None and not 2.0**-400 <= problem.softcap <= 2.0**400:
         return False
     w = problem.weight
     if w is not None and not np.all(np.abs(w) <= 2.0**300):
@@ -316,36 +462,50 @@ BLOCK = 1 << 16
 
 
 def _rows(problem: Any, idx: np.ndarray, ub: np.ndarray) -> tuple:
-    """Steps 1-4 for rows ``idx``: e, R, Z, 1/Z (and lse when a row has a z-loss), with their bounds."""
+    """Steps 0-4 for rows ``idx``: (under softcap z' and h,) e, R, Z, 1/Z (and lse when a row has a
+    z-loss), with their bounds. ``e_err`` (per row) is the relative error of every e_c."""
     z = problem.logits[idx].astype(np.float64)
     m = len(idx)
     rr = np.arange(m)
-    a = np.argmax(z, axis=1)
-    zmax = z[rr, a]
+    a = np.argmax(z, axis=1)  # also the argmax of z' (tanh is increasing; equal z give equal z')
+    cap = None
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
-        sh, sl = two_sum(z, -zmax[:, None])  # s = z - max z exactly (sh + sl)
-        masked = np.isneginf(z)
+        if problem.softcap is None:
+            zah, zal, zeta_a = z[rr, a], np.zeros(m), np.zeros(m)
+            sh, sl = two_sum(z, -zah[:, None])  # s = z - max z exactly (sh + sl)
+            masked = np.isneginf(z)
+            e_err = np.full(m, EXP_ERR)
+        else:
+            # step 0: z' and h; s = z' - z'_a within delta, so e_c = exp(s) within e**delta - 1 more
+            cap = softcap_dd(z, problem.softcap)
+            zah, zal, zeta_a = cap.zh[rr, a], cap.zl[rr, a], cap.zeta[rr, a]
+            sh, sl = dd_add(cap.zh, cap.zl, -zah[:, None], -zal[:, None])
+            delta = (cap.zeta + zeta_a[:, None] + ADD_ERR * np.abs(sh)) * SAFE
+            pos = (sh > 0) | ((sh == 0) & (sl > 0))  # s <= 0 exactly: clamping moves s~ no farther from s
+            sh, sl = np.where(pos, 0.0, sh), np.where(pos, 0.0, sl)
+            delta[rr, a] = 0.0
+            dmax = delta.max(axis=1)
+            e_err = np.where(dmax <= 2.0**-40, (EXP_ERR + dmax * (1 + dmax)) * SAFE, np.inf)
+            masked = np.zeros(z.shape, dtype=bool)  # -inf is -c: counted (its own h is 0)
         cut = ~masked & ~(sh >= MIN_SHIFT)  # beyond e**-600, or z - max z overflowed
         off = masked | cut
         sh = np.where(off, 0.0, sh)
         sl = np.where(off, 0.0, sl)
-        # step 1: e_c within EXP_ERR (exp(0) = 1 exactly at the argmax)
+        # step 1: e_c within e_err (exp(0) = 1 exactly at the argmax)
         eh, el = exp_dd(sh, sl)
         eh[off] = 0.0
         el[off] = 0.0
         # step 2: R = sum of the others, pairwise; Z = 1 + R
         eh[rr, a] = 0.0
+        el[rr, a] = 0.0
         rh, rl, levels = dd_sum_rows(eh, el)
         eh[rr, a] = 1.0
-        r_err = (rh * (EXP_ERR + levels * ADD_ERR) + cut.sum(axis=1) * E_CUT) * SAFE
+        r_err = (rh * (e_err + levels * ADD_ERR) + cut.sum(axis=1) * E_CUT) * SAFE
         zh, zl = dd_add(np.ones(m), np.zeros(m), rh, rl)
         d_z = (r_err / zh + ADD_ERR) * SAFE  # relative error of Z (Z >= 1)
         # step 3: 1 / Z by one Newton step, its error from the computed residual
-        y0 = 1.0 / zh
-        ph, pl = dd_mul_d(zh, zl, y0)
-        rho, _ = dd_add(np.ones(m), np.zeros(m), -ph, -pl)
-        ih, il = two_sum(y0, y0 * rho)
-        d_inv = (rho * rho + MULD_ERR + ADD_ERR + 2 * U * np.abs(rho) + U2) * SAFE + d_z
+        ih, il, d_inv = recip_dd(zh, zl)
+        d_inv = d_inv + d_z
         # step 4: lse = max z + log Z (z-loss only): log Z = y0' + log1p(Z exp(-y0') - 1)
         lh = ll = lse_err = None
         if np.any(ub[idx, 0]):
@@ -354,13 +514,16 @@ def _rows(problem: Any, idx: np.ndarray, ub: np.ndarray) -> tuple:
             qh, ql = dd_mul(zh, zl, xh, xl)
             r0h, r0l = dd_add(qh, ql, -np.ones(m), np.zeros(m))
             l1h, l1l = dd_add(r0h, r0l, -0.5 * r0h * r0h, np.zeros(m))  # log1p(r0) ~ r0 - r0^2 / 2
-            ah, al = two_sum(zmax, g0)
+            ah, al = dd_add(zah, zal, g0, np.zeros(m))  # exact (TwoSum) without softcap: zal = 0
             lh, ll = dd_add(ah, al, l1h, l1l)
             lse_err = (d_z * (1 + d_z) + np.abs(qh) * (EXP_ERR + MUL_ERR)
                        + ADD_ERR * (2 * np.abs(r0h) + 2 * np.abs(lh)) + np.abs(r0h) ** 3) * SAFE
+            if cap is not None:  # z'_a within zeta_a, and the sum z'_a + g0 rounded to double-double
+                lse_err = (lse_err + zeta_a + ADD_ERR * np.abs(ah)) * SAFE
             # |log1p(x) - (x - x^2/2)| <= |x|^3 holds for |x| <= 1/2; np.log is far closer than 2**-40
             lse_err = np.where(np.abs(r0h) <= 2.0**-40, lse_err, np.inf)
-    return z, m, rr, a, masked, cut, off, eh, el, rh, rl, r_err, zh, zl, d_z, ih, il, d_inv, lh, ll, lse_err
+    return (z, m, rr, a, masked, cut, off, eh, el, rh, rl, r_err, zh, zl, d_z, ih, il, d_inv, lh, ll, lse_err,
+            e_err, cap)
 
 
 def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.ndarray, ub: np.ndarray,
@@ -369,7 +532,7 @@ def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.nda
     if idx.size == 0:
         return
     (z, m, rr, a, masked, cut, off, eh, el, rh, rl, r_err, zh, zl, d_z, ih, il, d_inv, lh, ll,
-     lse_err) = _rows(problem, idx, ub)
+     lse_err, e_err, cap) = _rows(problem, idx, ub)
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
         fh, fl = f[idx, 0], f[idx, 1]
         bh, bl = ub[idx, 0], ub[idx, 1]
@@ -390,8 +553,8 @@ def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.nda
         for c0 in range(0, z.shape[1], step):
             ec, lc = eh[:, c0:c0 + step], el[:, c0:c0 + step]
             vh, vl = dd_mul(ec, lc, gh[:, None], gl[:, None])
-            bound = (np.abs(vh) * (EXP_ERR + MUL_ERR) + ec * g_err[:, None]) * SAFE + FLOOR
-            dec[:, c0:c0 + step] = decide(vh, vl, bound, fmt)
+            bound = (np.abs(vh) * (e_err[:, None] + MUL_ERR) + ec * g_err[:, None]) * SAFE + FLOOR
+            dec[:, c0:c0 + step] = _settle(vh, vl, bound, fmt, cap, (slice(None), slice(c0, c0 + step)))
         # masked classes that are not the target: p = 0 and A = 0, exactly +0
         dec[masked] = 0.0
         # cut classes: 0 < e_c <= E_CUT, so |g_c| <= E_CUT (|G| + err): a signed zero when that underflows
@@ -404,19 +567,21 @@ def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.nda
         at_max = t == a
         xh2, xl2 = dd_add(zh, zl, -et_h, -et_l)
         xh2, xl2 = np.where(at_max, rh, xh2), np.where(at_max, rl, xl2)
-        x_err = np.where(at_max, r_err, d_z * zh + et_h * EXP_ERR + ADD_ERR * np.abs(xh2)) * SAFE
+        x_err = np.where(at_max, r_err, d_z * zh + et_h * e_err + ADD_ERR * np.abs(xh2)) * SAFE
         yh, yl = dd_mul(-fh, -fl, xh2, xl2)
         y_err = np.abs(fh) * (x_err + np.abs(xh2) * (MUL_ERR + F_REL))
         if th is not None:
             wh, wl = dd_mul(th, tl, et_h, et_l)
-            y_err = y_err + np.abs(bh) * (lse_err * et_h + np.abs(lh * et_h) * (EXP_ERR + 2 * MUL_ERR + UB_REL))
+            y_err = y_err + np.abs(bh) * (lse_err * et_h + np.abs(lh * et_h) * (e_err + 2 * MUL_ERR + UB_REL))
             yh, yl = dd_add(yh, yl, wh, wl)
         y_err = (y_err + ADD_ERR * np.abs(yh)) * SAFE
         vth, vtl = dd_mul(yh, yl, ih, il)
         t_bound = (np.abs(vth) * (d_inv + MUL_ERR) + y_err * np.abs(ih) * (1 + d_inv)) * SAFE + FLOOR
-        dec_t = decide(vth, vtl, t_bound, fmt)
+        dec_t = _settle(vth, vtl, t_bound, fmt, cap, (rr, t))
         dec_t[off[rr, t]] = np.nan  # a masked or cut target: the slow path's rational cases
         dec[rr, t] = dec_t
+        if cap is not None:
+            dec[cap.zero] = 0.0  # softcap: a -inf logit's chain factor is 0, its gradient exactly +0
         dec[big] = np.nan
     out[idx] = dec
 
@@ -431,7 +596,7 @@ def _block_dense(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: 
     if idx.size == 0:
         return
     (z, m, rr, a, masked, cut, off, eh, el, rh, rl, r_err, zh, zl, d_z, ih, il, d_inv, lh, ll,
-     lse_err) = _rows(problem, idx, ub)
+     lse_err, e_err, cap) = _rows(problem, idx, ub)
     k = problem.k
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
         # A_c = w_c ((1 - eps) t0_c + eps / K), t0 >= 0: relative error A_REL, plus UNDER absolute
@@ -486,9 +651,9 @@ def _block_dense(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: 
             ph, pl = dd_mul(ec, lc, gh[:, None], gl[:, None])
             vh, vl = dd_add(ph, pl, -hh, -hl)
             cut_c = cut[:, sl_c]
-            bound = (np.abs(ph) * (EXP_ERR + MUL_ERR) + ec * g_err[:, None] + h_err + ADD_ERR * np.abs(vh)
+            bound = (np.abs(ph) * (e_err[:, None] + MUL_ERR) + ec * g_err[:, None] + h_err + ADD_ERR * np.abs(vh)
                      + np.where(cut_c, E_CUT * (np.abs(gh) + g_err)[:, None], 0.0)) * SAFE + FLOOR
-            dec[:, sl_c] = decide(vh, vl, bound, fmt)
+            dec[:, sl_c] = _settle(vh, vl, bound, fmt, cap, (slice(None), sl_c))
         exact_zero = masked & (ah_ == 0)  # p = 0 and A = 0
         dec[exact_zero] = 0.0
         # a cut class without target weight: 0 < g_c / G <= E_CUT, a signed zero when that underflows
@@ -514,6 +679,8 @@ def _block_dense(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: 
         y_err = y_err * SAFE
         vah, val = dd_mul(yh, yl, ih, il)
         a_bound = (np.abs(vah) * (d_inv + MUL_ERR) + y_err * np.abs(ih) * (1 + d_inv)) * SAFE + FLOOR
-        dec[rr, a] = decide(vah, val, a_bound, fmt)
+        dec[rr, a] = _settle(vah, val, a_bound, fmt, cap, (rr, a))
+        if cap is not None:
+            dec[cap.zero] = 0.0  # softcap: a -inf logit's chain factor is 0, its gradient exactly +0
         dec[big] = np.nan
     out[idx] = dec

@@ -514,3 +514,140 @@ def test_fast_path_at_llm_scale_against_independent_evaluation():
     t = np.array([5, 31999, 0, 17])
     truth = gc.exact_grad(z, t, lse_square_scale=1e-4)
     assert _same(truth, independent_options(z, t, {"lse_square_scale": 1e-4}, prec=300))  # gaps < 60 here
+
+
+# ---- the fast path under softcap (helper captruth) ----------------------------------------------
+
+CAPS = [30.0, 1.0, 0.05, 2.0**-20, 1e4]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(REGIMES + ("saturated",)), st.sampled_from(DTYPES),
+       st.sampled_from(CAPS), st.sampled_from([0.0, 1e-4, 0.5]), st.booleans(), st.booleans())
+def test_fast_path_under_softcap_equals_the_slow_path(seed, regime, dtype, cap, lam, negative, upstream):
+    """Under softcap the double-double enclosure (z', h from exp_dd) decides only what mpmath decides the
+    same way, bit for bit in every format: every regime (huge, masked, ties, large gaps, saturated |z| / c
+    up to 50), c from 2**-20 to 1e4, with z-loss, weights of both signs, ignored rows, upstream gradients."""
+    z, t, opts = make_case(seed, regime, dtype)
+    rng = np.random.default_rng(seed)
+    n, k = np.atleast_2d(z).shape
+    opts.setdefault("softcap", cap)
+    if negative:
+        opts["weight"] = rng.choice([-2.0, -0.5, 0.0, 1.0, 3.0], k)
+    if lam:
+        opts["lse_square_scale"] = lam
+    if upstream:
+        opts["reduction"] = "none"
+        opts["grad_output"] = _upstream(rng, "none", n)
+    if n > 1 and t.ndim == 1 and rng.random() < 0.5:
+        t = t.copy()
+        t[0] = -100
+    try:
+        gc.make_problem(z, t, **opts)
+    except gc.InvalidArgument:
+        return
+    assert _same(gc.exact_grad(z, t, **opts), gc.exact_grad(z, t, prefilter=False, **opts))
+
+
+def _capped_case(dtype, c):
+    """|z| / c log-spaced from 1e-12 to 50 with both signs, -inf entries, a zero, and a logit at the
+    format's top (huge z), in rows of 24; targets on every kind of entry (a -inf one included)."""
+    fmt = gc.float_format(dtype)
+    rng = np.random.default_rng(21)
+    ratio = np.exp(rng.uniform(np.log(1e-12), np.log(50.0), (6, 24)))
+    z = np.where(rng.random((6, 24)) < 0.5, -1.0, 1.0) * ratio * c
+    z[0, 3] = z[2, 7] = z[4, 0] = -np.inf
+    z[1, 5] = 0.0
+    z[3, 11] = fmt.max
+    z[5, :] = rng.standard_normal(24) * 3 * c  # an ordinary row around the knee
+    with np.errstate(over="ignore"):
+        z = z.astype(fmt.dtype)
+    return z, np.array([0, 5, 7, 11, 2, 23])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", [
+    {"softcap": 30.0},
+    {"softcap": 1.0, "lse_square_scale": 0.5, "reduction": "none", "grad_output": [1.0, -2.0, 0.5, 3.0, 0.0, -0.25]},
+    {"softcap": 0.01, "label_smoothing": 0.1, "weight": np.linspace(-1.0, 2.0, 24), "reduction": "sum"},
+])
+def test_fast_path_under_softcap_against_independent_evaluation(dtype, options):
+    """Saturated, tiny-|z| / c, huge and masked logits: the fast path decides nearly every element, and the
+    result equals the independent 3000-bit evaluation (float64) and the slow path bit for bit (every format)."""
+    c = options["softcap"]
+    z, t = _capped_case(dtype, c)
+    calls = []
+    got = gc.exact_grad(z, t, progress=lambda done, total: calls.append(total), **options)
+    assert calls[0] <= 4  # of 144 elements, to mpmath
+    assert _same(got, gc.exact_grad(z, t, prefilter=False, **options))
+    if dtype == "float64":
+        assert _same(got, independent_options(z, t, options))
+    else:
+        truth64 = independent_options(z, t, options)
+        safe = ~_midpoint(truth64, dtype)
+        assert _same(got.astype(np.float64)[safe], gc.round_to_format(truth64, dtype).astype(np.float64)[safe])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fast_path_decides_nearly_everything_under_softcap(dtype):
+    """(4, 32000) ordinary logits under Gemma-2's softcap 30 with z-loss and upstream gradients: the
+    slow path (mpmath) gets at most a few elements (counted by exact_grad's progress report, not timed);
+    before the double-double tanh it got all 128 000."""
+    rng = np.random.default_rng(12)
+    z = (rng.standard_normal((4, 32000)) * 3).astype(dtype)
+    z[1, -1] = 40.0  # a late maximum
+    z[2, :100] = -np.inf
+    t = np.array([5, 31999, 0, 17])
+    calls = []
+    g = gc.exact_grad(z, t, softcap=30.0, lse_square_scale=1e-4, reduction="none",
+                      grad_output=[1.0, -0.5, 2.0, 0.25], progress=lambda done, total: calls.append(total))
+    assert calls[0] <= 4
+    assert not g[2, :100].any() and not np.signbit(g[2, :100]).any()  # -inf: h = 0, exactly +0
+
+
+def test_softcap_slow_path_where_z_over_c_overflows():
+    """The slow path's shift c tanh(max z / c) with max z / c beyond float64 (1.8e308 / 0.01): tanh is 1,
+    no overflow warning (numpy's scalar division raised one, an error under this suite's filterwarnings)."""
+    z = np.array([[np.finfo(np.float64).max, 1.0, -np.inf]])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = gc.exact_grad(z, np.array([1]), softcap=0.01, prefilter=False)
+    assert _same(g, independent_options(z, np.array([1]), {"softcap": 0.01}))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_path_under_softcap_where_the_chain_factor_is_below_2_to_the_minus_865(dtype):
+    """|z| / c in (300, 340]: h ~ 2**-866 ... 2**-981, carried as mantissa times 2**hexp, so float64
+    gradients near 2**-900 are decided (not only bounded); |z| / c of 700 and more: h < 2**-2000, a signed
+    zero. Every element decided, and equal to the independent evaluation and the slow path."""
+    fmt = gc.float_format(dtype)
+    c = 0.5 if dtype in ("float16", "bfloat16") else 1.0  # |z| up to 350 is exact in every format
+    ratio = np.linspace(300.5, 340.0, 20)
+    z = np.concatenate([-ratio * c, [0.0, 1.0, -700 * c, 1500 * c, -1e6 * c if dtype == "float64" else -fmt.max]])
+    z = np.stack([z, -z[::-1]]).astype(fmt.dtype)
+    t = np.array([20, 3])
+    options = {"softcap": c, "lse_square_scale": 0.25, "reduction": "sum"}
+    calls = []
+    got = gc.exact_grad(z, t, progress=lambda done, total: calls.append(total), **options)
+    assert calls[0] == 0
+    assert _same(got, gc.exact_grad(z, t, prefilter=False, **options))
+    truth64 = independent_options(z, t, options)
+    if dtype == "float64":
+        assert np.all(np.abs(got[0, :20]) > 2.0**-990) and _same(got, truth64)
+    else:
+        safe = ~_midpoint(truth64, dtype)
+        assert _same(got.astype(np.float64)[safe], gc.round_to_format(truth64, dtype).astype(np.float64)[safe])
+
+
+@pytest.mark.parametrize("cap", [1e-130, 1e130])
+def test_softcap_outside_the_fast_range_goes_to_the_slow_path(cap):
+    """c outside [2**-400, 2**400] (where step 0's products could leave the range) is not taken by the
+    fast path, and the slow path still gives the independent evaluation's values."""
+    from gradcheck import truth_dd
+
+    z = np.array([[2e-130, -1e-131, 0.0, -np.inf], [3.0, -2.0, 1e120, 0.5]])
+    t = np.array([1, 2])
+    assert not truth_dd.applies(gc.make_problem(z, t, softcap=cap))
+    assert truth_dd.applies(gc.make_problem(z, t, softcap=2.0**-400)) and truth_dd.applies(gc.make_problem(z, t, softcap=2.0**400))
+    assert _same(gc.exact_grad(z, t, softcap=cap), independent_options(z, t, {"softcap": cap}))

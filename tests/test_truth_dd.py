@@ -104,3 +104,47 @@ def test_fast_path_matches_mpmath_where_it_decides(options):
         known = ~np.isnan(fast)
         assert known.mean() > 0.9
         np.testing.assert_array_equal(fast[known], slow.astype(np.float64)[known])
+
+
+@pytest.mark.parametrize("c", [30.0, 1.0, 0.05, 2.0**-400, 1e6, 2.0**400])
+def test_softcap_dd_within_its_bounds(c):
+    """z' = c tanh(z / c) within zeta, h = 1 - tanh^2(z / c) within h_rel (or below 2**(2 - nsat) where
+    saturated), against mpmath at 400 bits: |z| / c from 0 and subnormal through the 2**-30 branch point,
+    the knees 2 |z| / c = 600 (h scaled) and 1200 (h bounded), to overflow of z / c; -inf is -c, h = 0."""
+    rng = np.random.default_rng(5)
+    ratios = np.concatenate([[0.0, 2.0**-31, 2.0**-30, 2.0**-29, 1e-8, 0.3, 1.0, 50.0, 299.99, 300.01, 599.99,
+                              600.01, 1e4], np.exp(rng.uniform(np.log(1e-12), np.log(700.0), 150))])
+    with np.errstate(over="ignore"):
+        z = np.concatenate([ratios * c, -ratios * c, [5e-324, -5e-324, 1.0, -3.5, 1e300, -1e300, -np.inf]])
+    z = z[np.isfinite(z) | np.isneginf(z)]
+    cap = T.softcap_dd(z, c)
+    assert cap.zero.sum() == 1 and cap.zh[cap.zero][0] == -c and cap.hh[cap.zero][0] == 0
+    with mpmath.workprec(400):
+        mc = mpmath.mpf(c)
+        for i in np.flatnonzero(~cap.zero):
+            x = mpmath.mpf(float(z[i])) / mc
+            zc = mc * mpmath.tanh(x)
+            assert abs(_fr(cap.zh[i], cap.zl[i]) - _to_fr(zc)) <= Fraction(float(cap.zeta[i])), (z[i], c)
+            if cap.sat[i]:
+                assert cap.hh[i] == 0 and 2 * abs(x) / mpmath.log(2) >= 2 - cap.hlog[i] >= 1729  # h <= 4 e^{-2|x|}
+            else:
+                h = _to_fr(mpmath.sech(x) ** 2)
+                got = _fr(cap.hh[i], cap.hl[i]) * Fraction(2) ** int(cap.hexp[i])
+                assert abs(got - h) <= Fraction(float(cap.h_rel[i])) * h and h < Fraction(2) ** int(cap.hlog[i])
+                assert (cap.hexp[i] < -800) == (2 * abs(x) > 600)
+                assert cap.h_rel[i] <= 2.0**-90 and cap.zeta[i] <= max(c, abs(z[i])) * 2.0**-60
+
+
+def _to_fr(x) -> Fraction:
+    sign, man, exp, _ = x._mpf_
+    man = -man if sign else man
+    return Fraction(man * 2**exp) if exp >= 0 else Fraction(man, 2**-exp)
+
+
+def test_recip_dd_within_its_charge():
+    rng = np.random.default_rng(6)
+    xh = 1 + rng.random(500) * 2.0 ** rng.integers(0, 40, 500)
+    xh, xl = T.two_sum(xh, xh * rng.uniform(-2.0**-53, 2.0**-53, xh.size))
+    ih, il, rel = T.recip_dd(xh, xl)
+    for i in range(xh.size):
+        assert _rel(_fr(ih[i], il[i]), 1 / _fr(xh[i], xl[i])) <= rel[i] <= 2.0**-100
