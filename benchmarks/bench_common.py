@@ -157,3 +157,21 @@ def machine() -> dict[str, str]:
     except ImportError:
         pass
     return facts
+
+
+def replace_section(path: Path, heading: str, text: str) -> None:
+    """Put ``text`` (a ``## heading`` section) into the markdown file ``path`` in place of the section of
+    that heading (matched up to its first parenthesis), or at its end when it has none."""
+    key = heading.split("(", 1)[0].strip()
+    old = path.read_text() if path.exists() else ""
+    chunks = ("\n" + old).split("\n## ")
+    out, done = [chunks[0].strip("\n")] if chunks[0].strip() else [], False
+    for chunk in chunks[1:]:
+        if chunk.split("\n", 1)[0].split("(", 1)[0].strip() == key:
+            out.append(text.rstrip())
+            done = True
+        else:
+            out.append(("## " + chunk).rstrip())
+    if not done:
+        out.append(text.rstrip())
+    path.write_text("\n\n".join(out) + "\n")

@@ -150,3 +150,13 @@ def test_a_quick_run_of_some_sections_keeps_the_rest(tmp_path):
     order = [text.index(h) for h in ("## Targets", "## 1. Full", "## 3. Truth throughput", "## Verify at scale")]
     assert order == sorted(order)
     assert 'Sections kept from the previous file, not measured by this command: "1. Full-gradient' in text
+
+
+def test_replace_section_swaps_one_section_and_keeps_the_others(tmp_path):
+    bc = _load("bench_common")
+    path = tmp_path / "R.md"
+    path.write_text("# T\n\nhead\n\n## A\n\nold a\n\n## Truth at scale (issue 14, item 1)\n\nold\n\n## B\n\nb\n")
+    bc.replace_section(path, "Truth at scale (issue 14, item 1)", "## Truth at scale (issue 14, item 1)\n\nnew")
+    assert path.read_text() == "# T\n\nhead\n\n## A\n\nold a\n\n## Truth at scale (issue 14, item 1)\n\nnew\n\n## B\n\nb\n"
+    bc.replace_section(path, "C", "## C\n\nc")
+    assert path.read_text().endswith("## B\n\nb\n\n## C\n\nc\n")
