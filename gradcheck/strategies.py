@@ -333,15 +333,20 @@ def _build_logits(regime: str, rng: np.random.Generator, n: int, k: int, fmt: Fl
         mask[rows, np.argmax(z, axis=1)] = False
         z = np.where(mask, -np.inf, z)
     z = round_to_format(z, fmt)
-    favourite = np.argmax(z.astype(np.float64), axis=1)
+    favourite = np.argmax(_comparable(z), axis=1)
     return z, favourite
+
+
+def _comparable(z: np.ndarray) -> np.ndarray:
+    """``z`` where numpy orders it itself (float64, float32, float16), else as float64 (bfloat16): the same
+    comparisons, without a float64 copy of an LLM-sized array."""
+    return z if z.dtype.kind == "f" else z.astype(np.float64)
 
 
 def _index_targets(rng: np.random.Generator, z: np.ndarray, favourite: np.ndarray, regime: str) -> np.ndarray:
     n, k = z.shape
     t = rng.integers(0, k, n)
-    finite = np.isfinite(z.astype(np.float64))
-    bad = ~finite[np.arange(n), t]
+    bad = ~np.isfinite(_comparable(z[np.arange(n), t]))  # the targets' logits alone
     t[bad] = favourite[bad]  # never a masked class: its loss would be infinite
     if regime in ("near_one_hot", "large_gap"):
         pick = rng.random(n) < 0.6
