@@ -190,3 +190,23 @@ def test_the_judgement_takes_a_few_float64_arrays_of_the_input_not_dozens(monkey
         tracemalloc.stop()
     assert not isinstance(outcome, Failure)
     assert peak < 6 * 8 * got.size  # the whole arrays at once took 27 float64 arrays of it
+
+
+def test_an_ignored_row_of_zeros_no_longer_makes_a_contract_vacuous():
+    # docs/tolerance.md, "Ignored rows": bfloat16 arithmetic under softcap=30 has no error model on a row
+    # of |z| ~ 10 (the perturbation of z' alone is about 0.6); when that row is ignored and its result is 0
+    # nothing is modelled there, so the bfloat16 contract can be checked on the counted row
+    z = np.array([[0.5, -0.25, 0.125, 0.0], [10.0, -10.0, 9.0, 8.0]], dtype="float32")
+    case = Case.make(z.astype(round_to_format(np.zeros(1), "bfloat16").dtype), np.array([1, -100]), softcap=30.0,
+                     regime="llm_vocab")
+    p = case.problem
+    got = round_to_format(grad_rows(p), p.format)
+    assert np.all(got[1] == 0)
+    grades = {}
+    assert not isinstance(judge.compare_values(got, case, precision="bfloat16", grades=grades), Failure)
+    assert grades["bfloat16"][1] and grades["exact"][1]
+    got[1, 0] = got.dtype.type(2.0**-120)  # not 0: the ignored row is modelled, and it has no error model
+    with pytest.raises(judge.InvalidArgument, match="precision='bfloat16' cannot be checked"):
+        judge.compare_values(got, case, precision="bfloat16")
+    with pytest.raises(judge.InvalidArgument):  # judged whole, as before, the zeros were refused too
+        whole_compare(np.where(np.arange(2)[:, None] == 1, 0, got).astype(got.dtype), case, precision="bfloat16")

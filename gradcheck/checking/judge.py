@@ -8,7 +8,9 @@ buffer on each call (not a view of an input or of the previous result), leave th
 repeat bit for bit, be finite where the truth is, and lie within the per-element tolerance of
 :mod:`gradcheck.tolerance` (docs/tolerance.md) of the truth. A value is reported wrong only when that is certain: the float64
 oracle's rigorous error bound is added to the tolerance, and elements within that band get the
-benefit of the doubt (docs/tolerance.md, "Deciding a failure").
+benefit of the doubt (docs/tolerance.md, "Deciding a failure"). The comparison runs by blocks of rows,
+and on the counted rows alone when the ignored ones are 0 (docs/tolerance.md, "Evaluation by row
+blocks", "Ignored rows"), so its memory is a few float64 arrays of the input, not dozens.
 """
 
 from __future__ import annotations
@@ -136,9 +138,10 @@ def compare_values(got: np.ndarray, case: Case, *, precision: str | None = None,
 
 
 # docs/tolerance.md, "Evaluation by row blocks": the comparison's blocks of rows hold about this many
-# elements (8 MiB per float64 temporary, of which a block makes a few dozen), so at LLM scale its memory
-# is a small fraction of the input's, and a case of up to a million elements is one block
-BLOCK_ELEMENTS = 1 << 20
+# elements (512 KiB per float64 temporary, of which a block makes a few dozen; the oracle's block), so
+# beyond a few blocks its memory is a small fraction of the input's; a block is at least one row, and
+# at (256, 32000) 2**16 was as fast as 2**18 and faster than 2**20 (benchmarks/RESULTS.md)
+BLOCK_ELEMENTS = 1 << 16
 
 
 def counted_rows(problem: Problem, rows: np.ndarray) -> Problem:
