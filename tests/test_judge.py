@@ -210,3 +210,31 @@ def test_an_ignored_row_of_zeros_no_longer_makes_a_contract_vacuous():
         judge.compare_values(got, case, precision="bfloat16")
     with pytest.raises(judge.InvalidArgument):  # judged whole, as before, the zeros were refused too
         whole_compare(np.where(np.arange(2)[:, None] == 1, 0, got).astype(got.dtype), case, precision="bfloat16")
+
+
+def test_the_undecided_elements_are_certified_only_when_the_verdict_can_depend_on_them(monkeypatch):
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((16, 4099)).astype("float32")
+    t = rng.integers(0, 4099, 16)
+    case = Case.make(z, t, regime="moderate")
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    in_float32 = e / e.sum(axis=1, keepdims=True)  # a float32 kernel: within its contract, not correctly rounded
+    in_float32[np.arange(16), t] -= 1
+    in_float32 /= 16
+    certified = []
+    certify = judge._certify
+    monkeypatch.setattr(judge, "_certify", lambda *args: certified.append(1) or certify(*args))
+    grades = {}
+    assert not isinstance(judge.compare_values(in_float32, case, grades=grades), Failure)
+    assert not grades["exact"][1] and not certified  # already not correctly rounded, worse than any undecided one
+    assert repr(grades) == repr(_grades(whole_compare, in_float32, case))
+    truth = round_to_format(grad_rows(case.problem), case.problem.format)
+    judge.compare_values(truth, case, grades={})
+    judge.compare_values(in_float32, case, precision="exact")
+    assert len(certified) == 2  # while "exact" is met so far, or asked, the undecided elements decide
+
+
+def _grades(compare, got, case):
+    grades = {}
+    compare(got, case, grades=grades)
+    return grades

@@ -191,7 +191,7 @@ def _judge_rows(problem: Problem, got: np.ndarray, wanted: tuple[str, ...], aske
     for rows in row_blocks(problem.n, k, BLOCK_ELEMENTS):
         _judge_block(problem, got, rows, whole, wanted, asked, verdict, unsure)
     whole = None  # released before _certify
-    if unsure and "exact" not in verdict.vacuous:
+    if unsure and "exact" not in verdict.vacuous and _undecided_matter(verdict, unsure, asked):
         _certify(problem, unsure, verdict, asked)
     if asked in verdict.vacuous:
         wider = [c for c in contracts(fmt) if c != asked]
@@ -256,6 +256,23 @@ def _worst_of(verdict: _Verdict, value: Any, flat: int, k: int, details: tuple) 
         if not math.isnan(value) and not math.isnan(old_value) and (value < old_value or (value == old_value and not first)):
             return
     verdict.worst_element = (value, divmod(int(flat), k), details)
+
+
+def _undecided_matter(verdict: _Verdict, unsure: list[tuple[np.ndarray, ...]], asked: str) -> bool:
+    """Whether certifying the exact contract's undecided elements can change the verdict.
+
+    It cannot when "exact" is not the asked contract, is already not met (an element certainly not
+    correctly rounded), and its worst ratio so far is at least every undecided element's: a certified
+    element counts 0 and an uncertified one its own ratio, so the worst stays (a NaN stays NaN). That
+    is the usual case of a kernel that is not correctly rounded, and it spares the certification.
+    """
+    if asked == "exact" or verdict.met["exact"]:
+        return True
+    worst = verdict.worst["exact"]
+    if np.isnan(worst):
+        return False
+    ratios = np.concatenate([column[1] for column in unsure])
+    return bool(np.isnan(ratios).any() or worst < ratios.max())
 
 
 def _certify(problem: Problem, unsure: list[tuple[np.ndarray, ...]], verdict: _Verdict, asked: str) -> None:
