@@ -1,4 +1,4 @@
-"""verify at LLM shapes: examples/s and peak memory at (8, 128256) and (2, 1024, 32000), and JAX's shape buckets.
+"""verify at LLM shapes: examples/s and peak memory at (8, 128256), (2, 1024, 32000) and (4096, 32000), and JAX's shape buckets.
 
 Run: ``.venv/bin/python benchmarks/verify_at_scale.py [--examples N] [--dtype float32] [--jax]``.
 
@@ -6,8 +6,11 @@ Run: ``.venv/bin/python benchmarks/verify_at_scale.py [--examples N] [--dtype fl
   numpy reference kernel (softmax minus the one-hot target in the dtype's own arithmetic, what a tiled kernel
   computes, the rows in C order: the (2, 1024, 32000) case is the LLM layout, (B, T, V)); examples/s is
   examples over wall time of the whole call (generation, two calls of the kernel, the judgement under every
-  contract, i.e. the grade). Peak memory: tracemalloc's peak during the call (numpy reports its buffers to
-  it) and the process's maximum resident set (``resource.getrusage``, which includes the interpreter).
+  contract, i.e. the grade). (4096, 32000) draws the "llm_vocab" regime alone (``regimes=("llm_vocab",)``):
+  90% of the rows ignored and at most ``max_live_elements`` counted (262 rows), the other shapes every regime.
+  Peak memory: tracemalloc's peak during the call (numpy reports its buffers to it), also as a multiple of
+  a float64 array of the input's size, and the process's maximum resident set (``resource.getrusage``,
+  which includes the interpreter and is the maximum since the process started).
 * ``--jax``: ``jax_loss_grad(optax.softmax_cross_entropy_with_integer_labels)`` through verify, 100 examples,
   with a new shape per example (``compiles_per_shape = False``: before) and with the shape buckets (after),
   examples/s of the whole call and of the time inside the grad_fn (compilation included).
@@ -30,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gradcheck  # noqa: E402
 
-SHAPES = ((8, 128256), (2, 1024, 32000))
+SHAPES = (((8, 128256), None), ((2, 1024, 32000), None), ((4096, 32000), ("llm_vocab",)))  # (shape, regimes)
 
 
 def numpy_kernel(logits: np.ndarray, targets: np.ndarray, **options) -> np.ndarray:
@@ -50,15 +53,18 @@ def numpy_kernel(logits: np.ndarray, targets: np.ndarray, **options) -> np.ndarr
     return g.reshape(logits.shape)
 
 
-def measure_verify(shape: tuple[int, ...], dtype: str, examples: int) -> dict:
+def measure_verify(shape: tuple[int, ...], dtype: str, examples: int, regimes: tuple[str, ...] | None = None) -> dict:
     tracemalloc.start()
     start = time.perf_counter()
-    result = gradcheck.verify(numpy_kernel, shapes=[shape], class_axis=-1, dtype=dtype, max_examples=examples, seed=0)
+    chosen = {} if regimes is None else {"regimes": regimes}
+    result = gradcheck.verify(numpy_kernel, shapes=[shape], class_axis=-1, dtype=dtype, max_examples=examples, seed=0,
+                              **chosen)
     elapsed = time.perf_counter() - start
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-    return {"shape": shape, "dtype": dtype, "passed": result.passed, "examples": result.examples,
+    return {"shape": shape, "regimes": "llm_vocab" if regimes else "all", "dtype": dtype, "passed": result.passed,
+            "examples": result.examples, "float64_bytes": int(np.prod(shape)) * 8,
             "seconds": elapsed, "per_second": result.examples / elapsed, "peak": peak, "rss": rss,
             "logits_bytes": int(np.prod(shape)) * np.dtype(dtype).itemsize, "grade": result.grade}
 
@@ -98,12 +104,14 @@ def main() -> None:
     parser.add_argument("--no-verify", action="store_true", help="skip the verify-at-scale section")
     args = parser.parse_args()
     if not args.no_verify:
-        print("| shape | dtype | examples | passed | grade | s | examples/s | tracemalloc peak | peak / logits | max RSS |")
-        print("|---|---|---:|---|---|---:|---:|---:|---:|---:|")
-        for shape in SHAPES:
-            r = measure_verify(shape, args.dtype, args.examples)
-            print(f"| {r['shape']} | {r['dtype']} | {r['examples']} | {r['passed']} | {r['grade']} | {r['seconds']:.1f} | "
-                  f"{r['per_second']:.3f} | {r['peak'] / 2**20:.0f} MiB | {r['peak'] / r['logits_bytes']:.1f} | "
+        print("| shape | regimes | dtype | examples | passed | grade | s | examples/s | tracemalloc peak | peak / logits "
+              "| peak / float64 input | max RSS |")
+        print("|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
+        for shape, regimes in SHAPES:
+            r = measure_verify(shape, args.dtype, args.examples, regimes)
+            print(f"| {r['shape']} | {r['regimes']} | {r['dtype']} | {r['examples']} | {r['passed']} | {r['grade']} | "
+                  f"{r['seconds']:.1f} | {r['per_second']:.3f} | {r['peak'] / 2**20:.0f} MiB | "
+                  f"{r['peak'] / r['logits_bytes']:.1f} | {r['peak'] / r['float64_bytes']:.1f} | "
                   f"{r['rss'] / 2**20:.0f} MiB |", flush=True)
     if args.jax:
         print()

@@ -176,22 +176,26 @@ class Problem:
             return self.targets != self.ignore_index
         return np.ones(self.n, dtype=bool)
 
-    def dense_targets(self, dtype: Any = np.float64) -> np.ndarray:
+    def dense_targets(self, dtype: Any = np.float64, *, rows: slice | None = None) -> np.ndarray:
         """``(N, K)`` targets after one-hot expansion and label smoothing, in ``dtype``.
 
         Ignored rows are all zero. Smoothing is rounded here (four roundings, see docs/oracle.md);
-        the certified truth uses :meth:`exact_target` instead.
+        the certified truth uses :meth:`exact_target` instead. ``rows``: a block of rows ``lo:hi``
+        alone, ``dense_targets(dtype)[lo:hi]`` by the same operations, without the whole array
+        (the blocked tolerance, docs/tolerance.md "Evaluation by row blocks").
         """
+        rows = slice(0, self.n) if rows is None else rows
+        targets, active = self.targets[rows], self.active_rows()[rows]
         if self.index_targets:
-            t = np.zeros((self.n, self.k), dtype=dtype)
-            rows = np.flatnonzero(self.active_rows())
-            t[rows, self.targets[rows]] = 1
+            t = np.zeros((active.size, self.k), dtype=dtype)
+            live = np.flatnonzero(active)
+            t[live, targets[live]] = 1
         else:
-            t = np.array(self.targets, dtype=dtype)
+            t = np.array(targets, dtype=dtype)
         if self.label_smoothing:
             one, eps = np.dtype(dtype).type(1), np.dtype(dtype).type(self.label_smoothing)
             t = (one - eps) * t + eps / self.k
-            t[~self.active_rows()] = 0.0
+            t[~active] = 0.0
         return t
 
     def exact_target(self, n: int, c: int) -> Fraction:

@@ -85,13 +85,22 @@ CATALOGUE: tuple[Regime, ...] = (
                "vector_classes": 256.0,
            }),
     Regime("llm_vocab", "LLM vocabularies (32000 ... 262144 classes, and 2**j +- 1), the row maximum in the last "
-           "block, many rows of which most are ignored (drawn when max_shape's K reaches 32000, or at shapes=)",
+           "block, up to thousands of rows of which most are ignored (drawn when max_shape's K reaches 32000, or at "
+           "shapes=)",
            _by("verify"), {
                "vocabularies": LLM_VOCABULARIES,
                "min_power": 15.0, "max_power": 18.0,  # K = 2**j - 1 and 2**j + 1: the tails of power-of-two blocks
                "block": 1024.0,  # the maximum lies in the last block of this many classes (often the last class)
                "ignored": 0.9,  # share of rows whose target is ignore_index (torch's -100 when it is not set)
-               "max_elements": float(2**23),  # N * K at most (64 MiB of float64 logits) when N is drawn
+               # counted (not ignored) rows times K at most, in every draw (more counted rows are ignored, at
+               # random): verify models the counted rows alone (docs/tolerance.md, "Ignored rows"), so its
+               # time and its memory beyond the input follow them; 2**23 is 262 counted rows at K = 32000
+               # (64 MiB per float64 array of the judgement, a few seconds per example)
+               "max_live_elements": float(2**23),
+               # N * K at most when N is drawn (max_shape): the logits, each grad_fn result and its private copy
+               # are of the whole input, and drawing it takes about 1.5 float64 arrays of it; 2**27 is 4096 rows
+               # at K = 32000 (1 GiB of float64 while drawing, 512 MiB per float32 array)
+               "max_elements": float(2**27),
            }),
     Regime("single", "a single row, a single class, or both", _by("verify")),
     Regime("single_class", "one class: the gradient is exactly zero", _by("vectors")),

@@ -17,7 +17,8 @@ Regimes (``REGIMES``):
 * ``many_classes``: K up to 32831, often not a multiple of 64, with the row maximum in a late tile;
 * ``llm_vocab``: LLM vocabularies (32000, 50257, 128256, 151936, 262144 and 2**j +- 1), the row maximum in the
   last block, up to thousands of rows, most of them ignored (only when ``max_shape`` reaches K = 32000, or
-  at the asked ``shapes``);
+  at the asked ``shapes``); N K at most ``max_elements`` (4096 rows at K = 32000) and the counted rows
+  times K at most ``max_live_elements`` (262 rows at K = 32000), the catalogue's parameters;
 * ``single``: a single row, a single class, or both;
 * ``masked``: some logits are -inf (at least one finite per row);
 * ``saturated`` (drawn when ``softcap`` is set): |z| / c up to 50, tanh saturated, the chain factor tiny;
@@ -55,7 +56,7 @@ MAX_SHAPE = GENERATE["max_shape"].default
 SHAPE_BUCKETS = (((1, 1), 10), ((1, 33), 5), ((7, 1), 5), ((3, 5), 20), ((8, 32), 20), ((17, 129), 15),
                  ((32, 512), 15), ((33, 2049), 6), ((64, 4096), 2), ((4, 32831), 1), ((16, 32000), 1))
 LLM = {name: param("llm_vocab", name) for name in ("vocabularies", "min_power", "max_power", "block", "ignored",
-                                                  "max_elements")}
+                                                  "max_live_elements", "max_elements")}
 LLM_CLASSES = tuple(sorted({int(k) for k in LLM["vocabularies"]} | {
     2**j + d for j in range(int(LLM["min_power"]), int(LLM["max_power"]) + 1) for d in (-1, 1)}))
 
@@ -179,8 +180,9 @@ def _cases(draw: Any, fmt: FloatFormat, targets: str, reduction: str, label_smoo
     if targets == "index":
         t = _index_targets(rng, z, favourite, regime)
         if regime == "llm_vocab":  # most rows are padding or prompt: ignored (torch's default -100 if unset)
-            t = _ignore_rows(rng, t, k, DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index, reduction,
-                             tags, share=float(LLM["ignored"]))
+            ignored = DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index
+            t = _ignore_rows(rng, t, k, ignored, reduction, tags, share=float(LLM["ignored"]))
+            t = cap_counted_rows(rng, t, k, ignored, int(LLM["max_live_elements"]), tags)
         elif ignore_index is not None:
             t = _ignore_rows(rng, t, k, ignore_index, reduction, tags)
     else:
@@ -264,7 +266,7 @@ def _shapes(draw: Any, regime: str, max_shape: tuple[int, int]) -> tuple[int, in
         return draw(st.integers(1, min(max_n, 64))), 1
     if regime == "llm_vocab":
         k = draw(st.sampled_from(tuple(c for c in LLM_CLASSES if c <= max_k)))
-        return draw(st.integers(1, max(1, min(max_n, int(LLM["max_elements"]) // k)))), k
+        return draw(st.integers(1, max(1, min(max_n, int(LLM["max_elements"]) // k)))), k  # counted rows: _cases
     if regime == "many_classes":
         tiles = draw(st.integers(1, 512))
         tiles = tiles if tiles <= 8 or tiles % 8 == 0 else tiles % 8 + 1  # mostly few tiles, some many
@@ -331,15 +333,20 @@ def _build_logits(regime: str, rng: np.random.Generator, n: int, k: int, fmt: Fl
         mask[rows, np.argmax(z, axis=1)] = False
         z = np.where(mask, -np.inf, z)
     z = round_to_format(z, fmt)
-    favourite = np.argmax(z.astype(np.float64), axis=1)
+    favourite = np.argmax(_comparable(z), axis=1)
     return z, favourite
+
+
+def _comparable(z: np.ndarray) -> np.ndarray:
+    """``z`` where numpy orders it itself (float64, float32, float16), else as float64 (bfloat16): the same
+    comparisons, without a float64 copy of an LLM-sized array."""
+    return z if z.dtype.kind == "f" else z.astype(np.float64)
 
 
 def _index_targets(rng: np.random.Generator, z: np.ndarray, favourite: np.ndarray, regime: str) -> np.ndarray:
     n, k = z.shape
     t = rng.integers(0, k, n)
-    finite = np.isfinite(z.astype(np.float64))
-    bad = ~finite[np.arange(n), t]
+    bad = ~np.isfinite(_comparable(z[np.arange(n), t]))  # the targets' logits alone
     t[bad] = favourite[bad]  # never a masked class: its loss would be infinite
     if regime in ("near_one_hot", "large_gap"):
         pick = rng.random(n) < 0.6
@@ -360,6 +367,25 @@ def _ignore_rows(rng: np.random.Generator, t: np.ndarray, k: int, ignore_index: 
             t[0] = choices[0]
         # else K == 1 and ignore_index == 0: every row is ignored whatever we do; leave it to "sum"
     if (t == ignore_index).any():
+        tags.append("ignored rows")
+    return t
+
+
+def cap_counted_rows(rng: np.random.Generator, t: np.ndarray, k: int, ignore_index: int, max_live: int,
+                     tags: list[str]) -> np.ndarray:
+    """Index targets with at most ``max_live // k`` counted rows (at least one): beyond that, counted
+    rows chosen at random are ignored too ("llm_vocab"'s ``max_live_elements``).
+
+    Targets within the cap are returned as they are, without drawing from ``rng``, so every case
+    drawn before the cap existed is drawn the same.
+    """
+    limit = max(1, max_live // max(k, 1))
+    live = np.flatnonzero(t != ignore_index)
+    if live.size <= limit:
+        return t
+    t = t.copy()
+    t[rng.choice(live, live.size - limit, replace=False)] = ignore_index
+    if "ignored rows" not in tags:
         tags.append("ignored rows")
     return t
 

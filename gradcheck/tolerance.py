@@ -15,7 +15,7 @@ the dtype itself with tiles, and rounded once to the dtype at the end.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -160,26 +160,51 @@ def grad_tolerance(problem: Problem, parts: RowParts | None = None, grad: np.nda
 
 
 def tolerances(problem: Problem, parts: RowParts, grad: np.ndarray, band: np.ndarray | float,
-               precisions: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """:func:`grad_tolerance` under several contracts at once, each implementation's bound computed once."""
+               precisions: tuple[str, ...], *, rows: slice | None = None) -> dict[str, np.ndarray]:
+    """:func:`grad_tolerance` under several contracts at once, each implementation's bound computed once.
+
+    ``rows``: evaluate the block of rows ``lo:hi`` only (``parts``, ``grad`` and ``band`` are then
+    that block's); the values are the whole evaluation's rows, bit for bit (docs/tolerance.md,
+    "Evaluation by row blocks").
+    """
     fmt = problem.format
     if problem.softcap is not None:  # the softmax quantities of z' = c tanh(z / c), whatever was passed
-        parts = row_parts(capped_logits(problem))
+        parts = row_parts(capped_rows(problem, rows))
     bounds: dict[Implementation, np.ndarray] = {}
     g = np.abs(grad)
     out = {}
     for precision in precisions:
-        bound = np.zeros(problem.logits.shape)
+        bound = np.zeros(parts.s.shape)
         for working in implementations(fmt, problem.k, precision):
             if working not in bounds:
-                bounds[working] = element_bound(problem, parts, working)
+                bounds[working] = element_bound(problem, parts, working, rows=rows)
             bound = np.maximum(bound, bounds[working])
         out[precision] = bound + 0.5 * fmt.ulp(g + bound + band)
     return out
 
 
-def element_bound(problem: Problem, parts: RowParts, working: Implementation) -> np.ndarray:
+def row_blocks(n: int, k: int, elements: int) -> list[slice]:
+    """Consecutive blocks of rows ``lo:hi`` of about ``elements`` elements each (at least one row)."""
+    step = max(1, elements // max(k, 1))
+    return [slice(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+def capped_rows(problem: Problem, rows: slice | None = None) -> np.ndarray:
+    """:func:`gradcheck.oracle.capped_logits` of the rows ``lo:hi`` (all when None), by the same
+    operations element by element."""
+    if rows is None:
+        return capped_logits(problem)
+    return capped_logits(replace(problem, logits=problem.logits[rows]))
+
+
+def element_bound(problem: Problem, parts: RowParts, working: Implementation, *,
+                  rows: slice | None = None) -> np.ndarray:
     """Forward error bound of one implementation class, per element (docs/tolerance.md, "Derivation").
+
+    ``rows``: the block of rows ``lo:hi`` alone, ``parts`` being :func:`gradcheck.oracle.row_parts`
+    of those rows; every quantity is per row but D and eta (step 8), which are the whole problem's,
+    so the values are the whole evaluation's rows bit for bit (docs/tolerance.md, "Evaluation by
+    row blocks").
 
     With ``a_i = |z_i - max z|``, ``L = log Z``, u the working unit roundoff:
 
@@ -193,6 +218,7 @@ def element_bound(problem: Problem, parts: RowParts, working: Implementation) ->
     """
     u = working.fmt.unit_roundoff
     k = problem.k
+    rows = slice(0, problem.n) if rows is None else rows
     s = parts.s
     finite = np.isfinite(s)
     a = np.where(finite, -s, 0.0)
@@ -202,14 +228,14 @@ def element_bound(problem: Problem, parts: RowParts, working: Implementation) ->
     with np.errstate(under="ignore", over="ignore", invalid="ignore"):
         # step 4: the row sum Z. p_c expm1(rate) with the rate capped: a rate above 700 means
         # 2 u a > 700, so a (1 - 2u) > 746 and both p_c and its perturbed value are 0 in float64
-        zeta = _zeta(problem, parts, u)  # step K1: the perturbation of z' (0 without softcapping)
+        zeta = _zeta(problem, parts, u, rows)  # step K1: the perturbation of z' (0 without softcapping)
         rate_e = np.minimum(2 * u * a + (EXP_U + 1) * u + 2 * zeta, 700.0)
         sum_err = (p * np.expm1(rate_e)).sum(axis=1, keepdims=True)
         eps_z = (1.0 + sum_err) * (1.0 + gamma(depth, u)) - 1.0
         # step 6: targets and weights
         # |w_c t_c|, their sum and |D|: torch accepts negative class weights, and the error of a signed
         # sum is bounded by the same sum of magnitudes (the same values when no weight is negative)
-        wt = np.abs(problem.dense_targets() * problem.weights())
+        wt = np.abs(problem.dense_targets(rows=rows) * problem.weights())
         smooth = bool(problem.label_smoothing)
         weighted = problem.weight is not None
         eps_wt = math.expm1(((4 if smooth else 0) + (1 if weighted else 0)) * u)
@@ -231,7 +257,7 @@ def element_bound(problem: Problem, parts: RowParts, working: Implementation) ->
         floor = UNDERFLOW_ROUNDINGS * working.floor_unit * (1 + s_row + w_row) * max(1.0, 1.0 / d)
         if kernel_options(problem):
             bound, floor = _with_options(problem, parts, working, p, rel_p, eps_z, zeta, bound,
-                                         magnitude * (1 + eta) / d, floor)
+                                         magnitude * (1 + eta) / d, floor, rows)
     if not np.all(eps_z < 1):
         raise ArithmeticError(f"the error model is vacuous for K={k} in {working.fmt.name} (eps_Z >= 1)")
     return bound + floor
@@ -242,28 +268,28 @@ def kernel_options(problem: Problem) -> bool:
     return problem.softcap is not None or bool(problem.lse_square_scale) or problem.grad_output is not None
 
 
-def _zeta(problem: Problem, parts: RowParts, u: float) -> np.ndarray:
+def _zeta(problem: Problem, parts: RowParts, u: float, rows: slice) -> np.ndarray:
     """Step K1: the absolute error of the implementation's ``z'`` per row, ``(TANH_U + 3) u max |z'|``
-    (0 without softcapping), as an ``(N, 1)`` column."""
+    (0 without softcapping), as an ``(N, 1)`` column (of the block's rows)."""
     if problem.softcap is None:
-        return np.zeros((problem.n, 1))
-    return (TANH_U + 3) * u * np.abs(capped_logits(problem)).max(axis=1, keepdims=True)
+        return np.zeros((parts.s.shape[0], 1))
+    return (TANH_U + 3) * u * np.abs(capped_rows(problem, rows)).max(axis=1, keepdims=True)
 
 
 def _with_options(problem: Problem, parts: RowParts, working: Implementation, p: np.ndarray, rel_p: np.ndarray,
                   eps_z: np.ndarray, zeta: np.ndarray, bound: np.ndarray, m_ce: np.ndarray,
-                  floor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                  floor: np.ndarray, block: slice) -> tuple[np.ndarray, np.ndarray]:
     """Steps K2-K5: the z-loss term, the upstream factor and the chain factor (docs/tolerance.md).
 
     ``bound`` is the scaled cross-entropy bound (steps 1-8, with K1's perturbation already in the
     rates), ``m_ce`` its magnitude ``M_i`` scaled by 1/D."""
     u = working.fmt.unit_roundoff
     lam = problem.lse_square_scale
-    live = problem.active_rows()[:, None]
+    live = problem.active_rows()[block][:, None]
     magnitude = m_ce
     if lam:  # step K2: coef = 2 lambda lse / D_z with lse = m' + log Z
-        rows = np.arange(problem.n)
-        zc = capped_logits(problem)
+        rows = np.arange(parts.s.shape[0])
+        zc = capped_rows(problem, block)
         m = zc[rows, parts.argmax][:, None]
         log_z = parts.log_z[:, None]
         lse = m + log_z
@@ -278,13 +304,13 @@ def _with_options(problem: Problem, parts: RowParts, working: Implementation, p:
         bound = bound + err_t3 + math.expm1(2 * u) * magnitude  # the sum with the CE part, in two pieces
         floor = floor + UNDERFLOW_ROUNDINGS * working.floor_unit * coef
     if problem.grad_output is not None:  # step K3: times g_n, placed anywhere: two roundings on the magnitude
-        up = np.abs(problem.upstream())[:, None]
+        up = np.abs(problem.upstream()[block])[:, None]
         bound = up * (bound + math.expm1(2 * u) * (magnitude + bound))
         magnitude = up * magnitude
         floor = floor * np.maximum(1.0, up)
     if problem.softcap is not None:  # step K4: times h = 1 - tanh^2, computed as 1 - t^2 or 4e/(1+e)^2
         c = problem.softcap
-        z = problem.logits.astype(np.float64)
+        z = problem.logits[block].astype(np.float64)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             x = np.where(np.isfinite(z), np.abs(z / c), np.inf)
             t = np.tanh(x)

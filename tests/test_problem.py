@@ -306,3 +306,16 @@ def test_with_negative_weights_the_bounds_enclose_the_truth(seed):
         assert np.all(tol > 0)
         g32 = gc.cross_entropy_grad(z.astype(np.float32), targets, **options)
         assert np.all(np.abs(g32 - gc.exact_grad(z.astype(np.float32), targets, **options)) <= tol)
+
+
+@pytest.mark.parametrize("options", [{}, {"ignore_index": 2}, {"label_smoothing": 0.2, "ignore_index": 1}, "probs"])
+def test_dense_targets_of_a_block_of_rows_are_the_whole_ones(options):
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((9, 5))
+    if options == "probs":
+        p = make_problem(z, rng.random((9, 5)), label_smoothing=0.1)
+    else:
+        p = make_problem(z, rng.integers(0, 5, 9), **options)
+    whole = p.dense_targets(np.float32)
+    for rows in (slice(0, 9), slice(2, 5), slice(8, 9)):
+        assert p.dense_targets(np.float32, rows=rows).tobytes() == whole[rows].tobytes()

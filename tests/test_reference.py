@@ -52,3 +52,26 @@ def test_float64_reference_with_kernel_options_is_within_its_bound_of_the_mpmath
         ref, bound = reference_grad(problem)
         assert worst_ratio_ld(ref, bound.astype(np.longdouble), independent_kernel(problem)[0]) <= 1.0
         assert np.max(bound / grad_tolerance(problem)) < 1e-2
+
+
+@pytest.mark.skipif(EXTENDED is None, reason="no extended precision long double on this platform")
+@pytest.mark.parametrize("options", [{}, {"softcap": 5.0}, {"lse_square_scale": 0.01}, {"ignore_index": 3},
+                                     {"label_smoothing": 0.1, "weight": np.linspace(-0.5, 2.0, 37)},
+                                     {"reduction": "none", "grad_output": np.linspace(-2.0, 3.0, 23)}])
+def test_the_float64_reference_of_a_block_of_rows_is_the_whole_ones_bit_for_bit(options):
+    from gradcheck.oracle import row_parts
+    from gradcheck.reference import by_rows
+    from gradcheck.tolerance import row_blocks
+
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((23, 37)) * 4
+    z[2, 5] = -np.inf
+    p = make_problem(z, rng.integers(0, 37, 23), **options)
+    assert by_rows(p) and not by_rows(make_problem(z.astype(np.float32), p.targets))
+    ref, bound = reference_grad(p)
+    for rows in row_blocks(p.n, p.k, 3 * 37):
+        r, b = reference_grad(p, row_parts(p.logits[rows]), rows=rows)
+        assert np.array_equal(r, ref[rows]) and np.array_equal(np.signbit(r), np.signbit(ref[rows]))
+        assert b.tobytes() == bound[rows].tobytes()
+    with pytest.raises(ValueError, match="evaluated whole"):
+        reference_grad(make_problem(z.astype(np.float32), p.targets), rows=slice(0, 1))

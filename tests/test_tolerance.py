@@ -321,3 +321,36 @@ def test_wrong_conventions_exceed_the_tolerance(bug):
         with np.errstate(invalid="ignore"):
             caught += bool(np.any(~(np.abs(got.astype(np.float64) - ref) <= tol + band)))
     assert caught > 30, caught
+
+
+# ---- evaluation by row blocks (docs/tolerance.md, "Evaluation by row blocks") ------------------------------------
+
+def _blocked_cases():
+    rng = np.random.default_rng(1)
+    for dtype in ("float64", "float32", "bfloat16", "float16"):
+        for options in ({}, {"softcap": 5.0}, {"lse_square_scale": 0.01}, {"ignore_index": 3},
+                        {"label_smoothing": 0.1, "weight": rng.uniform(-0.5, 2.0, 37)},
+                        {"reduction": "none", "grad_output": rng.standard_normal(23)}):
+            z = (rng.standard_normal((23, 37)) * 4).astype(float_format(dtype).dtype)
+            z[2, 5] = -np.inf
+            z[7] = z[7] * 100  # a row with large gaps
+            yield dtype, options, z, rng.integers(0, 37, 23)
+
+
+@pytest.mark.parametrize("dtype, options, z, t", list(_blocked_cases()))
+def test_tolerances_of_a_block_of_rows_are_the_whole_ones_bit_for_bit(dtype, options, z, t):
+    from gradcheck.tolerance import row_blocks, tolerances
+
+    p = make_problem(z, t, **options)
+    ref, band = reference_grad(p, row_parts(p.logits))
+    fmt = p.format
+    try:
+        whole = tolerances(p, row_parts(p.logits), ref.astype(np.float64), band, contracts(fmt))
+    except ArithmeticError:  # vacuous for this case (half precisions): every block of it is too, or some
+        return
+    for elements in (1, 37 * 5):
+        for rows in row_blocks(p.n, p.k, elements):
+            block = tolerances(p, row_parts(p.logits[rows]), ref[rows].astype(np.float64), band[rows],
+                               contracts(fmt), rows=rows)
+            for contract, tol in whole.items():
+                assert block[contract].tobytes() == tol[rows].tobytes(), (contract, rows)

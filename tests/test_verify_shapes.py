@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gradcheck as gc
 from gradcheck.errors import InvalidArgument
@@ -105,8 +106,8 @@ from gradcheck.strategies import LLM_CLASSES  # noqa: E402
 def llm_draws():
     drawn = []
 
-    @settings(max_examples=25, database=None, deadline=None)
-    @given(cases(max_shape=(4096, 262145), regimes=("llm_vocab",), dtype="float32"))
+    @settings(max_examples=25, database=None, deadline=None)  # at most 300 x 65537 (20 Mi elements), and cheap
+    @given(cases(max_shape=(300, 65537), regimes=("llm_vocab",), dtype="float32"))
     def draw(case):
         drawn.append(case)
 
@@ -122,12 +123,53 @@ def test_llm_vocab_draws_llm_vocabularies_late_maxima_and_mostly_ignored_rows(ll
     for case in LLM_DRAWS:
         p = case.problem
         assert p.k in LLM_CLASSES and p.n * p.k <= param("llm_vocab", "max_elements")
+        assert p.active_rows().sum() * p.k <= param("llm_vocab", "max_live_elements")
         assert np.all(np.argmax(p.logits.astype(np.float64), axis=1) >= p.k - block)
         assert p.active_rows().any()  # the mean's divisor is not 0
         ignored.append(1 - p.active_rows().mean())
     many = [share for case, share in zip(LLM_DRAWS, ignored) if case.problem.n >= 20]
     assert many and np.mean(many) > 0.75
     assert max(case.problem.n for case in LLM_DRAWS) >= 100
+
+
+def test_llm_vocab_reaches_thousands_of_rows_with_the_counted_ones_capped():
+    from gradcheck.strategies import _shapes, cap_counted_rows
+
+    assert param("llm_vocab", "max_elements") // 32000 >= 4096  # the "thousands of rows" at K = 32000
+    assert param("llm_vocab", "max_live_elements") < param("llm_vocab", "max_elements")
+    seen = []
+
+    @settings(max_examples=60, database=None, deadline=None)
+    @given(st.data())
+    def shapes(data):  # the drawn shapes alone (the arrays of 4096 x 32000 would be 1 GiB each)
+        n, k = _shapes(data.draw, "llm_vocab", (4096, 32000))
+        assert k == 32000 and 1 <= n <= 4096
+        seen.append(n)
+
+    shapes()
+    assert max(seen) > 1000
+    rng = np.random.default_rng(0)
+    t = np.where(rng.random(4096) < 0.9, -100, rng.integers(0, 32000, 4096))
+    tags = []
+    capped = cap_counted_rows(np.random.default_rng(1), t, 32000, -100, 2**23, tags)
+    assert (capped != -100).sum() == 2**23 // 32000 and tags == ["ignored rows"]
+    assert set(np.flatnonzero(capped != -100)) <= set(np.flatnonzero(t != -100))  # counted rows only ignored, never added
+    assert np.array_equal(capped[capped != -100], t[capped != -100])
+    few = t[:200]  # within the cap: the same targets, and no draw from the generator
+    r = np.random.default_rng(2)
+    assert cap_counted_rows(r, few, 32000, -100, 2**23, []) is few and r.random() == np.random.default_rng(2).random()
+
+
+def test_an_llm_shape_with_a_thousand_rows_is_judged_on_its_counted_rows(monkeypatch):
+    import gradcheck.checking.judge as judge
+
+    shape = (1024, 32768 + 1)  # 34 Mi elements: judged whole, this took ~27 float64 arrays of it (7 GiB)
+    modelled = []
+    counted = judge.counted_rows
+    monkeypatch.setattr(judge, "counted_rows", lambda p, rows: modelled.append(rows.size) or counted(p, rows))
+    result = gc.verify(_oracle, shapes=[shape], regimes=("llm_vocab",), dtype="float32", max_examples=1, seed=0)
+    assert result.passed and result.examples == 1
+    assert modelled and 0 < modelled[0] <= param("llm_vocab", "max_live_elements") // shape[1]
 
 
 def test_llm_vocab_is_drawn_only_when_max_shape_reaches_llm_vocabularies():

@@ -57,7 +57,9 @@ def verify(grad_fn: Callable[..., Any], *, progress: Callable[[int, int], None] 
         max_examples: the number of examples Hypothesis generates.
         seed: the Hypothesis seed; a random one (recorded in the result) when None.
         max_shape: the largest ``(N, K)`` generated (default ``(64, 4096)``; "many_classes" reaches
-            K = 32831 and "llm_vocab" K = 262145 when ``max_shape`` allows it). A ``grad_fn`` with
+            K = 32831 and "llm_vocab" K = 262145 when ``max_shape`` allows it, with up to 4096 rows at
+            K = 32000, most of them ignored: :data:`gradcheck.regimes.CATALOGUE`'s ``max_elements`` and
+            ``max_live_elements``). A ``grad_fn`` with
             ``compiles_per_shape = True`` (the JAX adapters) gets the few shapes of
             :data:`gradcheck.strategies.SHAPE_BUCKETS` within it instead (each compiled once).
         shapes: draw every regime at exactly these logits shapes (a list of tuples, e.g.
