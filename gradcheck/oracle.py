@@ -535,7 +535,16 @@ def for_row_blocks(n: int, k: int, work: Any) -> None:
         for lo, hi in bounds:
             work(lo, hi)
         return
-    for future in [_pool().submit(work, lo, hi) for lo, hi in bounds]:
+
+    def run(share: list[tuple[int, int]]) -> None:
+        for lo, hi in share:
+            work(lo, hi)
+
+    # one task per thread, each a contiguous run of blocks: a task per block cost more in submission
+    # and GIL hand-offs than its arithmetic (64 blocks of (4096, 1024): 23 ms on 2 threads against 18 on 1)
+    tasks = min(THREADS, len(bounds))
+    shares = [bounds[len(bounds) * i // tasks:len(bounds) * (i + 1) // tasks] for i in range(tasks)]
+    for future in [_pool().submit(run, share) for share in shares]:
         future.result()
 
 

@@ -513,6 +513,12 @@ def validate_logits(
     if z.ndim and not -z.ndim <= axis < z.ndim:
         raise InvalidArgument(f"axis must be in [-{z.ndim}, {z.ndim}), got {axis}.")
     z.setflags(write=False)
+    # a sum is finite only if every term is (NaN and +-inf propagate; a finite overflow only sends the
+    # check to the elementwise test below): one reduction instead of a boolean array of the input
+    if z.dtype.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(np.add.reduce(z, axis=None)):
+                return z
     if np.isfinite(z).all():
         return z
     z64 = z if z.dtype == np.float64 else z.astype(np.float64)

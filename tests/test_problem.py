@@ -7,7 +7,7 @@ import pytest
 
 import gradcheck as gc
 from gradcheck.errors import InvalidArgument
-from gradcheck.problem import Case, make_problem
+from gradcheck.problem import Case, make_problem, validate_logits
 
 Z = np.arange(12, dtype=np.float64).reshape(4, 3) / 7
 T = np.array([0, 2, 1, 0])
@@ -319,3 +319,17 @@ def test_dense_targets_of_a_block_of_rows_are_the_whole_ones(options):
     whole = p.dense_targets(np.float32)
     for rows in (slice(0, 9), slice(2, 5), slice(8, 9)):
         assert p.dense_targets(np.float32, rows=rows).tobytes() == whole[rows].tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+def test_the_finiteness_check_by_a_sum_misses_nothing(dtype):
+    """validate_logits first checks that the sum is finite: NaN and +inf still get their message when the
+    sum overflows or +inf meets -inf, and finite logits whose sum overflows are accepted."""
+    big = float(np.finfo(dtype).max)
+    with np.errstate(over="ignore"):
+        cases = [np.array([[big, big], [1.0, np.nan]], dtype=dtype), np.array([[np.inf, -np.inf]], dtype=dtype),
+                 np.array([[big, big, np.inf]], dtype=dtype)]
+    for z in cases:
+        with pytest.raises(InvalidArgument, match="logits must be finite or -inf"):
+            validate_logits(z)
+    assert validate_logits(np.array([[big, big], [-np.inf, 1.0]], dtype=dtype)).shape == (2, 2)
