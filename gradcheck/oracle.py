@@ -526,8 +526,9 @@ def _scratch(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def for_row_blocks(n: int, k: int, work: Any) -> None:
     """Call ``work(lo, hi)`` on row blocks of about :data:`BLOCK_ELEMENTS` elements, threaded.
 
-    numpy releases the GIL in its loops, so blocks run in parallel; a block of 64 Ki float64 values
-    (512 KiB) keeps the dozen passes of the formulas in the L2 cache.
+    numpy releases the GIL in its loops, so blocks run in parallel; a block of 128 Ki float64 values
+    (1 MiB, this machine's L2 per core) keeps the passes of the formulas in cache and is large enough that
+    numpy's per-call overhead does not dominate.
     """
     step = max(1, BLOCK_ELEMENTS // max(k, 1))
     bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
@@ -548,7 +549,7 @@ def for_row_blocks(n: int, k: int, work: Any) -> None:
         future.result()
 
 
-BLOCK_ELEMENTS = 1 << 16
+BLOCK_ELEMENTS = 1 << 17  # measured, interleaved, on (4096, 1024): 2**16 -> 2**17 cut the one-hot path 20.4 -> 14.3 ms (float64), 13.7 -> 9.9 (float32), the bounded one 110 -> 95
 THREADS = min(8, os.cpu_count() or 1)
 _POOL: list[ThreadPoolExecutor] = []
 
