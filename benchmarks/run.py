@@ -97,16 +97,22 @@ def targets(figures: dict[str, float]) -> list[list[str]]:
                     "speed)" if dtype == "float32" else ""))
             rows.append([f"cross_entropy_grad within 3× np.copyto ({dtype})", f"{copy:.3g}× np.copyto",
                          "met" if met else "MISSED", limit])
+        # issue 14, item 5: no slower than jax in float64, within 3x in float32
+        allowed = 1 if dtype == "float64" else 3
+        goal = (f"cross_entropy_grad no slower than jax.jit(jax.grad) ({dtype})" if allowed == 1 else
+                f"cross_entropy_grad within {allowed}× jax.jit(jax.grad) ({dtype})")
         if jax is None:
-            rows.append([f"cross_entropy_grad no slower than jax.jit(jax.grad) ({dtype})", "not measured", "—", "—"])
+            rows.append([goal, "not measured", "—", "—"])
         else:
-            met = jax <= 1
+            met = jax <= allowed
             limit = "—" if met else (
-                "XLA fuses max, exp, sum and the subtraction into one or two passes in the input dtype; the "
-                "numpy oracle makes several passes over the array (temporaries), and for float32 works in "
-                "float64 to round once (correct rounding costs the float64 exp and double the memory traffic)")
-            rows.append([f"cross_entropy_grad no slower than jax.jit(jax.grad) ({dtype})", f"{jax:.3g}× jax's time",
-                         "met" if met else "MISSED", limit])
+                "XLA fuses max, exp, sum and the subtraction into one loop in the input dtype; the numpy oracle "
+                "makes about six passes per row block (argmax, exp, the row sum, the product, the per-row "
+                "bookkeeping) and validates the input" + (
+                    "; for float32 its exp runs in float64, the accuracy claim (the float32 result is the "
+                    "correct rounding of the float64 value): np.exp from float32 into float64 alone takes "
+                    "about jax's whole time" if dtype == "float32" else ""))
+            rows.append([goal, f"{jax:.3g}× jax's time", "met" if met else "MISSED", limit])
     for dtype in ("float64", "float32"):
         rate = get(f"verify_rate_small_{dtype}")
         if rate is None:
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                      targets(figures))
     kept = kept_sections(args.out.read_text() if args.out.exists() else "", list(args.sections))
     if kept:
-        head[3:3] = ["Sections kept from the previous file, not measured by this command: "
+        head[4:4] = ["Sections kept from the previous file, not measured by this command: "
                      + "; ".join(f"\"{heading}\"" for heading, _ in kept) + ".", ""]
     head += [""]
     numbered = {int(h.split(".", 1)[0]): t for h, t in kept if h.split(".", 1)[0].isdigit()}

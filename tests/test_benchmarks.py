@@ -103,13 +103,16 @@ def test_targets_report_a_miss_with_its_limit():
     run = _load("run")
     rows = run.targets({"full_central_vs_torch_slow_128x1000": 150.0, "oracle_vs_copyto_float64": 9.0,
                         "oracle_vs_exp_float64": 2.0, "oracle_vs_jax_float64": 0.5,
-                        "verify_rate_small_float64": 50.0})
+                        "verify_rate_small_float64": 50.0, "oracle_vs_jax_float32": 3.4})
     verdicts = {row[0]: (row[2], row[3]) for row in rows}
     assert verdicts["structured full check (fd_central) ≥ 100× faster than torch slow gradcheck at (128, 1000)"] \
         == ("met", "—")
     copy = verdicts["cross_entropy_grad within 3× np.copyto (float64)"]
     assert copy[0] == "MISSED" and "np.exp" in copy[1]
     assert verdicts["cross_entropy_grad no slower than jax.jit(jax.grad) (float64)"] == ("met", "—")
+    # issue 14: float32 within 3x jax, a miss names the float64 exp
+    f32 = verdicts["cross_entropy_grad within 3× jax.jit(jax.grad) (float32)"]
+    assert f32[0] == "MISSED" and "float64" in f32[1]
     verify = verdicts["verify ≥ 100 examples/s on shapes up to (8, 32) (float64)"]
     assert verify[0] == "MISSED" and verify[1] != "—"
 
