@@ -359,11 +359,9 @@ def _chain(z: np.ndarray, c: float) -> np.ndarray:
 
 def grad_rows(problem: Problem) -> np.ndarray:
     """The float64 ``(N, K)`` gradient of a validated problem: ``grad_output`` times dL/dz (a VJP)."""
-    if scale_of(problem).active or kernel_options(problem):  # rescaled, or softcap / z-loss: the blocked path
-        return grad_bounded(problem, with_bound=False)[0]
     if _one_hot_applies(problem):
         return _one_hot_grad(problem)
-    return grad_bounded(problem, with_bound=False)[0]  # the general formula, in blocks
+    return grad_bounded(problem, with_bound=False)[0]  # the general formula (and the options), in blocks
 
 
 def _one_hot_applies(problem: Problem) -> bool:
