@@ -357,6 +357,39 @@ def decide(vh: np.ndarray, vl: np.ndarray, bound: np.ndarray, fmt: FloatFormat) 
     """Where every number of ``[vh + vl - bound, vh + vl + bound]`` rounds to the same number of ``fmt``,
     that number (as float64, signed zeros included); NaN elsewhere.
 
+    First the quick test of nearly every element: with ``d = RN_fmt(vh)``, ``t`` and the slack as in
+    :func:`_decide_full`, ``fl(|t| + slack) < 2**(e - p)`` where ``2**e <= |d| < 2**(e+1)`` (the exponent
+    bits of ``d``) and ``|d|`` is not a power of two: ``2**(e - p)`` is then both half-gaps around ``d``
+    (at most them where ``d`` is subnormal in ``fmt``), so the full test would accept ``d`` too
+    (docs/exact.md, "The decision"). The few elements it leaves go to :func:`_decide_full`: the results are
+    the same as without the quick test.
+    """
+    vh, vl, bound = np.broadcast_arrays(vh, vl, bound)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if fmt.precision == 53:
+            d, t = vh, vl  # RN(vh) = vh, and t = (vh - vh) + vl = vl exactly
+        else:
+            d = round_to_format(vh, fmt).astype(np.float64)
+            t = (vh - d) + vl
+        at = np.abs(t)
+        room = at + (bound * SAFE + 2 * U * at)
+        # 2**e: the float64 exponent bits of d (0 for zeros and float64 subnormals, inf for inf and NaN)
+        pw = (np.ascontiguousarray(d).view(np.uint64) & _EXPONENT_BITS).view(np.float64)
+        quick = (room < pw * 2.0**-fmt.precision) & (np.abs(d) != pw)
+    out = np.array(d, dtype=np.float64)
+    rest = np.flatnonzero(~quick)
+    if rest.size:
+        flat = out.reshape(-1)
+        flat[rest] = _decide_full(vh.reshape(-1)[rest], vl.reshape(-1)[rest], bound.reshape(-1)[rest], fmt)
+    return out
+
+
+_EXPONENT_BITS = np.uint64(0x7FF0000000000000)
+
+
+def _decide_full(vh: np.ndarray, vl: np.ndarray, bound: np.ndarray, fmt: FloatFormat) -> np.ndarray:
+    """:func:`decide` for every element, by the half-gaps around the candidate.
+
     ``d = RN_fmt(vh)`` (vh nudged toward vl for narrower formats) is the candidate; ``t = (vh - d) + vl`` is the offset from it (``vh - d`` exact by
     Sterbenz, one rounding in the sum); the enclosure must lie strictly inside the half-gaps around d
     (the gap below a power of two is half the one above).

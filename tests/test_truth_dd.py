@@ -87,6 +87,33 @@ def test_decide_rounds_only_what_the_enclosure_settles():
     assert T.decide(np.array([3.0]), np.array([2.0**-60]), np.array([2.0**-100]), f64)[0] == 3.0
 
 
+@pytest.mark.parametrize("fmt", ["float64", "float32", "float16", "bfloat16"])
+def test_decide_quick_test_changes_nothing(fmt):
+    """decide's quick test (|t| + slack below the half-gap 2**(e - p)) accepts only what the half-gap test accepts, with the same
+    value: over values on, near and between the format's midpoints, powers of two, the subnormal and overflow
+    edges, zeros, inf and NaN, with bounds from 0 to wide, decide equals _decide_full bit for bit."""
+    f = gc.float_format(fmt)
+    rng = np.random.default_rng(7)
+    n = 20000
+    with np.errstate(all="ignore"):
+        d = rng.standard_normal(n) * 2.0 ** rng.integers(-30, 30, n)
+        d = gc.round_to_format(d, f).astype(np.float64)
+        frac = rng.choice([0.0, 0.25, 0.5, -0.5, 0.4999999, -0.25, 0.5000001, 1e-9], n)
+        vh = d + frac * f.ulp(d)
+        special = np.array([0.0, -0.0, f.tiny, -f.tiny, f.smallest_subnormal, f.max, -f.max, np.inf, -np.inf,
+                            np.nan, 1.0, 2.0, 0.5, 1 - 2.0**-(f.precision + 1), 2.0**-1030])
+        vh = np.concatenate([vh, special, special * (1 + 2.0**-52)])
+        m = vh.size
+        vl = np.nan_to_num(np.abs(vh) * rng.choice([0.0, 2.0**-54, -2.0**-54, 2.0**-60, -2.0**-80], m), posinf=0.0)
+        bound = np.nan_to_num(np.abs(vh) * rng.choice([0.0, 2.0**-100, 2.0**-60, 2.0**-30, 2.0**-10], m),
+                              posinf=np.inf)
+    got, full = T.decide(vh, vl, bound, f), T._decide_full(vh, vl, bound, f)
+    assert np.array_equal(np.isnan(got), np.isnan(full))
+    same = ~np.isnan(got)
+    assert np.array_equal(got[same].view(np.uint64), full[same].view(np.uint64))  # signed zeros included
+    assert same.sum() > m // 3  # and it decides a fair share (the quick test is not vacuous)
+
+
 @pytest.mark.parametrize("options", [{}, {"lse_square_scale": 0.5, "reduction": "sum"},
                                      {"label_smoothing": 0.25, "weight": [1.0, -2.0, 0.5, 4.0]}])
 def test_fast_path_matches_mpmath_where_it_decides(options):
