@@ -24,7 +24,7 @@ import mpmath
 import numpy as np
 
 from gradcheck.dtypes import FloatFormat, bit_pattern, float_format, round_to_format
-from gradcheck import truth_dd
+from gradcheck import truth_dd, truth_f64
 from gradcheck.errors import CertificationError
 from gradcheck.oracle import EXTENDED_WORK, FLOAT64_WORK, grad_bounded, loss_bounded
 from gradcheck.problem import Problem, make_problem
@@ -101,10 +101,14 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
     todo = np.ones(problem.logits.shape, dtype=bool) if where is None else np.array(where, dtype=bool)
     todo[rows.zero_rows] = False  # ignored rows, a zero upstream gradient, or nothing to differentiate
     fast = prefilter and truth_dd.applies(problem)
-    # the float64 oracle's bound first where it decides nearly every row (formats narrower than float64 and
-    # K <= ORACLE_FIRST_K: its relative width ~ K 2**-53 leaves ~ K^2 2**-28 elements of a row undecided
-    # in float32); the double-double fast path then evaluates only the rows it left undecided
-    if prefilter and rows.oracle_applies and (not fast or (fmt.precision < 53 and problem.k <= ORACLE_FIRST_K)):
+    # formats narrower than float64: the float64 tier first where it applies (docs/exact.md, "The float64
+    # tier"), otherwise the float64 oracle's bound where it decides nearly every row (K <= ORACLE_FIRST_K:
+    # its relative width ~ K 2**-53 leaves ~ K^2 2**-28 elements of a row undecided in float32); the
+    # double-double fast path then evaluates only the rows they left undecided
+    tier = fast and fmt.precision < 53 and truth_f64.applies(problem, rows)
+    if tier and todo.any():
+        _take(truth_f64.grad_decided(problem, rows, fmt, todo), todo, out)
+    elif prefilter and rows.oracle_applies and (not fast or (fmt.precision < 53 and problem.k <= ORACLE_FIRST_K)):
         # float64 enclosures are a few float64 ulps wide: for a float64 result use x87 extended
         # precision (2**-11 ulp wide); docs/exact.md, "The prefilter"
         work = EXTENDED_WORK if fmt.precision == 53 and EXTENDED_WORK is not None else FLOAT64_WORK
@@ -112,15 +116,9 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
         # GLUE (helper upstream, merging oracle a0b2225 and exact 651317f): the oracle's grad_bounded now
         # includes the product with g_n and its bound, so it is not applied a second time here
         # (_times_upstream was the exact branch's own product, written before the oracle had it).
-        decided = _decided(value, bound, fmt)
-        use = todo & ~np.isnan(decided)
-        out[use] = decided[use]
-        todo &= ~use
+        _take(_decided(value, bound, fmt), todo, out)
     if fast and todo.any():  # double-double enclosures (docs/exact.md, "The fast path")
-        decided = truth_dd.grad_decided(problem, rows, fmt, todo)
-        use = todo & ~np.isnan(decided)
-        out[use] = decided[use]
-        todo &= ~use
+        _take(truth_dd.grad_decided(problem, rows, fmt, todo), todo, out)
     total, done = int(todo.sum()), 0
     if progress:
         progress(0, total)
@@ -134,6 +132,13 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
             if progress:
                 progress(done, total)
     return round_to_format(out, fmt)
+
+
+def _take(decided: np.ndarray, todo: np.ndarray, out: np.ndarray) -> None:
+    """Copy what ``decided`` settles (not NaN) among ``todo`` into ``out``, and clear it from ``todo``."""
+    open_ = np.isnan(decided)
+    np.copyto(out, decided, where=todo & ~open_)
+    todo &= open_
 
 
 def _times_upstream(value: np.ndarray, bound: np.ndarray, g: np.ndarray, work: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -207,7 +212,6 @@ class _RowFacts:
         self.b = 2 * self.lam / dz if self.lam and dz else Fraction(0)
         self.active = p.active_rows()
         g = p.upstream()
-        self.upstream = [Fraction(float(v)) for v in g]
         self._wt: dict[int, list[Fraction]] = {}
         self._s: dict[int, Fraction] = {}
         if p.index_targets and not p.label_smoothing:  # one weighted target per row: w[t] (no (N, K) array)
@@ -224,7 +228,11 @@ class _RowFacts:
                                and (p.weight is None or bool(np.all(p.weight >= 0))))
         self._iv: dict[tuple[int, Fraction], Any] = {}
 
-    # the facts of the logits, computed on first use (the fast path needs none of them)
+    # the facts of the logits, computed on first use (the fast paths need none of them)
+    @cached_property
+    def upstream(self) -> list[Fraction]:
+        return [Fraction(float(v)) for v in self.problem.upstream()]
+
     @cached_property
     def z(self) -> np.ndarray:
         return self.problem.logits.astype(np.float64)

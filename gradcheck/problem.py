@@ -218,8 +218,10 @@ class Problem:
             return Fraction(1)
         if not self.index_targets:
             return Fraction(self.n)
-        rows = np.flatnonzero(self.active_rows())
-        return sum((self.exact_weight(int(self.targets[r])) for r in rows), Fraction(0))
+        classes, counts = np.unique(self.targets[self.active_rows()], return_counts=True)
+        if self.weight is None:
+            return Fraction(int(counts.sum()))
+        return sum((int(n) * self.exact_weight(int(c)) for c, n in zip(classes, counts)), Fraction(0))
 
     def divisor(self, dtype: Any = np.float64) -> Any:
         """D (see :meth:`exact_divisor`) summed in ``dtype``: at most N - 1 roundings."""

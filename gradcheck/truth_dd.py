@@ -24,6 +24,7 @@ an absolute floor covers underflow.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -197,10 +198,10 @@ def _exp_dd(sh: np.ndarray, sl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tail = wl + (rl + (0.5 * pl + rh * rl)) + f
     eh, el = fast_two_sum(1.0, wh)
     eh, el = fast_two_sum(eh, el + tail)
-    ki = k.astype(np.int32)  # |k| < 2**26
+    ki = k.astype(np.intp)  # |k| < 2**26; intp indices: np.take converts any other kind on every call
     j = ki & ((1 << TABLE_BITS) - 1)
-    n = ki >> TABLE_BITS
-    vh, vl = dd_mul(np.take(th, j), np.take(tl, j), eh, el)
+    n = (ki >> TABLE_BITS).astype(np.int32)
+    vh, vl = dd_mul(np.take(th, j, mode="clip"), np.take(tl, j, mode="clip"), eh, el)  # 0 <= j < 2**16
     return np.ldexp(vh, n, out=vh), np.ldexp(vl, n, out=vl)
 
 
@@ -218,6 +219,48 @@ def dd_sum_rows(h: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
         half = h.shape[1] // 2
         h, lo = dd_add(h[:, :half], lo[:, :half], h[:, half:], lo[:, half:])
         levels += 1
+    return h[:, 0].copy(), lo[:, 0].copy(), levels
+
+
+def dd_add_same_sign(xh: Any, xl: Any, yh: Any, yl: Any) -> tuple[np.ndarray, np.ndarray]:
+    """SloppyDWPlusDW for normalised double-doubles of the same sign: relative error <= ADD_ERR.
+
+    ``sh + sl = xh + yh`` exactly (TwoSum); ``fl(xl + yl)`` errs by at most ``u (|xl| + |yl|) <= u^2 (|xh| +
+    |yh|)`` and ``fl(sl + w)`` by at most ``u (|sl| + |w|) <= 2u^2 |sh| (1 + u)``; the last FastTwoSum is exact.
+    With no cancellation (same signs) that is ``3u^2 + O(u^3)`` of the sum (docs/exact.md, step 2; Yang et
+    al., "On the robustness of double-word addition algorithms", arXiv:2404.05948, prove the sloppy
+    addition exceeds ``3u^2`` only where Sterbenz's lemma applies to the high parts, i.e. opposite signs).
+    """
+    sh, sl = two_sum(xh, yh)
+    return fast_two_sum(sh, sl + (xl + yl))
+
+
+def _halve(h: np.ndarray, lo: np.ndarray, times: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Up to ``times`` levels of :func:`dd_sum_nonnegative` (columns ``w -> ceil(w / 2)`` each), and the levels
+    they count; ``h`` and ``lo`` may be modified."""
+    levels = 0
+    for _ in range(times):
+        w = h.shape[1]
+        if w < 2:
+            break
+        half = w // 2
+        nh, nl = dd_add_same_sign(h[:, :half], lo[:, :half], h[:, half:2 * half], lo[:, half:2 * half])
+        levels += 1
+        if w % 2:
+            nh[:, 0], nl[:, 0] = dd_add_same_sign(nh[:, 0], nl[:, 0], h[:, w - 1], lo[:, w - 1])
+            levels += 1
+        h, lo = nh, nl
+    return h, lo, levels
+
+
+def dd_sum_nonnegative(h: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`dd_sum_rows` for nonnegative terms, by :func:`dd_add_same_sign` (11 operations a pair, not 20).
+
+    An odd last column is added to the first at the same level, so that term and the first go through
+    two additions there: ``levels`` counts the most additions any term goes through (the relative error is at
+    most ``levels * ADD_ERR``, first order). The inputs are not modified.
+    """
+    h, lo, levels = _halve(h, lo, max(1, h.shape[1]).bit_length() * 2)
     return h[:, 0].copy(), lo[:, 0].copy(), levels
 
 
@@ -376,11 +419,10 @@ def decide(vh: np.ndarray, vl: np.ndarray, bound: np.ndarray, fmt: FloatFormat) 
         # 2**e: the float64 exponent bits of d (0 for zeros and float64 subnormals, inf for inf and NaN)
         pw = (np.ascontiguousarray(d).view(np.uint64) & _EXPONENT_BITS).view(np.float64)
         quick = (room < pw * 2.0**-fmt.precision) & (np.abs(d) != pw)
-    out = np.array(d, dtype=np.float64)
-    rest = np.flatnonzero(~quick)
-    if rest.size:
-        flat = out.reshape(-1)
-        flat[rest] = _decide_full(vh.reshape(-1)[rest], vl.reshape(-1)[rest], bound.reshape(-1)[rest], fmt)
+    out = np.array(d, dtype=np.float64) if d is vh else d
+    rest = np.nonzero(~quick)
+    if rest[0].size:
+        out[rest] = _decide_full(vh[rest], vl[rest], bound[rest], fmt)
     return out
 
 
@@ -438,20 +480,11 @@ def _one_hot(problem: Any) -> bool:
     return problem.index_targets and not problem.label_smoothing
 
 
-def grad_decided(problem: Any, rows: Any, fmt: FloatFormat, todo: np.ndarray) -> np.ndarray:
-    """``(N, K)``: the correctly rounded gradient where the enclosure decides it, NaN elsewhere.
-
-    ``rows`` is exact.py's ``_RowFacts`` (the exact rationals D, B and the upstream gradients);
-    only rows with something in ``todo`` are evaluated, in blocks of about BLOCK elements.
-    """
-    from gradcheck.oracle import for_row_blocks
-
-    _constants()
-    n, k = problem.logits.shape
-    out = np.full((n, k), np.nan)
-    live = np.flatnonzero(todo.any(axis=1))
-    if live.size == 0:
-        return out
+def row_factors(problem: Any, rows: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row ``(f, ub, ok)``: ``f[:, 0] + f[:, 1]`` is ``F = u w[t] / D`` (one-hot) or ``u / D`` within
+    F_REL relative, ``ub`` is ``u B`` within UB_REL, and ``ok`` marks the rows whose factors are in range
+    (docs/exact.md, "The fast path", step 5)."""
+    n = problem.logits.shape[0]
     # per row: F = u w[t] / D (one-hot) or u / D, and u B (B = 2 lambda / Dz), as double-doubles from
     # u w[t] exact (TwoProd) times 1/D and B rounded to double-double: F_REL and UB_REL relative
     one_hot = _one_hot(problem)
@@ -479,9 +512,31 @@ def grad_decided(problem: Any, rows: Any, fmt: FloatFormat, todo: np.ndarray) ->
     for x in (fh_, bh_):
         ax = np.abs(x)
         ok &= (ax == 0) | ((ax > lim[0]) & (ax < lim[1]))
-    step = max(1, BLOCK // max(k, 1))
+    return f, ub, ok
+
+
+def grad_decided(problem: Any, rows: Any, fmt: FloatFormat, todo: np.ndarray) -> np.ndarray:
+    """``(N, K)``: the correctly rounded gradient where the enclosure decides it, NaN elsewhere.
+
+    ``rows`` is exact.py's ``_RowFacts`` (the exact rationals D, B and the upstream gradients);
+    only rows with something in ``todo`` are evaluated, in blocks of about BLOCK elements.
+    """
+    from gradcheck.oracle import for_row_blocks
+
+    _constants()
+    n, k = problem.logits.shape
+    out = np.full((n, k), np.nan)
+    live = np.flatnonzero(todo.any(axis=1))
+    if live.size == 0:
+        return out
+    f, ub, ok = row_factors(problem, rows)
+    if _one_hot(problem) and problem.softcap is None and not rows.lam:  # plain rows: streamed in cache-sized chunks
+        step = max(1, BLOCK // max(k, 1)) if k <= PLAIN_CHUNK else 1
+        block = _block_plain
+    else:
+        step = max(1, BLOCK // max(k, 1))
+        block = _block if _one_hot(problem) else _block_dense
     blocks = [live[i:i + step] for i in range(0, live.size, step)]
-    block = _block if one_hot else _block_dense
 
     def work(lo: int, hi: int) -> None:
         for b in blocks[lo:hi]:
@@ -492,6 +547,16 @@ def grad_decided(problem: Any, rows: Any, fmt: FloatFormat, todo: np.ndarray) ->
 
 
 BLOCK = 1 << 16
+
+
+def _normaliser(rh: np.ndarray, rl: np.ndarray, levels: int, e_err: np.ndarray, ncut: np.ndarray) -> tuple:
+    """Steps 2-3 from ``R``: its bound ``r_err``, ``Z = 1 + R`` (relative error ``d_z``) and ``1/Z`` (``d_inv``)."""
+    r_err = (rh * (e_err + levels * ADD_ERR) + ncut * E_CUT) * SAFE
+    zh, zl = dd_add(np.ones(rh.shape), np.zeros(rh.shape), rh, rl)
+    d_z = (r_err / zh + ADD_ERR) * SAFE  # relative error of Z (Z >= 1)
+    # step 3: 1 / Z by one Newton step, its error from the computed residual
+    ih, il, d_inv = recip_dd(zh, zl)
+    return r_err, zh, zl, d_z, ih, il, d_inv + d_z
 
 
 def _rows(problem: Any, idx: np.ndarray, ub: np.ndarray) -> tuple:
@@ -520,25 +585,25 @@ def _rows(problem: Any, idx: np.ndarray, ub: np.ndarray) -> tuple:
             dmax = delta.max(axis=1)
             e_err = np.where(dmax <= 2.0**-40, (EXP_ERR + dmax * (1 + dmax)) * SAFE, np.inf)
             masked = np.zeros(z.shape, dtype=bool)  # -inf is -c: counted (its own h is 0)
-        cut = ~masked & ~(sh >= MIN_SHIFT)  # beyond e**-600, or z - max z overflowed
-        off = masked | cut
-        sh = np.where(off, 0.0, sh)
-        sl = np.where(off, 0.0, sl)
-        # step 1: e_c within e_err (exp(0) = 1 exactly at the argmax)
-        eh, el = exp_dd(sh, sl)
-        eh[off] = 0.0
-        el[off] = 0.0
+        inside = sh >= MIN_SHIFT
+        if inside.all():  # nothing masked or cut (the usual block): no masks to apply
+            cut = off = np.zeros(z.shape, dtype=bool)
+            eh, el = exp_dd(sh, sl)
+        else:
+            cut = ~masked & ~inside  # beyond e**-600, or z - max z overflowed
+            off = masked | cut
+            sh = np.where(off, 0.0, sh)
+            sl = np.where(off, 0.0, sl)
+            # step 1: e_c within e_err (exp(0) = 1 exactly at the argmax)
+            eh, el = exp_dd(sh, sl)
+            eh[off] = 0.0
+            el[off] = 0.0
         # step 2: R = sum of the others, pairwise; Z = 1 + R
         eh[rr, a] = 0.0
         el[rr, a] = 0.0
-        rh, rl, levels = dd_sum_rows(eh, el)
+        rh, rl, levels = dd_sum_nonnegative(eh, el)
         eh[rr, a] = 1.0
-        r_err = (rh * (e_err + levels * ADD_ERR) + cut.sum(axis=1) * E_CUT) * SAFE
-        zh, zl = dd_add(np.ones(m), np.zeros(m), rh, rl)
-        d_z = (r_err / zh + ADD_ERR) * SAFE  # relative error of Z (Z >= 1)
-        # step 3: 1 / Z by one Newton step, its error from the computed residual
-        ih, il, d_inv = recip_dd(zh, zl)
-        d_inv = d_inv + d_z
+        r_err, zh, zl, d_z, ih, il, d_inv = _normaliser(rh, rl, levels, e_err, cut.sum(axis=1))
         # step 4: lse = max z + log Z (z-loss only): log Z = y0' + log1p(Z exp(-y0') - 1)
         lh = ll = lse_err = None
         if np.any(ub[idx, 0]):
@@ -583,10 +648,13 @@ def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.nda
         g_err = (np.abs(gh) * (d_inv + MUL_ERR) + h_err * np.abs(ih) * (1 + d_inv)) * SAFE
         dec = np.empty(z.shape)
         step = max(1, CHUNK // m)
+        # |v_hi| <= e_c |G_hi| (1 + 2**-50), so the bound is e_c times a row constant
+        per_e = ((np.abs(gh) * (e_err + MUL_ERR) * (1 + 2.0**-50) + g_err) * SAFE)[:, None]
         for c0 in range(0, z.shape[1], step):
             ec, lc = eh[:, c0:c0 + step], el[:, c0:c0 + step]
             vh, vl = dd_mul(ec, lc, gh[:, None], gl[:, None])
-            bound = (np.abs(vh) * (e_err[:, None] + MUL_ERR) + ec * g_err[:, None]) * SAFE + FLOOR
+            bound = ec * per_e
+            bound += FLOOR
             dec[:, c0:c0 + step] = _settle(vh, vl, bound, fmt, cap, (slice(None), slice(c0, c0 + step)))
         # masked classes that are not the target: p = 0 and A = 0, exactly +0
         dec[masked] = 0.0
@@ -594,29 +662,139 @@ def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.nda
         tiny = E_CUT * (np.abs(gh) + g_err) * SAFE < fmt.smallest_subnormal / 2
         sure = np.abs(gh) > g_err
         dec[cut] = np.broadcast_to(np.where(tiny & sure, np.copysign(0.0, gh), np.nan)[:, None], cut.shape)[cut]
-        # the target: g_t = (-F X + u B lse e_t) / Z, X = R at the argmax, Z - e_t elsewhere (>= Z / 2)
         t = problem.targets[idx]
-        et_h, et_l = eh[rr, t], el[rr, t]
-        at_max = t == a
-        xh2, xl2 = dd_add(zh, zl, -et_h, -et_l)
-        xh2, xl2 = np.where(at_max, rh, xh2), np.where(at_max, rl, xl2)
-        x_err = np.where(at_max, r_err, d_z * zh + et_h * e_err + ADD_ERR * np.abs(xh2)) * SAFE
-        yh, yl = dd_mul(-fh, -fl, xh2, xl2)
-        y_err = np.abs(fh) * (x_err + np.abs(xh2) * (MUL_ERR + F_REL))
-        if th is not None:
-            wh, wl = dd_mul(th, tl, et_h, et_l)
-            y_err = y_err + np.abs(bh) * (lse_err * et_h + np.abs(lh * et_h) * (e_err + 2 * MUL_ERR + UB_REL))
-            yh, yl = dd_add(yh, yl, wh, wl)
-        y_err = (y_err + ADD_ERR * np.abs(yh)) * SAFE
-        vth, vtl = dd_mul(yh, yl, ih, il)
-        t_bound = (np.abs(vth) * (d_inv + MUL_ERR) + y_err * np.abs(ih) * (1 + d_inv)) * SAFE + FLOOR
-        dec_t = _settle(vth, vtl, t_bound, fmt, cap, (rr, t))
+        dec_t = _target(t, a, eh[rr, t], el[rr, t], e_err, rh, rl, r_err, zh, zl, d_z, ih, il, d_inv, fh, fl,
+                        (th, tl, bh, lh, lse_err) if th is not None else None, fmt, cap, (rr, t))
         dec_t[off[rr, t]] = np.nan  # a masked or cut target: the slow path's rational cases
         dec[rr, t] = dec_t
         if cap is not None:
             dec[cap.zero] = 0.0  # softcap: a -inf logit's chain factor is 0, its gradient exactly +0
         dec[big] = np.nan
     out[idx] = dec
+
+
+def _target(t: np.ndarray, a: np.ndarray, et_h: np.ndarray, et_l: np.ndarray, e_err: np.ndarray, rh: np.ndarray,
+            rl: np.ndarray, r_err: np.ndarray, zh: np.ndarray, zl: np.ndarray, d_z: np.ndarray, ih: np.ndarray,
+            il: np.ndarray, d_inv: np.ndarray, fh: np.ndarray, fl: np.ndarray, zloss: tuple | None,
+            fmt: FloatFormat, cap: Capped | None, sel: Any) -> np.ndarray:
+    """Step 5's target element of each row: ``g_t = (-F X + u B lse e_t) / Z``, ``X = R`` at the argmax and
+    ``Z - e_t`` (``>= Z / 2``) elsewhere; ``zloss`` is ``(u B lse hi, lo, u B hi, lse hi, lse_err)`` or None."""
+    at_max = t == a
+    xh2, xl2 = dd_add(zh, zl, -et_h, -et_l)
+    xh2, xl2 = np.where(at_max, rh, xh2), np.where(at_max, rl, xl2)
+    x_err = np.where(at_max, r_err, d_z * zh + et_h * e_err + ADD_ERR * np.abs(xh2)) * SAFE
+    yh, yl = dd_mul(-fh, -fl, xh2, xl2)
+    y_err = np.abs(fh) * (x_err + np.abs(xh2) * (MUL_ERR + F_REL))
+    if zloss is not None:
+        th, tl, bh, lh, lse_err = zloss
+        wh, wl = dd_mul(th, tl, et_h, et_l)
+        y_err = y_err + np.abs(bh) * (lse_err * et_h + np.abs(lh * et_h) * (e_err + 2 * MUL_ERR + UB_REL))
+        yh, yl = dd_add(yh, yl, wh, wl)
+    y_err = (y_err + ADD_ERR * np.abs(yh)) * SAFE
+    vth, vtl = dd_mul(yh, yl, ih, il)
+    t_bound = (np.abs(vth) * (d_inv + MUL_ERR) + y_err * np.abs(ih) * (1 + d_inv)) * SAFE + FLOOR
+    return _settle(vth, vtl, t_bound, fmt, cap, sel)
+
+
+_SCRATCH = threading.local()
+PLAIN_CHUNK = 1 << 14  # elements per chunk of the plain path
+PLAIN_HALVINGS = 3  # levels of the row sum done on each chunk while it is in cache
+
+
+def _scratch(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two float64 buffers of at least ``size`` elements for the calling thread, kept for its next block (an
+    allocation of a block's size per block costs more than its arithmetic on this machine)."""
+    cache = getattr(_SCRATCH, "pair", None)
+    if cache is None or cache[0].size < size:
+        cache = (np.empty(size), np.empty(size))
+        _SCRATCH.pair = cache
+    return cache
+
+
+def _block_plain(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.ndarray, ub: np.ndarray,
+                 out: np.ndarray) -> None:
+    """Rows ``idx`` of a one-hot problem without softcap or z-loss: steps 1-5 as :func:`_block` computes them,
+    streamed in chunks of about PLAIN_CHUNK elements (groups of whole rows when ``K <= PLAIN_CHUNK``, else
+    pieces of a one-row block): each is shifted, exponentiated and halved PLAIN_HALVINGS times on the way
+    to its row sums while it is in cache; the rest of the pairwise sum runs on those partial sums, so a
+    term goes through at most the chunk's levels plus the partial sums' levels."""
+    if idx.size == 0:
+        return
+    m, k = idx.size, problem.k
+    rr = np.arange(m)
+    z = problem.logits[idx]
+    a = np.argmax(z, axis=1)
+    zah = z[rr, a].astype(np.float64)[:, None]
+    if k <= PLAIN_CHUNK:  # (rows, columns) of each chunk, and where its partial sums go
+        g = PLAIN_CHUNK // k
+        chunks = [(r0, min(r0 + g, m), 0, k) for r0 in range(0, m, g)]
+    else:
+        chunks = [(0, m, c0, min(c0 + PLAIN_CHUNK, k)) for c0 in range(0, k, PLAIN_CHUNK)]
+    buf_h, buf_l = _scratch(m * k)
+    eh, el = buf_h[:m * k].reshape(m, k), buf_l[:m * k].reshape(m, k)
+    part = -(-min(k, PLAIN_CHUNK) // 2**PLAIN_HALVINGS) * len({c0 for _, _, c0, _ in chunks})  # >= every chunk's
+    part_h, part_l = np.empty((m, part)), np.empty((m, part))
+    masked = cut = None
+    chunk_levels = filled = 0
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        # steps 1-2, per chunk: s = z - max z exactly (TwoSum), e_c within EXP_ERR, the first levels of the sum
+        # of the others (the argmax's e is exactly 1 and is not summed)
+        for r0, r1, c0, c1 in chunks:
+            zc = z[r0:r1, c0:c1].astype(np.float64)
+            sh, sl = two_sum(zc, -zah[r0:r1])
+            inside = sh >= MIN_SHIFT
+            if not inside.all():
+                if masked is None:
+                    masked, cut = np.zeros((m, k), dtype=bool), np.zeros((m, k), dtype=bool)
+                masked[r0:r1, c0:c1] = np.isneginf(zc)
+                cut[r0:r1, c0:c1] = ~masked[r0:r1, c0:c1] & ~inside  # beyond e**-600, or z - max z overflowed
+                sh[~inside], sl[~inside] = 0.0, 0.0
+                ch, cl = _exp_dd(sh, sl)
+                ch[~inside], cl[~inside] = 0.0, 0.0
+            else:
+                ch, cl = _exp_dd(sh, sl)
+            eh[r0:r1, c0:c1], el[r0:r1, c0:c1] = ch, cl
+            ar = a[r0:r1] - c0
+            mine = np.flatnonzero((ar >= 0) & (ar < c1 - c0))
+            ch[mine, ar[mine]] = 0.0
+            cl[mine, ar[mine]] = 0.0
+            ph_, pl_, levels = _halve(ch, cl, PLAIN_HALVINGS)
+            chunk_levels = max(chunk_levels, levels)
+            w = ph_.shape[1]
+            at = filled if k > PLAIN_CHUNK else 0
+            part_h[r0:r1, at:at + w], part_l[r0:r1, at:at + w] = ph_, pl_
+            filled = at + w
+        rh, rl, levels = dd_sum_nonnegative(part_h[:, :filled], part_l[:, :filled])
+        e_err = np.full(m, EXP_ERR)
+        ncut = np.zeros(m) if cut is None else cut.sum(axis=1)
+        r_err, zh, zl, d_z, ih, il, d_inv = _normaliser(rh, rl, chunk_levels + levels, e_err, ncut)
+        # step 5: every element but the target is e_c G, G = F / Z; |v_hi| <= e_c |G_hi| (1 + 2**-50)
+        fh, fl = f[idx, 0], f[idx, 1]
+        gh, gl = dd_mul(fh, fl, ih, il)
+        g_err = (np.abs(gh) * (d_inv + MUL_ERR) + F_REL * np.abs(fh) * np.abs(ih) * (1 + d_inv)) * SAFE
+        per_e = ((np.abs(gh) * (EXP_ERR + MUL_ERR) * (1 + 2.0**-50) + g_err) * SAFE)[:, None]
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        dest = out[lo:hi] if hi - lo == m else np.empty((m, k))  # rows in order: written in place
+        ghc, glc = gh[:, None], gl[:, None]
+        for r0, r1, c0, c1 in chunks:
+            ec = eh[r0:r1, c0:c1]
+            vh, vl = dd_mul(ec, el[r0:r1, c0:c1], ghc[r0:r1], glc[r0:r1])
+            bound = ec * per_e[r0:r1]
+            bound += FLOOR
+            dest[r0:r1, c0:c1] = decide(vh, vl, bound, fmt)
+        if masked is not None:  # masked classes: p = 0, exactly +0; cut ones: a signed zero or the slow path
+            dest[masked] = 0.0
+            tiny = E_CUT * (np.abs(gh) + g_err) * SAFE < fmt.smallest_subnormal / 2
+            sure = np.abs(gh) > g_err
+            dest[cut] = np.broadcast_to(np.where(tiny & sure, np.copysign(0.0, gh), np.nan)[:, None], cut.shape)[cut]
+        t = problem.targets[idx]
+        dec_t = _target(t, a, eh[rr, t], el[rr, t], e_err, rh, rl, r_err, zh, zl, d_z, ih, il, d_inv, fh, fl,
+                        None, fmt, None, (rr, t))
+        if masked is not None:
+            dec_t[masked[rr, t] | cut[rr, t]] = np.nan  # a masked or cut target: the slow path's rational cases
+        dest[rr, t] = dec_t
+    if hi - lo != m:
+        out[idx] = dest
 
 
 UNDER = 2.0**-1068  # absolute: the underflow of the few products that form w_c t_c (<= 2**-1075 each)

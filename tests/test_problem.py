@@ -333,3 +333,19 @@ def test_the_finiteness_check_by_a_sum_misses_nothing(dtype):
         with pytest.raises(InvalidArgument, match="logits must be finite or -inf"):
             validate_logits(z)
     assert validate_logits(np.array([[big, big], [-np.inf, 1.0]], dtype=dtype)).shape == (2, 2)
+
+
+def test_exact_divisor_is_the_exact_sum_of_the_target_weights():
+    """D by classes and their counts equals the per-row sum of w[t] as rationals (weights, ignored rows,
+    repeated classes, weights that do not add exactly in float64)."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(5)
+    k = 7
+    w = rng.choice([0.1, 1e-17, 3.0, 2.0**-60, 0.0, 1e16], k)
+    t = rng.integers(0, k, 300)
+    t[::11] = -100
+    p = gc.make_problem(np.zeros((300, k)), t, weight=w)
+    assert p.exact_divisor() == sum((Fraction(float(w[c])) for c in t if c != -100), Fraction(0))
+    assert gc.make_problem(np.zeros((300, k)), t).exact_divisor() == Fraction(int((t != -100).sum()))
+    assert gc.make_problem(np.zeros((300, k)), t, reduction="sum").exact_divisor() == 1

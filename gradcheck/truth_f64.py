@@ -1,0 +1,204 @@
+"""The certified truth's float64 tier: enclosures in plain float64 for results narrower than float64.
+
+A float32 (float16, bfloat16) result is decided by an enclosure about ``2**-40`` wide relative, far
+from the ``2**-98`` of the double-double path (:mod:`gradcheck.truth_dd`), so for those formats each
+element is one float64 exponential from the same table (:func:`exp_f64`, within ``EXP64``), one
+product and a rounding decision; per row a pairwise float64 sum and one division. Every step has a
+proven bound (docs/exact.md, "The float64 tier"); as in the double-double path no libm function is
+trusted. What it does not decide is NaN and goes on to the double-double path, then to mpmath.
+
+Scope: one-hot problems (class-index targets without label smoothing) without softcap or z-loss, where
+the double-double path applies; class weights of either sign, ignored rows and upstream gradients
+included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from gradcheck import truth_dd as dd
+from gradcheck.dtypes import FloatFormat
+
+U = 2.0**-53
+# exp_f64's relative error: the table entry's high part (u + 10u^2), the quadratic (u (1 + 2**-16) of
+# rounding, |r|^3 / 6 < 2**-55.2 of truncation), the reduced argument (< 2**-69) and the product (u):
+# 3.23u in all (docs/exact.md, "The float64 tier", step 1); charged 4u
+EXP64 = 4 * U
+INV_STEP = 2.0**dd.TABLE_BITS / math.log(2)
+F64_REL = U + dd.F_REL  # the high part of the double-double row factor F
+
+
+def exp_f64(s: np.ndarray) -> np.ndarray:
+    """``exp(s)`` within ``EXP64`` relative for ``MIN_SHIFT <= s <= 0`` (``exp(0) = 1`` exactly).
+
+    ``k = rint(s 2**16 / ln 2)``, ``r = (s - k c1) - k fl(c2 + c3)`` (``k c1`` exact, the subtraction exact
+    by Sterbenz), ``exp(r) ~ 1 + r + r^2 / 2`` (``|r| < 2**-17.5``), times the table's high part
+    ``2**((k mod 2**16) / 2**16)`` and ``2**(k >> 16)`` (exact: the result is normal).
+    """
+    (c1, c2, c3, _), th, _ = dd._constants()
+    k = np.rint(s * INV_STEP)
+    r = (s - k * c1) - k * (c2 + c3)
+    p = 1.0 + (r + 0.5 * (r * r))
+    ki = k.astype(np.intp)  # intp indices: np.take converts any other kind on every call
+    e = np.take(th, ki & ((1 << dd.TABLE_BITS) - 1), mode="clip")  # 0 <= index < 2**16
+    e *= p
+    return np.ldexp(e, (ki >> dd.TABLE_BITS).astype(np.int32), out=e)
+
+
+def sum_rows(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """Row sums of nonnegative terms by pairwise halving, and the depth: every term goes through at most
+    ``depth`` float64 additions, so the sum is within ``gamma(depth) = depth u / (1 - depth u)`` relative.
+
+    A level adds the two halves; an odd last column is added to the first (two additions at that level).
+    ``x`` is not modified.
+    """
+    depth = 0
+    while x.shape[1] > 1:
+        w = x.shape[1]
+        h = w // 2
+        y = x[:, :h] + x[:, h:2 * h]
+        depth += 1
+        if w % 2:
+            y[:, 0] += x[:, w - 1]
+            depth += 1
+        x = y
+    return x[:, 0].copy(), depth
+
+
+def applies(problem: Any, rows: Any) -> bool:
+    """The problems this tier covers (module docstring)."""
+    return (dd.applies(problem) and problem.index_targets and not problem.label_smoothing
+            and problem.softcap is None and not rows.lam)
+
+
+def grad_decided(problem: Any, rows: Any, fmt: FloatFormat, todo: np.ndarray) -> np.ndarray:
+    """``(N, K)``: the correctly rounded gradient in ``fmt`` (precision below 53) where the float64
+    enclosure decides it, NaN elsewhere; only rows with something in ``todo`` are evaluated."""
+    from gradcheck.oracle import for_row_blocks
+
+    assert fmt.precision < 53, "the float64 tier cannot decide float64 results"
+    dd._constants()
+    n, k = problem.logits.shape
+    out = np.full((n, k), np.nan)
+    live = np.flatnonzero(todo.any(axis=1))
+    if live.size == 0:
+        return out
+    f, _, ok = dd.row_factors(problem, rows)
+    live = live[ok[live]]
+    step = max(1, BLOCK // max(k, 1))
+    blocks = [live[i:i + step] for i in range(0, live.size, step)]
+
+    def work(lo: int, hi: int) -> None:
+        for b in blocks[lo:hi]:
+            _block(problem, fmt, b, f[:, 0], out)
+
+    for_row_blocks(len(blocks), BLOCK, work)
+    return out
+
+
+BLOCK = 1 << 16
+
+
+def _block(problem: Any, fmt: FloatFormat, idx: np.ndarray, f: np.ndarray, out: np.ndarray) -> None:
+    """Rows ``idx``: docs/exact.md, "The float64 tier", steps 1-5."""
+    if idx.size == 0:
+        return
+    g, bound, g_row, g_rel, off = enclose(problem, idx, f)
+    dec = dd.decide(g, 0.0, bound, fmt)
+    if off is not None:
+        # step 5: masked non-target classes are exactly +0; a cut class has 0 < |g| <= E_CUT |G|, a zero of
+        # G's sign when that is below half the smallest subnormal; a masked or cut target: the slow path
+        masked, cut = off
+        dec[masked] = 0.0
+        with np.errstate(over="ignore"):
+            tiny = dd.E_CUT * np.abs(g_row) * (1 + g_rel) * dd.SAFE < fmt.smallest_subnormal / 2
+        zero = np.where(tiny & (g_row != 0), np.copysign(0.0, g_row), np.nan)
+        dec[cut] = np.broadcast_to(zero[:, None], cut.shape)[cut]
+        rr, t = np.arange(len(idx)), problem.targets[idx]
+        hit = masked[rr, t] | cut[rr, t]
+        dec[rr[hit], t[hit]] = np.nan
+    out[idx] = dec
+
+
+def enclose(problem: Any, idx: np.ndarray, f: np.ndarray) -> tuple:
+    """Rows ``idx`` (one-hot, no softcap or z-loss; ``f`` the float64 row factors ``F``): ``(g, bound,
+    G, G_rel, off)`` with ``|g - dL/dz| <= bound`` for every class that is neither masked nor cut,
+    the row factor ``G = F / Z`` within ``G_rel`` relative, and ``off = (masked, cut)`` (None when the
+    block has neither): docs/exact.md, "The float64 tier", steps 1-4."""
+    s = problem.logits[idx].astype(np.float64)
+    m = len(idx)
+    rr = np.arange(m)
+    a = np.argmax(s, axis=1)
+    off = None
+    with np.errstate(invalid="ignore", over="ignore", under="ignore", divide="ignore"):
+        # step 1: s = fl(z - max z) <= 0 within u |s| (a relative e**(u|s|) - 1 <= 2u|s| on exp(s)), or
+        # exactly for inputs narrower than float64 whose magnitudes span few binades
+        shift = 0.0 if _exact_shifts(s, problem.format.precision) else 2 * U
+        np.subtract(s, s[rr, a][:, None], out=s)
+        inside = s >= dd.MIN_SHIFT
+        if not inside.all():  # masked (-inf) and cut (below e**-600) classes: not evaluated
+            masked = np.isneginf(s)
+            out_ = ~inside
+            off = masked, out_ & ~masked
+            s[out_] = 0.0
+        e = exp_f64(s)
+        if off is not None:
+            e[off[0] | off[1]] = 0.0
+        # step 2: R = sum of the others (the argmax's e is exactly 1), Z = 1 + R
+        e[rr, a] = 0.0
+        r, depth = sum_rows(e)
+        e[rr, a] = 1.0
+        smax = -s.min(axis=1)  # max |s| over the evaluated classes (0 at the others)
+        gamma = depth * U / (1 - depth * U)
+        r_abs = r * (EXP64 + shift * smax + gamma)
+        if off is not None:
+            r_abs = r_abs + off[1].sum(axis=1) * dd.E_CUT
+        r_abs *= dd.SAFE
+        z = 1.0 + r
+        z_rel = r_abs / z + U
+        # step 3: G = F / Z; every element but the target is e_c G
+        g_row = f[idx] / z
+        g_rel = (F64_REL + z_rel + U) * dd.SAFE
+        g = e * g_row[:, None]
+        bound = np.abs(g)
+        if shift:
+            bound *= (EXP64 + g_rel + U)[:, None] * dd.SAFE + (shift * dd.SAFE) * -s
+        else:
+            bound *= ((EXP64 + g_rel + U) * dd.SAFE)[:, None]
+        bound += dd.FLOOR
+        # step 4: the target, -G X with X = R at the argmax and 1 + (R - e_t) (>= Z / 2) elsewhere
+        t = problem.targets[idx]
+        et = e[rr, t]
+        at_max = t == a
+        y = r - et
+        x = np.where(at_max, r, 1.0 + y)
+        x_abs = np.where(at_max, r_abs, r_abs + et * (EXP64 + shift * -s[rr, t]) + U * np.abs(y) + U * x)
+        gt = -(g_row * x)
+        g[rr, t] = gt
+        bound[rr, t] = np.abs(gt) * ((g_rel + x_abs / x + U) * dd.SAFE) + dd.FLOOR
+    return g, bound, g_row, g_rel, off
+
+
+def _exact_shifts(z: np.ndarray, precision: int) -> bool:
+    """True when every ``z - max z`` of the block is exact in float64: inputs of ``precision < 53`` are
+    multiples of ``2**(e_min - p)`` (``e_min`` the binade of the smallest nonzero magnitude) and ``|z - m|
+    < 2**(e_max + 1)``, so ``e_max - e_min <= 52 - p`` suffices (docs/oracle.md, "Cost: the float32 path");
+    ``-inf`` shifts exactly."""
+    if precision >= 53:
+        return False
+    with np.errstate(invalid="ignore"):
+        mag = np.abs(z)
+        big = float(mag.max())
+        if not np.isfinite(big):
+            mag[np.isinf(mag)] = 0.0
+            big = float(mag.max())
+        small = float(mag.min())
+        if small == 0:
+            mag[mag == 0] = np.inf
+            small = float(mag.min())
+    if big == 0 or not np.isfinite(small):
+        return True  # nothing but zeros and -inf
+    return int(np.frexp(big)[1]) - int(np.frexp(small)[1]) <= 52 - precision
