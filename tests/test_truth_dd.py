@@ -67,6 +67,33 @@ def test_pairwise_row_sum_within_its_levels():
         assert _rel(_fr(h[r], l[r]), exact) <= levels * T.ADD_ERR
 
 
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 8, 1001, 16384, 32000])
+def test_nonnegative_row_sum_within_its_levels(width):
+    """dd_sum_nonnegative (the same-sign sloppy addition, odd columns folded into the first): within
+    levels * ADD_ERR of the exact sum, levels at most twice ceil(log2 width), the inputs untouched; and
+    dd_add_same_sign alone within ADD_ERR on pairs of every relative size."""
+    rng = np.random.default_rng(width)
+    e = rng.random((3, width)) * 2.0 ** rng.integers(-60, 0, (3, width))
+    e[0] = e[0, 0]  # equal terms
+    lo = e * rng.uniform(-2.0**-54, 2.0**-54, e.shape)
+    e, lo = T.two_sum(e, lo)
+    before = (e.copy(), lo.copy())
+    h, l, levels = T.dd_sum_nonnegative(e, lo)
+    assert np.array_equal(e, before[0]) and np.array_equal(lo, before[1])
+    assert levels <= 2 * max(1, int(np.ceil(np.log2(width)))) and (levels == 0) == (width == 1)
+    for r in range(3):
+        exact = sum((_fr(a, b) for a, b in zip(e[r], lo[r])), Fraction(0))
+        assert _rel(_fr(h[r], l[r]), exact) <= max(levels, 1) * T.ADD_ERR
+    x = rng.random(4000) * 2.0 ** rng.integers(-80, 10, 4000)
+    y = rng.random(4000) * 2.0 ** rng.integers(-80, 10, 4000)
+    xh, xl = T.two_sum(x, x * rng.uniform(-2.0**-53, 2.0**-53, 4000))
+    yh, yl = T.two_sum(y, y * rng.uniform(-2.0**-53, 2.0**-53, 4000))
+    sh, sl = T.dd_add_same_sign(xh, xl, yh, yl)
+    for i in range(0, 4000, 13):
+        exact = _fr(xh[i], xl[i]) + _fr(yh[i], yl[i])
+        assert _rel(_fr(sh[i], sl[i]), exact) <= T.ADD_ERR
+
+
 def test_decide_rounds_only_what_the_enclosure_settles():
     f32 = gc.float_format("float32")
     mid = np.array([1 + 2.0**-24])  # halfway between 1 and 1 + 2**-23 in float32
