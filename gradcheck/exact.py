@@ -97,9 +97,10 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
     caller that needs a few elements pays for those (verify's "exact" contract, docs/tolerance.md).
     """
     rows = _RowFacts(problem)
-    out = np.zeros(problem.logits.shape)
     todo = np.ones(problem.logits.shape, dtype=bool) if where is None else np.array(where, dtype=bool)
     todo[rows.zero_rows] = False  # ignored rows, a zero upstream gradient, or nothing to differentiate
+    outside = None if where is None else ~todo  # zeroed at the end (the fast paths evaluate whole rows)
+    out: np.ndarray | None = None  # the first fast path's result is taken as it is (NaN where it decided nothing)
     fast = prefilter and truth_dd.applies(problem)
     # formats narrower than float64: the float64 tier first where it applies (docs/exact.md, "The float64
     # tier"), otherwise the float64 oracle's bound where it decides nearly every row (K <= ORACLE_FIRST_K:
@@ -107,7 +108,7 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
     # double-double fast path then evaluates only the rows they left undecided
     tier = fast and fmt.precision < 53 and truth_f64.applies(problem, rows)
     if tier and todo.any():
-        _take(truth_f64.grad_decided(problem, rows, fmt, todo), todo, out)
+        out = _take(truth_f64.grad_decided(problem, rows, fmt, todo), todo, out)
     elif prefilter and rows.oracle_applies and (not fast or (fmt.precision < 53 and problem.k <= ORACLE_FIRST_K)):
         # float64 enclosures are a few float64 ulps wide: for a float64 result use x87 extended
         # precision (2**-11 ulp wide); docs/exact.md, "The prefilter"
@@ -116,9 +117,15 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
         # GLUE (helper upstream, merging oracle a0b2225 and exact 651317f): the oracle's grad_bounded now
         # includes the product with g_n and its bound, so it is not applied a second time here
         # (_times_upstream was the exact branch's own product, written before the oracle had it).
-        _take(_decided(value, bound, fmt), todo, out)
+        out = _take(_decided(value, bound, fmt), todo, out)
     if fast and todo.any():  # double-double enclosures (docs/exact.md, "The fast path")
-        _take(truth_dd.grad_decided(problem, rows, fmt, todo), todo, out)
+        out = _take(truth_dd.grad_decided(problem, rows, fmt, todo), todo, out)
+    if out is None:
+        out = np.zeros(problem.logits.shape)
+    else:  # what no path was asked for is exactly 0
+        out[rows.zero_rows] = 0.0
+        if outside is not None:
+            out[outside] = 0.0
     total, done = int(todo.sum()), 0
     if progress:
         progress(0, total)
@@ -131,14 +138,19 @@ def certified_grad(problem: Problem, fmt: FloatFormat, *, prefilter: bool = True
             done += block.size
             if progress:
                 progress(done, total)
-    return round_to_format(out, fmt)
+    return out if fmt.precision == 53 else round_to_format(out, fmt)
 
 
-def _take(decided: np.ndarray, todo: np.ndarray, out: np.ndarray) -> None:
-    """Copy what ``decided`` settles (not NaN) among ``todo`` into ``out``, and clear it from ``todo``."""
+def _take(decided: np.ndarray, todo: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """What ``decided`` settles (not NaN) among ``todo`` goes into ``out`` (``decided`` itself is the result
+    when there is no ``out`` yet), and is cleared from ``todo``; returns the result."""
     open_ = np.isnan(decided)
+    if out is None:
+        todo &= open_
+        return decided
     np.copyto(out, decided, where=todo & ~open_)
     todo &= open_
+    return out
 
 
 def _times_upstream(value: np.ndarray, bound: np.ndarray, g: np.ndarray, work: Any) -> tuple[np.ndarray, np.ndarray]:

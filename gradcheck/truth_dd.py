@@ -181,27 +181,37 @@ def _exp_dd(sh: np.ndarray, sl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``exp(sh + sl)`` as a double-double within ``EXP_ERR`` relative, for ``MIN_SHIFT <= sh <= 0``.
 
     s = k ln2 / 2**16 + r, |r| <= ln2 / 2**17 (k * piece exact); exp(s) = 2**(k >> 16) T[k & 0xffff]
-    exp(r), exp(r) = 1 + r + r^2/2 + r^3 (1/6 + r/24 + r^2/120) + O(r^6) (docs/exact.md, step 1).
+    exp(r), exp(r) = 1 + r + r^2/2 + r^3 (1/6 + r/24 + r^2/120) + O(r^6), and T exp(r) = T + T (exp(r) - 1)
+    (docs/exact.md, "The fast path", step 1).
     """
     (c1, c2, c3, c4), th, tl = _constants()
     k = np.rint(sh * (2**TABLE_BITS / math.log(2)))
     t1 = sh - k * c1  # exact (Sterbenz for k != 0)
-    h, l1 = two_sum(t1, -(k * c2))  # k * c2 exact
-    h, l2 = two_sum(h, -(k * c3))
-    h, l3 = two_sum(h, sl)
-    low = ((l1 + l2) + l3) - k * c4
+    h, l1 = two_sum(t1, k * -c2)  # k * c2 exact
+    h, l2 = two_sum(h, k * -c3)
+    low = l1 + l2
+    if sl.any():  # (a zero low part adds exactly nothing)
+        h, l3 = two_sum(h, sl)
+        low += l3
+    low -= k * c4
     rh, rl = fast_two_sum(h, low)
-    # exp(r) - 1 = r + r^2 / 2 + F: r^2 exactly, F in float64 (|F| < 2**-55)
-    ph, pl = two_prod(rh, rh)
-    f = rh * ph * (1.0 / 6 + rh * (1.0 / 24 + rh * (1.0 / 120)))
-    wh, wl = two_sum(rh, 0.5 * ph)
-    tail = wl + (rl + (0.5 * pl + rh * rl)) + f
-    eh, el = fast_two_sum(1.0, wh)
-    eh, el = fast_two_sum(eh, el + tail)
+    # exp(r) - 1 = w_h + tail: r^2 / 2 = a^2 / 2 + a b + b^2 / 2 + r_h r_l + r_l^2 / 2 with a the leading 26 bits
+    # of r_h and b = r_h - a (a^2 / 2, a b and b^2 / 2 exact); the cubic tail F (|F| < 2**-55) in float64
+    c = SPLITTER * rh
+    a = c - (c - rh)
+    b = rh - a
+    wh, wl = fast_two_sum(rh, (0.5 * a) * a)  # a^2 / 2 < |r_h| 2**-18
+    f = (rh * rh) * rh * (1.0 / 6 + rh * (1.0 / 24 + rh * (1.0 / 120)))
+    tail = wl + (rl + (a * b + (0.5 * (b * b) + rh * rl))) + f
     ki = k.astype(np.intp)  # |k| < 2**26; intp indices: np.take converts any other kind on every call
     j = ki & ((1 << TABLE_BITS) - 1)
     n = (ki >> TABLE_BITS).astype(np.int32)
-    vh, vl = dd_mul(np.take(th, j, mode="clip"), np.take(tl, j, mode="clip"), eh, el)  # 0 <= j < 2**16
+    big, small = np.take(th, j, mode="clip"), np.take(tl, j, mode="clip")  # 0 <= j < 2**16
+    # T (1 + w_h + tail) = T_h + T_h w_h (TwoProd) + [T_h tail + T_l w_h + T_l] (T_l tail < 2**-106 dropped)
+    ph, pe = two_prod(big, wh)
+    pe += big * tail + small * wh
+    vh, vl = fast_two_sum(big, ph)  # 1 <= T_h < 2 and |p_h| < 2**-16
+    vh, vl = fast_two_sum(vh, vl + (small + pe))
     return np.ldexp(vh, n, out=vh), np.ldexp(vl, n, out=vl)
 
 
