@@ -666,12 +666,7 @@ def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.nda
             bound = ec * per_e
             bound += FLOOR
             dec[:, c0:c0 + step] = _settle(vh, vl, bound, fmt, cap, (slice(None), slice(c0, c0 + step)))
-        # masked classes that are not the target: p = 0 and A = 0, exactly +0
-        dec[masked] = 0.0
-        # cut classes: 0 < e_c <= E_CUT, so |g_c| <= E_CUT (|G| + err): a signed zero when that underflows
-        tiny = E_CUT * (np.abs(gh) + g_err) * SAFE < fmt.smallest_subnormal / 2
-        sure = np.abs(gh) > g_err
-        dec[cut] = np.broadcast_to(np.where(tiny & sure, np.copysign(0.0, gh), np.nan)[:, None], cut.shape)[cut]
+        off_classes(dec, masked, cut, gh, g_err, fmt)
         t = problem.targets[idx]
         dec_t = _target(t, a, eh[rr, t], el[rr, t], e_err, rh, rl, r_err, zh, zl, d_z, ih, il, d_inv, fh, fl,
                         (th, tl, bh, lh, lse_err) if th is not None else None, fmt, cap, (rr, t))
@@ -681,6 +676,18 @@ def _block(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.nda
             dec[cap.zero] = 0.0  # softcap: a -inf logit's chain factor is 0, its gradient exactly +0
         dec[big] = np.nan
     out[idx] = dec
+
+
+def off_classes(dec: np.ndarray, masked: np.ndarray, cut: np.ndarray, g: np.ndarray, g_err: np.ndarray,
+                fmt: FloatFormat) -> None:
+    """Step 5's classes that are not evaluated, in ``dec`` (rows of the row factor ``g`` within ``g_err``):
+    masked ones (``p = 0``; the target is set after) are exactly +0; a cut one has ``0 < e_c <= E_CUT``, so
+    ``|g_c| <= E_CUT (|G| + err)``: the zero of G's sign when that is below half the smallest subnormal and
+    the sign is certain, else NaN (the slow path)."""
+    dec[masked] = 0.0
+    tiny = E_CUT * (np.abs(g) + g_err) * SAFE < fmt.smallest_subnormal / 2
+    sure = np.abs(g) > g_err
+    dec[cut] = np.broadcast_to(np.where(tiny & sure, np.copysign(0.0, g), np.nan)[:, None], cut.shape)[cut]
 
 
 def _target(t: np.ndarray, a: np.ndarray, et_h: np.ndarray, et_l: np.ndarray, e_err: np.ndarray, rh: np.ndarray,
@@ -792,11 +799,8 @@ def _block_plain(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: 
             bound = ec * per_e[r0:r1]
             bound += FLOOR
             dest[r0:r1, c0:c1] = decide(vh, vl, bound, fmt)
-        if masked is not None:  # masked classes: p = 0, exactly +0; cut ones: a signed zero or the slow path
-            dest[masked] = 0.0
-            tiny = E_CUT * (np.abs(gh) + g_err) * SAFE < fmt.smallest_subnormal / 2
-            sure = np.abs(gh) > g_err
-            dest[cut] = np.broadcast_to(np.where(tiny & sure, np.copysign(0.0, gh), np.nan)[:, None], cut.shape)[cut]
+        if masked is not None:
+            off_classes(dest, masked, cut, gh, g_err, fmt)
         t = problem.targets[idx]
         dec_t = _target(t, a, eh[rr, t], el[rr, t], e_err, rh, rl, r_err, zh, zl, d_z, ih, il, d_inv, fh, fl,
                         None, fmt, None, (rr, t))

@@ -109,14 +109,11 @@ def _block(problem: Any, fmt: FloatFormat, idx: np.ndarray, f: np.ndarray, out: 
     g, bound, g_row, g_rel, off = enclose(problem, idx, f)
     dec = dd.decide(g, 0.0, bound, fmt)
     if off is not None:
-        # step 5: masked non-target classes are exactly +0; a cut class has 0 < |g| <= E_CUT |G|, a zero of
-        # G's sign when that is below half the smallest subnormal; a masked or cut target: the slow path
+        # step 5: masked non-target classes are exactly +0, a cut one the zero of G's sign when |g| <= E_CUT |G|
+        # is below half the smallest subnormal; a masked or cut target: the slow path
         masked, cut = off
-        dec[masked] = 0.0
-        with np.errstate(over="ignore"):
-            tiny = dd.E_CUT * np.abs(g_row) * (1 + g_rel) * dd.SAFE < fmt.smallest_subnormal / 2
-        zero = np.where(tiny & (g_row != 0), np.copysign(0.0, g_row), np.nan)
-        dec[cut] = np.broadcast_to(zero[:, None], cut.shape)[cut]
+        with np.errstate(over="ignore", invalid="ignore"):
+            dd.off_classes(dec, masked, cut, g_row, np.abs(g_row) * g_rel, fmt)
         rr, t = np.arange(len(idx)), problem.targets[idx]
         hit = masked[rr, t] | cut[rr, t]
         dec[rr[hit], t[hit]] = np.nan
