@@ -163,3 +163,17 @@ def test_replace_section_swaps_one_section_and_keeps_the_others(tmp_path):
     assert path.read_text() == "# T\n\nhead\n\n## A\n\nold a\n\n## Truth at scale (issue 14, item 1)\n\nnew\n\n## B\n\nb\n"
     bc.replace_section(path, "C", "## C\n\nc")
     assert path.read_text().endswith("## B\n\nb\n\n## C\n\nc\n")
+
+
+def test_truth_section_counts_what_goes_to_mpmath():
+    """The "elements sent to mpmath" column is the slow path's share (exact_grad's progress count), not the
+    share the float64 oracle's bound leaves: on ordinary float64 logits the double-double path decides
+    every element, though the oracle's bound decides none (the column said 100.0%)."""
+    import numpy as np
+
+    bt = _load("bench_throughput")
+    rng = np.random.default_rng(2)
+    z = rng.normal(scale=3.0, size=(8, 512))
+    t = rng.integers(0, 512, 8)
+    assert bt._mpmath_share(z, t) == 0.0
+    assert bt._mpmath_share(z.astype(np.float32), t) == 0.0
