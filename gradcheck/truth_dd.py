@@ -549,7 +549,7 @@ def grad_decided(problem: Any, rows: Any, fmt: FloatFormat, todo: np.ndarray) ->
         return out
     f, ub, ok = row_factors(problem, rows)
     if _one_hot(problem) and problem.softcap is None and not rows.lam:  # plain rows: streamed in cache-sized chunks
-        step = max(1, BLOCK // max(k, 1)) if k <= PLAIN_CHUNK else 1
+        step = max(1, PLAIN_BLOCK // max(k, 1))
         block = _block_plain
     else:
         step = max(1, BLOCK // max(k, 1))
@@ -723,7 +723,8 @@ def _target(t: np.ndarray, a: np.ndarray, et_h: np.ndarray, et_l: np.ndarray, e_
 
 _SCRATCH = threading.local()
 PLAIN_CHUNK = 1 << 14  # elements per chunk of the plain path
-PLAIN_HALVINGS = 3  # levels of the row sum done on each chunk while it is in cache
+PLAIN_HALVINGS = 2  # levels of the row sum done on each chunk while it is in cache
+PLAIN_BLOCK = 1 << 18  # elements per block of rows (the per-row work is done once per block)
 
 
 def _scratch(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -740,9 +741,9 @@ def _block_plain(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: 
                  out: np.ndarray) -> None:
     """Rows ``idx`` of a one-hot problem without softcap or z-loss: steps 1-5 as :func:`_block` computes them,
     streamed in chunks of about PLAIN_CHUNK elements (groups of whole rows when ``K <= PLAIN_CHUNK``, else
-    pieces of a one-row block): each is shifted, exponentiated and halved PLAIN_HALVINGS times on the way
-    to its row sums while it is in cache; the rest of the pairwise sum runs on those partial sums, so a
-    term goes through at most the chunk's levels plus the partial sums' levels."""
+    column pieces of every row of the block): each is shifted, exponentiated and halved PLAIN_HALVINGS
+    times on the way to its row sums while it is in cache; the rest of the pairwise sum runs on those
+    partial sums, so a term goes through at most the chunk's levels plus the partial sums' levels."""
     if idx.size == 0:
         return
     m, k = idx.size, problem.k
@@ -750,14 +751,15 @@ def _block_plain(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: 
     z = problem.logits[idx]
     a = np.argmax(z, axis=1)
     zah = z[rr, a].astype(np.float64)[:, None]
-    if k <= PLAIN_CHUNK:  # (rows, columns) of each chunk, and where its partial sums go
+    if k <= PLAIN_CHUNK:  # (rows, columns) of each chunk: groups of whole rows, or pieces of every row
         g = PLAIN_CHUNK // k
         chunks = [(r0, min(r0 + g, m), 0, k) for r0 in range(0, m, g)]
     else:
-        chunks = [(0, m, c0, min(c0 + PLAIN_CHUNK, k)) for c0 in range(0, k, PLAIN_CHUNK)]
+        w = max(1, PLAIN_CHUNK // m)
+        chunks = [(0, m, c0, min(c0 + w, k)) for c0 in range(0, k, w)]
     buf_h, buf_l = _scratch(m * k)
     eh, el = buf_h[:m * k].reshape(m, k), buf_l[:m * k].reshape(m, k)
-    part = -(-min(k, PLAIN_CHUNK) // 2**PLAIN_HALVINGS) * len({c0 for _, _, c0, _ in chunks})  # >= every chunk's
+    part = sum(-(-(c1 - c0) // 2**PLAIN_HALVINGS) for r0, _, c0, c1 in chunks if r0 == 0)  # >= the chunks' widths
     part_h, part_l = np.empty((m, part)), np.empty((m, part))
     masked = cut = None
     chunk_levels = filled = 0
