@@ -379,6 +379,10 @@ def _one_hot_grad(problem: Problem, fmt: FloatFormat | None = None) -> np.ndarra
     :func:`grad_bounded` is derived for. Rows are independent, so the result is bit-identical for any
     blocking and thread count.
 
+    The blocks write ``e_c (w_t / (D Z))`` for every class and keep each row's argmax, ``R``, ``Z``
+    and ``e_t``; the target elements are then written for all rows at once (a block's few-element
+    operations cost more in numpy's per-call overhead than the block's arithmetic).
+
     With ``fmt`` (narrower than float64) each block's float64 values are rounded to ``fmt`` as they
     are written, so no float64 array of the whole input is made: the result is ``round_to_format`` of
     the float64 result, bit for bit (docs/oracle.md, "Cost: the float32 path").
@@ -391,37 +395,51 @@ def _one_hot_grad(problem: Problem, fmt: FloatFormat | None = None) -> np.ndarra
     out = np.empty((n, k), dtype=fmt.dtype if narrow else np.float64)
     cast = narrow and fmt.name in ("float32", "float16")  # numpy's cast rounds once (dtypes.round_to_format)
     precision = problem.format.precision
+    factor_ok = _direct_factor(factor)
+    argmax = np.empty(n, dtype=np.intp)  # per row, from the blocks: the argmax (first occurrence), R, Z, e_t
+    r = np.empty(n)
+    total = np.empty(n)
+    e_t = np.empty(n)
+    cls = np.where(active, problem.targets, 0)  # the target column (0 for ignored rows: read, never used)
+    buffer = _row_buffer(k)
+    span = np.arange(min(n, _block_rows(k, ONE_HOT_BLOCK_FACTOR)))
 
     def block(lo: int, hi: int) -> None:
         zb = problem.logits[lo:hi]
-        rows = np.arange(hi - lo)
-        argmax = np.argmax(zb, axis=1)
-        direct = direct_rows(zb[rows, argmax], factor[lo:hi], k)
-        g = _exp_rows(zb, argmax, precision, direct)
+        rows = span[:hi - lo]
+        am = np.argmax(zb, axis=1, out=argmax[lo:hi])
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            e_m = g[rows, argmax]  # 1 where shifted; exp(m) where direct
-            g[rows, argmax] = 0.0
-            r = g.sum(axis=1)
-            g[rows, argmax] = e_m
-            total = e_m + r
-            live = np.flatnonzero(active[lo:hi])
-            cls = problem.targets[lo:hi][live]
-            e_t = g[live, cls]
-            q_t = np.where(cls == argmax[live], r[live] / total[live], 1.0 - e_t / total[live])
-            f = (factor[lo:hi] / total)[:, None]
-            g_t = -(factor[lo:hi][live] * q_t)
+            direct = _direct_max(zb[rows, am], k)
+            direct &= factor_ok[lo:hi]
+            g = _exp_rows(zb, am, precision, direct)
+            e_m = g[rows, am]  # 1 where shifted; exp(m) where direct
+            g[rows, am] = 0.0
+            rb = np.add.reduce(g, axis=1, out=r[lo:hi])
+            g[rows, am] = e_m
+            zt = np.add(e_m, rb, out=total[lo:hi])
+            e_t[lo:hi] = g[rows, cls[lo:hi]]
+            f = (factor[lo:hi] / zt)[:, None]
+            if buffer is not None:
+                np.setbufsize(buffer)  # restored when the errstate ends
             if up is None and (cast or not narrow):  # straight into the result (rounded once when narrow)
                 np.multiply(g, f, out=out[lo:hi])
-                out[lo:hi][live, cls] = g_t
                 return None
             np.multiply(g, f, out=g)
-            g[live, cls] = g_t
             if up is not None:  # the upstream gradient: one product, as in grad_bounded (step K6)
                 g *= up[lo:hi, None]
             out[lo:hi] = g if cast or not narrow else round_to_format(g, fmt)
         return None
 
     for_row_blocks(n, k, block, ONE_HOT_BLOCK_FACTOR)
+    live = np.flatnonzero(active)
+    at = cls[live]
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        z_t = total[live]
+        q_t = np.where(at == argmax[live], r[live] / z_t, 1.0 - e_t[live] / z_t)
+        g_t = -(factor[live] * q_t)
+        if up is not None:
+            g_t *= up[live]
+    out[live, at] = g_t if cast or not narrow else round_to_format(g_t, fmt)
     return out
 
 
@@ -439,13 +457,23 @@ def direct_rows(m: np.ndarray, factor: np.ndarray | None = None, k: int = 1) -> 
     ``EXP_ULPS u``, below the shifted ``(EXP_ULPS + 2) u``, at the cost of ``EXP_ULPS u`` at the argmax
     (where ``exp(0) = 1`` was exact). docs/oracle.md, "Direct rows".
     """
+    ok = _direct_max(m, k)
+    if factor is not None:
+        ok &= _direct_factor(factor)
+    return ok
+
+
+def _direct_max(m: np.ndarray, k: int) -> np.ndarray:
+    """The row-max condition of :func:`direct_rows`: ``0 <= m <= DIRECT_MAX`` (False for NaN), ``k < 2**31``."""
     with np.errstate(invalid="ignore"):
         m64 = np.asarray(m, dtype=np.float64)
-        ok = (m64 >= 0) & (m64 <= DIRECT_MAX) & (k < 2**31)
-        if factor is not None:
-            f = np.abs(factor)
-            ok &= (f == 0) | (f >= DIRECT_MIN_FACTOR)
-    return ok
+        return (m64 >= 0) & (m64 <= DIRECT_MAX) & (k < 2**31)
+
+
+def _direct_factor(factor: np.ndarray) -> np.ndarray:
+    """The one-hot row-factor condition of :func:`direct_rows`: ``factor == 0`` or ``|factor| >= DIRECT_MIN_FACTOR``."""
+    f = np.abs(factor)
+    return (f == 0) | (f >= DIRECT_MIN_FACTOR)
 
 
 def _exp_rows(zb: np.ndarray, argmax: np.ndarray, precision: int, direct: np.ndarray) -> np.ndarray:
@@ -528,7 +556,7 @@ def for_row_blocks(n: int, k: int, work: Any, factor: int = 1) -> None:
     (512 KiB; 1 MiB for the one-hot path's single scratch block: this machine's L2 per core) keeps the
     passes of the formulas in cache and is large enough that numpy's per-call overhead does not dominate.
     """
-    step = max(1, factor * BLOCK_ELEMENTS // max(k, 1))
+    step = _block_rows(k, factor)
     bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
     if len(bounds) == 1 or THREADS == 1:
         for lo, hi in bounds:
@@ -545,6 +573,23 @@ def for_row_blocks(n: int, k: int, work: Any, factor: int = 1) -> None:
     shares = [bounds[len(bounds) * i // tasks:len(bounds) * (i + 1) // tasks] for i in range(tasks)]
     for future in [_pool().submit(run, share) for share in shares]:
         future.result()
+
+
+def _block_rows(k: int, factor: int = 1) -> int:
+    """Rows per block of :func:`for_row_blocks`: about ``factor`` times :data:`BLOCK_ELEMENTS` elements."""
+    return max(1, factor * BLOCK_ELEMENTS // max(k, 1))
+
+
+def _row_buffer(k: int) -> int | None:
+    """numpy's ufunc buffer size (``np.setbufsize``, in elements) for the row-scaling product of rows of ``k``.
+
+    numpy's buffered iterator cuts an ``(R, K)`` by ``(R, 1)`` product into chunks of the buffer size
+    (8192 elements); a chunk that spans several rows has to copy the broadcast factor into a buffer
+    first, which doubled the cost of the product for ``K = 1024``. A buffer of one row (rounded up to
+    numpy's multiple of 16) avoids it; rows of 8192 or more, or very short ones, keep the buffer as
+    it is (None). The product is elementwise, so its bits do not depend on the chunking.
+    """
+    return None if k < 256 or k >= 8192 else -(-k // 16) * 16
 
 
 BLOCK_ELEMENTS = 1 << 16

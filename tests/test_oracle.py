@@ -797,3 +797,37 @@ def test_the_fast_one_hot_path_is_bit_identical_on_every_branch(case, dtype):
         value, _ = grad_bounded(problem)
         np.testing.assert_array_equal(gc.cross_entropy_grad(z, t, **opts), gc.round_to_format(value, dtype))
         np.testing.assert_array_equal(gc.cross_entropy_grad(z, t, dtype="float64", **opts), value)
+
+
+@pytest.mark.parametrize("k", [255, 256, 1000, 1040, 8191, 8192])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_the_one_hot_path_is_bit_identical_for_every_row_buffer(k, dtype):
+    """The row-scaling product runs with numpy's buffer set to one row for 256 <= K < 8192
+    (oracle._row_buffer); over several blocks it stays round_to_format of the bounded path's value."""
+    rng = np.random.default_rng(k)
+    n = 3 * (2 * (1 << 16)) // k + 5  # more than three one-hot blocks, the last one ragged
+    z = gc.round_to_format(rng.standard_normal((n, k)) * 3, dtype)
+    z[1::5] -= 40.0  # shifted rows beside direct ones
+    t = rng.integers(0, k, n)
+    t[::7] = -100
+    for opts in ({}, {"reduction": "none", "grad_output": rng.standard_normal(n)}):
+        value, _ = grad_bounded(gc.make_problem(z, t, **opts))
+        np.testing.assert_array_equal(gc.cross_entropy_grad(z, t, **opts), gc.round_to_format(value, dtype))
+
+
+def test_the_one_hot_path_leaves_numpy_buffer_size_as_it_was(monkeypatch):
+    """np.setbufsize inside the block's errstate ends with it, on the pool's threads and on the caller's."""
+    from gradcheck import oracle
+
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((600, 1000)).astype(np.float32)
+    t = rng.integers(0, 1000, 600)
+    reference = gc.cross_entropy_grad(z, t)
+    for threads in (1, 2):
+        monkeypatch.setattr(oracle, "THREADS", threads)
+        with np.errstate():
+            np.setbufsize(4096)  # the caller's own setting survives the call, and does not change a bit
+            np.testing.assert_array_equal(gc.cross_entropy_grad(z, t), reference)
+            assert np.getbufsize() == 4096
+        assert np.getbufsize() == 8192
+
