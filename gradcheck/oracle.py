@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gradcheck.dtypes import EXTENDED, FLOAT64, FloatFormat, float_format, round_to_format
-from gradcheck.problem import Problem, make_problem, validate_logits
+from gradcheck.problem import Problem, check_logit_values, make_problem, validate_logits
 
 U = FLOAT64.unit_roundoff  # 2**-53
 # The absolute error of a result that underflows is at most half the smallest subnormal, 2**-1075;
@@ -244,10 +244,12 @@ def cross_entropy_grad(
     >>> cross_entropy_grad(np.array([[0.0, np.log(3.0)]]), np.array([1]))
     array([[ 0.25, -0.25]])
     """
-    problem = make_problem(logits, targets, copy=False, **options)
+    # the one-hot path checks the logits' values by the row maxima it computes (see _one_hot_grad)
+    problem = make_problem(logits, targets, copy=False, check_values=False, **options)
     fmt = float_format(problem.logits.dtype if dtype is None else dtype)
     if _one_hot_applies(problem):  # rounded block by block when narrower: bit for bit the same
         return problem.restore_shape(_one_hot_grad(problem, fmt))
+    check_logit_values(problem)
     g = grad_rows(problem)
     return _round(problem.restore_shape(g), dtype, problem.logits.dtype)
 
@@ -383,6 +385,12 @@ def _one_hot_grad(problem: Problem, fmt: FloatFormat | None = None) -> np.ndarra
     and ``e_t``; the target elements are then written for all rows at once (a block's few-element
     operations cost more in numpy's per-call overhead than the block's arithmetic).
 
+    It also checks the logits' values, so ``make_problem(..., check_values=False)`` may precede it: a
+    row holds no NaN or +inf and a finite entry exactly when its maximum ``z[argmax]`` is finite
+    (``np.argmax`` returns the first NaN where there is one, in every supported dtype), and a
+    :func:`direct_rows` maximum is in ``[0, 64]``. A block with another row maximum is left for
+    :func:`gradcheck.problem.check_logit_values`, which raises the error make_problem would have.
+
     With ``fmt`` (narrower than float64) each block's float64 values are rounded to ``fmt`` as they
     are written, so no float64 array of the whole input is made: the result is ``round_to_format`` of
     the float64 result, bit for bit (docs/oracle.md, "Cost: the float32 path").
@@ -404,12 +412,18 @@ def _one_hot_grad(problem: Problem, fmt: FloatFormat | None = None) -> np.ndarra
     buffer = _row_buffer(k)
     span = np.arange(min(n, _block_rows(k, ONE_HOT_BLOCK_FACTOR)))
 
+    invalid = []
+
     def block(lo: int, hi: int) -> None:
         zb = problem.logits[lo:hi]
         rows = span[:hi - lo]
         am = np.argmax(zb, axis=1, out=argmax[lo:hi])
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            direct = _direct_max(zb[rows, am], k)
+            m = zb[rows, am]
+            direct = _direct_max(m, k)
+            if not direct.all() and not np.isfinite(m).all():
+                invalid.append(lo)  # NaN, +inf or a row of all -inf: check_logit_values raises below
+                return None
             direct &= factor_ok[lo:hi]
             g = _exp_rows(zb, am, precision, direct)
             e_m = g[rows, am]  # 1 where shifted; exp(m) where direct
@@ -431,6 +445,9 @@ def _one_hot_grad(problem: Problem, fmt: FloatFormat | None = None) -> np.ndarra
         return None
 
     for_row_blocks(n, k, block, ONE_HOT_BLOCK_FACTOR)
+    if invalid:
+        check_logit_values(problem)
+        raise AssertionError("a row maximum is not finite, yet the logits passed check_logit_values")
     live = np.flatnonzero(active)
     at = cls[live]
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):

@@ -831,3 +831,55 @@ def test_the_one_hot_path_leaves_numpy_buffer_size_as_it_was(monkeypatch):
             assert np.getbufsize() == 4096
         assert np.getbufsize() == 8192
 
+
+def _bad_logits(rng, shape, kind, dtype):
+    z = rng.standard_normal(shape) * 3
+    flat = z.reshape(-1)
+    size = flat.size
+    if kind == "nan":  # alone in an ordinary (direct) row: np.argmax must return it
+        flat[rng.integers(0, size)] = np.nan
+    elif kind == "nan_at_row_ends":
+        flat[shape[-1] - 1] = np.nan
+        flat[size - shape[-1]] = np.nan
+    elif kind == "inf":
+        flat[rng.integers(0, size)] = np.inf
+    elif kind == "nan_after_inf":
+        at = rng.integers(0, size - 1)
+        flat[at], flat[at + 1] = np.inf, np.nan
+    elif kind == "dead_row":
+        z[(rng.integers(0, shape[0]),) if len(shape) == 2 else ...] = -np.inf
+    elif kind == "dead_slice":  # class axis 1 of (N, C, d): a slice along it
+        z[1, :, 2] = -np.inf
+    return gc.round_to_format(z, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_bad_logits_get_make_problems_error_from_the_gradient(dtype, monkeypatch):
+    """cross_entropy_grad has no value pass of its own: the one-hot path checks the row maxima it computes
+    anyway (make_problem(check_values=False)). Every NaN, +inf or all -inf row still gets make_problem's
+    error, with its index, and before a bad target's; on one thread and many blocks too."""
+    from gradcheck import oracle
+
+    rng = np.random.default_rng(sum(map(ord, dtype)))
+    layouts = [((300, 1000), {}), ((2000, 64), {}), ((300, 1000), {"label_smoothing": 0.1}), ((9,), {}),
+               ((3, 40, 5), {"class_axis": 1})]
+    kinds = ["nan", "nan_at_row_ends", "inf", "nan_after_inf", "dead_row", "dead_slice"]
+    for (shape, opts), kind, threads in itertools.product(layouts, kinds, (None, 1)):
+        if (kind == "dead_slice") != (len(shape) == 3) or (kind == "nan_at_row_ends" and len(shape) == 1):
+            continue
+        if threads == 1:
+            monkeypatch.setattr(oracle, "THREADS", 1)
+            monkeypatch.setattr(oracle, "BLOCK_ELEMENTS", 977)
+        z = _bad_logits(rng, shape, kind, dtype)
+        batch = shape[:1] + shape[2:] if len(shape) == 3 else shape[:-1]
+        classes = shape[1] if len(shape) == 3 else shape[-1]
+        t = rng.integers(0, classes, batch)
+        with pytest.raises(gc.InvalidArgument, match="logits must") as expected:
+            gc.make_problem(z, t, **opts)
+        message = str(expected.value)
+        for targets in (t, np.full(batch, classes + 3)):  # a bad target too: the logits' error comes first
+            for out in (None, "float64"):
+                with pytest.raises(gc.InvalidArgument) as got:
+                    gc.cross_entropy_grad(z, targets, dtype=out, **opts)
+                assert str(got.value) == message, (shape, kind, threads)
+        monkeypatch.undo()
