@@ -496,14 +496,16 @@ def _direct_factor(factor: np.ndarray) -> np.ndarray:
 def _exp_rows(zb: np.ndarray, argmax: np.ndarray, precision: int, direct: np.ndarray) -> np.ndarray:
     """``e`` of a block of rows: ``exp(z)`` on the :func:`direct_rows`, :func:`_exp_shifted` on the others.
 
-    Each row's values depend on that row alone (bit for bit whatever the blocking). The result is one
-    of this thread's scratch blocks, as for :func:`_exp_shifted`.
+    Each row's values depend on that row alone (bit for bit whatever the blocking). The result is
+    C-contiguous, often one of this thread's scratch blocks, as for :func:`_exp_shifted`: the row sums
+    that follow add in the order of a C row (numpy sums the rows of a Fortran-ordered block in
+    another order, another rounding).
     """
     if direct.all():
         s = _scratch(zb.shape)[0]
         with np.errstate(under="ignore"):
             return np.exp(zb, out=s, dtype=np.float64)
-    e = _exp_shifted(zb, argmax, precision)
+    e = np.ascontiguousarray(_exp_shifted(zb, argmax, precision))  # a copy only from strided float64 logits
     if direct.any():
         with np.errstate(under="ignore"):
             e[direct] = np.exp(np.asarray(zb[direct], dtype=np.float64))

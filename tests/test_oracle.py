@@ -883,3 +883,17 @@ def test_bad_logits_get_make_problems_error_from_the_gradient(dtype, monkeypatch
                     gc.cross_entropy_grad(z, targets, dtype=out, **opts)
                 assert str(got.value) == message, (shape, kind, threads)
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_one_hot_path_takes_strided_logits_bit_for_bit(dtype):
+    """Fortran-ordered and sliced logits (a view of the caller's memory, copy=False) on every branch."""
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal((1200, 800)) * 3
+    base[::4] -= 40.0  # shifted rows
+    base[::9, ::13] = -np.inf  # masked: TwoSum on the strided block
+    base = gc.round_to_format(base, dtype)
+    for z in (np.asfortranarray(base), base[::2, ::3], base.T[::3].T):
+        t = rng.integers(0, z.shape[1], z.shape[0])
+        value, _ = grad_bounded(gc.make_problem(z, t))
+        np.testing.assert_array_equal(gc.cross_entropy_grad(z, t), gc.round_to_format(value, dtype))
