@@ -404,6 +404,7 @@ def _one_hot_grad(problem: Problem, fmt: FloatFormat | None = None) -> np.ndarra
     cast = narrow and fmt.name in ("float32", "float16")  # numpy's cast rounds once (dtypes.round_to_format)
     precision = problem.format.precision
     factor_ok = _direct_factor(factor)
+    every_factor_ok = bool(factor_ok.all())
     argmax = np.empty(n, dtype=np.intp)  # per row, from the blocks: the argmax (first occurrence), R, Z, e_t
     r = np.empty(n)
     total = np.empty(n)
@@ -411,6 +412,7 @@ def _one_hot_grad(problem: Problem, fmt: FloatFormat | None = None) -> np.ndarra
     cls = np.where(active, problem.targets, 0)  # the target column (0 for ignored rows: read, never used)
     buffer = _row_buffer(k)
     span = np.arange(min(n, _block_rows(k, ONE_HOT_BLOCK_FACTOR)))
+    starts = span * k  # where each row of a block starts in the flat block
 
     invalid = []
 
@@ -421,17 +423,22 @@ def _one_hot_grad(problem: Problem, fmt: FloatFormat | None = None) -> np.ndarra
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             m = zb[rows, am]
             direct = _direct_max(m, k)
-            if not direct.all() and not np.isfinite(m).all():
+            every = bool(direct.all())
+            if not every and not np.isfinite(m).all():
                 invalid.append(lo)  # NaN, +inf or a row of all -inf: check_logit_values raises below
                 return None
-            direct &= factor_ok[lo:hi]
-            g = _exp_rows(zb, am, precision, direct)
-            e_m = g[rows, am]  # 1 where shifted; exp(m) where direct
-            g[rows, am] = 0.0
+            if not every_factor_ok:
+                direct &= factor_ok[lo:hi]
+                every = bool(direct.all())
+            g = _exp_rows(zb, am, precision, direct, every)
+            flat = np.reshape(g, -1, copy=False)  # a view (it raises rather than copy): g is C-contiguous
+            at = np.add(starts[:hi - lo], am)
+            e_m = flat[at]  # 1 where shifted; exp(m) where direct
+            flat[at] = 0.0
             rb = np.add.reduce(g, axis=1, out=r[lo:hi])
-            g[rows, am] = e_m
+            flat[at] = e_m
             zt = np.add(e_m, rb, out=total[lo:hi])
-            e_t[lo:hi] = g[rows, cls[lo:hi]]
+            e_t[lo:hi] = flat[np.add(starts[:hi - lo], cls[lo:hi], out=at)]
             f = (factor[lo:hi] / zt)[:, None]
             if buffer is not None:
                 np.setbufsize(buffer)  # restored when the errstate ends
@@ -474,17 +481,21 @@ def direct_rows(m: np.ndarray, factor: np.ndarray | None = None, k: int = 1) -> 
     ``EXP_ULPS u``, below the shifted ``(EXP_ULPS + 2) u``, at the cost of ``EXP_ULPS u`` at the argmax
     (where ``exp(0) = 1`` was exact). docs/oracle.md, "Direct rows".
     """
-    ok = _direct_max(m, k)
+    with np.errstate(invalid="ignore"):
+        ok = _direct_max(m, k)
     if factor is not None:
         ok &= _direct_factor(factor)
     return ok
 
 
 def _direct_max(m: np.ndarray, k: int) -> np.ndarray:
-    """The row-max condition of :func:`direct_rows`: ``0 <= m <= DIRECT_MAX`` (False for NaN), ``k < 2**31``."""
-    with np.errstate(invalid="ignore"):
-        m64 = np.asarray(m, dtype=np.float64)
-        return (m64 >= 0) & (m64 <= DIRECT_MAX) & (k < 2**31)
+    """The row-max condition of :func:`direct_rows`: ``0 <= m <= DIRECT_MAX`` (False for NaN), ``k < 2**31``.
+
+    Compared in ``m``'s own format: exact, since 0 and 64 are representable in every supported one."""
+    m = np.asarray(m)
+    if k >= 2**31:
+        return np.zeros(m.shape, dtype=bool)
+    return (m >= 0) & (m <= DIRECT_MAX)
 
 
 def _direct_factor(factor: np.ndarray) -> np.ndarray:
@@ -493,15 +504,16 @@ def _direct_factor(factor: np.ndarray) -> np.ndarray:
     return (f == 0) | (f >= DIRECT_MIN_FACTOR)
 
 
-def _exp_rows(zb: np.ndarray, argmax: np.ndarray, precision: int, direct: np.ndarray) -> np.ndarray:
-    """``e`` of a block of rows: ``exp(z)`` on the :func:`direct_rows`, :func:`_exp_shifted` on the others.
+def _exp_rows(zb: np.ndarray, argmax: np.ndarray, precision: int, direct: np.ndarray, every: bool) -> np.ndarray:
+    """``e`` of a block of rows: ``exp(z)`` on the :func:`direct_rows` (all of them when ``every``),
+    :func:`_exp_shifted` on the others.
 
     Each row's values depend on that row alone (bit for bit whatever the blocking). The result is
     C-contiguous, often one of this thread's scratch blocks, as for :func:`_exp_shifted`: the row sums
     that follow add in the order of a C row (numpy sums the rows of a Fortran-ordered block in
     another order, another rounding).
     """
-    if direct.all():
+    if every:
         s = _scratch(zb.shape)[0]
         with np.errstate(under="ignore"):
             return np.exp(zb, out=s, dtype=np.float64)
