@@ -596,15 +596,24 @@ def for_row_blocks(n: int, k: int, work: Any, factor: int = 1) -> None:
             work(lo, hi)
         return
 
-    def run(share: list[tuple[int, int]]) -> None:
-        for lo, hi in share:
-            work(lo, hi)
+    pending = iter(bounds)
+    lock = threading.Lock()  # each block goes to exactly one thread (also without a GIL)
 
-    # one task per thread, each a contiguous run of blocks: a task per block cost more in submission
-    # and GIL hand-offs than its arithmetic (64 blocks of (4096, 1024): 23 ms on 2 threads against 18 on 1)
+    def run() -> None:
+        while True:
+            with lock:
+                block = next(pending, None)
+            if block is None:
+                return
+            work(*block)
+
+    # one task per thread, not one per block (that cost more in submission and GIL hand-offs than its
+    # arithmetic: 64 blocks of (4096, 1024), 23 ms on 2 threads against 18 on 1); each task takes the
+    # next block when it is done with one, so a thread slowed by the other's load or by the host does
+    # not leave the other idle at the end (against two contiguous halves, on 2 threads, interleaved:
+    # float32 (4096, 1024) median pair ratios 0.97, 0.97, 0.94, 0.78 in four runs of 120; float64 0.99)
     tasks = min(THREADS, len(bounds))
-    shares = [bounds[len(bounds) * i // tasks:len(bounds) * (i + 1) // tasks] for i in range(tasks)]
-    for future in [_pool().submit(run, share) for share in shares]:
+    for future in [_pool().submit(run) for _ in range(tasks)]:
         future.result()
 
 
