@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gradcheck.dtypes import EXTENDED, FLOAT64, FloatFormat, float_format, round_to_format
-from gradcheck.problem import Problem, make_problem, validate_logits
+from gradcheck.problem import Problem, check_logit_values, make_problem, validate_logits
 
 U = FLOAT64.unit_roundoff  # 2**-53
 # The absolute error of a result that underflows is at most half the smallest subnormal, 2**-1075;
@@ -244,10 +244,12 @@ def cross_entropy_grad(
     >>> cross_entropy_grad(np.array([[0.0, np.log(3.0)]]), np.array([1]))
     array([[ 0.25, -0.25]])
     """
-    problem = make_problem(logits, targets, copy=False, **options)
+    # the one-hot path checks the logits' values by the row maxima it computes (see _one_hot_grad)
+    problem = make_problem(logits, targets, copy=False, check_values=False, **options)
     fmt = float_format(problem.logits.dtype if dtype is None else dtype)
     if _one_hot_applies(problem):  # rounded block by block when narrower: bit for bit the same
         return problem.restore_shape(_one_hot_grad(problem, fmt))
+    check_logit_values(problem)
     g = grad_rows(problem)
     return _round(problem.restore_shape(g), dtype, problem.logits.dtype)
 
@@ -379,6 +381,16 @@ def _one_hot_grad(problem: Problem, fmt: FloatFormat | None = None) -> np.ndarra
     :func:`grad_bounded` is derived for. Rows are independent, so the result is bit-identical for any
     blocking and thread count.
 
+    The blocks write ``e_c (w_t / (D Z))`` for every class and keep each row's argmax, ``R``, ``Z``
+    and ``e_t``; the target elements are then written for all rows at once (a block's few-element
+    operations cost more in numpy's per-call overhead than the block's arithmetic).
+
+    It also checks the logits' values, so ``make_problem(..., check_values=False)`` may precede it: a
+    row holds no NaN or +inf and a finite entry exactly when its maximum ``z[argmax]`` is finite
+    (``np.argmax`` returns the first NaN where there is one, in every supported dtype), and a
+    :func:`direct_rows` maximum is in ``[0, 64]``. A block with another row maximum is left for
+    :func:`gradcheck.problem.check_logit_values`, which raises the error make_problem would have.
+
     With ``fmt`` (narrower than float64) each block's float64 values are rounded to ``fmt`` as they
     are written, so no float64 array of the whole input is made: the result is ``round_to_format`` of
     the float64 result, bit for bit (docs/oracle.md, "Cost: the float32 path").
@@ -391,37 +403,68 @@ def _one_hot_grad(problem: Problem, fmt: FloatFormat | None = None) -> np.ndarra
     out = np.empty((n, k), dtype=fmt.dtype if narrow else np.float64)
     cast = narrow and fmt.name in ("float32", "float16")  # numpy's cast rounds once (dtypes.round_to_format)
     precision = problem.format.precision
+    factor_ok = _direct_factor(factor)
+    every_factor_ok = bool(factor_ok.all())
+    argmax = np.empty(n, dtype=np.intp)  # per row, from the blocks: the argmax (first occurrence), R, Z, e_t
+    r = np.empty(n)
+    total = np.empty(n)
+    e_t = np.empty(n)
+    cls = np.where(active, problem.targets, 0)  # the target column (0 for ignored rows: read, never used)
+    buffer = _row_buffer(k)
+    blocks = ONE_HOT_BLOCK_FACTOR if precision == 53 else NARROW_BLOCK_FACTOR
+    span = np.arange(min(n, _block_rows(k, blocks)))
+    starts = span * k  # where each row of a block starts in the flat block
+
+    invalid = []
 
     def block(lo: int, hi: int) -> None:
         zb = problem.logits[lo:hi]
-        rows = np.arange(hi - lo)
-        argmax = np.argmax(zb, axis=1)
-        direct = direct_rows(zb[rows, argmax], factor[lo:hi], k)
-        g = _exp_rows(zb, argmax, precision, direct)
+        rows = span[:hi - lo]
+        am = np.argmax(zb, axis=1, out=argmax[lo:hi])
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            e_m = g[rows, argmax]  # 1 where shifted; exp(m) where direct
-            g[rows, argmax] = 0.0
-            r = g.sum(axis=1)
-            g[rows, argmax] = e_m
-            total = e_m + r
-            live = np.flatnonzero(active[lo:hi])
-            cls = problem.targets[lo:hi][live]
-            e_t = g[live, cls]
-            q_t = np.where(cls == argmax[live], r[live] / total[live], 1.0 - e_t / total[live])
-            f = (factor[lo:hi] / total)[:, None]
-            g_t = -(factor[lo:hi][live] * q_t)
+            m = zb[rows, am]
+            direct = _direct_max(m, k)
+            every = bool(direct.all())
+            if not every and not np.isfinite(m).all():
+                invalid.append(lo)  # NaN, +inf or a row of all -inf: check_logit_values raises below
+                return None
+            if not every_factor_ok:
+                direct &= factor_ok[lo:hi]
+                every = bool(direct.all())
+            g = _exp_rows(zb, am, precision, direct, every)
+            flat = np.reshape(g, -1, copy=False)  # a view (it raises rather than copy): g is C-contiguous
+            at = np.add(starts[:hi - lo], am)
+            e_m = flat[at]  # 1 where shifted; exp(m) where direct
+            flat[at] = 0.0
+            rb = np.add.reduce(g, axis=1, out=r[lo:hi])
+            flat[at] = e_m
+            zt = np.add(e_m, rb, out=total[lo:hi])
+            e_t[lo:hi] = flat[np.add(starts[:hi - lo], cls[lo:hi], out=at)]
+            f = (factor[lo:hi] / zt)[:, None]
+            if buffer is not None:
+                np.setbufsize(buffer)  # restored when the errstate ends
             if up is None and (cast or not narrow):  # straight into the result (rounded once when narrow)
                 np.multiply(g, f, out=out[lo:hi])
-                out[lo:hi][live, cls] = g_t
                 return None
             np.multiply(g, f, out=g)
-            g[live, cls] = g_t
             if up is not None:  # the upstream gradient: one product, as in grad_bounded (step K6)
                 g *= up[lo:hi, None]
             out[lo:hi] = g if cast or not narrow else round_to_format(g, fmt)
         return None
 
-    for_row_blocks(n, k, block, ONE_HOT_BLOCK_FACTOR)
+    for_row_blocks(n, k, block, blocks)
+    if invalid:
+        check_logit_values(problem)
+        raise AssertionError("a row maximum is not finite, yet the logits passed check_logit_values")
+    live = np.flatnonzero(active)
+    at = cls[live]
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        z_t = total[live]
+        q_t = np.where(at == argmax[live], r[live] / z_t, 1.0 - e_t[live] / z_t)
+        g_t = -(factor[live] * q_t)
+        if up is not None:
+            g_t *= up[live]
+    out[live, at] = g_t if cast or not narrow else round_to_format(g_t, fmt)
     return out
 
 
@@ -440,25 +483,42 @@ def direct_rows(m: np.ndarray, factor: np.ndarray | None = None, k: int = 1) -> 
     (where ``exp(0) = 1`` was exact). docs/oracle.md, "Direct rows".
     """
     with np.errstate(invalid="ignore"):
-        m64 = np.asarray(m, dtype=np.float64)
-        ok = (m64 >= 0) & (m64 <= DIRECT_MAX) & (k < 2**31)
-        if factor is not None:
-            f = np.abs(factor)
-            ok &= (f == 0) | (f >= DIRECT_MIN_FACTOR)
+        ok = _direct_max(m, k)
+    if factor is not None:
+        ok &= _direct_factor(factor)
     return ok
 
 
-def _exp_rows(zb: np.ndarray, argmax: np.ndarray, precision: int, direct: np.ndarray) -> np.ndarray:
-    """``e`` of a block of rows: ``exp(z)`` on the :func:`direct_rows`, :func:`_exp_shifted` on the others.
+def _direct_max(m: np.ndarray, k: int) -> np.ndarray:
+    """The row-max condition of :func:`direct_rows`: ``0 <= m <= DIRECT_MAX`` (False for NaN), ``k < 2**31``.
 
-    Each row's values depend on that row alone (bit for bit whatever the blocking). The result is one
-    of this thread's scratch blocks, as for :func:`_exp_shifted`.
+    Compared in ``m``'s own format: exact, since 0 and 64 are representable in every supported one."""
+    m = np.asarray(m)
+    if k >= 2**31:
+        return np.zeros(m.shape, dtype=bool)
+    return (m >= 0) & (m <= DIRECT_MAX)
+
+
+def _direct_factor(factor: np.ndarray) -> np.ndarray:
+    """The one-hot row-factor condition of :func:`direct_rows`: ``factor == 0`` or ``|factor| >= DIRECT_MIN_FACTOR``."""
+    f = np.abs(factor)
+    return (f == 0) | (f >= DIRECT_MIN_FACTOR)
+
+
+def _exp_rows(zb: np.ndarray, argmax: np.ndarray, precision: int, direct: np.ndarray, every: bool) -> np.ndarray:
+    """``e`` of a block of rows: ``exp(z)`` on the :func:`direct_rows` (all of them when ``every``),
+    :func:`_exp_shifted` on the others.
+
+    Each row's values depend on that row alone (bit for bit whatever the blocking). The result is
+    C-contiguous, often one of this thread's scratch blocks, as for :func:`_exp_shifted`: the row sums
+    that follow add in the order of a C row (numpy sums the rows of a Fortran-ordered block in
+    another order, another rounding).
     """
-    if direct.all():
+    if every:
         s = _scratch(zb.shape)[0]
         with np.errstate(under="ignore"):
             return np.exp(zb, out=s, dtype=np.float64)
-    e = _exp_shifted(zb, argmax, precision)
+    e = np.ascontiguousarray(_exp_shifted(zb, argmax, precision))  # a copy only from strided float64 logits
     if direct.any():
         with np.errstate(under="ignore"):
             e[direct] = np.exp(np.asarray(zb[direct], dtype=np.float64))
@@ -525,26 +585,53 @@ def for_row_blocks(n: int, k: int, work: Any, factor: int = 1) -> None:
     """Call ``work(lo, hi)`` on row blocks of about ``factor`` times :data:`BLOCK_ELEMENTS` elements, threaded.
 
     numpy releases the GIL in its loops, so blocks run in parallel; a block of 64 Ki float64 values
-    (512 KiB; 1 MiB for the one-hot path's single scratch block: this machine's L2 per core) keeps the
-    passes of the formulas in cache and is large enough that numpy's per-call overhead does not dominate.
+    (512 KiB; 1 MiB for the one-hot path's scratch blocks, 2 MiB for narrower inputs: this machine's L2
+    per core is 1 MiB) keeps the passes of the formulas in cache and is large enough that numpy's
+    per-call overhead does not dominate.
     """
-    step = max(1, factor * BLOCK_ELEMENTS // max(k, 1))
+    step = _block_rows(k, factor)
     bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
     if len(bounds) == 1 or THREADS == 1:
         for lo, hi in bounds:
             work(lo, hi)
         return
 
-    def run(share: list[tuple[int, int]]) -> None:
-        for lo, hi in share:
-            work(lo, hi)
+    pending = iter(bounds)
+    lock = threading.Lock()  # each block goes to exactly one thread (also without a GIL)
 
-    # one task per thread, each a contiguous run of blocks: a task per block cost more in submission
-    # and GIL hand-offs than its arithmetic (64 blocks of (4096, 1024): 23 ms on 2 threads against 18 on 1)
+    def run() -> None:
+        while True:
+            with lock:
+                block = next(pending, None)
+            if block is None:
+                return
+            work(*block)
+
+    # one task per thread, not one per block (that cost more in submission and GIL hand-offs than its
+    # arithmetic: 64 blocks of (4096, 1024), 23 ms on 2 threads against 18 on 1); each task takes the
+    # next block when it is done with one, so a thread slowed by the other's load or by the host does
+    # not leave the other idle at the end (against two contiguous halves, on 2 threads, interleaved:
+    # float32 (4096, 1024) median pair ratios 0.97, 0.97, 0.94, 0.78 in four runs of 120; float64 0.99)
     tasks = min(THREADS, len(bounds))
-    shares = [bounds[len(bounds) * i // tasks:len(bounds) * (i + 1) // tasks] for i in range(tasks)]
-    for future in [_pool().submit(run, share) for share in shares]:
+    for future in [_pool().submit(run) for _ in range(tasks)]:
         future.result()
+
+
+def _block_rows(k: int, factor: int = 1) -> int:
+    """Rows per block of :func:`for_row_blocks`: about ``factor`` times :data:`BLOCK_ELEMENTS` elements."""
+    return max(1, factor * BLOCK_ELEMENTS // max(k, 1))
+
+
+def _row_buffer(k: int) -> int | None:
+    """numpy's ufunc buffer size (``np.setbufsize``, in elements) for the row-scaling product of rows of ``k``.
+
+    numpy's buffered iterator cuts an ``(R, K)`` by ``(R, 1)`` product into chunks of the buffer size
+    (8192 elements); a chunk that spans several rows has to copy the broadcast factor into a buffer
+    first, which doubled the cost of the product for ``K = 1024``. A buffer of one row (rounded up to
+    numpy's multiple of 16) avoids it; rows of 8192 or more, or very short ones, keep the buffer as
+    it is (None). The product is elementwise, so its bits do not depend on the chunking.
+    """
+    return None if k < 256 or k >= 8192 else -(-k // 16) * 16
 
 
 BLOCK_ELEMENTS = 1 << 16
@@ -552,6 +639,11 @@ BLOCK_ELEMENTS = 1 << 16
 # as large (interleaved medians on (4096, 1024): 20.4 -> 14.3 ms float64, 13.7 -> 9.9 float32, rows
 # evaluated shifted 27.3 -> 22.1 and 17.4 -> 12.9); the bounded path's memory stays a few blocks
 ONE_HOT_BLOCK_FACTOR = 2
+# inputs narrower than float64 (their shifts are mostly certified exact: one or two scratch blocks, not
+# TwoSum's three) take blocks twice as large again; on (4096, 1024), interleaved on two threads, float32
+# median 11.8 -> 10.0 and 13.3 -> 12.4 ms (two runs of 120), rows evaluated shifted 12.6 -> 10.4;
+# float64 inputs stay at 2: direct rows 13.0 -> 13.1, shifted (TwoSum) 22.8 -> 27.6
+NARROW_BLOCK_FACTOR = 4
 THREADS = min(8, os.cpu_count() or 1)
 _POOL: list[ThreadPoolExecutor] = []
 

@@ -44,8 +44,8 @@ from gradcheck.dtypes import DTYPE_NAMES, FloatFormat, float_format, is_supporte
 from gradcheck.errors import InvalidArgument
 from gradcheck.options import CASE, DEFAULT_IGNORE_INDEX, REDUCTIONS
 
-__all__ = ["DEFAULT_IGNORE_INDEX", "REDUCTIONS", "Case", "Layout", "Problem", "as_array", "layout_of", "make_problem",
-           "validate_logits"]
+__all__ = ["DEFAULT_IGNORE_INDEX", "REDUCTIONS", "Case", "Layout", "Problem", "as_array", "check_logit_values", "layout_of",
+           "make_problem", "validate_logits"]
 
 
 @dataclass(frozen=True)
@@ -289,7 +289,7 @@ class Problem:
         return self.caller_layout.restore(rows, classes=classes)
 
 
-def make_problem(logits: Any, targets: Any, *, copy: bool = True, **options: Any) -> Problem:
+def make_problem(logits: Any, targets: Any, *, copy: bool = True, check_values: bool = True, **options: Any) -> Problem:
     """Validate a case once; every public entry point calls this.
 
     Args:
@@ -298,6 +298,12 @@ def make_problem(logits: Any, targets: Any, *, copy: bool = True, **options: Any
         targets: ``(N,)`` class indices or ``(N, K)`` probabilities.
         copy: False keeps a read-only view of the logits instead of a copy, for callers that do not
             keep the Problem beyond the call (the oracle functions).
+        check_values: False leaves the check of the logits' values (NaN, +inf, a row of all -inf:
+            a pass over the whole input) to the caller, which must call :func:`check_logit_values` on the
+            Problem before it relies on them, or prove them another way (the oracle's one-hot path:
+            every row maximum it computes anyway is finite exactly when the row is valid). The errors
+            are the same, in the same order: when another argument is wrong too, the logits' value
+            error is raised first, as when they are checked here.
         **options: the case options of :data:`gradcheck.options.CASE` (``weight``, ``ignore_index``,
             ``reduction``, ``label_smoothing``, ``lse_square_scale``, ``softcap``, ``grad_output``),
             each checked by its one rule there.
@@ -307,7 +313,29 @@ def make_problem(logits: Any, targets: Any, *, copy: bool = True, **options: Any
     """
     o = CASE.validate(options, where="make_problem()")
     layout = _layout(logits, o["class_axis"])
-    z = validate_logits(logits, ndims=None, axis=layout.axis, copy=copy, all_masked_ok=o["softcap"] is not None)
+    masked_ok = o["softcap"] is not None
+    z = validate_logits(logits, ndims=None, axis=layout.axis, copy=copy, all_masked_ok=masked_ok, values=check_values)
+    try:
+        return _make_problem(z, targets, layout, o)
+    except InvalidArgument:
+        if not check_values:  # the logits' value error comes first, as when they are checked above
+            _check_values(z, layout.axis, masked_ok)
+        raise
+
+
+def check_logit_values(problem: Problem) -> None:
+    """The value check of the logits that ``make_problem(..., check_values=False)`` left out.
+
+    Raises:
+        InvalidArgument: NaN or +inf, or a row of all -inf without softcapping, with the message and
+            the index (in the caller's layout) that :func:`make_problem` would have given.
+    """
+    layout = problem.caller_layout
+    _check_values(problem.restore_shape(problem.logits), layout.axis, problem.softcap is not None)
+
+
+def _make_problem(z: np.ndarray, targets: Any, layout: Layout, o: dict[str, Any]) -> Problem:
+    """The rest of :func:`make_problem` once the logits' shape and dtype are checked."""
     if not layout.plain:
         z = layout.rows(z)  # a copy when the class axis is not last (moveaxis, then reshape)
         z.setflags(write=False)
@@ -475,7 +503,7 @@ def as_array(value: Any, *, copy: bool) -> np.ndarray:
 
 def validate_logits(
     logits: Any, *, ndims: tuple[int, ...] | None = (1, 2), axis: int = -1, copy: bool = True,
-    all_masked_ok: bool = False,
+    all_masked_ok: bool = False, values: bool = True,
 ) -> np.ndarray:
     """Check float logits and return a read-only private copy (or, ``copy=False``, a read-only view).
 
@@ -486,6 +514,8 @@ def validate_logits(
         copy: False for callers that drop the result before returning (the oracle functions); the
             view is read-only, so nothing can write through it to the caller's array.
         all_masked_ok: a slice of all -inf is valid (under softcapping -inf maps to -c, a finite value).
+        values: False skips the check of the values (NaN, +inf, a slice of all -inf): for
+            ``make_problem(..., check_values=False)`` alone.
 
     Raises:
         InvalidArgument: non-float dtype, wrong rank (or 0-D), empty, NaN or +inf, a slice of all
@@ -515,14 +545,21 @@ def validate_logits(
     if z.ndim and not -z.ndim <= axis < z.ndim:
         raise InvalidArgument(f"axis must be in [-{z.ndim}, {z.ndim}), got {axis}.")
     z.setflags(write=False)
+    if values:
+        _check_values(z, axis, all_masked_ok)
+    return z
+
+
+def _check_values(z: np.ndarray, axis: int, all_masked_ok: bool) -> None:
+    """NaN, +inf and (unless ``all_masked_ok``) a slice of all -inf along ``axis`` are errors."""
     # a sum is finite only if every term is (NaN and +-inf propagate; a finite overflow only sends the
     # check to the elementwise test below): one reduction instead of a boolean array of the input
     if z.dtype.kind == "f":
         with np.errstate(over="ignore", invalid="ignore"):
             if np.isfinite(np.add.reduce(z, axis=None)):
-                return z
+                return
     if np.isfinite(z).all():
-        return z
+        return
     z64 = z if z.dtype == np.float64 else z.astype(np.float64)
     bad = np.isnan(z64) | (z64 == np.inf)
     if bad.any():
@@ -537,7 +574,6 @@ def validate_logits(
             raise InvalidArgument(
                 f"logits must have at least one finite entry per row, got all -inf at row {where}."
             )
-    return z
 
 
 def _layout(logits: Any, class_axis: int | None) -> Layout:

@@ -797,3 +797,103 @@ def test_the_fast_one_hot_path_is_bit_identical_on_every_branch(case, dtype):
         value, _ = grad_bounded(problem)
         np.testing.assert_array_equal(gc.cross_entropy_grad(z, t, **opts), gc.round_to_format(value, dtype))
         np.testing.assert_array_equal(gc.cross_entropy_grad(z, t, dtype="float64", **opts), value)
+
+
+@pytest.mark.parametrize("k", [255, 256, 1000, 1040, 8191, 8192])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_the_one_hot_path_is_bit_identical_for_every_row_buffer(k, dtype):
+    """The row-scaling product runs with numpy's buffer set to one row for 256 <= K < 8192
+    (oracle._row_buffer); over several blocks it stays round_to_format of the bounded path's value."""
+    rng = np.random.default_rng(k)
+    n = 3 * (2 * (1 << 16)) // k + 5  # more than three one-hot blocks, the last one ragged
+    z = gc.round_to_format(rng.standard_normal((n, k)) * 3, dtype)
+    z[1::5] -= 40.0  # shifted rows beside direct ones
+    t = rng.integers(0, k, n)
+    t[::7] = -100
+    for opts in ({}, {"reduction": "none", "grad_output": rng.standard_normal(n)}):
+        value, _ = grad_bounded(gc.make_problem(z, t, **opts))
+        np.testing.assert_array_equal(gc.cross_entropy_grad(z, t, **opts), gc.round_to_format(value, dtype))
+
+
+def test_the_one_hot_path_leaves_numpy_buffer_size_as_it_was(monkeypatch):
+    """np.setbufsize inside the block's errstate ends with it, on the pool's threads and on the caller's."""
+    from gradcheck import oracle
+
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((600, 1000)).astype(np.float32)
+    t = rng.integers(0, 1000, 600)
+    reference = gc.cross_entropy_grad(z, t)
+    for threads in (1, 2):
+        monkeypatch.setattr(oracle, "THREADS", threads)
+        with np.errstate():
+            np.setbufsize(4096)  # the caller's own setting survives the call, and does not change a bit
+            np.testing.assert_array_equal(gc.cross_entropy_grad(z, t), reference)
+            assert np.getbufsize() == 4096
+        assert np.getbufsize() == 8192
+
+
+def _bad_logits(rng, shape, kind, dtype):
+    z = rng.standard_normal(shape) * 3
+    flat = z.reshape(-1)
+    size = flat.size
+    if kind == "nan":  # alone in an ordinary (direct) row: np.argmax must return it
+        flat[rng.integers(0, size)] = np.nan
+    elif kind == "nan_at_row_ends":
+        flat[shape[-1] - 1] = np.nan
+        flat[size - shape[-1]] = np.nan
+    elif kind == "inf":
+        flat[rng.integers(0, size)] = np.inf
+    elif kind == "nan_after_inf":
+        at = rng.integers(0, size - 1)
+        flat[at], flat[at + 1] = np.inf, np.nan
+    elif kind == "dead_row":
+        z[(rng.integers(0, shape[0]),) if len(shape) == 2 else ...] = -np.inf
+    elif kind == "dead_slice":  # class axis 1 of (N, C, d): a slice along it
+        z[1, :, 2] = -np.inf
+    return gc.round_to_format(z, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_bad_logits_get_make_problems_error_from_the_gradient(dtype, monkeypatch):
+    """cross_entropy_grad has no value pass of its own: the one-hot path checks the row maxima it computes
+    anyway (make_problem(check_values=False)). Every NaN, +inf or all -inf row still gets make_problem's
+    error, with its index, and before a bad target's; on one thread and many blocks too."""
+    from gradcheck import oracle
+
+    rng = np.random.default_rng(sum(map(ord, dtype)))
+    layouts = [((300, 1000), {}), ((2000, 64), {}), ((300, 1000), {"label_smoothing": 0.1}), ((9,), {}),
+               ((3, 40, 5), {"class_axis": 1})]
+    kinds = ["nan", "nan_at_row_ends", "inf", "nan_after_inf", "dead_row", "dead_slice"]
+    for (shape, opts), kind, threads in itertools.product(layouts, kinds, (None, 1)):
+        if (kind == "dead_slice") != (len(shape) == 3) or (kind == "nan_at_row_ends" and len(shape) == 1):
+            continue
+        if threads == 1:
+            monkeypatch.setattr(oracle, "THREADS", 1)
+            monkeypatch.setattr(oracle, "BLOCK_ELEMENTS", 977)
+        z = _bad_logits(rng, shape, kind, dtype)
+        batch = shape[:1] + shape[2:] if len(shape) == 3 else shape[:-1]
+        classes = shape[1] if len(shape) == 3 else shape[-1]
+        t = rng.integers(0, classes, batch)
+        with pytest.raises(gc.InvalidArgument, match="logits must") as expected:
+            gc.make_problem(z, t, **opts)
+        message = str(expected.value)
+        for targets in (t, np.full(batch, classes + 3)):  # a bad target too: the logits' error comes first
+            for out in (None, "float64"):
+                with pytest.raises(gc.InvalidArgument) as got:
+                    gc.cross_entropy_grad(z, targets, dtype=out, **opts)
+                assert str(got.value) == message, (shape, kind, threads)
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_one_hot_path_takes_strided_logits_bit_for_bit(dtype):
+    """Fortran-ordered and sliced logits (a view of the caller's memory, copy=False) on every branch."""
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal((1200, 800)) * 3
+    base[::4] -= 40.0  # shifted rows
+    base[::9, ::13] = -np.inf  # masked: TwoSum on the strided block
+    base = gc.round_to_format(base, dtype)
+    for z in (np.asfortranarray(base), base[::2, ::3], base.T[::3].T):
+        t = rng.integers(0, z.shape[1], z.shape[0])
+        value, _ = grad_bounded(gc.make_problem(z, t))
+        np.testing.assert_array_equal(gc.cross_entropy_grad(z, t), gc.round_to_format(value, dtype))
