@@ -525,6 +525,14 @@ def _exp_rows(zb: np.ndarray, argmax: np.ndarray, precision: int, direct: np.nda
     return e
 
 
+def shifts_are_exact(big: float, small: float, precision: int) -> bool:
+    """Every ``z - m`` of values of ``precision < 53`` whose largest magnitude is ``big`` and smallest
+    nonzero one ``small`` (inf: none) is exact in float64: both are multiples of ``2**(e_min - p)`` and
+    ``|z - m| < 2**(e_max + 1)``, so a span of at most ``52 - p`` binades suffices (docs/oracle.md, "Cost:
+    the float32 path")."""
+    return not np.isfinite(small) or int(np.frexp(big)[1]) - int(np.frexp(small)[1]) <= 52 - precision
+
+
 def _exp_shifted(zb: np.ndarray, argmax: np.ndarray, precision: int) -> np.ndarray:
     """``e`` of :func:`shifted_exp` for a block of rows, bit for bit, with fewer passes and no allocation.
 
@@ -549,7 +557,7 @@ def _exp_shifted(zb: np.ndarray, argmax: np.ndarray, precision: int) -> np.ndarr
             if small == 0:  # exact zeros shift exactly; the smallest nonzero magnitude decides
                 mag[mag == 0] = np.inf
                 small = float(mag.min())
-            if not np.isfinite(small) or np.frexp(big)[1] - np.frexp(small)[1] <= 52 - precision:
+            if shifts_are_exact(big, small, precision):
                 np.subtract(s, m, out=s)
                 return np.exp(s, out=s)
         return _shifted_exp(s.copy(), m)[2]

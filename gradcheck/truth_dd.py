@@ -539,28 +539,35 @@ def grad_decided(problem: Any, rows: Any, fmt: FloatFormat, todo: np.ndarray) ->
     ``rows`` is exact.py's ``_RowFacts`` (the exact rationals D, B and the upstream gradients);
     only rows with something in ``todo`` are evaluated, in blocks of about BLOCK elements.
     """
+    _constants()
+    k = problem.k
+    if _one_hot(problem) and problem.softcap is None and not rows.lam:  # plain rows: streamed in cache-sized chunks
+        step, block = max(1, PLAIN_BLOCK // max(k, 1)), _block_plain
+    else:
+        step, block = max(1, BLOCK // max(k, 1)), (_block if _one_hot(problem) else _block_dense)
+    return by_row_blocks(problem, rows, todo, step,
+                         lambda idx, f, ub, out: block(problem, rows, fmt, idx, f, ub, out))
+
+
+def by_row_blocks(problem: Any, rows: Any, todo: np.ndarray, step: int, block: Any) -> np.ndarray:
+    """An ``(N, K)`` array of NaN with ``block(idx, f, ub, out)`` called on blocks of ``step`` rows: the rows
+    with something in ``todo`` whose factors (:func:`row_factors`) are in range, one block per task on the
+    oracle's threads."""
     from gradcheck.oracle import for_row_blocks
 
-    _constants()
-    n, k = problem.logits.shape
-    out = np.full((n, k), np.nan)
+    out = np.full(problem.logits.shape, np.nan)
     live = np.flatnonzero(todo.any(axis=1))
     if live.size == 0:
         return out
     f, ub, ok = row_factors(problem, rows)
-    if _one_hot(problem) and problem.softcap is None and not rows.lam:  # plain rows: streamed in cache-sized chunks
-        step = max(1, PLAIN_BLOCK // max(k, 1))
-        block = _block_plain
-    else:
-        step = max(1, BLOCK // max(k, 1))
-        block = _block if _one_hot(problem) else _block_dense
+    live = live[ok[live]]
     blocks = [live[i:i + step] for i in range(0, live.size, step)]
 
     def work(lo: int, hi: int) -> None:
         for b in blocks[lo:hi]:
-            block(problem, rows, fmt, b[ok[b]], f, ub, out)
+            block(b, f, ub, out)
 
-    for_row_blocks(len(blocks), BLOCK, work)  # one block of rows per task, on the oracle's threads
+    for_row_blocks(len(blocks), BLOCK, work)
     return out
 
 

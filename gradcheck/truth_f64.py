@@ -21,6 +21,7 @@ import numpy as np
 
 from gradcheck import truth_dd as dd
 from gradcheck.dtypes import FloatFormat
+from gradcheck.oracle import shifts_are_exact
 
 U = 2.0**-53
 # exp_f64's relative error: the table entry's high part (u + 10u^2), the quadratic (u (1 + 2**-16) of
@@ -77,26 +78,10 @@ def applies(problem: Any, rows: Any) -> bool:
 def grad_decided(problem: Any, rows: Any, fmt: FloatFormat, todo: np.ndarray) -> np.ndarray:
     """``(N, K)``: the correctly rounded gradient in ``fmt`` (precision below 53) where the float64
     enclosure decides it, NaN elsewhere; only rows with something in ``todo`` are evaluated."""
-    from gradcheck.oracle import for_row_blocks
-
     assert fmt.precision < 53, "the float64 tier cannot decide float64 results"
     dd._constants()
-    n, k = problem.logits.shape
-    out = np.full((n, k), np.nan)
-    live = np.flatnonzero(todo.any(axis=1))
-    if live.size == 0:
-        return out
-    f, _, ok = dd.row_factors(problem, rows)
-    live = live[ok[live]]
-    step = max(1, BLOCK // max(k, 1))
-    blocks = [live[i:i + step] for i in range(0, live.size, step)]
-
-    def work(lo: int, hi: int) -> None:
-        for b in blocks[lo:hi]:
-            _block(problem, fmt, b, f[:, 0], out)
-
-    for_row_blocks(len(blocks), BLOCK, work)
-    return out
+    return dd.by_row_blocks(problem, rows, todo, max(1, BLOCK // max(problem.k, 1)),
+                            lambda idx, f, ub, out: _block(problem, fmt, idx, f[:, 0], out))
 
 
 BLOCK = 1 << 16
@@ -180,10 +165,8 @@ def enclose(problem: Any, idx: np.ndarray, f: np.ndarray) -> tuple:
 
 
 def _exact_shifts(z: np.ndarray, precision: int) -> bool:
-    """True when every ``z - max z`` of the block is exact in float64: inputs of ``precision < 53`` are
-    multiples of ``2**(e_min - p)`` (``e_min`` the binade of the smallest nonzero magnitude) and ``|z - m|
-    < 2**(e_max + 1)``, so ``e_max - e_min <= 52 - p`` suffices (docs/oracle.md, "Cost: the float32 path");
-    ``-inf`` shifts exactly."""
+    """True when every ``z - max z`` of the block is exact in float64 (:func:`shifts_are_exact` on its
+    finite magnitudes; ``-inf`` shifts exactly)."""
     if precision >= 53:
         return False
     with np.errstate(invalid="ignore"):
@@ -196,6 +179,4 @@ def _exact_shifts(z: np.ndarray, precision: int) -> bool:
         if small == 0:
             mag[mag == 0] = np.inf
             small = float(mag.min())
-    if big == 0 or not np.isfinite(small):
-        return True  # nothing but zeros and -inf
-    return int(np.frexp(big)[1]) - int(np.frexp(small)[1]) <= 52 - precision
+    return shifts_are_exact(big, small, precision)  # (all zeros or -inf: small is inf)
