@@ -747,17 +747,20 @@ def _scratch(size: int) -> tuple[np.ndarray, np.ndarray]:
 def _block_plain(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: np.ndarray, ub: np.ndarray,
                  out: np.ndarray) -> None:
     """Rows ``idx`` of a one-hot problem without softcap or z-loss: steps 1-5 as :func:`_block` computes them,
-    streamed in chunks of about PLAIN_CHUNK elements (groups of whole rows when ``K <= PLAIN_CHUNK``, else
-    column pieces of every row of the block): each is shifted, exponentiated and halved PLAIN_HALVINGS
+    by the compiled kernels of :mod:`gradcheck.truth_jit` where they run (the same operations, one pass per
+    row), else streamed in chunks of about PLAIN_CHUNK elements (groups of whole rows when ``K <= PLAIN_CHUNK``,
+    else column pieces of every row of the block): each is shifted, exponentiated and halved PLAIN_HALVINGS
     times on the way to its row sums while it is in cache; the rest of the pairwise sum runs on those
     partial sums, so a term goes through at most the chunk's levels plus the partial sums' levels."""
+    from gradcheck import truth_jit
+
     if idx.size == 0:
         return
     m, k = idx.size, problem.k
     rr = np.arange(m)
-    z = problem.logits[idx]
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    z = problem.logits[lo:hi] if hi - lo == m else problem.logits[idx]  # rows in order: a view
     a = np.argmax(z, axis=1)
-    zah = z[rr, a].astype(np.float64)[:, None]
     if k <= PLAIN_CHUNK:  # (rows, columns) of each chunk: groups of whole rows, or pieces of every row
         g = PLAIN_CHUNK // k
         chunks = [(r0, min(r0 + g, m), 0, k) for r0 in range(0, m, g)]
@@ -766,56 +769,31 @@ def _block_plain(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: 
         chunks = [(0, m, c0, min(c0 + w, k)) for c0 in range(0, k, w)]
     buf_h, buf_l = _scratch(m * k)
     eh, el = buf_h[:m * k].reshape(m, k), buf_l[:m * k].reshape(m, k)
-    part = sum(-(-(c1 - c0) // 2**PLAIN_HALVINGS) for r0, _, c0, c1 in chunks if r0 == 0)  # >= the chunks' widths
-    part_h, part_l = np.empty((m, part)), np.empty((m, part))
-    masked = cut = None
-    chunk_levels = filled = 0
+    jit = truth_jit.enabled()
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
-        # steps 1-2, per chunk: s = z - max z exactly (TwoSum), e_c within EXP_ERR_COARSE, the first levels of the sum
-        # of the others (the argmax's e is exactly 1 and is not summed)
-        for r0, r1, c0, c1 in chunks:
-            zc = z[r0:r1, c0:c1].astype(np.float64)
-            sh, sl = two_sum(zc, -zah[r0:r1])
-            inside = sh >= MIN_SHIFT
-            if not inside.all():
-                if masked is None:
-                    masked, cut = np.zeros((m, k), dtype=bool), np.zeros((m, k), dtype=bool)
-                masked[r0:r1, c0:c1] = np.isneginf(zc)
-                cut[r0:r1, c0:c1] = ~masked[r0:r1, c0:c1] & ~inside  # beyond e**-600, or z - max z overflowed
-                sh[~inside], sl[~inside] = 0.0, 0.0
-                ch, cl = _exp_dd(sh, sl, coarse=True)
-                ch[~inside], cl[~inside] = 0.0, 0.0
-            else:
-                ch, cl = _exp_dd(sh, sl, coarse=True)
-            eh[r0:r1, c0:c1], el[r0:r1, c0:c1] = ch, cl
-            ar = a[r0:r1] - c0
-            mine = np.flatnonzero((ar >= 0) & (ar < c1 - c0))
-            ch[mine, ar[mine]] = 0.0
-            cl[mine, ar[mine]] = 0.0
-            ph_, pl_, levels = _halve(ch, cl, PLAIN_HALVINGS)
-            chunk_levels = max(chunk_levels, levels)
-            w = ph_.shape[1]
-            at = filled if k > PLAIN_CHUNK else 0
-            part_h[r0:r1, at:at + w], part_l[r0:r1, at:at + w] = ph_, pl_
-            filled = at + w
-        rh, rl, levels = dd_sum_nonnegative(part_h[:, :filled], part_l[:, :filled])
+        if jit:
+            rh, rl, levels, masked, cut = _plain_sums_jit(z, a, eh, el)
+        else:
+            rh, rl, levels, masked, cut = _plain_sums(z, a, chunks, eh, el)
         e_err = np.full(m, EXP_ERR_COARSE)
         ncut = np.zeros(m) if cut is None else cut.sum(axis=1)
-        r_err, zh, zl, d_z, ih, il, d_inv = _normaliser(rh, rl, chunk_levels + levels, e_err, ncut)
+        r_err, zh, zl, d_z, ih, il, d_inv = _normaliser(rh, rl, levels, e_err, ncut)
         # step 5: every element but the target is e_c G, G = F / Z; |v_hi| <= e_c |G_hi| (1 + 2**-50)
         fh, fl = f[idx, 0], f[idx, 1]
         gh, gl = dd_mul(fh, fl, ih, il)
         g_err = (np.abs(gh) * (d_inv + MUL_ERR) + F_REL * np.abs(fh) * np.abs(ih) * (1 + d_inv)) * SAFE
         per_e = ((np.abs(gh) * (EXP_ERR_COARSE + MUL_ERR) * (1 + 2.0**-50) + g_err) * SAFE)[:, None]
-        lo, hi = int(idx[0]), int(idx[-1]) + 1
         dest = out[lo:hi] if hi - lo == m else np.empty((m, k))  # rows in order: written in place
-        ghc, glc = gh[:, None], gl[:, None]
-        for r0, r1, c0, c1 in chunks:
-            ec = eh[r0:r1, c0:c1]
-            vh, vl = dd_mul(ec, el[r0:r1, c0:c1], ghc[r0:r1], glc[r0:r1])
-            bound = ec * per_e[r0:r1]
-            bound += FLOOR
-            dest[r0:r1, c0:c1] = decide(vh, vl, bound, fmt)
+        if jit and fmt.precision == 53:
+            truth_jit.decide_rows(eh, el, gh, gl, per_e[:, 0], dest)
+        else:
+            ghc, glc = gh[:, None], gl[:, None]
+            for r0, r1, c0, c1 in chunks:
+                ec = eh[r0:r1, c0:c1]
+                vh, vl = dd_mul(ec, el[r0:r1, c0:c1], ghc[r0:r1], glc[r0:r1])
+                bound = ec * per_e[r0:r1]
+                bound += FLOOR
+                dest[r0:r1, c0:c1] = decide(vh, vl, bound, fmt)
         if masked is not None:
             off_classes(dest, masked, cut, gh, g_err, fmt)
         t = problem.targets[idx]
@@ -826,6 +804,71 @@ def _block_plain(problem: Any, rows: Any, fmt: FloatFormat, idx: np.ndarray, f: 
         dest[rr, t] = dec_t
     if hi - lo != m:
         out[idx] = dest
+
+
+def _plain_sums(z: np.ndarray, a: np.ndarray, chunks: list, eh: np.ndarray, el: np.ndarray) -> tuple:
+    """Steps 1-2 of :func:`_block_plain` in numpy, chunk by chunk: ``e`` into ``eh + el``, and ``(R hi, R lo,
+    levels, masked, cut)`` (the masks None when no class is masked or cut)."""
+    m, k = z.shape
+    rr = np.arange(m)
+    zah = z[rr, a].astype(np.float64)[:, None]
+    part = sum(-(-(c1 - c0) // 2**PLAIN_HALVINGS) for r0, _, c0, c1 in chunks if r0 == 0)  # >= the chunks' widths
+    part_h, part_l = np.empty((m, part)), np.empty((m, part))
+    masked = cut = None
+    chunk_levels = filled = 0
+    # per chunk: s = z - max z exactly (TwoSum), e_c within EXP_ERR_COARSE, the first levels of the sum of the
+    # others (the argmax's e is exactly 1 and is not summed)
+    for r0, r1, c0, c1 in chunks:
+        zc = z[r0:r1, c0:c1].astype(np.float64)
+        sh, sl = two_sum(zc, -zah[r0:r1])
+        inside = sh >= MIN_SHIFT
+        if not inside.all():
+            if masked is None:
+                masked, cut = np.zeros((m, k), dtype=bool), np.zeros((m, k), dtype=bool)
+            masked[r0:r1, c0:c1] = np.isneginf(zc)
+            cut[r0:r1, c0:c1] = ~masked[r0:r1, c0:c1] & ~inside  # beyond e**-600, or z - max z overflowed
+            sh[~inside], sl[~inside] = 0.0, 0.0
+            ch, cl = _exp_dd(sh, sl, coarse=True)
+            ch[~inside], cl[~inside] = 0.0, 0.0
+        else:
+            ch, cl = _exp_dd(sh, sl, coarse=True)
+        eh[r0:r1, c0:c1], el[r0:r1, c0:c1] = ch, cl
+        ar = a[r0:r1] - c0
+        mine = np.flatnonzero((ar >= 0) & (ar < c1 - c0))
+        ch[mine, ar[mine]] = 0.0
+        cl[mine, ar[mine]] = 0.0
+        ph_, pl_, levels = _halve(ch, cl, PLAIN_HALVINGS)
+        chunk_levels = max(chunk_levels, levels)
+        w = ph_.shape[1]
+        at = filled if k > PLAIN_CHUNK else 0
+        part_h[r0:r1, at:at + w], part_l[r0:r1, at:at + w] = ph_, pl_
+        filled = at + w
+    rh, rl, levels = dd_sum_nonnegative(part_h[:, :filled], part_l[:, :filled])
+    return rh, rl, chunk_levels + levels, masked, cut
+
+
+def _plain_sums_jit(z: np.ndarray, a: np.ndarray, eh: np.ndarray, el: np.ndarray) -> tuple:
+    """:func:`_plain_sums` by truth_jit.plain_sums: one pass per row, the sum in :func:`_halve`'s tree over the
+    whole row (so ``levels`` is that tree's); the masks from numpy, for the rows the kernel flags."""
+    from gradcheck import truth_jit
+
+    m, k = z.shape
+    if z.dtype not in (np.float32, np.float64):
+        z = z.astype(np.float64)  # (float16 and bfloat16: exact)
+    (c1, c2, c3, c4), th, tl = _constants()
+    rh, rl, flags = np.empty(m), np.empty(m), np.zeros(m, dtype=np.uint8)
+    ph, pl = np.empty(max(1, k // 2)), np.empty(max(1, k // 2))
+    truth_jit.plain_sums(np.ascontiguousarray(z), a, np.array([c1, c2, c3 + c4]), th, tl, truth_jit.POW2, eh, el, rh,
+                         rl, flags, ph, pl)
+    masked = cut = None
+    if flags.any():
+        masked, cut = np.zeros((m, k), dtype=bool), np.zeros((m, k), dtype=bool)
+        hit = np.flatnonzero(flags)
+        zc = z[hit].astype(np.float64)
+        sh = zc - zc[np.arange(hit.size), a[hit]][:, None]  # two_sum's high part: the kernel's test
+        masked[hit] = np.isneginf(zc)
+        cut[hit] = ~masked[hit] & ~(sh >= MIN_SHIFT)
+    return rh, rl, truth_jit.levels_of(k), masked, cut
 
 
 UNDER = 2.0**-1068  # absolute: the underflow of the few products that form w_c t_c (<= 2**-1075 each)

@@ -1,0 +1,242 @@
+"""Compiled kernels (numba) for the certified truth's plain double-double rows.
+
+The same IEEE 754 operations in the same order as the numpy code they replace in
+:mod:`gradcheck.truth_dd` (``_exp_dd(coarse=True)``, ``dd_add_same_sign``, ``dd_mul`` and ``decide`` for
+float64), so the error analysis of docs/exact.md ("The fast path", steps 1, 2 and 5) holds for them as it
+stands: numba compiles without fast-math, so LLVM neither reassociates nor contracts ``a * b + c`` into a
+fused multiply-add (which would break TwoSum's and Dekker's product's exactness). Tests check both: each
+kernel against its numpy original bit for bit, and the kernels' arithmetic for contraction
+(tests/test_truth_jit.py). What the kernels change is the memory traffic: one pass over a row computes its
+exponentials and the first level of their sum, where numpy makes one pass per operation.
+
+numba is the ``fast`` extra (part of ``report``); without it, or with ``GRADCHECK_JIT=0``, the numpy code
+runs and the results are the same (both are correctly rounded).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+try:  # the `fast` extra
+    import numba
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    numba = None
+
+
+def enabled() -> bool:
+    """Whether the kernels run: numba is importable and ``GRADCHECK_JIT`` is not ``0``."""
+    return numba is not None and os.environ.get("GRADCHECK_JIT", "1") != "0"
+
+
+def levels_of(width: int) -> int:
+    """The levels :func:`truth_dd._halve` counts for a row of ``width`` terms (an odd width's last term folded
+    into the first costs one level more): the kernels sum in that same tree."""
+    levels = 0
+    while width > 1:
+        levels += 1 + width % 2
+        width //= 2
+    return levels
+
+
+if numba is not None:
+    _jit = numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+
+    SPLITTER = 134217729.0
+    INV_PIECE = 2**16 / math.log(2)  # as in truth_dd._exp_dd: 2**TABLE_BITS / ln 2
+    MIN_SHIFT = -600.0
+    U = 2.0**-53
+    SAFE = 1 + 2.0**-40
+    FLOOR = 2.0**-1060
+    TINY = 2.0**-1022
+    QUICK_MIN = 2.0**-960  # the quick decision is taken only where |d| 2**-54 is exact
+    POW2 = np.array([2.0**n for n in range(-1022, 1)])  # 2**n, n = -1022 ... 0: the scalings of _exp1
+
+    @_jit
+    def _two_sum(a: float, b: float) -> tuple[float, float]:
+        s = a + b
+        bb = s - a
+        return s, (a - (s - bb)) + (b - bb)
+
+    @_jit
+    def _fast_two_sum(a: float, b: float) -> tuple[float, float]:
+        s = a + b
+        return s, b - (s - a)
+
+    @_jit
+    def _two_prod(a: float, b: float) -> tuple[float, float]:
+        p = a * b
+        c = SPLITTER * a
+        ah = c - (c - a)
+        al = a - ah
+        c = SPLITTER * b
+        bh = c - (c - b)
+        bl = b - bh
+        return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+    @_jit
+    def _add_same_sign(xh: float, xl: float, yh: float, yl: float) -> tuple[float, float]:
+        sh, sl = _two_sum(xh, yh)
+        return _fast_two_sum(sh, sl + (xl + yl))
+
+    @_jit
+    def _mul(xh: float, xl: float, yh: float, yl: float) -> tuple[float, float]:
+        ch, cl1 = _two_prod(xh, yh)
+        cl3 = cl1 + (xh * yl + xl * yh)
+        return _fast_two_sum(ch, cl3)
+
+    @_jit
+    def _exp1(sh: float, sl: float, c: Any, th: Any, tl: Any, pw: Any) -> tuple[float, float]:
+        """truth_dd._exp_dd(sh, sl, coarse=True) for one element, ``MIN_SHIFT <= sh <= 0``; ``c`` is (c1, c2,
+        c3 + c4), ``pw`` is :data:`POW2`. The scaling by ``2**n`` (-866 <= n <= 0) is a product with a power of
+        two: RN(v 2**n), as np.ldexp gives it (exact but where a low part falls below 2**-1022)."""
+        k = np.rint(sh * INV_PIECE)
+        t1 = sh - k * c[0]
+        h, l1 = _two_sum(t1, k * -c[1])
+        low = l1 + sl
+        low -= k * c[2]
+        rh, rl = _two_sum(h, low)
+        cc = SPLITTER * rh
+        a = cc - (cc - rh)
+        b = rh - a
+        wh, wl = _fast_two_sum(rh, (0.5 * a) * a)
+        f = (rh * rh) * rh * (1.0 / 6 + rh * (1.0 / 24 + rh * (1.0 / 120)))
+        tail = wl + (rl + (a * b + (0.5 * (b * b) + rh * rl))) + f
+        ki = np.int64(k)
+        j = ki & 0xFFFF
+        n = ki >> 16
+        big, small = th[j], tl[j]
+        ph, pe = _two_prod(big, wh)
+        pe += big * tail + small * wh
+        vh, vl = _fast_two_sum(big, ph)
+        vh, vl = _fast_two_sum(vh, vl + (small + pe))
+        s = pw[min(max(n + 1022, 0), 1022)]  # (clamped: never a read outside the table)
+        return vh * s, vl * s
+
+    @_jit
+    def exp_pairs(sh: Any, sl: Any, c: Any, th: Any, tl: Any, pw: Any, oh: Any, ol: Any) -> None:
+        """:func:`_exp1` elementwise (1-D arrays): the test's view of the kernel's exponential."""
+        for i in range(sh.size):
+            oh[i], ol[i] = _exp1(sh[i], sl[i], c, th, tl, pw)
+
+    @_jit
+    def _e(zc: float, zah: float, c: Any, th: Any, tl: Any, pw: Any) -> tuple[float, float, int]:
+        """``e = exp(z - max z)`` for one logit: (hi, lo, 0), or (0, 0, 1) masked (-inf), (0, 0, 2) cut."""
+        if zc == -np.inf:
+            return 0.0, 0.0, 1
+        sh, sl = _two_sum(zc, -zah)
+        if not sh >= MIN_SHIFT:  # beyond e**-600, or z - max z overflowed
+            return 0.0, 0.0, 2
+        vh, vl = _exp1(sh, sl, c, th, tl, pw)
+        return vh, vl, 0
+
+    @_jit
+    def plain_sums(z: Any, a: Any, c: Any, th: Any, tl: Any, pw: Any, eh: Any, el: Any, rh: Any, rl: Any,
+                   flags: Any, ph: Any, pl: Any) -> None:
+        """Steps 1-2 for each row of ``z`` (m, k): ``eh + el`` the exponentials (the argmax's exactly 1),
+        ``rh + rl`` the sum of the others in :func:`truth_dd._halve`'s tree (pairs ``(j, j + k // 2)``, an
+        odd last term folded into the first), ``flags`` 1 where a row has a masked or cut class; ``ph``, ``pl``
+        scratch of ``k // 2`` (at least 1)."""
+        m, k = z.shape
+        for r in range(m):
+            zah = np.float64(z[r, a[r]])
+            half = k // 2
+            off = 0
+            for j in range(half):  # both halves' exponentials and the first level of the sum in one pass
+                xh, xl, f1 = _e(np.float64(z[r, j]), zah, c, th, tl, pw)
+                yh, yl, f2 = _e(np.float64(z[r, j + half]), zah, c, th, tl, pw)
+                off |= f1 | f2
+                eh[r, j], el[r, j] = xh, xl
+                eh[r, j + half], el[r, j + half] = yh, yl
+                if j == a[r]:
+                    xh, xl = 0.0, 0.0
+                if j + half == a[r]:
+                    yh, yl = 0.0, 0.0
+                ph[j], pl[j] = _add_same_sign(xh, xl, yh, yl)
+            w = half
+            if k % 2:
+                xh, xl, f1 = _e(np.float64(z[r, k - 1]), zah, c, th, tl, pw)
+                off |= f1
+                eh[r, k - 1], el[r, k - 1] = xh, xl
+                if k - 1 == a[r]:
+                    xh, xl = 0.0, 0.0
+                if k == 1:
+                    ph[0], pl[0] = 0.0, 0.0  # the only class is the argmax: R = 0
+                    w = 1
+                else:
+                    ph[0], pl[0] = _add_same_sign(ph[0], pl[0], xh, xl)
+            while w > 1:
+                h2 = w // 2
+                for j in range(h2):
+                    ph[j], pl[j] = _add_same_sign(ph[j], pl[j], ph[j + h2], pl[j + h2])
+                if w % 2:
+                    ph[0], pl[0] = _add_same_sign(ph[0], pl[0], ph[w - 1], pl[w - 1])
+                w = h2
+            rh[r], rl[r] = ph[0], pl[0]
+            flags[r] = 1 if off else 0
+
+    @_jit
+    def _decide64(vh: float, vl: float, bound: float) -> float:
+        """truth_dd.decide for float64 (d = vh, t = vl): the quick test where |d| 2**-54, at most both
+        half-gaps around d, is exact, else the half-gap test of truth_dd._decide_full."""
+        at = abs(vl)
+        slack = bound * SAFE + 2 * U * at
+        ad = abs(vh)
+        if at + slack < ad * 2.0**-54 and ad >= QUICK_MIN and ad < np.inf:
+            return vh
+        up, down = vl + slack, vl - slack
+        if not (ad < np.inf and at < np.inf and slack < np.inf):
+            return np.nan
+        if ad == 0:
+            e = -1022
+            power = False
+        else:
+            mant, ex = math.frexp(ad)
+            e = ex - 1
+            power = mant == 0.5 and ad > TINY
+        ulp = math.ldexp(1.0, max(e, -1022) - 52)
+        half_up = ulp / 4 if power and vh < 0 else ulp / 2
+        half_down = ulp / 4 if power and vh > 0 else ulp / 2
+        if not (up < half_up and down > -half_down):
+            return np.nan
+        if ad == 0:
+            s = vh + vl
+            if not (s - slack > 0 or s + slack < 0):
+                return np.nan
+            return 0.0 if vh > 0 else -0.0
+        return vh
+
+    @_jit
+    def decide_rows(eh: Any, el: Any, gh: Any, gl: Any, per_e: Any, out: Any) -> None:
+        """Step 5 for float64 results: ``out[r, c] = decide(e_c G_r, e_c per_e_r + FLOOR)``: the quick test
+        without branches (so that the loop compiles to vector code), then the full one where it failed."""
+        m, k = eh.shape
+        for r in range(m):
+            g1, g2, pe = gh[r], gl[r], per_e[r]
+            er, lr, orow = eh[r], el[r], out[r]
+            for j in range(k):
+                e1 = er[j]
+                vh, vl = _mul(e1, lr[j], g1, g2)
+                at, ad = abs(vl), abs(vh)
+                q = (at + ((e1 * pe + FLOOR) * SAFE + 2 * U * at) < ad * 2.0**-54) & (ad >= QUICK_MIN) & (ad < np.inf)
+                orow[j] = vh if q else np.nan
+            for j in range(k):
+                if orow[j] != orow[j]:
+                    e1 = er[j]
+                    vh, vl = _mul(e1, lr[j], g1, g2)
+                    orow[j] = _decide64(vh, vl, e1 * pe + FLOOR)
+
+    @_jit
+    def decide_pairs(vh: Any, vl: Any, bound: Any, out: Any) -> None:
+        """:func:`_decide64` elementwise (1-D arrays): the test's view of the kernel's decision."""
+        for i in range(vh.size):
+            out[i] = _decide64(vh[i], vl[i], bound[i])
+
+    @_jit
+    def contracts(a: float, b: float) -> float:
+        """``a * b - fl(a * b)``: 0 unless the compiler fused the two into one multiply-add (the test's probe)."""
+        p = a * b
+        return a * b - p
