@@ -88,11 +88,19 @@ BLOCK = 1 << 16
 
 
 def _block(problem: Any, fmt: FloatFormat, idx: np.ndarray, f: np.ndarray, out: np.ndarray) -> None:
-    """Rows ``idx``: docs/exact.md, "The float64 tier", steps 1-5."""
+    """Rows ``idx``: docs/exact.md, "The float64 tier", steps 1-5 (steps 1-4, and the decision of float32
+    results, by truth_jit.tier_rows where the kernels run: the same operations)."""
+    from gradcheck import truth_jit
+
     if idx.size == 0:
         return
-    g, bound, g_row, g_rel, off = enclose(problem, idx, f)
-    dec = dd.decide(g, 0.0, bound, fmt)
+    t = problem.targets[idx]
+    if truth_jit.enabled() and np.all((t >= 0) & (t < problem.k)):  # (the kernel indexes by t unchecked)
+        g, bound, g_row, g_rel, off = _enclose_jit(problem, idx, f, decide=fmt.name == "float32")
+        dec = g if bound is None else dd.decide(g, 0.0, bound, fmt)
+    else:
+        g, bound, g_row, g_rel, off = enclose(problem, idx, f)
+        dec = dd.decide(g, 0.0, bound, fmt)
     if off is not None:
         # step 5: masked non-target classes are exactly +0, a cut one the zero of G's sign when |g| <= E_CUT |G|
         # is below half the smallest subnormal; a masked or cut target: the slow path
@@ -162,6 +170,36 @@ def enclose(problem: Any, idx: np.ndarray, f: np.ndarray) -> tuple:
         g[rr, t] = gt
         bound[rr, t] = np.abs(gt) * ((g_rel + x_abs / x + U) * dd.SAFE) + dd.FLOOR
     return g, bound, g_row, g_rel, off
+
+
+def _enclose_jit(problem: Any, idx: np.ndarray, f: np.ndarray, decide: bool) -> tuple:
+    """:func:`enclose` by truth_jit.tier_rows (the same values), or with ``decide`` the float32 decisions in
+    place of ``g`` and None for ``bound``."""
+    from gradcheck import truth_jit
+
+    m, k = len(idx), problem.k
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    z = problem.logits[lo:hi] if hi - lo == m else problem.logits[idx]
+    if z.dtype not in (np.float32, np.float64):
+        z = z.astype(np.float64)  # (float16 and bfloat16: exact)
+    z = np.ascontiguousarray(z)
+    a = np.argmax(z, axis=1)
+    shift = 0.0 if _exact_shifts(z.astype(np.float64, copy=False), problem.format.precision) else 2 * U
+    (c1, c2, c3, _), th, _ = dd._constants()
+    g, bound = np.empty((m, k)), np.empty((m, k))
+    g_row, g_rel, flags = np.empty(m), np.empty(m), np.zeros(m, dtype=np.uint8)
+    with np.errstate(invalid="ignore", over="ignore", under="ignore", divide="ignore"):
+        truth_jit.tier_rows(z, a, problem.targets[idx], np.ascontiguousarray(f[idx]), np.array([c1, c2 + c3]), th,
+                            truth_jit.POW2, shift, decide, g, bound, np.empty(max(1, k // 2)), g_row, g_rel, flags)
+        off = None
+        if flags.any():
+            hit = np.flatnonzero(flags)
+            zc = z[hit].astype(np.float64)
+            masked, cut = np.zeros((m, k), dtype=bool), np.zeros((m, k), dtype=bool)
+            masked[hit] = np.isneginf(zc)
+            cut[hit] = ~masked[hit] & ~(zc - zc[np.arange(hit.size), a[hit]][:, None] >= dd.MIN_SHIFT)
+            off = masked, cut
+    return g, None if decide else bound, g_row, g_rel, off
 
 
 def _exact_shifts(z: np.ndarray, precision: int) -> bool:

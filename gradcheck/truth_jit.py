@@ -21,6 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from gradcheck import truth_dd as _dd
+from gradcheck import truth_f64 as _f64
+
 try:  # the `fast` extra
     import numba
 except ImportError:  # pragma: no cover - exercised where numba is absent
@@ -32,27 +35,23 @@ def enabled() -> bool:
     return numba is not None and os.environ.get("GRADCHECK_JIT", "1") != "0"
 
 
-def levels_of(width: int) -> int:
-    """The levels :func:`truth_dd._halve` counts for a row of ``width`` terms (an odd width's last term folded
-    into the first costs one level more): the kernels sum in that same tree."""
-    levels = 0
-    while width > 1:
-        levels += 1 + width % 2
-        width //= 2
-    return levels
-
-
 if numba is not None:
     _jit = numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 
-    SPLITTER = 134217729.0
-    INV_PIECE = 2**16 / math.log(2)  # as in truth_dd._exp_dd: 2**TABLE_BITS / ln 2
-    MIN_SHIFT = -600.0
-    U = 2.0**-53
-    SAFE = 1 + 2.0**-40
-    FLOOR = 2.0**-1060
+    # the constants of the numpy code, the same floats (numba reads a global once, at compilation)
+    SPLITTER = _dd.SPLITTER
+    INV_PIECE = _f64.INV_STEP  # 2**TABLE_BITS / ln 2, as in truth_dd._exp_dd
+    MIN_SHIFT = _dd.MIN_SHIFT
+    U = _dd.U
+    SAFE = _dd.SAFE
+    FLOOR = _dd.FLOOR
+    E_CUT = _dd.E_CUT
+    EXP64 = _f64.EXP64
+    F64_REL = _f64.F64_REL
     TINY = 2.0**-1022
-    QUICK_MIN = 2.0**-960  # the quick decision is taken only where |d| 2**-54 is exact
+    TINY32 = 2.0**-126
+    QUICK_MIN, QUICK_MAX = 2.0**-960, 2.0**960  # decide64's quick test: where _ufp is exact
+    PHI = 2.0**52 + 1
     POW2 = np.array([2.0**n for n in range(-1022, 1)])  # 2**n, n = -1022 ... 0: the scalings of _exp1
 
     @_jit
@@ -93,7 +92,7 @@ if numba is not None:
         """truth_dd._exp_dd(sh, sl, coarse=True) for one element, ``MIN_SHIFT <= sh <= 0``; ``c`` is (c1, c2,
         c3 + c4), ``pw`` is :data:`POW2`. The scaling by ``2**n`` (-866 <= n <= 0) is a product with a power of
         two: RN(v 2**n), as np.ldexp gives it (exact but where a low part falls below 2**-1022)."""
-        k = np.rint(sh * INV_PIECE)
+        k = np.rint(sh * INV_PIECE)  # (the same product as sh * (2**TABLE_BITS / math.log(2)))
         t1 = sh - k * c[0]
         h, l1 = _two_sum(t1, k * -c[1])
         low = l1 + sl
@@ -179,14 +178,29 @@ if numba is not None:
             flags[r] = 1 if off else 0
 
     @_jit
+    def _ufp(x: float) -> float:
+        """``2**floor(log2 x)`` for ``2**-1000 <= x < 2**960``, in three operations (Rump, "Ultimately fast
+        accurate summation", SIAM J. Sci. Comput. 31(5), 2009, Algorithm 3.5; checked over that range by
+        tests/test_truth_jit.py): the float64 exponent bits of decide's quick test, without a bit cast."""
+        q = PHI * x
+        return abs(q - (1 - 2.0**-53) * q)
+
+    @_jit
+    def _quick64(vh: float, vl: float, bound: float) -> bool:
+        """truth_dd.decide's quick test for float64 (d = vh, t = vl) where ``QUICK_MIN <= |d| < QUICK_MAX`` (the
+        range of :func:`_ufp`), without branches: True where it accepts ``vh``."""
+        at, ad = abs(vl), abs(vh)
+        pw = _ufp(ad)
+        return (at + (bound * SAFE + 2 * U * at) < pw * 2.0**-53) & (ad != pw) & (ad >= QUICK_MIN) & (ad < QUICK_MAX)
+
+    @_jit
     def _decide64(vh: float, vl: float, bound: float) -> float:
-        """truth_dd.decide for float64 (d = vh, t = vl): the quick test where |d| 2**-54, at most both
-        half-gaps around d, is exact, else the half-gap test of truth_dd._decide_full."""
+        """truth_dd.decide for float64: :func:`_quick64`, else the half-gap test of truth_dd._decide_full."""
+        if _quick64(vh, vl, bound):
+            return vh
         at = abs(vl)
         slack = bound * SAFE + 2 * U * at
         ad = abs(vh)
-        if at + slack < ad * 2.0**-54 and ad >= QUICK_MIN and ad < np.inf:
-            return vh
         up, down = vl + slack, vl - slack
         if not (ad < np.inf and at < np.inf and slack < np.inf):
             return np.nan
@@ -211,8 +225,9 @@ if numba is not None:
 
     @_jit
     def decide_rows(eh: Any, el: Any, gh: Any, gl: Any, per_e: Any, out: Any) -> None:
-        """Step 5 for float64 results: ``out[r, c] = decide(e_c G_r, e_c per_e_r + FLOOR)``: the quick test
-        without branches (so that the loop compiles to vector code), then the full one where it failed."""
+        """Step 5 for float64 results: ``out[r, c] = decide(e_c G_r, e_c per_e_r + FLOOR)``: :func:`_decide64`'s
+        quick test without branches (so that the loop compiles to vector code), then the whole of it where the
+        quick test failed."""
         m, k = eh.shape
         for r in range(m):
             g1, g2, pe = gh[r], gl[r], per_e[r]
@@ -220,9 +235,7 @@ if numba is not None:
             for j in range(k):
                 e1 = er[j]
                 vh, vl = _mul(e1, lr[j], g1, g2)
-                at, ad = abs(vl), abs(vh)
-                q = (at + ((e1 * pe + FLOOR) * SAFE + 2 * U * at) < ad * 2.0**-54) & (ad >= QUICK_MIN) & (ad < np.inf)
-                orow[j] = vh if q else np.nan
+                orow[j] = vh if _quick64(vh, vl, e1 * pe + FLOOR) else np.nan
             for j in range(k):
                 if orow[j] != orow[j]:
                     e1 = er[j]
@@ -234,6 +247,170 @@ if numba is not None:
         """:func:`_decide64` elementwise (1-D arrays): the test's view of the kernel's decision."""
         for i in range(vh.size):
             out[i] = _decide64(vh[i], vl[i], bound[i])
+
+    @_jit
+    def _exp64(s: float, c: Any, th: Any, pw: Any) -> float:
+        """truth_f64.exp_f64 for one element, ``MIN_SHIFT <= s <= 0``; ``c`` is (c1, c2 + c3)."""
+        k = np.rint(s * INV_PIECE)
+        r = (s - k * c[0]) - k * c[1]
+        p = 1.0 + (r + 0.5 * (r * r))
+        ki = np.int64(k)
+        return (th[ki & 0xFFFF] * p) * pw[min(max((ki >> 16) + 1022, 0), 1022)]
+
+    @_jit
+    def _quick32(vh: float, bound: float) -> tuple[float, bool]:
+        """truth_dd.decide's quick test for float32 with ``vl = 0`` (a nonzero finite float32 ``d`` is inside the
+        range of :func:`_ufp`), without branches: ``(d, accepted)``."""
+        d = np.float64(np.float32(vh))
+        at, ad = abs(vh - d), abs(d)
+        pw = _ufp(ad)
+        return d, (at + (bound * SAFE + 2 * U * at) < pw * 2.0**-24) & (ad != pw) & (ad > 0) & (ad < np.inf)
+
+    @_jit
+    def _decide32(vh: float, bound: float) -> float:
+        """truth_dd.decide for float32 with ``vl = 0``: :func:`_quick32`, else the half-gap test of
+        truth_dd._decide_full."""
+        d, q = _quick32(vh, bound)
+        if q:
+            return d
+        t = vh - d
+        at = abs(t)
+        slack = bound * SAFE + 2 * U * at
+        ad = abs(d)
+        up, down = t + slack, t - slack
+        if not (ad < np.inf and at < np.inf and slack < np.inf):
+            return np.nan
+        if ad == 0:
+            e = -126
+            power = False
+        else:
+            mant, ex = math.frexp(ad)
+            e = ex - 1
+            power = mant == 0.5 and ad > TINY32
+        ulp = math.ldexp(1.0, max(e, -126) - 23)
+        half_up = ulp / 4 if power and d < 0 else ulp / 2
+        half_down = ulp / 4 if power and d > 0 else ulp / 2
+        if not (up < half_up and down > -half_down):
+            return np.nan
+        if ad == 0:
+            if not (vh - slack > 0 or vh + slack < 0):
+                return np.nan
+            return 0.0 if vh > 0 else -0.0
+        return d
+
+    @_jit
+    def decide32_pairs(vh: Any, bound: Any, out: Any) -> None:
+        """:func:`_decide32` elementwise (1-D arrays): the test's view of the kernel's decision."""
+        for i in range(vh.size):
+            out[i] = _decide32(vh[i], bound[i])
+
+    @_jit
+    def tier_rows(z: Any, a: Any, t: Any, f: Any, c: Any, th: Any, pw: Any, shift: float, decide: bool, g: Any,
+                  bound: Any, sums: Any, g_row: Any, g_rel: Any, flags: Any) -> None:
+        """truth_f64.enclose's steps 1-4 for each row of ``z`` (m, k), then (``decide``) the float32 decision
+        into ``g``; else ``g`` and ``bound`` as enclose returns them. ``sums`` is scratch of ``k // 2``
+        (at least 1); ``g_row``, ``g_rel`` (per row) as enclose returns them, ``flags`` 1 where a row has
+        a masked or cut class (their elements are left for the caller)."""
+        m, k = z.shape
+        depth = levels_of(k)
+        gamma = depth * U / (1 - depth * U)
+        for r in range(m):
+            zr, gr, br = z[r], g[r], bound[r]
+            za = np.float64(zr[a[r]])
+            smax = 0.0
+            ncut = 0
+            off = 0
+            for j in range(k):  # step 1: s, e (kept in g), the largest |s| evaluated
+                zc = np.float64(zr[j])
+                sc = zc - za
+                if zc == -np.inf:
+                    gr[j] = 0.0
+                    br[j] = 0.0
+                    off = 1
+                elif not sc >= MIN_SHIFT:
+                    gr[j] = 0.0
+                    br[j] = 0.0
+                    off = 1
+                    ncut += 1
+                else:
+                    gr[j] = _exp64(sc, c, th, pw)
+                    br[j] = -sc
+                    smax = max(smax, -sc)
+            gr[a[r]] = 0.0
+            # step 2: R = the others' sum in truth_f64.sum_rows's tree
+            half = k // 2
+            for j in range(half):
+                sums[j] = gr[j] + gr[j + half]
+            w = half
+            if k % 2:
+                if k == 1:
+                    sums[0] = 0.0
+                    w = 1
+                else:
+                    sums[0] += gr[k - 1]
+            while w > 1:
+                h2 = w // 2
+                for j in range(h2):
+                    sums[j] = sums[j] + sums[j + h2]
+                if w % 2:
+                    sums[0] += sums[w - 1]
+                w = h2
+            rs = sums[0]
+            gr[a[r]] = 1.0
+            r_abs = rs * (EXP64 + shift * smax + gamma)
+            if off:
+                r_abs = r_abs + ncut * E_CUT
+            r_abs *= SAFE
+            zz = 1.0 + rs
+            z_rel = r_abs / zz + U
+            # step 3: G = F / Z, every element but the target e_c G
+            gw = f[r] / zz
+            grel = (F64_REL + z_rel + U) * SAFE
+            g_row[r], g_rel[r] = gw, grel
+            base = (EXP64 + grel + U) * SAFE
+            ss = shift * SAFE
+            tr = t[r]
+            et = gr[tr]
+            st = br[tr]
+            for j in range(k):
+                gc = gr[j] * gw
+                if shift:
+                    bj = abs(gc) * (base + ss * br[j])
+                else:
+                    bj = abs(gc) * base
+                gr[j] = gc
+                br[j] = bj + FLOOR
+            # step 4: the target, -G X with X = R at the argmax and 1 + (R - e_t) elsewhere
+            if tr == a[r]:
+                x, x_abs = rs, r_abs
+            else:
+                y = rs - et
+                x = 1.0 + y
+                x_abs = r_abs + et * (EXP64 + shift * st) + U * abs(y) + U * x
+            gt = -(gw * x)
+            gr[tr] = gt
+            br[tr] = abs(gt) * ((grel + x_abs / x + U) * SAFE) + FLOOR
+            if decide:  # _decide32's quick test without branches (vector code), the whole of it where that failed
+                for j in range(k):
+                    vh, bj = gr[j], br[j]
+                    d, q = _quick32(vh, bj)
+                    gr[j] = d if q else vh
+                    br[j] = -1.0 if q else bj  # (a bound is >= 0 or NaN, never -1: -1 marks a decided element)
+                for j in range(k):
+                    if br[j] != -1.0:  # (a NaN bound too: _decide32 returns NaN for it)
+                        gr[j] = _decide32(gr[j], br[j])
+            flags[r] = off
+
+    @_jit
+    def levels_of(width: int) -> int:
+        """The levels :func:`truth_dd._halve` counts for a row of ``width`` terms (an odd width's last term
+        folded into the first costs one level more), the depth truth_f64.sum_rows counts: the kernels sum
+        in that same tree."""
+        levels = 0
+        while width > 1:
+            levels += 1 + width % 2
+            width //= 2
+        return levels
 
     @_jit
     def contracts(a: float, b: float) -> float:

@@ -103,6 +103,7 @@ def test_decide_matches_numpy_bit_for_bit():
         vh[n:], vl[n:] = np.concatenate([special, -special]), 0.0
         bound = np.nan_to_num(np.abs(vh) * rng.choice([0.0, 2.0**-100, 2.0**-60, 2.0**-54, 2.0**-30], m),
                               posinf=np.inf) + rng.choice([0.0, 2.0**-1074, 2.0**-1060], m)
+        bound[::997] = np.nan  # (0 / 0 in a bound: undecided, never a value)
     out = np.empty(m)
     J.decide_pairs(vh, vl, bound, out)
     want = T.decide(vh, vl, bound, f)
@@ -110,6 +111,79 @@ def test_decide_matches_numpy_bit_for_bit():
     same = ~np.isnan(out)
     assert np.array_equal(_bits(out[same]), _bits(want[same]))  # signed zeros included
     assert 0.2 < same.mean() < 0.99  # both outcomes are exercised
+
+
+def test_ufp_is_the_leading_power_of_two():
+    """Rump's ufp gives 2**floor(log2 x) over the range the quick tests use it in, powers of two and their
+    neighbours included."""
+    rng = np.random.default_rng(5)
+    p2 = 2.0 ** np.arange(-1000, 960).astype(float)
+    x = np.concatenate([rng.uniform(1, 2, 6000) * 2.0 ** rng.integers(-1000, 960, 6000), p2, np.nextafter(p2, 0),
+                        np.nextafter(p2, np.inf), [2.0**-149, 2.0**-126, 3.4028234663852886e38]])
+    x = x[(x >= 2.0**-1000) & (x < 2.0**960)]
+    got = np.array([J._ufp(v) for v in x])
+    _, e = np.frexp(x)
+    assert np.array_equal(got, np.ldexp(1.0, e - 1))
+
+
+def test_decide32_matches_numpy_bit_for_bit():
+    """The float32 decision (low part 0) over values on, near and between float32 midpoints, powers of two,
+    float32's subnormal and overflow edges, zeros, inf and NaN, with bounds from 0 to wide and NaN."""
+    f = gc.float_format("float32")
+    rng = np.random.default_rng(8)
+    n = 40000
+    with np.errstate(all="ignore"):
+        d = gc.round_to_format(rng.standard_normal(n) * 2.0 ** rng.integers(-155, 130, n), f).astype(np.float64)
+        frac = rng.choice([0.0, 0.25, 0.5, -0.5, 0.4999999, -0.25, 0.5000001, 1e-9], n)
+        vh = d + frac * f.ulp(d)
+        special = np.array([0.0, -0.0, f.tiny, f.smallest_subnormal, f.max, f.max * (1 + 2.0**-25), np.inf, np.nan,
+                            1.0, 2.0, 0.5, 1 - 2.0**-25, 1 + 2.0**-24, 2.0**-150, 2.0**-1030, 1e300])
+        vh = np.concatenate([vh, special, -special])
+        m = vh.size
+        bound = np.nan_to_num(np.abs(vh) * rng.choice([0.0, 2.0**-100, 2.0**-40, 2.0**-25, 2.0**-10], m),
+                              posinf=np.inf) + rng.choice([0.0, 2.0**-1074, 2.0**-160], m)
+        bound[::997] = np.nan
+    out = np.empty(m)
+    J.decide32_pairs(vh, bound, out)
+    want = T.decide(vh, 0.0, bound, f)
+    assert np.array_equal(np.isnan(out), np.isnan(want))
+    same = ~np.isnan(out)
+    assert np.array_equal(_bits(out[same]), _bits(want[same]))
+    assert 0.2 < same.mean() < 0.99
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(5, 1), (6, 2), (6, 7), (40, 300), (3, 1001), (3, 40001)])
+def test_tier_rows_match_the_float64_tier_bit_for_bit(shape, dtype):
+    """truth_jit.tier_rows against truth_f64.enclose: g, the bound, G and its relative error, the masks, and the
+    float32 decisions against truth_dd.decide on enclose's values; masked, cut and first- and last-column
+    maxima, exact and inexact shifts."""
+    from gradcheck import truth_f64 as F
+    from gradcheck.exact import _RowFacts
+
+    n, k = shape
+    rng = np.random.default_rng(k + n)
+    z = rng.standard_normal(shape) * 4
+    if k > 2:
+        z[0, 1] = -np.inf
+        z[1, -1] = z[1].max() - 800.0
+        z[2, 0] = 40.0
+        z[-1, -1] = 41.0
+    z = gc.round_to_format(z, gc.float_format(dtype))
+    problem = gc.make_problem(z, rng.integers(0, k, n), weight=rng.uniform(-1, 2, k))
+    f, _, _ = T.row_factors(problem, _RowFacts(problem))
+    idx = np.arange(n)
+    want = F.enclose(problem, idx, f[:, 0])
+    got = F._enclose_jit(problem, idx, f[:, 0], decide=False)
+    for x, y in zip(want[:4], got[:4]):
+        assert np.array_equal(_bits(x), _bits(y))
+    assert (want[4] is None) == (got[4] is None) == (k <= 2)
+    if want[4] is not None:
+        assert all(np.array_equal(x, y) for x, y in zip(want[4], got[4]))
+    dec = F._enclose_jit(problem, idx, f[:, 0], decide=True)[0]
+    ref = T.decide(want[0], 0.0, want[1], gc.float_format("float32"))
+    assert np.array_equal(np.isnan(dec), np.isnan(ref)) and np.array_equal(_bits(dec[~np.isnan(dec)]),
+                                                                        _bits(ref[~np.isnan(ref)]))
 
 
 @pytest.mark.parametrize("case", ["plain", "masked_and_cut", "weights_ignored", "float32_logits", "bfloat16_logits",
@@ -133,7 +207,7 @@ def test_exact_grad_with_and_without_kernels(case, monkeypatch):
         z = z.astype(np.float32)
     if case == "bfloat16_logits":
         z = gc.round_to_format(z, gc.float_format("bfloat16"))
-    for dtype in ("float64", "float32"):
+    for dtype in ("float64", "float32", "float16", "bfloat16"):
         monkeypatch.setenv("GRADCHECK_JIT", "1")
         with_kernels = gc.exact_grad(z, t, dtype=dtype, **options)
         monkeypatch.setenv("GRADCHECK_JIT", "0")
