@@ -137,7 +137,8 @@ def loadavg() -> str:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("gradcheck", "numpy", "mpmath", "hypothesis", "jax", "jaxlib", "torch", "numdifftools", "scipy"):
+    for name in ("gradcheck", "numpy", "mpmath", "hypothesis", "jax", "jaxlib", "torch", "numdifftools", "scipy",
+                 "numba"):
         try:
             out[name] = importlib.import_module(name).__version__
         except ImportError:

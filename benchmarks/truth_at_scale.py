@@ -82,10 +82,14 @@ def main() -> None:
     z = np.random.default_rng(15).normal(scale=3.0, size=(8, 128256)).astype(np.float32)
     t = np.random.default_rng(16).integers(0, 128256, size=8)
     llm = _median(lambda: gradcheck.exact_grad(z, t), args.repeats)
+    from gradcheck import truth_jit
+
+    kernels = (f"the compiled kernels (numba {truth_jit.numba.__version__})" if truth_jit.enabled()
+               else "the numpy code (no compiled kernels: numba missing or GRADCHECK_JIT=0)")
     lines = ["## Truth at scale (issue 14, item 1)", "",
              f"exact_grad (correctly rounded) against cross_entropy_grad (fast oracle) on about 2**20 logits ~ N(0, 9), "
              f"index targets, mean; medians of {args.repeats} interleaved (oracle, truth) pairs, ratio = median of the pair ratios; load average {os.getloadavg()[0]:.1f} on "
-             f"{os.cpu_count()} cores.", "",
+             f"{os.cpu_count()} cores; the truth by {kernels}.", "",
              "| K | N | dtype | options | exact_grad | oracle | truth ÷ oracle | slow-path share |",
              "|---:|---:|---|---|---:|---:|---:|---:|"]
     for k, n, dtype, label, exact, oracle, ratio, share in rows:

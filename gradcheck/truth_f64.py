@@ -184,7 +184,8 @@ def _enclose_jit(problem: Any, idx: np.ndarray, f: np.ndarray, decide: bool) -> 
         z = z.astype(np.float64)  # (float16 and bfloat16: exact)
     z = np.ascontiguousarray(z)
     a = np.argmax(z, axis=1)
-    shift = 0.0 if _exact_shifts(z.astype(np.float64, copy=False), problem.format.precision) else 2 * U
+    exact = problem.format.precision < 53 and shifts_are_exact(*truth_jit.magnitudes(z), problem.format.precision)
+    shift = 0.0 if exact else 2 * U  # (_exact_shifts in one pass)
     (c1, c2, c3, _), th, _ = dd._constants()
     g, bound = np.empty((m, k)), np.empty((m, k))
     g_row, g_rel, flags = np.empty(m), np.empty(m), np.zeros(m, dtype=np.uint8)

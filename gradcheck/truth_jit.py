@@ -1,13 +1,14 @@
-"""Compiled kernels (numba) for the certified truth's plain double-double rows.
+"""Compiled kernels (numba) for the certified truth's plain rows: the double-double path and the float64 tier.
 
-The same IEEE 754 operations in the same order as the numpy code they replace in
-:mod:`gradcheck.truth_dd` (``_exp_dd(coarse=True)``, ``dd_add_same_sign``, ``dd_mul`` and ``decide`` for
-float64), so the error analysis of docs/exact.md ("The fast path", steps 1, 2 and 5) holds for them as it
-stands: numba compiles without fast-math, so LLVM neither reassociates nor contracts ``a * b + c`` into a
+The same IEEE 754 operations in the same order as the numpy code they replace: in :mod:`gradcheck.truth_dd`
+``_exp_dd(coarse=True)``, ``dd_add_same_sign``, ``dd_mul`` and ``decide`` for float64; in
+:mod:`gradcheck.truth_f64` ``enclose`` and ``decide`` for float32. So the error analysis of docs/exact.md
+("The fast path", steps 1, 2 and 5; "The float64 tier") holds for them as it stands: numba compiles without fast-math, so LLVM neither reassociates nor contracts ``a * b + c`` into a
 fused multiply-add (which would break TwoSum's and Dekker's product's exactness). Tests check both: each
 kernel against its numpy original bit for bit, and the kernels' arithmetic for contraction
 (tests/test_truth_jit.py). What the kernels change is the memory traffic: one pass over a row computes its
-exponentials and the first level of their sum, where numpy makes one pass per operation.
+exponentials and the first level of their sum, where numpy makes one pass per operation (docs/exact.md,
+"Compiled kernels").
 
 numba is the ``fast`` extra (part of ``report``); without it, or with ``GRADCHECK_JIT=0``, the numpy code
 runs and the results are the same (both are correctly rounded).
@@ -411,6 +412,19 @@ if numba is not None:
             levels += 1 + width % 2
             width //= 2
         return levels
+
+    @_jit
+    def magnitudes(z: Any) -> tuple[float, float]:
+        """``(largest finite |z|, smallest nonzero finite |z|)`` (0 and inf where there is none): the scan of
+        truth_f64._exact_shifts in one pass."""
+        big, small = 0.0, np.inf
+        for x in z.ravel():
+            v = abs(np.float64(x))
+            if v < np.inf:
+                big = max(big, v)
+                if v > 0:
+                    small = min(small, v)
+        return big, small
 
     @_jit
     def contracts(a: float, b: float) -> float:

@@ -186,6 +186,27 @@ def test_tier_rows_match_the_float64_tier_bit_for_bit(shape, dtype):
                                                                         _bits(ref[~np.isnan(ref)]))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_magnitudes_decide_exact_shifts_as_numpy(dtype):
+    """The one-pass scan gives truth_f64._exact_shifts's verdict, with zeros, -inf, all--inf and tiny rows."""
+    from gradcheck import truth_f64 as F
+    from gradcheck.oracle import shifts_are_exact
+
+    f = gc.float_format(dtype)
+    rng = np.random.default_rng(9)
+    blocks = [rng.standard_normal((4, 50)) * 3, np.zeros((2, 5)), np.full((2, 3), -np.inf),
+              np.array([[0.0, -np.inf, 3.0], [1e-30, 2.0, -np.inf]]), rng.standard_normal((3, 7)) * 1e-20,
+              np.array([[2.0**-120, 1e30]])]
+    seen = set()
+    for b in blocks:
+        z = gc.round_to_format(b, f)
+        want = F._exact_shifts(z.astype(np.float64), f.precision)
+        got = shifts_are_exact(*J.magnitudes(np.ascontiguousarray(z.astype(np.float32))), f.precision)
+        assert got == want
+        seen.add(want)
+    assert seen == {True, False}
+
+
 @pytest.mark.parametrize("case", ["plain", "masked_and_cut", "weights_ignored", "float32_logits", "bfloat16_logits",
                                   "one_class", "wide"])
 def test_exact_grad_with_and_without_kernels(case, monkeypatch):
