@@ -160,6 +160,17 @@ def machine() -> dict[str, str]:
     return facts
 
 
+def write_section(lines: list[str], out: str | None, results: Path | None) -> None:
+    """Print a ``## heading`` section given as lines, write it to ``out`` and put it into the markdown file
+    ``results`` in place of its section of that heading (:func:`replace_section`), each where given."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+    if results:
+        replace_section(results, lines[0][3:], text)
+
+
 def replace_section(path: Path, heading: str, text: str) -> None:
     """Put ``text`` (a ``## heading`` section) into the markdown file ``path`` in place of the section of
     that heading (matched up to its first parenthesis), or at its end when it has none."""

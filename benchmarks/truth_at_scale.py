@@ -95,13 +95,7 @@ def main() -> None:
     for k, n, dtype, label, exact, oracle, ratio, share in rows:
         lines.append(f"| {k} | {n} | {dtype} | {label} | {exact:.3f} s | {oracle:.4f} s | {ratio:.1f}x | {share:.2e} |")
     lines += ["", f"(8, 128256) float32: exact_grad {llm:.3f} s (median of {args.repeats}; before: 51 s)."]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
-    if args.results:
-        bc.replace_section(args.results, lines[0][3:], text)
+    bc.write_section(lines, args.out, args.results)
 
 
 if __name__ == "__main__":

@@ -126,13 +126,7 @@ def main() -> None:
     for name, kernel, numpy_time in rows:
         lines.append(f"| {name} | {kernel / size * 1e9:.1f} | {numpy_time / size * 1e9:.1f} | "
                      f"{numpy_time / kernel:.1f}x |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
-    if args.results:
-        bc.replace_section(args.results, lines[0][3:], text)
+    bc.write_section(lines, args.out, args.results)
 
 
 if __name__ == "__main__":

@@ -195,26 +195,28 @@ if numba is not None:
         return (at + (bound * SAFE + 2 * U * at) < pw * 2.0**-53) & (ad != pw) & (ad >= QUICK_MIN) & (ad < QUICK_MAX)
 
     @_jit
-    def _decide64(vh: float, vl: float, bound: float) -> float:
-        """truth_dd.decide for float64: :func:`_quick64`, else the half-gap test of truth_dd._decide_full."""
-        if _quick64(vh, vl, bound):
-            return vh
-        at = abs(vl)
+    def _half_gaps(vh: float, vl: float, bound: float, d: float, t: float, emin: int, precision: int,
+                   tiny: float) -> float:
+        """truth_dd._decide_full for the candidate ``d`` (``t = (vh - d) + vl``) of a format of ``precision``
+        bits whose least normal exponent is ``emin`` and least normal number ``tiny``: ``d`` where the
+        enclosure lies strictly inside the half-gaps around it (a zero ``d`` takes the enclosure's sign), else
+        NaN."""
+        at = abs(t)
         slack = bound * SAFE + 2 * U * at
-        ad = abs(vh)
-        up, down = vl + slack, vl - slack
+        ad = abs(d)
+        up, down = t + slack, t - slack
         if not (ad < np.inf and at < np.inf and slack < np.inf):
             return np.nan
         if ad == 0:
-            e = -1022
+            e = emin
             power = False
         else:
             mant, ex = math.frexp(ad)
             e = ex - 1
-            power = mant == 0.5 and ad > TINY
-        ulp = math.ldexp(1.0, max(e, -1022) - 52)
-        half_up = ulp / 4 if power and vh < 0 else ulp / 2
-        half_down = ulp / 4 if power and vh > 0 else ulp / 2
+            power = mant == 0.5 and ad > tiny
+        ulp = math.ldexp(1.0, max(e, emin) - precision + 1)
+        half_up = ulp / 4 if power and d < 0 else ulp / 2
+        half_down = ulp / 4 if power and d > 0 else ulp / 2
         if not (up < half_up and down > -half_down):
             return np.nan
         if ad == 0:
@@ -222,7 +224,14 @@ if numba is not None:
             if not (s - slack > 0 or s + slack < 0):
                 return np.nan
             return 0.0 if vh > 0 else -0.0
-        return vh
+        return d
+
+    @_jit
+    def _decide64(vh: float, vl: float, bound: float) -> float:
+        """truth_dd.decide for float64: :func:`_quick64`, else :func:`_half_gaps` (``d = vh``, ``t = vl``)."""
+        if _quick64(vh, vl, bound):
+            return vh
+        return _half_gaps(vh, vl, bound, vh, vl, -1022, 53, TINY)
 
     @_jit
     def decide_rows(eh: Any, el: Any, gh: Any, gl: Any, per_e: Any, out: Any) -> None:
@@ -269,35 +278,11 @@ if numba is not None:
 
     @_jit
     def _decide32(vh: float, bound: float) -> float:
-        """truth_dd.decide for float32 with ``vl = 0``: :func:`_quick32`, else the half-gap test of
-        truth_dd._decide_full."""
+        """truth_dd.decide for float32 with ``vl = 0``: :func:`_quick32`, else :func:`_half_gaps`."""
         d, q = _quick32(vh, bound)
         if q:
             return d
-        t = vh - d
-        at = abs(t)
-        slack = bound * SAFE + 2 * U * at
-        ad = abs(d)
-        up, down = t + slack, t - slack
-        if not (ad < np.inf and at < np.inf and slack < np.inf):
-            return np.nan
-        if ad == 0:
-            e = -126
-            power = False
-        else:
-            mant, ex = math.frexp(ad)
-            e = ex - 1
-            power = mant == 0.5 and ad > TINY32
-        ulp = math.ldexp(1.0, max(e, -126) - 23)
-        half_up = ulp / 4 if power and d < 0 else ulp / 2
-        half_down = ulp / 4 if power and d > 0 else ulp / 2
-        if not (up < half_up and down > -half_down):
-            return np.nan
-        if ad == 0:
-            if not (vh - slack > 0 or vh + slack < 0):
-                return np.nan
-            return 0.0 if vh > 0 else -0.0
-        return d
+        return _half_gaps(vh, 0.0, bound, d, vh - d, -126, 24, TINY32)
 
     @_jit
     def decide32_pairs(vh: Any, bound: Any, out: Any) -> None:
