@@ -37,7 +37,14 @@ def enabled() -> bool:
 
 
 if numba is not None:
-    _jit = numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+    def _jit(fn: Any) -> Any:
+        """numba.njit without fast-math, releasing the GIL, cached on disk where numba finds a writable cache
+        directory (beside this file, or a per-user one); where it finds none, compiled in each process."""
+        options = {"nogil": True, "fastmath": False, "error_model": "numpy"}
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError:  # numba: "cannot cache function ...: no locator available for file ..."
+            return numba.njit(**options)(fn)
 
     # the constants of the numpy code, the same floats (numba reads a global once, at compilation)
     SPLITTER = _dd.SPLITTER

@@ -240,3 +240,25 @@ def test_switch():
     import os
 
     assert J.enabled() == (os.environ.get("GRADCHECK_JIT", "1") != "0")
+
+
+def test_no_writable_cache_directory_compiles_in_process():
+    """Where numba finds no cache directory it can write (a read-only install and home), the kernels are
+    compiled in the process instead of failing at import ('cannot cache function ...: no locator')."""
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import numpy as np",
+        "from numba.core import caching",
+        "caching.CacheImpl._locator_classes = []  # no locator: as with no writable directory",
+        "import gradcheck as gc",
+        "from gradcheck import truth_jit as J",
+        "assert type(J.exp_pairs._cache).__name__ == 'NullCache'",
+        "g = gc.exact_grad(np.array([[0.0, 1.0, 2.0]]), np.array([1]))",
+        "print(repr(float(g[0, 0])))",
+    ])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    p0 = float(np.exp(0.0) / np.exp([0.0, 1.0, 2.0]).sum())
+    assert abs(float(done.stdout) - p0) < 1e-15
