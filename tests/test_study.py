@@ -211,3 +211,38 @@ def test_stopping_a_pool_with_queued_tasks_raises_nothing_in_its_thread():
     finally:
         threading.excepthook = previous
     assert errors == []
+
+
+def test_a_stop_signal_taken_by_another_thread_waits_for_the_workers_start():
+    """SIGINT taken by another thread of the process (its mask is not the main thread's) while the workers
+    are being started: the block runs to its end, then the signal takes effect (KeyboardInterrupt). Before,
+    Python raised it mid-block, where a worker could be left without its task and die with a traceback."""
+    import signal
+    import threading
+
+    from gradcheck.study.executors import _signals_held
+
+    go, done = threading.Event(), threading.Event()
+
+    def other() -> None:  # started before the block: SIGINT is not held in this thread
+        go.wait(10)
+        signal.raise_signal(signal.SIGINT)
+        done.set()
+
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # (an xdist worker may ignore SIGINT)
+    try:
+        thread = threading.Thread(target=other)
+        thread.start()
+        steps = []
+        with pytest.raises(KeyboardInterrupt):
+            with _signals_held():
+                go.set()
+                assert done.wait(10)
+                for i in range(200000):  # bytecode boundaries, where a pending Python handler would run
+                    steps.append(i)
+                steps.append("end")
+        thread.join(10)
+        assert steps[-1] == "end"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+    finally:
+        signal.signal(signal.SIGINT, outer)

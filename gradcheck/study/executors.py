@@ -55,20 +55,33 @@ _HOLD = hasattr(signal, "pthread_sigmask")
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM in this thread (they arrive when the block ends), where the OS allows it.
+    """Hold SIGINT and SIGTERM until the block ends, where the OS allows it: they take effect then.
 
     A process started meanwhile inherits the held mask, so a Ctrl-C to the process group cannot reach a
-    worker before :func:`_leave_signals_to_the_parent` has run in it; and (when no other thread takes
-    the signal) the parent is not interrupted between starting a worker and recording it in the pool.
+    worker before :func:`_leave_signals_to_the_parent` has run in it. The mask is this thread's only:
+    another thread of this process (JAX's, rich's, the pool's own) can still take the signal, and Python
+    then runs the handler in the main thread, mid-block. A KeyboardInterrupt between starting a worker
+    and sending it its task would leave the worker to die with a traceback ("EOFError: Ran out of
+    input"). So in the main thread the handlers are replaced for the block too, by one that records
+    the signal, and a recorded signal is raised again as the block ends, to the handler that was there.
     """
-    if not _HOLD:
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    came: list[int] = []
+    handlers = {s: signal.getsignal(s) for s in _STOP_SIGNALS} if main else {}
+    for s in handlers:
+        signal.signal(s, lambda signum, frame: came.append(signum))
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if _HOLD else None
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in handlers.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in dict.fromkeys(came):  # each signal once, in the order they came
+            signal.raise_signal(s)
 
 
 def _leave_signals_to_the_parent() -> None:
