@@ -860,15 +860,23 @@ def _plain_sums_jit(z: np.ndarray, a: np.ndarray, eh: np.ndarray, el: np.ndarray
     ph, pl = np.empty(max(1, k // 2)), np.empty(max(1, k // 2))
     truth_jit.plain_sums(np.ascontiguousarray(z), a, np.array([c1, c2, c3 + c4]), th, tl, truth_jit.POW2, eh, el, rh,
                          rl, flags, ph, pl)
-    masked = cut = None
-    if flags.any():
-        masked, cut = np.zeros((m, k), dtype=bool), np.zeros((m, k), dtype=bool)
-        hit = np.flatnonzero(flags)
-        zc = z[hit].astype(np.float64)
-        sh = zc - zc[np.arange(hit.size), a[hit]][:, None]  # two_sum's high part: the kernel's test
-        masked[hit] = np.isneginf(zc)
-        cut[hit] = ~masked[hit] & ~(sh >= MIN_SHIFT)
+    masked, cut = flagged_masks(z, a, flags)
     return rh, rl, truth_jit.levels_of(k), masked, cut
+
+
+def flagged_masks(z: np.ndarray, a: np.ndarray, flags: np.ndarray) -> tuple:
+    """``(masked, cut)`` of a block of logits ``z`` (row argmaxes ``a``) whose rows ``flags`` marks as holding a
+    masked (-inf) or cut (``fl(z - max z) < MIN_SHIFT``, or overflowed) class, as a kernel found them; ``(None,
+    None)`` when no row is marked."""
+    if not flags.any():
+        return None, None
+    masked, cut = np.zeros(z.shape, dtype=bool), np.zeros(z.shape, dtype=bool)
+    hit = np.flatnonzero(flags)
+    zc = z[hit].astype(np.float64)
+    sh = zc - zc[np.arange(hit.size), a[hit]][:, None]  # the kernels' fl(z - max z)
+    masked[hit] = np.isneginf(zc)
+    cut[hit] = ~masked[hit] & ~(sh >= MIN_SHIFT)
+    return masked, cut
 
 
 UNDER = 2.0**-1068  # absolute: the underflow of the few products that form w_c t_c (<= 2**-1075 each)

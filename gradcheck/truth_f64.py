@@ -192,14 +192,8 @@ def _enclose_jit(problem: Any, idx: np.ndarray, f: np.ndarray, decide: bool) -> 
     with np.errstate(invalid="ignore", over="ignore", under="ignore", divide="ignore"):
         truth_jit.tier_rows(z, a, problem.targets[idx], np.ascontiguousarray(f[idx]), np.array([c1, c2 + c3]), th,
                             truth_jit.POW2, shift, decide, g, bound, np.empty(max(1, k // 2)), g_row, g_rel, flags)
-        off = None
-        if flags.any():
-            hit = np.flatnonzero(flags)
-            zc = z[hit].astype(np.float64)
-            masked, cut = np.zeros((m, k), dtype=bool), np.zeros((m, k), dtype=bool)
-            masked[hit] = np.isneginf(zc)
-            cut[hit] = ~masked[hit] & ~(zc - zc[np.arange(hit.size), a[hit]][:, None] >= dd.MIN_SHIFT)
-            off = masked, cut
+        masked, cut = dd.flagged_masks(z, a, flags)
+        off = None if masked is None else (masked, cut)
     return g, None if decide else bound, g_row, g_rel, off
 
 
